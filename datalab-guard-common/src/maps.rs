@@ -1,0 +1,49 @@
+//! Map names and sizes. A map's name is also its pin name under `<bpffs>/maps/`, so a
+//! restarted or upgraded agent finds the same maps. Changing the layout of a map's key or
+//! value requires a new name (bump the suffix), so an old pin is never reused with a new
+//! layout.
+
+/// cgroup id (u64) -> [`crate::PolicyEntry`]: the verdict of a classified cgroup.
+pub const POLICY: &str = "DG_POLICY_V1";
+/// LPM trie of blocked IPv4 CIDRs: key `{prefix_len: u32, addr: [u8; 4]}` -> u32 rule id.
+pub const BLOCKED_V4: &str = "DG_BLOCK4_V1";
+/// LPM trie of blocked IPv6 CIDRs: key `{prefix_len: u32, addr: [u8; 16]}` -> u32 rule id.
+pub const BLOCKED_V6: &str = "DG_BLOCK6_V1";
+/// Array of one [`crate::GuardConfig`].
+pub const CONFIG: &str = "DG_CONFIG_V1";
+/// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`].
+pub const COUNTERS: &str = "DG_COUNT_V1";
+/// Per-CPU array of u64 statistics, indexed by [`crate::counters::Stat`].
+pub const STATS: &str = "DG_STATS_V1";
+/// Ring buffer of [`crate::AuditEvent`].
+pub const EVENTS: &str = "DG_EVENTS_V1";
+/// LRU hash cgroup id (u64) -> [`crate::RateState`]: per-cgroup audit event rate limit.
+pub const RATE: &str = "DG_RATE_V1";
+/// Array of one [`crate::InstallMeta`]: what the installing agent recorded for `status`.
+pub const META: &str = "DG_META_V1";
+
+/// Every map the agent pins, in a stable order (for `status` and `uninstall`).
+pub const ALL: [&str; 9] = [
+    POLICY, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META,
+];
+
+/// Pods (or cgroups) the agent can classify on one node. 64 Ki entries of 16 bytes each.
+pub const POLICY_MAX_ENTRIES: u32 = 65_536;
+/// Blocked CIDRs per family; presets hold a handful, operators add a few.
+pub const BLOCKED_MAX_ENTRIES: u32 = 1_024;
+/// Ring buffer bytes (a power of two multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// cgroups tracked for audit rate limiting; LRU so a churn of cgroups cannot fill it.
+pub const RATE_MAX_ENTRIES: u32 = 16_384;
+
+/// Program names in the object, which are also the pin names under `<bpffs>/links/`.
+pub mod programs {
+    pub const EGRESS: &str = "dg_egress";
+    pub const CONNECT4: &str = "dg_connect4";
+    pub const CONNECT6: &str = "dg_connect6";
+    pub const SENDMSG4: &str = "dg_sendmsg4";
+    pub const SENDMSG6: &str = "dg_sendmsg6";
+    pub const SOCK_CREATE: &str = "dg_sock_create";
+    /// Never attached: the floor that `bench` compares the guard against.
+    pub const BENCH_EMPTY: &str = "dg_bench_empty";
+}

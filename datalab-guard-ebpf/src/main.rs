@@ -1,0 +1,41 @@
+//! datalab-guard eBPF programs. One file per attach point; `decide` holds the verdict,
+//! counting and reporting they share; the destination classifier itself lives in
+//! `datalab-guard-common` so the host tests exercise the same code.
+//!
+//! Built for the host (e.g. `cargo build --workspace`) it is an empty program, so workspace
+//! wide commands work; only the bpfel build carries the programs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod decide;
+#[cfg(target_arch = "bpf")]
+mod egress;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sock_create;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+/// The floor for benchmarks: an egress program that passes everything. Never attached by
+/// the agent; `bench` runs it with BPF_PROG_TEST_RUN beside the guard.
+#[cfg(target_arch = "bpf")]
+#[aya_ebpf::macros::cgroup_skb(egress)]
+pub fn dg_bench_empty(_ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
+    1
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

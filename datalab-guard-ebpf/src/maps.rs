@@ -1,0 +1,72 @@
+//! The maps, all pinned by name under the agent's bpffs directory so that enforcement and
+//! state survive the agent (see `datalab_guard_common::maps` for names and layouts).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use datalab_guard_common::{
+    classify::BlockedSet,
+    counters::{COUNTER_ENTRIES, STAT_ENTRIES},
+    maps::{BLOCKED_MAX_ENTRIES, EVENTS_BYTES, POLICY_MAX_ENTRIES, RATE_MAX_ENTRIES},
+    GuardConfig, InstallMeta, PolicyEntry, RateState,
+};
+
+#[map(name = "DG_POLICY_V1")]
+pub static POLICY: HashMap<u64, PolicyEntry> = HashMap::pinned(POLICY_MAX_ENTRIES, 0);
+
+#[map(name = "DG_BLOCK4_V1")]
+pub static BLOCKED_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRIES, 0);
+
+#[map(name = "DG_BLOCK6_V1")]
+pub static BLOCKED_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRIES, 0);
+
+#[map(name = "DG_CONFIG_V1")]
+pub static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
+
+#[map(name = "DG_COUNT_V1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+
+#[map(name = "DG_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_ENTRIES, 0);
+
+#[map(name = "DG_EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "DG_RATE_V1")]
+pub static RATE: LruHashMap<u64, RateState> = LruHashMap::pinned(RATE_MAX_ENTRIES, 0);
+
+/// Written and read by the agent only; declared here so the loader creates and pins it
+/// with the others.
+#[map(name = "DG_META_V1")]
+pub static META: Array<InstallMeta> = Array::pinned(1, 0);
+
+/// The blocked set as the classifier sees it: the two LPM tries.
+pub struct Tries;
+
+impl BlockedSet for Tries {
+    #[inline(always)]
+    fn contains_v4(&self, addr: [u8; 4]) -> bool {
+        BLOCKED_V4.get(Key::new(32, addr)).is_some()
+    }
+
+    #[inline(always)]
+    fn contains_v6(&self, addr: [u8; 16]) -> bool {
+        BLOCKED_V6.get(Key::new(128, addr)).is_some()
+    }
+}
+
+/// The configuration, or the fail-closed default if the array is somehow unreadable.
+#[inline(always)]
+pub fn config() -> GuardConfig {
+    match CONFIG.get(0) {
+        Some(cfg) => *cfg,
+        None => GuardConfig::zeroed(),
+    }
+}
+
+/// Touches META so the linker keeps it (the programs never read it).
+#[inline(always)]
+pub fn keep_meta() {
+    let _ = META.get_ptr(0);
+}

@@ -1,0 +1,259 @@
+//! Installing the guard: fill the maps, then attach; adopt a running install; upgrade one.
+//!
+//! Invariants, in order of importance:
+//! - The maps hold the verdicts and the blocked set *before* any program is attached, so
+//!   the first packet a program sees is judged with the real policy.
+//! - Nothing is ever half-attached: all new links are attached and pinned, or none is (and a
+//!   fresh install that fails removes the maps it pinned).
+//! - Never a moment unguarded: a restart with the same programs keeps the existing links
+//!   untouched; an upgrade attaches the new programs (multi-attach, so any drop wins) before
+//!   detaching the old ones.
+
+use std::{collections::BTreeMap, fs::File, path::PathBuf};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+    },
+    Ebpf, EbpfLoader,
+};
+use datalab_guard_common::{
+    cidr::Cidr,
+    maps::{self as names, programs},
+    GuardConfig, PolicyEntry,
+};
+
+use super::{
+    maps::{meta_for, meta_root_path, GuardMaps},
+    object::{object_hash, OBJECT},
+    PinLayout,
+};
+use crate::{cgroups::CgroupDir, input::bad_input};
+
+/// Everything the kernel must hold once installed.
+pub struct InstallRequest {
+    pub layout: PinLayout,
+    /// The attach root: every process below it is judged.
+    pub root: CgroupDir,
+    /// Mode, default verdict, raw-socket switch and audit rate; the prefilter bitmaps and
+    /// root level are filled in here.
+    pub config: GuardConfig,
+    pub blocked: Vec<Cidr>,
+    pub policy: BTreeMap<u64, PolicyEntry>,
+}
+
+/// How the kernel state was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallOutcome {
+    /// Nothing was pinned: maps created, programs attached.
+    Fresh,
+    /// The same programs were already attached: links kept, maps reconciled.
+    Adopted,
+    /// Other programs (another version) were attached: replaced without a gap.
+    Upgraded { previous_hash: u64 },
+}
+
+/// A live install: the maps to keep reconciling and the ring buffer to read.
+pub struct Installed {
+    pub maps: GuardMaps,
+    pub events: RingBuf<MapData>,
+    pub outcome: InstallOutcome,
+    /// Programs attached now (pin names).
+    pub links: Vec<String>,
+    // Keeps the loaded object (and its map fds) alive as long as the install is used.
+    _ebpf: Ebpf,
+}
+
+/// The programs an install attaches, in attach order.
+pub fn wanted_programs(config: &GuardConfig) -> Vec<&'static str> {
+    let mut wanted = vec![programs::CONNECT4, programs::CONNECT6, programs::SENDMSG4, programs::SENDMSG6, programs::EGRESS];
+    if config.deny_raw_sockets != 0 {
+        wanted.push(programs::SOCK_CREATE);
+    }
+    wanted
+}
+
+pub fn install(req: InstallRequest) -> anyhow::Result<Installed> {
+    let layout = &req.layout;
+    layout.create_dirs()?;
+    let pinned_before = layout.exists();
+    let previous = if pinned_before { Some(GuardMaps::from_pins(layout)?.meta()?) } else { None };
+    if let Some(meta) = &previous {
+        refuse_foreign_root(meta, &req.root)?;
+    }
+
+    let result = install_inner(&req, previous.map(|m| m.object_hash));
+    if result.is_err() && !pinned_before {
+        // A fresh install that failed leaves nothing behind.
+        remove_all_pins(layout);
+    }
+    result
+}
+
+fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Result<Installed> {
+    let layout = &req.layout;
+    let hash = object_hash();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .load(OBJECT)
+        .context("cannot load the eBPF object")?;
+    let mut maps = GuardMaps::from_ebpf(&mut ebpf)?;
+    let events = ebpf.take_map(names::EVENTS).ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
+    let events = RingBuf::try_from(events).context(names::EVENTS)?;
+
+    // 1. State first.
+    let mut config = req.config;
+    config.root_level = req.root.level;
+    maps.reconcile_blocked(&req.blocked)?;
+    maps.write_config(config, &req.blocked)?;
+    maps.reconcile_policy(&req.policy)?;
+    let root_path = req.root.path.display().to_string();
+    if previous_hash.is_none() {
+        maps.write_meta(&meta_for(hash, req.root.id, &root_path, false))?;
+    }
+
+    // 2. Links.
+    let wanted = wanted_programs(&config);
+    let same_programs = previous_hash == Some(hash);
+    let to_attach: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| !(same_programs && layout.link(p).exists()))
+        .collect();
+    let cgroup = File::open(&req.root.path).with_context(|| format!("cannot open cgroup {}", req.root.path.display()))?;
+    let mut fresh_links = Vec::new();
+    for program in &to_attach {
+        let link = attach(&mut ebpf, program, &cgroup).with_context(|| format!("cannot attach {program} to {}", req.root.path.display()))?;
+        fresh_links.push((*program, link));
+    }
+    // Every new link is attached (dropping them now would detach all): pin them.
+    pin_all(layout, fresh_links)?;
+
+    // 3. Old links go only after the new ones are pinned.
+    for program in &to_attach {
+        let next = layout.next_link(program);
+        if next.exists() {
+            detach_pinned(&layout.link(program))?;
+            std::fs::rename(&next, layout.link(program)).with_context(|| format!("cannot move {} into place", next.display()))?;
+        }
+    }
+    for name in layout.pinned_links()? {
+        if !wanted.contains(&name.as_str()) {
+            detach_pinned(&layout.link(&name))?;
+        }
+    }
+    maps.write_meta(&meta_for(hash, req.root.id, &root_path, true))?;
+
+    let outcome = match previous_hash {
+        None => InstallOutcome::Fresh,
+        Some(h) if h == hash && to_attach.is_empty() => InstallOutcome::Adopted,
+        Some(h) if h == hash => InstallOutcome::Adopted,
+        Some(previous_hash) => InstallOutcome::Upgraded { previous_hash },
+    };
+    Ok(Installed { maps, events, outcome, links: wanted.iter().map(|s| s.to_string()).collect(), _ebpf: ebpf })
+}
+
+/// One bpffs directory serves one attach root; a second root needs its own `--bpffs`.
+fn refuse_foreign_root(meta: &datalab_guard_common::InstallMeta, root: &CgroupDir) -> anyhow::Result<()> {
+    if meta.complete == 0 || meta.root_cgroup_id == root.id {
+        return Ok(());
+    }
+    let recorded = meta_root_path(meta);
+    let recorded_alive = std::fs::metadata(&recorded)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id)
+        .unwrap_or(false);
+    if recorded_alive {
+        return Err(bad_input(format!(
+            "the pins under this --bpffs directory already guard {recorded}; run `datalab-guard uninstall` first or use another --bpffs"
+        )));
+    }
+    // The recorded root is gone (its links died with it): take the directory over.
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
+    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    let mode = CgroupAttachMode::AllowMultiple;
+    let link: FdLink = if name == programs::EGRESS {
+        let prog: &mut CgroupSkb = program.try_into()?;
+        prog.load()?;
+        let id = prog.attach(cgroup, CgroupSkbAttachType::Egress, mode)?;
+        prog.take_link(id)?.try_into()?
+    } else if name == programs::SOCK_CREATE {
+        let prog: &mut CgroupSock = program.try_into()?;
+        prog.load()?;
+        let id = prog.attach(cgroup, mode)?;
+        prog.take_link(id)?.try_into()?
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into()?;
+        prog.load()?;
+        let id = prog.attach(cgroup, mode)?;
+        prog.take_link(id)?.try_into()?
+    };
+    Ok(link)
+}
+
+/// Pins every link, at `<name>` or, when an old link is pinned there, at `<name>.next`.
+/// On failure unpins what this call pinned; the links then detach when dropped.
+fn pin_all(layout: &PinLayout, links: Vec<(&str, FdLink)>) -> anyhow::Result<()> {
+    let mut pinned: Vec<PinnedLink> = Vec::new();
+    for (program, link) in links {
+        let target = if layout.link(program).exists() { layout.next_link(program) } else { layout.link(program) };
+        if target.exists() {
+            // A leftover `.next` from an interrupted upgrade.
+            detach_pinned(&target)?;
+        }
+        match link.pin(&target) {
+            Ok(p) => pinned.push(p),
+            Err(e) => {
+                for p in pinned {
+                    let _ = p.unpin();
+                }
+                return Err(anyhow::Error::new(e).context(format!("cannot pin link {}", target.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes a pinned link; the last reference goes and the program detaches.
+fn detach_pinned(path: &std::path::Path) -> anyhow::Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            link.unpin().with_context(|| format!("cannot unpin {}", path.display()))?;
+        }
+        Err(_) if path.exists() => {
+            // Not a link (stray file): remove it so the directory is ours again.
+            std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+/// Removes every pin and directory of a layout: links first (detaching), then maps.
+/// Returns what was removed. Used by `uninstall` and to undo a failed fresh install.
+pub fn remove_all_pins(layout: &PinLayout) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    if let Ok(names) = layout.pinned_links() {
+        for name in names {
+            let path = layout.link(&name);
+            if detach_pinned(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    for name in names::ALL {
+        let path = layout.map(name);
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_path_buf()] {
+        let _ = std::fs::remove_dir(dir);
+    }
+    removed
+}

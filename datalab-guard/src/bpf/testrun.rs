@@ -1,0 +1,119 @@
+//! Running the egress program on crafted packets with BPF_PROG_TEST_RUN, without attaching
+//! anything: for the packet tests and `cargo xtask bench`.
+//!
+//! The maps are pinned by name (the object says so), so a runner pins them in its own
+//! bpffs directory and removes them on drop. Under test-run the packet's socket is a dummy
+//! one in the *calling thread's* cgroup, so that cgroup is where the verdict is looked up.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    programs::{CgroupSkb, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+use datalab_guard_common::{
+    cidr::Cidr,
+    counters::Stat,
+    maps::programs,
+    GuardConfig, Mode, PolicyEntry, Verdict,
+};
+
+use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
+
+/// A loaded, unattached copy of the programs with private pinned maps.
+pub struct TestRunner {
+    ebpf: Ebpf,
+    maps: GuardMaps,
+    layout: PinLayout,
+}
+
+/// One program run's outcome.
+#[derive(Clone, Copy, Debug)]
+pub struct RunResult {
+    /// 1 = pass, 0 = drop.
+    pub verdict: u32,
+    /// Mean time per run as measured by the kernel.
+    pub per_run: Duration,
+}
+
+impl TestRunner {
+    /// Loads the object with maps pinned under `bpffs_dir` (which must not exist yet).
+    pub fn new(bpffs_dir: &std::path::Path) -> anyhow::Result<TestRunner> {
+        let layout = PinLayout::new(bpffs_dir);
+        layout.create_dirs()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(layout.maps_dir())
+            .load(OBJECT)
+            .context("cannot load the eBPF object")?;
+        let maps = GuardMaps::from_ebpf(&mut ebpf)?;
+        for name in [programs::EGRESS, programs::BENCH_EMPTY] {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(TestRunner { ebpf, maps, layout })
+    }
+
+    /// Configures the guard: blocked CIDRs, mode, default verdict, and policy entries.
+    /// `root_level` 0 makes the walk start at the cgroup2 root, so an entry for the
+    /// calling thread's cgroup (or any ancestor) applies.
+    pub fn configure(&mut self, blocked: &[Cidr], mode: Mode, default_verdict: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> anyhow::Result<()> {
+        let mut config = GuardConfig::zeroed();
+        config.mode = mode as u32;
+        config.default_verdict = default_verdict as u32;
+        config.root_level = 0;
+        config.events_per_window = 1_000_000;
+        config.window_ms = 1000;
+        self.maps.reconcile_blocked(blocked)?;
+        self.maps.write_config(config, blocked)?;
+        self.maps.reconcile_policy(policy)?;
+        Ok(())
+    }
+
+    /// Runs `program` (the guard or the empty floor) on an L3 packet. The kernel wants an
+    /// Ethernet header in front; the program sees the packet from the IP header on.
+    /// The kernel refuses (EINVAL) IPv4 packets shorter than 20 bytes and IPv6 ones shorter
+    /// than 40: its IP layer never hands cgroup_skb such packets either.
+    pub fn run(&self, program: &str, l3_packet: &[u8], repeat: u32) -> anyhow::Result<RunResult> {
+        let ethertype: u16 = match l3_packet.first().map(|b| b >> 4) {
+            Some(6) => 0x86dd,
+            _ => 0x0800,
+        };
+        self.run_ethertype(program, ethertype, l3_packet, repeat)
+    }
+
+    /// Like [`TestRunner::run`] with an explicit ethertype (e.g. 0x0806 for ARP).
+    pub fn run_ethertype(&self, program: &str, ethertype: u16, l3_packet: &[u8], repeat: u32) -> anyhow::Result<RunResult> {
+        let mut frame = Vec::with_capacity(14 + l3_packet.len());
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
+        frame.extend_from_slice(&ethertype.to_be_bytes());
+        frame.extend_from_slice(l3_packet);
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| anyhow!("program {program} missing"))?
+            .try_into()?;
+        let result = prog
+            .test_run(TestRunOptions { data_in: Some(&frame), repeat: repeat.max(1), ..TestRunOptions::default() })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        Ok(RunResult { verdict: result.return_value, per_run: result.duration })
+    }
+
+    /// Non-zero counters of class 0 (what test runs count into).
+    pub fn counters(&self) -> anyhow::Result<Vec<CounterValue>> {
+        self.maps.counters([0])
+    }
+
+    pub fn stat(&self, stat: Stat) -> anyhow::Result<u64> {
+        self.maps.stat(stat)
+    }
+}
+
+impl Drop for TestRunner {
+    fn drop(&mut self) {
+        super::install::remove_all_pins(&self.layout);
+    }
+}

@@ -1,0 +1,428 @@
+//! Prometheus metrics (prefix `datalab_guard_`), read from the kernel at scrape time.
+//!
+//! Nothing is cached: a [`GuardCollector`] calls the caller's snapshot function on every
+//! scrape (per-CPU counters summed, map sizes, audit-consumer counts) and encodes the
+//! result. The exposition is OpenMetrics text, which is what prometheus-client writes.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `datalab_guard_blocked_total` | counter | `family`, `hook`, `namespace` |
+//! | `datalab_guard_audited_total` | counter | `family`, `hook`, `namespace` |
+//! | `datalab_guard_audit_events_dropped_total` | counter | `reason` = `ring_full` \| `rate_limited` \| `malformed` |
+//! | `datalab_guard_guarded_pods`, `_exempt_pods`, `_unknown_cgroups` | gauge (only when known) | |
+//! | `datalab_guard_policy_map_entries`, `_policy_map_capacity` | gauge | |
+//! | `datalab_guard_build_info` | info (always 1) | `version` |
+//! | `datalab_guard_scrape_errors_total` | counter | |
+//!
+//! DESIGN.md's `audit_events_dropped_total` is the one metric with a `reason` label;
+//! `sum without (reason) (datalab_guard_audit_events_dropped_total)` is the plain total.
+//!
+//! Label cardinality is bounded by the caller: `namespace` values come from the bounded
+//! namespace classes of the counter map (DESIGN.md: no pod names in labels).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use datalab_guard_common::{Action, Family, Hook};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+/// Summed in-kernel counter of one (action, family, hook, namespace).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSample {
+    pub action: Action,
+    pub family: Family,
+    pub hook: Hook,
+    pub namespace: String,
+    pub value: u64,
+}
+
+/// What one scrape reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub counters: Vec<CounterSample>,
+    /// Events lost because the ring buffer was full (STATS EventsLost).
+    pub events_lost: u64,
+    /// Events suppressed by the per-cgroup rate limit (STATS EventsSuppressed).
+    pub events_suppressed: u64,
+    /// Ring buffer records of the wrong size (audit::ConsumerStats::malformed).
+    pub events_malformed: u64,
+    /// `None` where unknown (e.g. local mode has no pods): the gauge is then left out.
+    pub guarded: Option<u64>,
+    pub exempt: Option<u64>,
+    pub unknown_cgroups: Option<u64>,
+    pub policy_entries: u64,
+    pub policy_capacity: u64,
+}
+
+/// Produces a [`Snapshot`]; called on every scrape, from a blocking thread.
+pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
+
+/// Registry prefix (prometheus-client joins it to every name with `_`).
+pub const PREFIX: &str = "datalab_guard";
+
+const HELP_BLOCKED: &str = "Attempts to reach a blocked destination that were dropped or refused \
+    (enforce mode), by address family, hook and namespace. Counted in the kernel before audit \
+    rate limiting, so exact even when audit events are suppressed or lost.";
+const HELP_AUDITED: &str = "Attempts to reach a blocked destination that were let through and \
+    reported (audit mode), by address family, hook and namespace. Counted in the kernel before \
+    audit rate limiting.";
+const HELP_DROPPED: &str =
+    "Audit events that were not written as a log line, by reason: ring_full \
+    (the ring buffer was full), rate_limited (suppressed by the per-cgroup rate limit), \
+    malformed (ring buffer records of an unexpected size). The attempts themselves are still \
+    counted in blocked_total and audited_total.";
+const HELP_GUARDED: &str = "Pods whose cgroup has the guard verdict in the policy map.";
+const HELP_EXEMPT: &str = "Pods whose cgroup has the exempt verdict in the policy map.";
+const HELP_UNKNOWN: &str = "cgroups under the attach root that the agent could not match to a \
+    known pod; they get the default verdict.";
+const HELP_ENTRIES: &str = "Entries in the policy map (cgroup id to verdict).";
+const HELP_CAPACITY: &str = "Maximum number of entries of the policy map.";
+const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
+const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
+    those scrapes carry only build_info and this counter.";
+
+/// The collector registered in the agent's registry.
+pub struct GuardCollector {
+    snapshot: SnapshotFn,
+    version: &'static str,
+    scrape_errors: AtomicU64,
+}
+
+impl fmt::Debug for GuardCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardCollector")
+            .field("version", &self.version)
+            .field("scrape_errors", &self.scrape_errors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardCollector {
+    pub fn new(snapshot: SnapshotFn, version: &'static str) -> Self {
+        GuardCollector {
+            snapshot,
+            version,
+            scrape_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls the snapshot function; a failure or a panic in it is a scrape error, never a
+    /// crashed scrape.
+    fn take_snapshot(&self) -> Option<Snapshot> {
+        match catch_unwind(AssertUnwindSafe(|| (self.snapshot)())) {
+            Ok(Ok(snapshot)) => Some(snapshot),
+            Ok(Err(err)) => {
+                self.scrape_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "metrics scrape: reading the kernel state failed"
+                );
+                None
+            }
+            Err(_) => {
+                self.scrape_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("metrics scrape: the snapshot function panicked");
+                None
+            }
+        }
+    }
+}
+
+impl Collector for GuardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let snapshot = self.take_snapshot();
+        if let Some(s) = &snapshot {
+            encode_counters(
+                &mut encoder,
+                "blocked",
+                HELP_BLOCKED,
+                Action::Blocked,
+                &s.counters,
+            )?;
+            encode_counters(
+                &mut encoder,
+                "audited",
+                HELP_AUDITED,
+                Action::Audited,
+                &s.counters,
+            )?;
+            let dropped = encoder.encode_descriptor(
+                "audit_events_dropped",
+                HELP_DROPPED,
+                None,
+                MetricType::Counter,
+            )?;
+            let mut dropped = dropped;
+            for (reason, value) in [
+                ("ring_full", s.events_lost),
+                ("rate_limited", s.events_suppressed),
+                ("malformed", s.events_malformed),
+            ] {
+                ConstCounter::new(value).encode(dropped.encode_family(&[("reason", reason)])?)?;
+            }
+            for (name, help, value) in [
+                ("guarded_pods", HELP_GUARDED, s.guarded),
+                ("exempt_pods", HELP_EXEMPT, s.exempt),
+                ("unknown_cgroups", HELP_UNKNOWN, s.unknown_cgroups),
+                ("policy_map_entries", HELP_ENTRIES, Some(s.policy_entries)),
+                (
+                    "policy_map_capacity",
+                    HELP_CAPACITY,
+                    Some(s.policy_capacity),
+                ),
+            ] {
+                if let Some(value) = value {
+                    let gauge = ConstGauge::new(value);
+                    gauge.encode(encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        gauge.metric_type(),
+                    )?)?;
+                }
+            }
+        }
+        // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
+        let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
+        build.encode_info(&[("version", escape_label_value(self.version))])?;
+        let errors = ConstCounter::new(self.scrape_errors.load(Ordering::Relaxed));
+        errors.encode(encoder.encode_descriptor(
+            "scrape_errors",
+            HELP_SCRAPE_ERRORS,
+            None,
+            errors.metric_type(),
+        )?)
+    }
+}
+
+/// One counter family from the samples of `action`, summed per label set (the caller may
+/// hand several samples for one namespace, e.g. folded classes) and in a stable order.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    action: Action,
+    samples: &[CounterSample],
+) -> fmt::Result {
+    let mut series: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.action == action) {
+        let total = series
+            .entry((s.family.name(), s.hook.name(), s.namespace.as_str()))
+            .or_default();
+        *total = total.saturating_add(s.value);
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for ((family_name, hook, namespace), value) in series {
+        let labels = [
+            ("family", family_name.to_owned()),
+            ("hook", hook.to_owned()),
+            ("namespace", escape_label_value(namespace)),
+        ];
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Escapes a label value for the text format (backslash, double quote, newline);
+/// prometheus-client 0.23 writes label values verbatim.
+fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A registry with the `datalab_guard` prefix and the collector in it; other modules may
+/// register more metrics (e.g. `networkpolicy_state`) before it is shared.
+pub fn registry(snapshot: SnapshotFn) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(GuardCollector::new(snapshot, crate::VERSION)));
+    registry
+}
+
+/// The full OpenMetrics exposition of `registry` (ends with `# EOF`).
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(
+        action: Action,
+        family: Family,
+        hook: Hook,
+        namespace: &str,
+        value: u64,
+    ) -> CounterSample {
+        CounterSample {
+            action,
+            family,
+            hook,
+            namespace: namespace.to_owned(),
+            value,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            counters: vec![
+                sample(Action::Blocked, Family::Ipv6, Hook::Connect, "lab-a", 2),
+                sample(Action::Blocked, Family::Ipv4, Hook::Egress, "lab-a", 5),
+                sample(Action::Blocked, Family::Ipv4, Hook::Egress, "lab-a", 1),
+                sample(Action::Audited, Family::Ipv4, Hook::Sendmsg, "lab-b", 3),
+            ],
+            events_lost: 4,
+            events_suppressed: 9,
+            events_malformed: 0,
+            guarded: Some(12),
+            exempt: Some(2),
+            unknown_cgroups: None,
+            policy_entries: 14,
+            policy_capacity: 65_536,
+        }
+    }
+
+    fn exposition(f: impl Fn() -> anyhow::Result<Snapshot> + Send + Sync + 'static) -> String {
+        encode(&registry(Arc::new(f))).unwrap()
+    }
+
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn encodes_every_metric_with_exact_lines() {
+        let text = exposition(|| Ok(snapshot()));
+        let v = crate::VERSION;
+        assert_eq!(
+            samples(&text),
+            [
+                r#"datalab_guard_blocked_total{family="ipv4",hook="egress",namespace="lab-a"} 6"#,
+                r#"datalab_guard_blocked_total{family="ipv6",hook="connect",namespace="lab-a"} 2"#,
+                r#"datalab_guard_audited_total{family="ipv4",hook="sendmsg",namespace="lab-b"} 3"#,
+                r#"datalab_guard_audit_events_dropped_total{reason="ring_full"} 4"#,
+                r#"datalab_guard_audit_events_dropped_total{reason="rate_limited"} 9"#,
+                r#"datalab_guard_audit_events_dropped_total{reason="malformed"} 0"#,
+                "datalab_guard_guarded_pods 12",
+                "datalab_guard_exempt_pods 2",
+                "datalab_guard_policy_map_entries 14",
+                "datalab_guard_policy_map_capacity 65536",
+                &format!(r#"datalab_guard_build_info{{version="{v}"}} 1"#),
+                "datalab_guard_scrape_errors_total 0",
+            ]
+        );
+        assert!(text.contains("# TYPE datalab_guard_blocked counter\n"));
+        assert!(text.contains("# TYPE datalab_guard_guarded_pods gauge\n"));
+        assert!(text.contains("# TYPE datalab_guard_build info\n"));
+        assert!(text.contains(
+            "# HELP datalab_guard_audit_events_dropped Audit events that were not written"
+        ));
+        assert!(
+            !text.contains("unknown_cgroups"),
+            "a None gauge is left out"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn every_family_has_help_and_type() {
+        let text = exposition(|| {
+            Ok(Snapshot {
+                unknown_cgroups: Some(1),
+                ..snapshot()
+            })
+        });
+        for name in [
+            "blocked",
+            "audited",
+            "audit_events_dropped",
+            "guarded_pods",
+            "exempt_pods",
+            "unknown_cgroups",
+            "policy_map_entries",
+            "policy_map_capacity",
+            "build",
+            "scrape_errors",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP datalab_guard_{name} ")),
+                "{name}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE datalab_guard_{name} ")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_counters_still_declare_their_families() {
+        let text = exposition(|| Ok(Snapshot::default()));
+        assert!(text.contains("# TYPE datalab_guard_blocked counter\n"));
+        assert!(!text.contains("datalab_guard_blocked_total"));
+    }
+
+    #[test]
+    fn a_failing_snapshot_counts_a_scrape_error_and_keeps_build_info() {
+        let registry = registry(Arc::new(|| anyhow::bail!("map read failed")));
+        let first = encode(&registry).unwrap();
+        assert_eq!(
+            samples(&first),
+            [
+                format!(
+                    r#"datalab_guard_build_info{{version="{}"}} 1"#,
+                    crate::VERSION
+                )
+                .as_str(),
+                "datalab_guard_scrape_errors_total 1",
+            ]
+        );
+        let second = encode(&registry).unwrap();
+        assert!(second.contains("datalab_guard_scrape_errors_total 2\n"));
+    }
+
+    #[test]
+    fn a_panicking_snapshot_is_a_scrape_error_too() {
+        let text = exposition(|| panic!("boom"));
+        assert!(text.contains("datalab_guard_scrape_errors_total 1\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let text = exposition(|| {
+            Ok(Snapshot {
+                counters: vec![sample(
+                    Action::Blocked,
+                    Family::Ipv4,
+                    Hook::Connect,
+                    "a\"b\\c\nd",
+                    1,
+                )],
+                ..Snapshot::default()
+            })
+        });
+        assert!(text.contains(r#"namespace="a\"b\\c\nd"} 1"#), "{text}");
+    }
+}

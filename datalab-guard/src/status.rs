@@ -1,0 +1,143 @@
+//! `datalab-guard status`: what is enforced now, read only from the pinned state, so it
+//! answers the same whether or not an agent is running.
+
+use std::path::Path;
+
+use aya::programs::links::PinnedLink;
+use datalab_guard_common::{counters::Stat, Mode, Verdict};
+use serde_json::json;
+
+use crate::{
+    blocklist::describe,
+    bpf::{install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout},
+    cgroups,
+    cli::{OutputFormat, Shared},
+};
+
+pub fn run(shared: &Shared, output: OutputFormat) -> anyhow::Result<()> {
+    let layout = PinLayout::new(&shared.bpffs);
+    let report = collect(&layout)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => print_text(&report),
+    }
+    if report["enforcing"] == json!(true) {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("not enforcing (see above)"))
+    }
+}
+
+/// The status as JSON (the text form is rendered from it).
+pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
+    if !layout.exists() {
+        return Ok(json!({ "bpffs": layout.root().display().to_string(), "installed": false, "enforcing": false }));
+    }
+    let maps = GuardMaps::from_pins(layout)?;
+    let meta = maps.meta()?;
+    let config = maps.config()?;
+    let root = meta_root_path(&meta);
+    let wanted = wanted_programs(&config);
+    let mut links = Vec::new();
+    let mut all_attached = true;
+    for program in &wanted {
+        let attached = PinnedLink::from_pin(layout.link(program)).is_ok();
+        all_attached &= attached;
+        links.push(json!({ "program": program, "pinned": attached }));
+    }
+    let root_alive = std::fs::metadata(&root)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id)
+        .unwrap_or(false);
+    let mount = cgroups::cgroup2_mount().ok();
+    let policy: Vec<_> = maps
+        .policy()?
+        .into_iter()
+        .map(|(id, entry)| {
+            let path = cgroups::find_by_id(Path::new(&root), id, 100_000).map(|p| match &mount {
+                Some(m) => format!("/{}", p.strip_prefix(m).unwrap_or(&p).display()),
+                None => p.display().to_string(),
+            });
+            json!({
+                "cgroup_id": id,
+                "cgroup": path,
+                "verdict": verdict_name(Verdict::from_raw(entry.verdict)),
+                "class": entry.class,
+            })
+        })
+        .collect();
+    let counters: Vec<_> = maps
+        .counters([0])?
+        .into_iter()
+        .map(|c| json!({ "action": format!("{:?}", c.action).to_lowercase(), "family": c.family.name(), "hook": c.hook.name(), "count": c.value }))
+        .collect();
+    let complete = meta.complete == 1;
+    Ok(json!({
+        "bpffs": layout.root().display().to_string(),
+        "installed": true,
+        "enforcing": complete && all_attached && root_alive,
+        "root": root,
+        "root_cgroup_id": meta.root_cgroup_id,
+        "root_exists": root_alive,
+        "mode": match Mode::from_raw(config.mode) { Mode::Enforce => "enforce", Mode::Audit => "audit" },
+        "default_verdict": verdict_name(Verdict::from_raw(config.default_verdict)),
+        "deny_raw_sockets": config.deny_raw_sockets != 0,
+        "programs_hash": format!("{:016x}", meta.object_hash),
+        "programs_match_this_binary": meta.object_hash == object_hash(),
+        "attached_unix": meta.attached_unix,
+        "links": links,
+        "blocked": maps.blocked()?.iter().map(describe).collect::<Vec<_>>(),
+        "policy": policy,
+        "counters": counters,
+        "audit_events_lost": maps.stat(Stat::EventsLost)?,
+        "audit_events_suppressed": maps.stat(Stat::EventsSuppressed)?,
+    }))
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Guard => "guard",
+        Verdict::Exempt => "exempt",
+    }
+}
+
+fn print_text(r: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    if r["installed"] != json!(true) {
+        println!("NOT INSTALLED  nothing pinned under {}", s(&r["bpffs"]));
+        return;
+    }
+    let headline = if r["enforcing"] == json!(true) { "ENFORCING" } else { "DEGRADED" };
+    println!("{headline}  mode={}  root={}  bpffs={}", s(&r["mode"]), s(&r["root"]), s(&r["bpffs"]));
+    if r["root_exists"] != json!(true) {
+        println!("  ! the guarded cgroup no longer exists");
+    }
+    println!("  default verdict (unknown cgroups): {}", s(&r["default_verdict"]));
+    println!("  raw/packet sockets denied: {}", r["deny_raw_sockets"]);
+    println!(
+        "  programs: {}{}",
+        s(&r["programs_hash"]),
+        if r["programs_match_this_binary"] == json!(true) { "" } else { " (differ from this binary: the next start upgrades them)" }
+    );
+    let blocked: Vec<String> = r["blocked"].as_array().into_iter().flatten().map(s).collect();
+    println!("  blocked: {}", blocked.join(", "));
+    println!("  links:");
+    for link in r["links"].as_array().into_iter().flatten() {
+        let mark = if link["pinned"] == json!(true) { "attached" } else { "MISSING" };
+        println!("    {:<16} {mark}", s(&link["program"]));
+    }
+    println!("  policy ({} entries):", r["policy"].as_array().map_or(0, Vec::len));
+    println!("    {:<8} {:<20} CGROUP", "VERDICT", "CGROUP_ID");
+    for p in r["policy"].as_array().into_iter().flatten() {
+        let path = if p["cgroup"].is_null() { "(gone)".to_owned() } else { s(&p["cgroup"]) };
+        println!("    {:<8} {:<20} {path}", s(&p["verdict"]), p["cgroup_id"]);
+    }
+    println!("  counters:");
+    let counters = r["counters"].as_array().cloned().unwrap_or_default();
+    if counters.is_empty() {
+        println!("    (no attempts yet)");
+    }
+    for c in counters {
+        println!("    {:<8} {:<6} {:<12} {}", s(&c["action"]), s(&c["family"]), s(&c["hook"]), c["count"]);
+    }
+    println!("  audit events lost: {}  suppressed by rate limit: {}", r["audit_events_lost"], r["audit_events_suppressed"]);
+}

@@ -1,0 +1,58 @@
+//! `cargo xtask <command>`: the project's developer tasks (aliased in .cargo/config.toml).
+//!
+//! - `setup`: install the eBPF toolchain and test tools (TOOLCHAIN.md's recipe), idempotently.
+//! - `test`:  setup, then build and run every test as root; fails on any skipped test.
+//! - `demo`:  local mode end to end in a sandboxed network lab.
+//! - `bench`: benchmarks.
+
+mod artifacts;
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "datalab-guard developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain (Debian Rust + rust-src, LLVM 22, bpf-linker) and the test
+    /// tools; mount bpffs. Idempotent.
+    Setup,
+    /// Run setup, build, and run all tests (needs root; skipped tests fail the run).
+    Test(test::TestArgs),
+    /// Demonstrate `datalab-guard local` in a sandboxed network lab (needs root).
+    Demo(demo::DemoArgs),
+    /// Run the benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Setup => setup::run_all(),
+        Cmd::Test(args) => test::run(args),
+        Cmd::Demo(args) => demo::run(args),
+        Cmd::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! `cargo xtask setup`: installs, idempotently, everything TOOLCHAIN.md's verified recipe
+//! needs to build and test the eBPF programs here, plus the tools the privileged tests use.
+//!
+//! Each step checks first and prints one line: `done` or `already present` (or `skipped`
+//! and why). Steps:
+//! 1. Debian packages: Debian's Rust 1.96 with library sources (rustup here has no
+//!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
+//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
+//! 2. `bpf-linker` 0.13.0 built against LLVM 22.
+//! 3. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
+//! 4. bpffs mounted at /sys/fs/bpf.
+//!
+//! With `DATALAB_GUARD_BPF_TOOLCHAIN` set (a developer's own nightly with `rust-src`), the
+//! Debian toolchain packages and the rustup link are skipped.
+//!
+//! kubectl is not installed here: Debian's archive has no kubectl package; machines that
+//! have one got it from elsewhere. Its presence is only reported.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::util::{self, output, run};
+
+/// Env var naming a rustup toolchain (with rust-src) to build the eBPF programs with.
+pub const BPF_TOOLCHAIN_ENV: &str = "DATALAB_GUARD_BPF_TOOLCHAIN";
+/// The toolchain name `rustup toolchain link` gives Debian's Rust.
+pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
+
+const DEBIAN_RUST: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
+const LLVM: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+const TEST_TOOLS: &[&str] = &["iproute2", "nftables", "iperf3", "iputils-ping", "curl"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn step(name: &str, outcome: &str) {
+    println!("setup: {name}: {outcome}");
+}
+
+/// Runs every step; see the module docs.
+pub fn run_all() -> Result<()> {
+    let custom = std::env::var(BPF_TOOLCHAIN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty());
+    apt_packages(custom.is_none())?;
+    bpf_linker()?;
+    match &custom {
+        Some(t) => step(
+            &format!("rustup toolchain {DEBIAN_TOOLCHAIN}"),
+            &format!("skipped ({BPF_TOOLCHAIN_ENV}={t})"),
+        ),
+        None => link_debian_toolchain()?,
+    }
+    bpffs()?;
+    match util::have("kubectl") {
+        true => step("kubectl (optional, client only)", "already present"),
+        false => step(
+            "kubectl (optional, client only)",
+            "not installed (not in Debian's archive)",
+        ),
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", pkg])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "installed")
+        .unwrap_or(false)
+}
+
+fn apt_packages(debian_rust: bool) -> Result<()> {
+    let mut wanted: Vec<&str> = Vec::new();
+    if debian_rust {
+        wanted.extend(DEBIAN_RUST);
+    }
+    wanted.extend(LLVM);
+    wanted.extend(TEST_TOOLS);
+    let name = format!("apt packages ({})", wanted.join(" "));
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step(&name, "already present");
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them"
+        );
+    }
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !still.is_empty() {
+        bail!("apt-get install finished but {still:?} are still not installed");
+    }
+    step(&name, &format!("done (installed {})", missing.join(" ")));
+    Ok(())
+}
+
+/// `bpf-linker --version` output, from PATH or from `$CARGO_HOME/bin`.
+fn bpf_linker_version() -> Option<String> {
+    let home_bin = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map(|h| h.join("bin").join("bpf-linker"));
+    let candidates = std::iter::once(std::path::PathBuf::from("bpf-linker")).chain(home_bin);
+    for bin in candidates {
+        if let Ok(o) = Command::new(&bin).arg("--version").output() {
+            if o.status.success() {
+                return Some(String::from_utf8_lossy(&o.stdout).trim().to_string());
+            }
+        }
+    }
+    None
+}
+
+fn bpf_linker() -> Result<()> {
+    let name = format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+    if let Some(v) = bpf_linker_version() {
+        if v.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
+            step(&name, "already present");
+            return Ok(());
+        }
+        println!("setup: found `{v}`, installing {BPF_LINKER_VERSION} over it");
+    }
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new(util::cargo())
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("PATH", path)
+        .env("RUSTFLAGS", "-L /usr/lib/llvm-22/lib"))
+    .context("building bpf-linker (needs llvm-22-dev, libpolly-22-dev, zlib1g-dev, libzstd-dev)")?;
+    match bpf_linker_version() {
+        Some(v) if v.contains(BPF_LINKER_VERSION) => {
+            step(&name, "done");
+            Ok(())
+        }
+        other => bail!(
+            "bpf-linker was installed but `bpf-linker --version` says {other:?}; is \
+             $HOME/.cargo/bin on PATH?"
+        ),
+    }
+}
+
+fn link_debian_toolchain() -> Result<()> {
+    let name = format!("rustup toolchain {DEBIAN_TOOLCHAIN} -> /usr");
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required (the project's stable toolchain comes from rustup)")?;
+    if !list.status.success() {
+        bail!(
+            "`rustup toolchain list` failed: {}",
+            String::from_utf8_lossy(&list.stderr)
+        );
+    }
+    let listed = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(DEBIAN_TOOLCHAIN));
+    if listed {
+        step(&name, "already present");
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))?;
+    step(&name, "done");
+    Ok(())
+}
+
+fn bpffs() -> Result<()> {
+    let name = "bpffs at /sys/fs/bpf";
+    let mounts = datalab_guard_tests::mountinfo::read()?;
+    if datalab_guard_tests::mountinfo::is_mounted(&mounts, Path::new("/sys/fs/bpf"), "bpf") {
+        step(name, "already present");
+        return Ok(());
+    }
+    if !util::is_root() {
+        step(
+            name,
+            "not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)",
+        );
+        return Ok(());
+    }
+    datalab_guard_tests::ensure_bpffs_mounted()?;
+    step(name, "done");
+    Ok(())
+}

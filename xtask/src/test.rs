@@ -1,0 +1,157 @@
+//! `cargo xtask test`: the one command that runs every test, as CI does.
+//!
+//! Runs `setup`, insists on root (the privileged tests build network namespaces, cgroups and
+//! BPF programs; they must run, not skip), builds the binaries, then runs the workspace's
+//! tests with `DATALAB_GUARD_BIN` (and the kit's helper paths) pointing at what was just
+//! built, and the common crate's own tests. Test output is streamed through and scanned: a
+//! line containing `SKIPPED:` fails the run, so a privileged test can never pass by quietly
+//! doing nothing. Tests run with `--nocapture` for that reason (a skip notice printed by a
+//! passing test would otherwise be swallowed) and with two threads, which the lab handles.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    artifacts::{self, EBPF_CRATE},
+    setup,
+    util::{self, cargo_cmd, show},
+};
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Test only these packages (default: the whole workspace, then the common crate again).
+    #[arg(short, long = "package")]
+    pub packages: Vec<String>,
+    /// Arguments for the test binaries, after `--` (e.g. a test name filter).
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+/// The marker a test prints when it skips; any occurrence fails the run.
+pub const SKIP_MARKER: &str = "SKIPPED:";
+
+/// Runs `cargo xtask test`.
+pub fn run(args: &TestArgs) -> Result<()> {
+    setup::run_all()?;
+    require_root("cargo xtask test");
+    let bins = artifacts::build_bins(&[])?;
+    bins.get("datalab-guard")?;
+
+    let mut runs: Vec<Vec<String>> = Vec::new();
+    if args.packages.is_empty() {
+        runs.push(vec![
+            "--workspace".into(),
+            "--exclude".into(),
+            EBPF_CRATE.into(),
+        ]);
+        runs.push(vec!["-p".into(), "datalab-guard-common".into()]);
+    } else {
+        runs.push(
+            args.packages
+                .iter()
+                .flat_map(|p| ["-p".to_string(), p.clone()])
+                .collect(),
+        );
+    }
+    let mut skipped = Vec::new();
+    for selection in runs {
+        let mut cmd = cargo_cmd();
+        cmd.arg("test").args(&selection);
+        cmd.args(["--", "--test-threads=2", "--nocapture"])
+            .args(&args.test_args);
+        for (var, path) in bins.kit_env() {
+            cmd.env(var, path);
+        }
+        // Never let a developer's opt-in skip leak into the real run.
+        cmd.env_remove(datalab_guard_tests::ALLOW_SKIP_ENV);
+        skipped.extend(run_scanning(&mut cmd)?);
+    }
+    if !skipped.is_empty() {
+        bail!(
+            "{} test(s) printed `{SKIP_MARKER}`; every test must run here:\n{}",
+            skipped.len(),
+            skipped.join("\n")
+        );
+    }
+    println!("cargo xtask test: all tests passed, none skipped");
+    Ok(())
+}
+
+/// Exits 1 with a clear message unless running as root.
+pub fn require_root(what: &str) {
+    if !util::is_root() {
+        eprintln!(
+            "{what}: privileged tests must run as root (they create network namespaces, \
+             cgroups and BPF programs); re-run as root, e.g. `sudo -E cargo xtask test`"
+        );
+        std::process::exit(1);
+    }
+}
+
+/// Runs `cmd`, streaming its stdout and stderr through, and returns the lines that contain
+/// the skip marker. Fails if the command fails.
+fn run_scanning(cmd: &mut Command) -> Result<Vec<String>> {
+    let line = show(cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    let found = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
+    let f1 = Arc::clone(&found);
+    let t1 = std::thread::spawn(move || scan(out, &f1, &mut std::io::stdout()));
+    let f2 = Arc::clone(&found);
+    let t2 = std::thread::spawn(move || scan(err, &f2, &mut std::io::stderr()));
+    let status = child.wait()?;
+    let _ = t1.join();
+    let _ = t2.join();
+    if !status.success() {
+        bail!("`{line}` failed: {status}");
+    }
+    let found = found.lock().unwrap().clone();
+    Ok(found)
+}
+
+/// Copies `pipe` to `sink` line by line, collecting lines that contain the skip marker.
+fn scan(pipe: impl std::io::Read, found: &Mutex<Vec<String>>, sink: &mut dyn std::io::Write) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    // Byte lines: test output is not guaranteed to be UTF-8.
+    while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+        let text = String::from_utf8_lossy(&buf);
+        if text.contains(SKIP_MARKER) {
+            found.lock().unwrap().push(text.trim_end().to_string());
+        }
+        let _ = sink.write_all(&buf);
+        let _ = sink.flush();
+        buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_skip_lines_anywhere() {
+        let found = Mutex::new(Vec::new());
+        let out: &[u8] = b"running 2 tests\nSKIPPED: needs root (x)\ntest a ... ok\nnote SKIPPED: kernel too old\xff\n";
+        // Into a buffer: echoing these lines would trip the real run's own scan.
+        let mut sink = Vec::new();
+        scan(out, &found, &mut sink);
+        assert_eq!(sink, out);
+        let found = found.into_inner().unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[1].contains("kernel too old"));
+    }
+}
