@@ -44,6 +44,8 @@ pub mod programs {
     pub const SENDMSG4: &str = "dg_sendmsg4";
     pub const SENDMSG6: &str = "dg_sendmsg6";
     pub const SOCK_CREATE: &str = "dg_sock_create";
+    /// BPF LSM (lsm_cgroup/socket_create): AF_PACKET refusal.
+    pub const PACKET_SOCKET: &str = "dg_packet_socket";
     /// Never attached: the floor that `bench` compares the guard against.
     pub const BENCH_EMPTY: &str = "dg_bench_empty";
 }

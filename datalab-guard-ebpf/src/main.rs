@@ -14,6 +14,8 @@ mod egress;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod packet_socket;
+#[cfg(target_arch = "bpf")]
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_create;
@@ -39,3 +41,4 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+

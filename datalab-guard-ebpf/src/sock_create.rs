@@ -1,6 +1,7 @@
-//! `cgroup/sock_create` (attached only with `--deny-raw-sockets`): refuses AF_PACKET and
-//! SOCK_RAW sockets to guarded cgroups. cgroup_skb never sees AF_PACKET traffic, so with
-//! CAP_NET_RAW a tenant could otherwise hand-build frames to the metadata endpoint.
+//! `cgroup/sock_create` (attached only with `--deny-raw-sockets`): refuses SOCK_RAW IPv4
+//! and IPv6 sockets to guarded cgroups. Their packets are still judged by the egress
+//! program; refusing the socket closes the door on hand-built headers altogether. This hook
+//! runs for AF_INET/AF_INET6 only; AF_PACKET is refused by `packet_socket` (BPF LSM).
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
@@ -22,7 +23,6 @@ pub fn dg_sock_create(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
     let family = match family {
-        abi::AF_PACKET => Family::Packet,
         abi::AF_INET if sock_type == abi::SOCK_RAW => Family::Ipv4,
         abi::AF_INET6 if sock_type == abi::SOCK_RAW => Family::Ipv6,
         _ => return ALLOW,

@@ -87,7 +87,36 @@ pub fn run(bpffs: &Path) -> Vec<CheckLine> {
     lines.push(check_unprivileged_bpf(
         read("/proc/sys/kernel/unprivileged_bpf_disabled").as_deref(),
     ));
+    lines.push(check_bpf_lsm(active_lsms().as_deref()));
     lines
+}
+
+/// Where the kernel lists its active LSMs (securityfs).
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+/// The active LSMs, comma separated, when securityfs is mounted.
+pub fn active_lsms() -> Option<String> {
+    fs::read_to_string(LSM_LIST).ok().map(|s| s.trim().to_owned())
+}
+
+/// `Some(true)` when the BPF LSM is active, `None` when it cannot be told.
+pub fn bpf_lsm_active(lsms: Option<&str>) -> Option<bool> {
+    lsms.map(|list| list.split(',').any(|l| l.trim() == "bpf"))
+}
+
+/// The BPF LSM is what lets `--deny-raw-sockets` refuse AF_PACKET sockets.
+pub fn check_bpf_lsm(lsms: Option<&str>) -> CheckLine {
+    match bpf_lsm_active(lsms) {
+        Some(true) => CheckLine::new(Status::Pass, "BPF LSM active (--deny-raw-sockets can refuse AF_PACKET sockets)"),
+        Some(false) => CheckLine::new(
+            Status::Warn,
+            format!(
+                "BPF LSM not active (LSMs: {}); --deny-raw-sockets is unavailable: add `bpf` to the lsm= kernel parameter",
+                lsms.unwrap_or("")
+            ),
+        ),
+        None => CheckLine::new(Status::Info, format!("cannot read {LSM_LIST} (securityfs not mounted); BPF LSM state unknown")),
+    }
 }
 
 /// Prints the lines on stdout; true when none failed.
@@ -335,6 +364,15 @@ pub fn check_unprivileged_bpf(value: Option<&str>) -> CheckLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpf_lsm_is_read_from_the_lsm_list() {
+        assert_eq!(bpf_lsm_active(Some("lockdown,capability,landlock,bpf")), Some(true));
+        assert_eq!(bpf_lsm_active(Some("lockdown,capability,apparmor")), Some(false));
+        assert_eq!(bpf_lsm_active(None), None);
+        assert_eq!(check_bpf_lsm(Some("capability,apparmor")).status, Status::Warn);
+        assert_eq!(check_bpf_lsm(Some("capability,bpf")).status, Status::Pass);
+    }
 
     fn mounts(text: &str) -> Vec<MountEntry> {
         cgroups::parse_mountinfo(text)

@@ -69,6 +69,12 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
         }
         exempt.push(sub.path);
     }
+    if args.deny_raw_sockets && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false) {
+        return Err(bad_input(format!(
+            "--deny-raw-sockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
+            crate::check::active_lsms().unwrap_or_default()
+        )));
+    }
     let metrics_addr = match shared.metrics_addr {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),

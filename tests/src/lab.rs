@@ -444,7 +444,7 @@ impl Drop for Lab {
 
 /// Runs `ip ARGS` and returns its stdout; fails with its stderr.
 fn ip(args: &[&str]) -> Result<String> {
-    let mut cmd = std::process::Command::new("ip");
+    let mut cmd = std::process::Command::new(crate::process::tool("ip".as_ref()));
     cmd.args(args);
     let out = run_checked(&mut cmd, &format!("ip {}", args.join(" ")), None)
         .context("iproute2 is required for the lab (apt-get install iproute2)")?;

@@ -25,6 +25,37 @@ pub fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
 }
 
+/// Directories searched after `$PATH` for system tools: `ip` and `nft` live in `/usr/sbin`,
+/// which a minimal environment (cron, CI, `env -i`) may leave out of `PATH`.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// The full path of the program `name` (searched in `$PATH`, then the system directories);
+/// a name containing `/` is returned as is. If nothing is found, the bare name is returned
+/// and starting it fails with a clear "cannot run" error.
+pub fn tool(name: &OsStr) -> PathBuf {
+    if name.as_bytes().contains(&b'/') {
+        return PathBuf::from(name);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SYSTEM_DIRS.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt as _;
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// A `Command` for `argv` whose child, before exec, moves itself into `cgroup` (if given) and
 /// then enters the network namespace `netns` (if given). Stdio is left at the defaults.
 pub fn command_in<S: AsRef<OsStr>>(
@@ -61,7 +92,7 @@ pub fn command_in<S: AsRef<OsStr>>(
         }
         None => None,
     };
-    let mut cmd = Command::new(program);
+    let mut cmd = Command::new(tool(program.as_ref()));
     cmd.args(args);
     // SAFETY: the closure only calls async-signal-safe libc functions (open, write, setns,
     // close) on C strings allocated before the fork; it allocates nothing.

@@ -8,7 +8,7 @@ use datalab_guard_tests::{
 };
 
 fn netns_list() -> String {
-    let out = std::process::Command::new("ip")
+    let out = std::process::Command::new(process::tool("ip".as_ref()))
         .args(["netns", "list"])
         .output()
         .unwrap();

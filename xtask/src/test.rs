@@ -40,6 +40,10 @@ pub const SKIP_MARKER: &str = "SKIPPED:";
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::run_all()?;
     require_root("cargo xtask test");
+    let stale = datalab_guard_tests::cleanup_stale(datalab_guard_tests::DEFAULT_PREFIX)?;
+    if stale > 0 {
+        println!("test: removed {stale} leftover(s) of earlier crashed test runs");
+    }
     let bins = artifacts::build_bins(&[])?;
     bins.get("datalab-guard")?;
 
@@ -62,7 +66,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut skipped = Vec::new();
     for selection in runs {
         let mut cmd = cargo_cmd();
-        cmd.arg("test").args(&selection);
+        // --no-fail-fast: one failing test binary must not hide the results of the others.
+        cmd.args(["test", "--no-fail-fast"]).args(&selection);
         cmd.args(["--", "--test-threads=2", "--nocapture"])
             .args(&args.test_args);
         for (var, path) in bins.kit_env() {

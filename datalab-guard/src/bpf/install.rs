@@ -16,9 +16,9 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
-        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
     cidr::Cidr,
@@ -72,6 +72,7 @@ pub fn wanted_programs(config: &GuardConfig) -> Vec<&'static str> {
     let mut wanted = vec![programs::CONNECT4, programs::CONNECT6, programs::SENDMSG4, programs::SENDMSG6, programs::EGRESS];
     if config.deny_raw_sockets != 0 {
         wanted.push(programs::SOCK_CREATE);
+        wanted.push(programs::PACKET_SOCKET);
     }
     wanted
 }
@@ -174,13 +175,24 @@ fn refuse_foreign_root(meta: &datalab_guard_common::InstallMeta, root: &CgroupDi
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
+/// Loads program `name` of `ebpf` and attaches it to `cgroup` as a bpf_link.
+pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
     let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-    let mode = CgroupAttachMode::AllowMultiple;
+    // bpf_link attachments to cgroups are always multi-attach; the kernel rejects any
+    // attach flag on BPF_LINK_CREATE, so "Single" (no flag) is the correct value here.
+    let mode = CgroupAttachMode::Single;
     let link: FdLink = if name == programs::EGRESS {
         let prog: &mut CgroupSkb = program.try_into()?;
         prog.load()?;
         let id = prog.attach(cgroup, CgroupSkbAttachType::Egress, mode)?;
+        prog.take_link(id)?.try_into()?
+    } else if name == programs::PACKET_SOCKET {
+        let prog: &mut LsmCgroup = program.try_into()?;
+        let btf = Btf::from_sys_fs().context("AF_PACKET denial needs kernel BTF (/sys/kernel/btf/vmlinux)")?;
+        prog.load("socket_post_create", &btf).context(
+            "the kernel refused the BPF LSM program that refuses AF_PACKET sockets (--deny-raw-sockets needs the BPF LSM: `bpf` in the lsm= boot parameter, and a kernel policy that allows LSM programs)",
+        )?;
+        let id = prog.attach(cgroup)?;
         prog.take_link(id)?.try_into()?
     } else if name == programs::SOCK_CREATE {
         let prog: &mut CgroupSock = program.try_into()?;
@@ -196,14 +208,14 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> 
     Ok(link)
 }
 
-/// Pins every link, at `<name>` or, when an old link is pinned there, at `<name>.next`.
+/// Pins every link, at `<name>` or, when an old link is pinned there, at `<name>-next`.
 /// On failure unpins what this call pinned; the links then detach when dropped.
 fn pin_all(layout: &PinLayout, links: Vec<(&str, FdLink)>) -> anyhow::Result<()> {
     let mut pinned: Vec<PinnedLink> = Vec::new();
     for (program, link) in links {
         let target = if layout.link(program).exists() { layout.next_link(program) } else { layout.link(program) };
         if target.exists() {
-            // A leftover `.next` from an interrupted upgrade.
+            // A leftover `-next` from an interrupted upgrade.
             detach_pinned(&target)?;
         }
         match link.pin(&target) {

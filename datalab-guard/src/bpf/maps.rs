@@ -101,6 +101,12 @@ impl GuardMaps {
         Ok(())
     }
 
+    /// Writes the config as is (bitmaps included).
+    pub fn config_set(&mut self, config: GuardConfig) -> anyhow::Result<()> {
+        self.config.set(0, config, 0)?;
+        Ok(())
+    }
+
     /// The blocked CIDRs in the tries.
     pub fn blocked(&self) -> anyhow::Result<Vec<Cidr>> {
         let mut out = Vec::new();

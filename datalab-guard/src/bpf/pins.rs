@@ -4,7 +4,8 @@
 //! ```text
 //! <dir>/maps/<MAP_NAME>      every map, pinned by name (see datalab_guard_common::maps)
 //! <dir>/links/<program>      one bpf_link per attached program
-//! <dir>/links/<program>.next a replacement link during an upgrade (briefly)
+//! <dir>/links/<program>-next a replacement link during an upgrade (briefly; bpffs
+//!                            refuses names with a dot)
 //! ```
 //! Pinned links keep the programs attached, and pinned maps keep the verdicts, after the
 //! agent exits: enforcement never depends on the agent being alive.
@@ -50,7 +51,7 @@ impl PinLayout {
     }
 
     pub fn next_link(&self, program: &str) -> PathBuf {
-        self.links_dir().join(format!("{program}.next"))
+        self.links_dir().join(format!("{program}-next"))
     }
 
     /// Anything pinned here at all?
@@ -58,7 +59,7 @@ impl PinLayout {
         self.map(datalab_guard_common::maps::META).exists()
     }
 
-    /// Names of the pinned links (without `.next` leftovers).
+    /// Names of the pinned links (including `-next` leftovers of an interrupted upgrade).
     pub fn pinned_links(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         match std::fs::read_dir(self.links_dir()) {

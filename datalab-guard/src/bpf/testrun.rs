@@ -102,6 +102,20 @@ impl TestRunner {
         Ok(RunResult { verdict: result.return_value, per_run: result.duration })
     }
 
+    /// Turns the raw-socket refusal on or off in the config map.
+    pub fn set_deny_raw_sockets(&mut self, deny: bool) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.deny_raw_sockets = u32::from(deny);
+        self.maps.config_set(config)
+    }
+
+    /// Attaches one of the socket programs (not the egress one, which stays unattached for
+    /// test runs) to `cgroup`; it detaches when the returned link is dropped.
+    pub fn attach(&mut self, program: &str, cgroup: &std::path::Path) -> anyhow::Result<aya::programs::links::FdLink> {
+        let file = std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+        super::install::attach(&mut self.ebpf, program, &file)
+    }
+
     /// Non-zero counters of class 0 (what test runs count into).
     pub fn counters(&self) -> anyhow::Result<Vec<CounterValue>> {
         self.maps.counters([0])

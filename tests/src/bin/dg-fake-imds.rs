@@ -2,7 +2,7 @@
 //!
 //! Started by the kit inside the lab's metadata-host network namespace (never on a real
 //! network). It listens on TCP and UDP port 80 (default) on 0.0.0.0 and, through separate
-//! v6-only sockets, on [::], so it answers on 169.254.169.254, fd00:ec2::254 and the "other"
+//! v6-only sockets, on `[::]`, so it answers on 169.254.169.254, fd00:ec2::254 and the "other"
 //! addresses alike:
 //! - TCP: answers every HTTP request with a small IMDS-like JSON document holding credentials
 //!   that are clearly FAKE, then closes (HTTP/1.0). The listeners have `TCP_FASTOPEN` set, so
