@@ -542,8 +542,8 @@ mod tests {
     #[test]
     fn run_on_this_machine_reports_every_check() {
         let lines = run(Path::new("/sys/fs/bpf/datalab-guard"));
-        // kernel, BTF, cgroup2, bpffs, three capabilities, JIT, unprivileged BPF.
-        assert_eq!(lines.len(), 9, "{lines:#?}");
+        // kernel, BTF, cgroup2, bpffs, three capabilities, JIT, unprivileged BPF, BPF LSM.
+        assert_eq!(lines.len(), 10, "{lines:#?}");
         assert!(lines[0].message.starts_with("kernel "));
     }
 }
