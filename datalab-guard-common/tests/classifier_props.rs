@@ -29,7 +29,7 @@ fn near_v4() -> impl Strategy<Value = (u32, u8, u32)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4096))]
+    #![proptest_config(ProptestConfig { cases: 4096, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn v4_membership_matches_std((net, prefix, ip) in near_v4()) {
