@@ -129,7 +129,7 @@ fn print_text(r: &serde_json::Value) {
     println!("    {:<8} {:<20} CGROUP", "VERDICT", "CGROUP_ID");
     for p in r["policy"].as_array().into_iter().flatten() {
         let path = if p["cgroup"].is_null() { "(gone)".to_owned() } else { s(&p["cgroup"]) };
-        println!("    {:<8} {:<20} {path}", s(&p["verdict"]), p["cgroup_id"]);
+        println!("    {:<8} {:<20} {path}", s(&p["verdict"]), p["cgroup_id"].to_string());
     }
     println!("  counters:");
     let counters = r["counters"].as_array().cloned().unwrap_or_default();
@@ -137,7 +137,7 @@ fn print_text(r: &serde_json::Value) {
         println!("    (no attempts yet)");
     }
     for c in counters {
-        println!("    {:<8} {:<6} {:<12} {}", s(&c["action"]), s(&c["family"]), s(&c["hook"]), c["count"]);
+        println!("    {:<8} {:<6} {:<12} {}", s(&c["action"]), s(&c["family"]), s(&c["hook"]), c["count"].to_string());
     }
     println!("  audit events lost: {}  suppressed by rate limit: {}", r["audit_events_lost"], r["audit_events_suppressed"]);
 }

@@ -1,16 +1,156 @@
-//! `cargo xtask bench`: not implemented yet (another engineer owns it).
+//! `cargo xtask bench`: what the guard costs, side by side in one run.
+//!
+//! Two parts, each alternating between the things it compares so that drift on a shared
+//! machine hits all of them alike, and each reported as medians:
+//! - BPF_PROG_TEST_RUN ([`testrun`]): ns per packet of an empty cgroup_skb program returning
+//!   1 (the harness floor), and of the guard on a passed and on a blocked packet, v4 and v6;
+//!   reported as differences to the empty program on the same packet family.
+//! - TCP throughput ([`throughput`]): iperf3 over the lab's veth pair from a cgroup guarded by
+//!   a running `datalab-guard local`, from an unguarded sibling cgroup, and from the
+//!   unguarded cgroup with the same block done by an nftables rule; reported as ratios to
+//!   the unguarded client.
+//!
+//! The report ([`report`]) is printed as markdown and saved to `bench-results/latest.md`, with
+//! every raw sample in `bench-results/latest.json`. Targets (fast path within 5 ns of the
+//! empty program, throughput ratio ≥ 0.98) are reported as met or not; they never fail the
+//! command. A part that cannot run does: the report is still saved, saying what failed.
+//!
+//! Needs root (BPF programs, network namespaces, cgroups); everything created is removed on
+//! the way out, also on failure, and leftovers of an interrupted run are removed first.
+
+mod report;
+mod stats;
+mod testrun;
+mod throughput;
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use datalab_guard_tests::{cleanup_stale, BpffsDir};
 
-/// Options of `cargo xtask bench` (placeholder: everything after `bench` is collected).
+use self::report::{Machine, Part, Report};
+use crate::{artifacts, setup, util};
+
+/// Name prefix of everything the benchmark creates (so stale leftovers can be found).
+const PREFIX: &str = "dgbench";
+
+/// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Arguments for the benchmark runner.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub args: Vec<String>,
+    /// Throughput rounds; each round runs the three iperf3 clients once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub seconds: u32,
+    /// BPF_PROG_TEST_RUN rounds; each round runs every case once.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub testrun_rounds: u32,
+    /// Program runs per case per BPF_PROG_TEST_RUN round.
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+    /// Leave out the BPF_PROG_TEST_RUN part.
+    #[arg(long)]
+    pub skip_testrun: bool,
+    /// Leave out the throughput part.
+    #[arg(long)]
+    pub skip_throughput: bool,
+    /// Directory for latest.md and latest.json [default: <workspace>/bench-results].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
-/// Runs the benchmarks.
-pub fn run(_args: &BenchArgs) -> Result<()> {
-    bail!("`cargo xtask bench` is not implemented yet")
+/// Runs the benchmarks; see the module docs.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "cargo xtask bench must run as root: it loads BPF programs, creates network \
+             namespaces and cgroups, and starts datalab-guard; re-run as root, e.g. \
+             `sudo -E cargo xtask bench`"
+        );
+    }
+    setup::run_all()?;
+    let removed = cleanup_stale(PREFIX)?;
+    if removed > 0 {
+        println!("bench: removed {removed} leftover(s) of an earlier interrupted run");
+    }
+    if !args.skip_throughput {
+        let bins = artifacts::build_bins(&[])?;
+        bins.get("datalab-guard")?;
+        for (var, path) in bins.kit_env() {
+            std::env::set_var(var, path);
+        }
+    }
+    let helper = match args.skip_testrun {
+        true => None,
+        false => Some(testrun::build_helper()?),
+    };
+    // After the builds, so the load average says something about the measurements.
+    let mut machine = Machine::collect();
+
+    let testrun = match &helper {
+        None => Part::Skipped,
+        Some(helper) => {
+            println!("\n== BPF_PROG_TEST_RUN");
+            let measured = BpffsDir::with_prefix(PREFIX).and_then(|dir| {
+                testrun::run(
+                    helper,
+                    &dir.path().join("testrun"),
+                    args.testrun_rounds,
+                    args.repeat,
+                )
+            });
+            part(measured)
+        }
+    };
+    let throughput = match args.skip_throughput {
+        true => Part::Skipped,
+        false => {
+            println!("\n== TCP throughput (iperf3)");
+            part(throughput::run(PREFIX, args.rounds, args.seconds))
+        }
+    };
+    machine.finish();
+
+    let report = Report {
+        machine,
+        command: format!(
+            "cargo xtask {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+        testrun,
+        throughput,
+    };
+    println!("\n{}", report.markdown());
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| util::workspace_root().join("bench-results"));
+    report.save(&dir)?;
+    println!(
+        "saved {} and {}",
+        dir.join("latest.md").display(),
+        dir.join("latest.json").display()
+    );
+    let failed: Vec<&str> = [
+        matches!(report.testrun, Part::Failed(_)).then_some("BPF_PROG_TEST_RUN"),
+        matches!(report.throughput, Part::Failed(_)).then_some("throughput"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !failed.is_empty() {
+        bail!("bench: the {} part failed (see the report)", failed.join(" and "));
+    }
+    Ok(())
+}
+
+fn part<T>(r: Result<T>) -> Part<T> {
+    match r {
+        Ok(t) => Part::Done(t),
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            Part::Failed(format!("{e:#}"))
+        }
+    }
 }

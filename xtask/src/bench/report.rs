@@ -1,0 +1,416 @@
+//! The benchmark's report: machine facts, the two tables, the targets, as markdown (printed
+//! and saved as `latest.md`) and JSON (`latest.json`, every raw sample included).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+use serde_json::{json, Value};
+
+use super::{
+    testrun::TestRunResults,
+    throughput::{Config, ThroughputResults},
+};
+use crate::util::{output, workspace_root};
+
+/// The fast path may cost at most this much more than the empty program.
+pub const FAST_PATH_BUDGET_NS: f64 = 5.0;
+/// Guarded throughput must be at least this fraction of unguarded.
+pub const THROUGHPUT_RATIO_MIN: f64 = 0.98;
+
+/// Facts about the machine and the tree the numbers came from.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub date: String,
+    pub commit: String,
+    /// Tracked files differ from the commit.
+    pub dirty: bool,
+    pub kernel: String,
+    pub nproc: usize,
+    pub cpu: String,
+    pub loadavg_start: String,
+    pub loadavg_end: Option<String>,
+    pub iperf3: String,
+    pub nft: String,
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    output(cmd)
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".to_string())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+impl Machine {
+    pub fn collect() -> Machine {
+        let root = workspace_root();
+        let git = |args: &[&str]| {
+            let mut c = Command::new("git");
+            // Read-only: no opportunistic index refresh (others work in this tree).
+            c.args(args).current_dir(&root).env("GIT_OPTIONAL_LOCKS", "0");
+            c
+        };
+        let dirty = output(&mut git(&["status", "--porcelain", "--untracked-files=no"]))
+            .map(|o| o.status.success() && !o.stdout.is_empty())
+            .unwrap_or(false);
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "?".into());
+        Machine {
+            date: first_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+            commit: first_line(&mut git(&["rev-parse", "--short", "HEAD"])),
+            dirty,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into()),
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            loadavg_start: loadavg(),
+            loadavg_end: None,
+            iperf3: first_line(Command::new("iperf3").arg("--version")),
+            nft: first_line(Command::new("nft").arg("--version")),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        self.loadavg_end = Some(loadavg());
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "date": self.date,
+            "commit": self.commit,
+            "dirty": self.dirty,
+            "kernel": self.kernel,
+            "nproc": self.nproc,
+            "cpu": self.cpu,
+            "loadavg_start": self.loadavg_start,
+            "loadavg_end": self.loadavg_end,
+            "iperf3": self.iperf3,
+            "nft": self.nft,
+        })
+    }
+}
+
+/// A part's outcome: measured, skipped on request, or failed.
+#[derive(Debug)]
+pub enum Part<T> {
+    Done(T),
+    Skipped,
+    Failed(String),
+}
+
+impl<T> Part<T> {
+    fn done(&self) -> Option<&T> {
+        match self {
+            Part::Done(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Everything one `cargo xtask bench` produced.
+#[derive(Debug)]
+pub struct Report {
+    pub machine: Machine,
+    pub command: String,
+    pub testrun: Part<TestRunResults>,
+    pub throughput: Part<ThroughputResults>,
+}
+
+/// A target's verdict.
+struct Target {
+    id: &'static str,
+    text: String,
+    measured: String,
+    value: Option<f64>,
+    met: Option<bool>,
+}
+
+fn signed(x: f64) -> String {
+    format!("{x:+.1}")
+}
+
+fn gbit(bps: f64) -> String {
+    format!("{:.2}", bps / 1e9)
+}
+
+impl Report {
+    fn targets(&self) -> Vec<Target> {
+        let fast = self.testrun.done().map(|t| {
+            let deltas: Vec<(String, Option<f64>)> = ["guard_pass_v4", "guard_pass_v6"]
+                .iter()
+                .map(|id| {
+                    let c = t.case(id);
+                    (
+                        c.map_or_else(|| id.to_string(), |c| c.family.clone()),
+                        c.and_then(|c| c.delta).map(|d| d.median),
+                    )
+                })
+                .collect();
+            let worst = deltas
+                .iter()
+                .map(|(_, d)| *d)
+                .try_fold(f64::NEG_INFINITY, |acc, d| d.map(|d| acc.max(d)));
+            let measured = deltas
+                .iter()
+                .map(|(f, d)| format!("{f} {} ns", d.map_or("?".into(), signed)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (measured, worst)
+        });
+        let ratio = self
+            .throughput
+            .done()
+            .and_then(|t| t.ratio(Config::Guarded));
+        vec![
+            Target {
+                id: "fast_path_within_5ns",
+                text: format!(
+                    "guard fast path (passed packet) within {FAST_PATH_BUDGET_NS} ns of the empty program"
+                ),
+                measured: fast
+                    .as_ref()
+                    .map_or_else(|| "not measured".into(), |(m, _)| m.clone()),
+                value: fast.as_ref().and_then(|(_, w)| *w),
+                met: fast
+                    .as_ref()
+                    .and_then(|(_, w)| *w)
+                    .map(|w| w <= FAST_PATH_BUDGET_NS),
+            },
+            Target {
+                id: "throughput_ratio_min_0_98",
+                text: format!("TCP throughput guarded / unguarded ≥ {THROUGHPUT_RATIO_MIN}"),
+                measured: ratio.map_or_else(|| "not measured".into(), |r| format!("{r:.3}")),
+                value: ratio,
+                met: ratio.map(|r| r >= THROUGHPUT_RATIO_MIN),
+            },
+        ]
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        s.push_str("# datalab-guard benchmark\n\n");
+        s.push_str(&format!(
+            "- date: {}; commit `{}`{}\n- machine: Linux {}, {} CPUs ({}), load average {} at start, {} at end\n- tools: {}; {}\n- command: `{}`\n\n",
+            m.date,
+            m.commit,
+            if m.dirty { " with uncommitted changes" } else { "" },
+            m.kernel,
+            m.nproc,
+            m.cpu,
+            m.loadavg_start,
+            m.loadavg_end.as_deref().unwrap_or("?"),
+            m.iperf3,
+            m.nft,
+            self.command,
+        ));
+        s.push_str(
+            "Numbers are reported, not asserted. Compare within this run only (ratios and \
+             differences); absolute numbers vary between runs and machines.\n\n",
+        );
+
+        s.push_str("## BPF_PROG_TEST_RUN: ns per packet\n\n");
+        match &self.testrun {
+            Part::Done(t) => self.testrun_table(&mut s, t),
+            Part::Skipped => s.push_str("Skipped (`--skip-testrun`).\n\n"),
+            Part::Failed(e) => s.push_str(&format!("**Failed:** {e}\n\n")),
+        }
+
+        s.push_str("## TCP throughput over the lab's veth pair (iperf3)\n\n");
+        match &self.throughput {
+            Part::Done(t) => self.throughput_table(&mut s, t),
+            Part::Skipped => s.push_str("Skipped (`--skip-throughput`).\n\n"),
+            Part::Failed(e) => s.push_str(&format!("**Failed:** {e}\n\n")),
+        }
+
+        s.push_str("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
+        for t in self.targets() {
+            let met = match t.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "n/a",
+            };
+            s.push_str(&format!("| {} | {} | {met} |\n", t.text, t.measured));
+        }
+        s
+    }
+
+    fn testrun_table(&self, s: &mut String, t: &TestRunResults) {
+        s.push_str(&format!(
+            "{} alternating rounds × {} runs per case; per round the kernel reports the mean \
+             ns per run, truncated to a whole ns. Δ = per-round difference to the empty \
+             program on the same packet family (median; mean in brackets). Programs judged the \
+             cgroup `{}` (guarded: default verdict, no policy entries).\n\n",
+            t.rounds, t.repeat, t.cgroup
+        ));
+        s.push_str("| case | packet | verdict | median ns | mean ns | min–max ns | Δ vs empty ns |\n");
+        s.push_str("|---|---|---|---:|---:|---:|---:|\n");
+        for c in &t.cases {
+            let verdict = match (c.expected_verdict, c.verdicts_ok) {
+                (1, true) => "pass".to_string(),
+                (0, true) => "drop".to_string(),
+                (_, false) => format!("**unexpected** (wanted {})", c.expected_verdict),
+                (v, true) => v.to_string(),
+            };
+            let delta = c.delta.map_or_else(
+                || "—".to_string(),
+                |d| format!("{} ({})", signed(d.median), signed(d.mean)),
+            );
+            s.push_str(&format!(
+                "| {} | {} | {verdict} | {:.1} | {:.1} | {:.0}–{:.0} | {delta} |\n",
+                c.label, c.packet, c.summary.median, c.summary.mean, c.summary.min, c.summary.max
+            ));
+        }
+        s.push('\n');
+        let mut notes = Vec::new();
+        for c in &t.cases {
+            let n = |k: &str| c.raw[k].as_u64().unwrap_or(0);
+            match c.role.as_str() {
+                "pass" => notes.push(format!(
+                    "{}: {} of {} runs left the fast path",
+                    c.label,
+                    n("slow_path_passed"),
+                    t.rounds * t.repeat
+                )),
+                "block" => notes.push(format!(
+                    "{}: {} drops counted; audit events: {} lost (ring buffer full: nothing \
+                     drains it under test-run), {} suppressed by the rate limit",
+                    c.label,
+                    n("counted"),
+                    n("events_lost"),
+                    n("events_suppressed")
+                )),
+                _ => {}
+            }
+        }
+        for n in notes {
+            s.push_str(&format!("- {n}\n"));
+        }
+        s.push('\n');
+    }
+
+    fn throughput_table(&self, s: &mut String, t: &ThroughputResults) {
+        s.push_str(&format!(
+            "One TCP stream from the tenant namespace to `iperf3 -s` on 192.0.2.1 in the \
+             metadata host namespace; {} rounds × {} s, the three clients alternating \
+             (rotated start) in each round; receiver-side bits/s.\n\n",
+            t.rounds, t.seconds
+        ));
+        s.push_str("| client | median Gbit/s | min–max Gbit/s | retransmits (median) | vs (b) |\n");
+        s.push_str("|---|---:|---:|---:|---:|\n");
+        for c in &t.configs {
+            s.push_str(&format!(
+                "| {} | {} | {}–{} | {:.0} | {} |\n",
+                c.config.label(),
+                gbit(c.bps.median),
+                gbit(c.bps.min),
+                gbit(c.bps.max),
+                c.retransmits_median,
+                t.ratio(c.config).map_or("?".into(), |r| format!("{r:.3}")),
+            ));
+        }
+        s.push('\n');
+        s.push_str("Per round (Gbit/s):\n\n| round |");
+        for c in Config::ALL {
+            s.push_str(&format!(" {} |", c.id()));
+        }
+        s.push_str("\n|---:|");
+        for _ in Config::ALL {
+            s.push_str("---:|");
+        }
+        s.push('\n');
+        for round in 1..=t.rounds {
+            s.push_str(&format!("| {round} |"));
+            for c in Config::ALL {
+                let v = t
+                    .runs
+                    .iter()
+                    .find(|r| r.round == round && r.config == c)
+                    .map_or("?".into(), |r| gbit(r.bits_per_second));
+                s.push_str(&format!(" {v} |"));
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+        let checks: Vec<String> = t
+            .checks
+            .iter()
+            .map(|c| format!("{} → {}: {}", c.config.id(), c.dst, c.outcome))
+            .collect();
+        s.push_str(&format!(
+            "Checked before measuring (TCP to port 80 of the fake metadata server): {}.\n\n",
+            checks.join("; ")
+        ));
+    }
+
+    pub fn json(&self) -> Value {
+        let part = |p: Value, state: &str, err: Option<&String>| {
+            json!({ "state": state, "error": err, "results": p })
+        };
+        let testrun = match &self.testrun {
+            Part::Done(t) => part(t.to_json(), "done", None),
+            Part::Skipped => part(Value::Null, "skipped", None),
+            Part::Failed(e) => part(Value::Null, "failed", Some(e)),
+        };
+        let throughput = match &self.throughput {
+            Part::Done(t) => part(t.to_json(), "done", None),
+            Part::Skipped => part(Value::Null, "skipped", None),
+            Part::Failed(e) => part(Value::Null, "failed", Some(e)),
+        };
+        let targets: Vec<Value> = self
+            .targets()
+            .into_iter()
+            .map(|t| {
+                json!({
+                    "id": t.id,
+                    "target": t.text,
+                    "measured": t.measured,
+                    "value": t.value,
+                    "met": t.met,
+                })
+            })
+            .collect();
+        json!({
+            "schema": 1,
+            "machine": self.machine.to_json(),
+            "command": self.command,
+            "testrun": testrun,
+            "throughput": throughput,
+            "targets": targets,
+        })
+    }
+
+    /// Writes `latest.md` and `latest.json` into `dir` (created if needed).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let md = dir.join("latest.md");
+        std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
+        let js = dir.join("latest.json");
+        let mut text = serde_json::to_string_pretty(&self.json())?;
+        text.push('\n');
+        std::fs::write(&js, text).with_context(|| format!("writing {}", js.display()))?;
+        Ok(())
+    }
+}
