@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{blocklist::Preset, check, local, status, uninstall};
+use crate::{blocklist::Preset, check, local, node, status, uninstall};
 
 /// Default bpffs directory holding the pinned maps and links.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/datalab-guard";
@@ -34,9 +34,10 @@ pub struct Shared {
     /// Add the metadata endpoints of a cloud (repeatable).
     #[arg(long = "preset", value_enum, global = true)]
     pub preset: Vec<Preset>,
-    /// enforce: drop and refuse; audit: let through, count and report.
-    #[arg(long, value_enum, default_value_t = ModeArg::Enforce, global = true)]
-    pub mode: ModeArg,
+    /// enforce: drop and refuse; audit: let through, count and report [default: enforce,
+    /// or the config file's `mode` in node mode].
+    #[arg(long, value_enum, global = true)]
+    pub mode: Option<ModeArg>,
     /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090 in local mode,
     /// 0.0.0.0:9090 in node mode].
     #[arg(long, value_name = "ADDR", global = true)]
@@ -49,8 +50,22 @@ pub struct Shared {
     pub log_format: LogFormat,
 }
 
+impl Shared {
+    /// The mode to enforce when no config file says otherwise.
+    pub fn mode_or_default(&self) -> ModeArg {
+        self.mode.unwrap_or(ModeArg::Enforce)
+    }
+
+    /// Whether `--mode` was given (it then overrides the config file).
+    pub fn mode_explicit(&self) -> bool {
+        self.mode.is_some()
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The Kubernetes DaemonSet agent: guards the pods of environment namespaces on this node.
+    Node(NodeArgs),
     /// Guard every process under a cgroup, without Kubernetes.
     Local(LocalArgs),
     /// Show what is enforced now, read from the pinned state.
@@ -76,6 +91,22 @@ pub struct LocalArgs {
     /// Audit events per guarded cgroup per second; further attempts are still counted.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub audit_rate: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Config file (YAML; every key optional, unknown keys are errors). SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The pods' cgroup root (e.g. /sys/fs/cgroup/kubepods.slice) [default: detected].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +137,7 @@ pub enum OutputFormat {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.shared.log_format);
     match cli.command {
+        Command::Node(args) => node::run(&cli.shared, &args),
         Command::Local(args) => local::run(&cli.shared, &args),
         Command::Status(args) => status::run(&cli.shared, args.output),
         Command::Check => {

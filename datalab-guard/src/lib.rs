@@ -10,12 +10,19 @@ pub mod audit;
 pub mod blocklist;
 pub mod bpf;
 pub mod cgroups;
+pub mod cgroupwatch;
 pub mod check;
 pub mod cli;
+pub mod config;
 pub mod http;
 pub mod input;
+pub mod k8s;
 pub mod local;
 pub mod metrics;
+pub mod node;
+
+pub mod podcgroup;
+pub mod policy;
 pub mod status;
 pub mod uninstall;
 

@@ -80,7 +80,7 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
     };
     let mut config = GuardConfig::zeroed();
-    config.mode = match shared.mode {
+    config.mode = match shared.mode_or_default() {
         ModeArg::Enforce => Mode::Enforce as u32,
         ModeArg::Audit => Mode::Audit as u32,
     };
@@ -126,7 +126,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     tracing::info!(
         root = %plan.root.path.display(),
         bpffs = %layout.root().display(),
-        mode = ?shared.mode,
+        mode = ?shared.mode_or_default(),
         blocked = %plan.blocked.iter().map(blocklist::describe).collect::<Vec<_>>().join(","),
         links = %installed.links.join(","),
         "guard {outcome}"

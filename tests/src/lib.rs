@@ -30,6 +30,7 @@
 //! Nothing here touches an interface, route or firewall rule of the root network namespace.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bins;
 pub mod bpffs;
 pub mod cgroup;
@@ -42,6 +43,7 @@ pub mod process;
 use std::io::Write as _;
 
 pub use agent::{free_loopback_addr, http_get, Agent, HttpResponse};
+pub use apiserver::{FakeApiServer, PodBuilder, RequestLog};
 pub use bpffs::{ensure_bpffs_mounted, BpffsDir};
 pub use cgroup::{cgroup2_root, cgroup_id, TestCgroup};
 pub use lab::{Lab, PacketCounters};

@@ -4,10 +4,12 @@
 //! - `test`:  setup, then build and run every test as root; fails on any skipped test.
 //! - `demo`:  local mode end to end in a sandboxed network lab.
 //! - `bench`: benchmarks.
+//! - `manifests`: render and check the kustomize manifests under deploy/.
 
 mod artifacts;
 mod bench;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 mod util;
@@ -38,6 +40,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Run the benchmarks.
     Bench(bench::BenchArgs),
+    /// Render deploy/ (base, components, overlays) and validate it: schemas, RBAC against
+    /// deploy/api-calls.yaml, the DaemonSet's security settings.
+    Manifests,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Manifests => manifests::run_all(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

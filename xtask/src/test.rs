@@ -7,6 +7,7 @@
 //! line containing `SKIPPED:` fails the run, so a privileged test can never pass by quietly
 //! doing nothing. Tests run with `--nocapture` for that reason (a skip notice printed by a
 //! passing test would otherwise be swallowed) and with two threads, which the lab handles.
+//! `cargo xtask manifests` runs first (it needs no root).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -39,6 +40,8 @@ pub const SKIP_MARKER: &str = "SKIPPED:";
 /// Runs `cargo xtask test`.
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::run_all()?;
+    // Not privileged and quick: the manifests under deploy/ (schemas, RBAC, security).
+    crate::manifests::run_all()?;
     require_root("cargo xtask test");
     let stale = datalab_guard_tests::cleanup_stale(datalab_guard_tests::DEFAULT_PREFIX)?;
     if stale > 0 {

@@ -285,6 +285,17 @@ impl Report {
         }
         s.push('\n');
         let mut notes = Vec::new();
+        let minima: Vec<String> = t
+            .cases
+            .iter()
+            .filter_map(|c| c.delta_of_minima.map(|d| format!("{} {}", c.label, signed(d))))
+            .collect();
+        if !minima.is_empty() {
+            notes.push(format!(
+                "fastest round minus the empty program's fastest round: {} ns",
+                minima.join(", ")
+            ));
+        }
         for c in &t.cases {
             let n = |k: &str| c.raw[k].as_u64().unwrap_or(0);
             match c.role.as_str() {

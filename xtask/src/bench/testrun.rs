@@ -63,6 +63,9 @@ pub struct CaseResult {
     pub summary: Summary,
     /// Guard cases: per-round difference to the empty program on the same family's packet.
     pub delta: Option<Summary>,
+    /// Guard cases: fastest round minus the empty program's fastest round (a second,
+    /// noise-resistant view: disturbances only ever add time).
+    pub delta_of_minima: Option<f64>,
     /// Raw helper output for this case (counters included).
     pub raw: Value,
 }
@@ -95,6 +98,7 @@ impl TestRunResults {
                 if let Some(d) = c.delta {
                     v["delta_vs_empty_ns"] = json!({
                         "median": d.median, "mean": d.mean, "min": d.min, "max": d.max,
+                        "of_minima": c.delta_of_minima,
                     });
                 }
                 v
@@ -166,6 +170,7 @@ pub fn analyse(doc: &Value) -> Result<TestRunResults> {
             summary: summarize(&ns).ok_or_else(|| anyhow!("case without samples: {c}"))?,
             ns,
             delta: None,
+            delta_of_minima: None,
             raw: c.clone(),
         });
     }
@@ -177,6 +182,8 @@ pub fn analyse(doc: &Value) -> Result<TestRunResults> {
     for c in cases.iter_mut().filter(|c| c.role != "empty") {
         if let Some((_, floor)) = empties.iter().find(|(f, _)| *f == c.family) {
             c.delta = summarize(&paired_differences(&c.ns, floor));
+            let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            c.delta_of_minima = Some(min(&c.ns) - min(floor));
         }
     }
     Ok(TestRunResults {
@@ -212,6 +219,7 @@ mod tests {
         let p4 = r.case("guard_pass_v4").unwrap();
         assert_eq!(p4.delta.unwrap().median, 1.0);
         assert_eq!(p4.delta.unwrap().max, 3.0);
+        assert_eq!(p4.delta_of_minima, Some(1.0));
         assert!(p4.verdicts_ok);
         let p6 = r.case("guard_pass_v6").unwrap();
         assert_eq!(p6.delta.unwrap().median, 0.0);

@@ -26,10 +26,10 @@ struct Args {
     #[arg(long)]
     bpffs: PathBuf,
     /// Rounds; each round runs every case once, in an order rotated per round.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 21)]
     rounds: u32,
     /// Program runs per case per round (the kernel reports their mean).
-    #[arg(long, default_value_t = 2_000_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
 }
 

@@ -1,0 +1,28 @@
+//! Faults injected at runtime: failed requests and latency. (Closing watches, going down and
+//! compaction act on the server and the store; see [`super::FakeApiServer`].)
+
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    fail_remaining: u32,
+    fail_status: u16,
+    pub latency: Duration,
+}
+
+impl Faults {
+    /// The next `n` requests, whatever they are, get `status` and a Status body.
+    pub fn fail_next(&mut self, n: u32, status: u16) {
+        self.fail_remaining = n;
+        self.fail_status = status;
+    }
+
+    /// The status to fail this request with, if failures are pending.
+    pub fn take_failure(&mut self) -> Option<u16> {
+        if self.fail_remaining == 0 {
+            return None;
+        }
+        self.fail_remaining -= 1;
+        Some(self.fail_status)
+    }
+}

@@ -1,0 +1,654 @@
+//! A Kubernetes API server fixture that speaks the real HTTP protocol on loopback.
+//!
+//! Our machines have no kube-apiserver, kind, k3s or envtest (see `TOOLCHAIN.md`), so the
+//! Kubernetes side of datalab-guard is tested against [`FakeApiServer`]: an in-process HTTP/1.1
+//! server on `127.0.0.1`, on its own tokio runtime (usable from sync and async tests), that
+//! answers kube-rs — and the real `datalab-guard node` binary through
+//! [`FakeApiServer::write_kubeconfig`] — the way a Kubernetes 1.33 API server does.
+//!
+//! What it serves:
+//! - core/v1 `namespaces`, `pods`, `nodes`, `events`; `events.k8s.io/v1` `events`;
+//!   `coordination.k8s.io/v1` `leases`; `networking.k8s.io/v1` `networkpolicies` — get, list,
+//!   watch, create, update (PUT), patch (server-side apply, JSON merge, strategic merge, JSON
+//!   patch), delete, deletecollection; cluster-wide and per-namespace collection paths, and the
+//!   legacy `/watch/` paths;
+//! - discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/{group}[/{version}]`, and
+//!   `/healthz`, `/livez`, `/readyz`;
+//! - lists: `{kind: XList, apiVersion, metadata: {resourceVersion, continue,
+//!   remainingItemCount}, items}` with items in (namespace, name) order and without
+//!   apiVersion/kind (as on the wire), `labelSelector`, `fieldSelector`, `limit` + `continue`
+//!   (real token format, consistent snapshot at the first page's resourceVersion, 410 when
+//!   compacted), `resourceVersion` + `resourceVersionMatch` (`NotOlderThan`, `Exact`);
+//! - watches: see [`watch`](self::watch) (history replay, BOOKMARKs, `timeoutSeconds`,
+//!   `sendInitialEvents` streaming lists with the `k8s.io/initial-events-end` bookmark,
+//!   ERROR 410 `Expired` events, selector-driven ADDED/DELETED transitions);
+//! - `Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io` (kube-rs metadata watchers);
+//! - optimistic concurrency: a stale `metadata.resourceVersion` in a PUT or patch is a 409,
+//!   an existing name on create is a 409 `AlreadyExists`; no-op writes do not bump the
+//!   resourceVersion (no MODIFIED event), as on a real API server;
+//! - server-side apply with `metadata.managedFields` (see [`apply`](self::apply) for the
+//!   ownership granularity), 409 with one cause per conflicting field, `force=true` moving
+//!   ownership; non-apply writers take ownership of what they change (`fieldManager`, else
+//!   the user agent's first word, as the real server does; else `unknown`).
+//!
+//! Simplifications (deliberate; a test that needs more should extend the fixture):
+//! - Field ownership is tracked per label/annotation key and per field directly under a
+//!   top-level object (`spec.podSelector`, `spec.egress`, ...), each treated as atomic, not
+//!   with the full structured-merge schema. Strategic merge patches are applied as JSON merge
+//!   patches (lists replaced, no `$patch` directives). `managedFields` sent by a client are
+//!   ignored (ownership is always computed from the stored object).
+//! - Deletion is immediate: no graceful pod termination (use
+//!   [`FakeApiServer::mark_pod_terminating`] for the `deletionTimestamp` phase), no finalizers;
+//!   deleting a namespace deletes its objects at once (each with a DELETED event).
+//! - core/v1 and events.k8s.io/v1 Events are stored apart (a real server converts between
+//!   them); [`FakeApiServer::events`] returns both.
+//! - No authorization: every request is allowed. A bearer token other than the kubeconfig's
+//!   is a 401; none at all is accepted. [`FakeApiServer::requests`] records the verb,
+//!   group, resource and namespace of each request so tests can check RBAC needs.
+//! - No admission, no validation beyond type/name/namespace consistency; subresources
+//!   (`status`, `scale`, ...) are 404; a resourceVersion newer than the server's is a 504
+//!   at once (the real server waits ~3 s first).
+//! - Responses are JSON only (no protobuf, no Table, no aggregated discovery: clients fall
+//!   back to the legacy documents).
+
+pub mod apply;
+pub mod discovery;
+pub mod faults;
+pub mod server;
+pub mod resources;
+pub mod selectors;
+pub mod status;
+pub mod store;
+pub mod watch;
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{atomic::AtomicUsize, Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+pub use self::resources::Kind;
+use self::{faults::Faults, store::Store};
+
+pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Locks, ignoring poisoning: the fixture must keep answering after a bug in one request.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The bearer token in the kubeconfig the fixture writes.
+pub const FAKE_TOKEN: &str = "datalab-guard-fixture-token";
+
+/// The default interval between BOOKMARK events on watches that allow them.
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub(crate) struct Settings {
+    pub bookmark_interval: Duration,
+}
+
+/// State shared by the handle, the accept loops, the connections and the watch tasks.
+pub(crate) struct Shared {
+    pub store: Mutex<Store>,
+    /// The store's resourceVersion after each change: wakes the watch tasks.
+    pub changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped by `drop_watches()` and `go_down()`: every open watch ends.
+    pub dropper: tokio::sync::watch::Sender<u64>,
+    pub faults: Mutex<Faults>,
+    pub requests: Mutex<Vec<RequestLog>>,
+    pub settings: Mutex<Settings>,
+    pub open_watches: AtomicUsize,
+    pub token: String,
+    pub addr: SocketAddr,
+}
+
+impl Shared {
+    /// Runs a write against the store and wakes the watches if it changed anything.
+    pub fn mutate<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        let (r, before, after) = {
+            let mut store = lock(&self.store);
+            let before = store.rv();
+            let r = f(&mut store);
+            (r, before, store.rv())
+        };
+        if after != before {
+            self.changed.send_replace(after);
+        }
+        r
+    }
+}
+
+/// One request the fixture answered, as an audit log would show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestLog {
+    pub method: String,
+    /// The URL path, e.g. `/api/v1/namespaces/default/pods`.
+    pub path: String,
+    /// The raw (percent-encoded) query string; see [`RequestLog::param`].
+    pub query: String,
+    /// The HTTP status answered (200 for a watch that started streaming).
+    pub status: u16,
+    /// The Kubernetes verb: get, list, watch, create, update, patch, delete,
+    /// deletecollection; empty for non-resource requests (discovery, health).
+    pub verb: String,
+    /// The API group (`""` for core) for resource requests.
+    pub api_group: Option<String>,
+    /// The resource (`pods`, `leases`, or `namespaces/status` for a subresource).
+    pub resource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub content_type: Option<String>,
+    pub accept: Option<String>,
+    pub user_agent: Option<String>,
+    pub bearer_token: Option<String>,
+    /// Answered by `fail_next` rather than by the API.
+    pub injected_fault: bool,
+}
+
+impl RequestLog {
+    /// A decoded query parameter.
+    pub fn param(&self, key: &str) -> Option<String> {
+        server::parse_query(&self.query)
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_watch(&self) -> bool {
+        self.verb == "watch"
+    }
+}
+
+/// A pod as the fixture's control methods create it: what datalab-guard reads from pods
+/// (node, labels, hostNetwork, QoS class, phase, container IDs) without the rest.
+#[derive(Clone, Debug)]
+pub struct PodBuilder {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    node_name: Option<String>,
+    labels: BTreeMap<String, String>,
+    host_network: bool,
+    qos_class: String,
+    phase: String,
+    pod_ip: Option<String>,
+    containers: Vec<(String, Option<String>)>,
+}
+
+impl PodBuilder {
+    /// A Running BestEffort pod with one container `main` (with a containerd container ID),
+    /// not scheduled until [`PodBuilder::node`] is called.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: None,
+            node_name: None,
+            labels: BTreeMap::new(),
+            host_network: false,
+            qos_class: "BestEffort".into(),
+            phase: "Running".into(),
+            pod_ip: None,
+            containers: Vec::new(),
+        }
+    }
+
+    /// Without it the server keeps the existing pod's uid, or generates one.
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_string());
+        self
+    }
+
+    /// `spec.nodeName`.
+    pub fn node(mut self, node: &str) -> Self {
+        self.node_name = Some(node.to_string());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn host_network(mut self, host_network: bool) -> Self {
+        self.host_network = host_network;
+        self
+    }
+
+    /// `status.qosClass`: `Guaranteed`, `Burstable` or `BestEffort`.
+    pub fn qos_class(mut self, qos: &str) -> Self {
+        self.qos_class = qos.to_string();
+        self
+    }
+
+    /// `status.phase`: `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.phase = phase.to_string();
+        self
+    }
+
+    pub fn pod_ip(mut self, ip: &str) -> Self {
+        self.pod_ip = Some(ip.to_string());
+        self
+    }
+
+    /// A container and its `containerStatuses[].containerID` (e.g. `containerd://<64 hex>`;
+    /// None: not started yet).
+    pub fn container(mut self, name: &str, container_id: Option<&str>) -> Self {
+        self.containers
+            .push((name.to_string(), container_id.map(str::to_string)));
+        self
+    }
+
+    pub fn build(&self) -> Value {
+        let containers = if self.containers.is_empty() {
+            let id: String = format!("{}{}", self.namespace, self.name)
+                .bytes()
+                .cycle()
+                .take(32)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            vec![("main".to_string(), Some(format!("containerd://{id}")))]
+        } else {
+            self.containers.clone()
+        };
+        let now = store::now_rfc3339();
+        let mut metadata = json!({"name": self.name, "namespace": self.namespace});
+        if let Some(uid) = &self.uid {
+            metadata["uid"] = json!(uid);
+        }
+        if !self.labels.is_empty() {
+            metadata["labels"] = json!(self.labels);
+        }
+        let mut spec = json!({
+            "containers": containers.iter().map(|(n, _)| json!({
+                "name": n,
+                "image": "registry.invalid/datalab/test:latest",
+            })).collect::<Vec<_>>(),
+        });
+        if let Some(node) = &self.node_name {
+            spec["nodeName"] = json!(node);
+        }
+        if self.host_network {
+            spec["hostNetwork"] = json!(true);
+        }
+        let mut status = json!({
+            "phase": self.phase,
+            "qosClass": self.qos_class,
+            "containerStatuses": containers.iter().map(|(n, id)| {
+                let mut s = json!({
+                    "name": n,
+                    "image": "registry.invalid/datalab/test:latest",
+                    "imageID": "",
+                    "ready": id.is_some(),
+                    "restartCount": 0,
+                    "started": id.is_some(),
+                    "state": if id.is_some() {
+                        json!({"running": {"startedAt": now}})
+                    } else {
+                        json!({"waiting": {"reason": "ContainerCreating"}})
+                    },
+                });
+                if let Some(id) = id {
+                    s["containerID"] = json!(id);
+                }
+                s
+            }).collect::<Vec<_>>(),
+        });
+        if let Some(ip) = &self.pod_ip {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec, "status": status})
+    }
+}
+
+impl From<PodBuilder> for Value {
+    fn from(p: PodBuilder) -> Value {
+        p.build()
+    }
+}
+
+impl From<&PodBuilder> for Value {
+    fn from(p: &PodBuilder) -> Value {
+        p.build()
+    }
+}
+
+fn labels_json(labels: &[(&str, &str)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect(),
+    )
+}
+
+/// The API server fixture. Dropping it stops the server.
+///
+/// Control methods act as the cluster would (a controller, kubelet or admin): they bump the
+/// global resourceVersion and emit watch events exactly as API writes do. They panic on
+/// misuse (e.g. a pod in a namespace that does not exist): they are test code.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    listener: Mutex<Option<server::Listener>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl FakeApiServer {
+    /// Starts the server on `127.0.0.1:<ephemeral port>` with the system namespaces
+    /// (`default`, `kube-system`, `kube-public`, `kube-node-lease`).
+    pub fn start() -> FakeApiServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fake-apiserver")
+            .enable_all()
+            .build()
+            .expect("fake API server: tokio runtime");
+        // Bind first to learn the port, then share it (discovery answers with it).
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("fake API server: bind");
+        let addr = probe.local_addr().expect("fake API server: local address");
+        drop(probe);
+        let store = Store::new();
+        let rv = store.rv();
+        let shared = Arc::new(Shared {
+            store: Mutex::new(store),
+            changed: tokio::sync::watch::Sender::new(rv),
+            dropper: tokio::sync::watch::Sender::new(0),
+            faults: Mutex::new(Faults::default()),
+            requests: Mutex::new(Vec::new()),
+            settings: Mutex::new(Settings {
+                bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            }),
+            open_watches: AtomicUsize::new(0),
+            token: FAKE_TOKEN.to_string(),
+            addr,
+        });
+        let listener = bind_retrying(&runtime, &shared, addr);
+        FakeApiServer {
+            shared,
+            listener: Mutex::new(Some(listener)),
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// A kubeconfig for this server: plain http, bearer token [`FAKE_TOKEN`], default
+    /// namespace `default`. kube-rs sends the token over http (it only refuses https
+    /// without a TLS stack).
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n\
+             - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
+             current-context: fake\n\
+             preferences: {{}}\n\
+             users:\n\
+             - name: fake\n  user:\n    token: {token}\n",
+            url = self.url(),
+            token = self.shared.token,
+        )
+    }
+
+    pub fn write_kubeconfig(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml())
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.shared.store).rv()
+    }
+
+    // ---- state ----
+
+    fn put(&self, kind: Kind, obj: Value, what: &str) -> Value {
+        self.shared
+            .mutate(|s| s.fixture_put(kind, obj))
+            .unwrap_or_else(|e| panic!("fake API server: {what}: {}", e.message))
+    }
+
+    /// Creates the namespace or replaces its labels with `labels` (plus the automatic
+    /// `kubernetes.io/metadata.name`).
+    pub fn apply_namespace(&self, name: &str, labels: &[(&str, &str)]) -> Value {
+        let obj = match self.get(Kind::Namespace, None, name) {
+            Some(mut ns) => {
+                ns["metadata"]["labels"] = labels_json(labels);
+                ns
+            }
+            None => json!({"metadata": {"name": name, "labels": labels_json(labels)}}),
+        };
+        self.put(Kind::Namespace, obj, "apply_namespace")
+    }
+
+    /// Replaces the labels of an existing namespace (panics if it does not exist).
+    pub fn set_namespace_labels(&self, name: &str, labels: &[(&str, &str)]) -> Value {
+        let mut ns = self
+            .get(Kind::Namespace, None, name)
+            .unwrap_or_else(|| panic!("fake API server: set_namespace_labels: no namespace {name:?}"));
+        ns["metadata"]["labels"] = labels_json(labels);
+        self.put(Kind::Namespace, ns, "set_namespace_labels")
+    }
+
+    /// Deletes the namespace and everything in it.
+    pub fn delete_namespace(&self, name: &str) -> Option<Value> {
+        self.delete(Kind::Namespace, None, name)
+    }
+
+    /// Creates or replaces a pod ([`PodBuilder`] or a full JSON object). Its namespace must
+    /// exist. A different uid than the existing pod's is a delete and a re-create.
+    pub fn apply_pod(&self, pod: impl Into<Value>) -> Value {
+        self.put(Kind::Pod, pod.into(), "apply_pod")
+    }
+
+    /// Sets `metadata.deletionTimestamp` (graceful deletion started; the pod still exists).
+    pub fn mark_pod_terminating(&self, namespace: &str, name: &str) -> Value {
+        let mut pod = self
+            .get(Kind::Pod, Some(namespace), name)
+            .unwrap_or_else(|| panic!("fake API server: no pod {namespace}/{name}"));
+        pod["metadata"]["deletionTimestamp"] = json!(store::now_rfc3339());
+        pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+        self.put(Kind::Pod, pod, "mark_pod_terminating")
+    }
+
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.delete(Kind::Pod, Some(namespace), name)
+    }
+
+    /// Creates or replaces a Ready node with `spec.podCIDR(s)` (one per family for
+    /// dual-stack) and an InternalIP address.
+    pub fn apply_node(&self, name: &str, pod_cidrs: &[&str]) -> Value {
+        let mut spec = json!({"podCIDRs": pod_cidrs});
+        if let Some(first) = pod_cidrs.first() {
+            spec["podCIDR"] = json!(first);
+        }
+        let node = json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": spec,
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.10"}, {"type": "Hostname", "address": name}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        });
+        self.put(Kind::Node, node, "apply_node")
+    }
+
+    /// Creates or replaces any object of a served kind, exactly as given.
+    pub fn apply_object(&self, kind: Kind, obj: Value) -> Value {
+        self.put(kind, obj, "apply_object")
+    }
+
+    /// Deletes an object (`namespace` is ignored for cluster-scoped kinds).
+    pub fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<Value> {
+        self.shared
+            .mutate(|s| s.fixture_delete(kind, namespace.unwrap_or(""), name))
+    }
+
+    /// The stored object (with apiVersion and kind).
+    pub fn get(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let ns = if kind.is_namespaced() {
+            namespace.unwrap_or("")
+        } else {
+            ""
+        };
+        lock(&self.shared.store).get(kind, ns, name).cloned()
+    }
+
+    /// Every stored object of `kind`, in (namespace, name) order.
+    pub fn list(&self, kind: Kind) -> Vec<Value> {
+        lock(&self.shared.store)
+            .objects(kind, None)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Every Event posted (core/v1 and events.k8s.io/v1), oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.shared.store).by_creation(&[Kind::Event, Kind::EventV1])
+    }
+
+    /// Every request answered so far, in order.
+    pub fn requests(&self) -> Vec<RequestLog> {
+        lock(&self.shared.requests).clone()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.shared.requests).clear();
+    }
+
+    /// Watch streams open now.
+    pub fn open_watches(&self) -> usize {
+        self.shared
+            .open_watches
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Interval between BOOKMARK events, for watches started from now on (default 1 s).
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        lock(&self.shared.settings).bookmark_interval = interval.max(Duration::from_millis(10));
+    }
+
+    /// How many changes the watch history keeps (default 10 000); older resourceVersions
+    /// then get 410 Gone.
+    pub fn set_history_limit(&self, limit: usize) {
+        lock(&self.shared.store).set_history_limit(limit);
+    }
+
+    // ---- faults ----
+
+    /// Ends every open watch stream now (cleanly, as when an API server instance restarts
+    /// its watch cache); clients re-watch from their last resourceVersion.
+    pub fn drop_watches(&self) {
+        self.shared.dropper.send_modify(|g| *g += 1);
+    }
+
+    /// Answers the next `n` requests (any path) with `status` and a Status body.
+    pub fn fail_next(&self, n: u32, status: u16) {
+        lock(&self.shared.faults).fail_next(n, status);
+    }
+
+    /// Delays every response by `latency` (zero: none).
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.shared.faults).latency = latency;
+    }
+
+    /// Forgets the watch history: every resourceVersion handed out so far becomes too old,
+    /// so watches from them get an ERROR 410 Expired event and `continue` tokens a 410.
+    /// Open watches are not interrupted.
+    pub fn compact(&self) {
+        // Deliberately no wake-up: open watches must not move past the compaction by
+        // themselves, so that a client re-watching from its last bookmark gets 410.
+        lock(&self.shared.store).compact();
+    }
+
+    /// The API server goes away: the listening socket is closed (connections are refused)
+    /// and every open connection, watch streams included, is cut. State is kept.
+    pub fn go_down(&self) {
+        let listener = lock(&self.listener).take();
+        if let Some(l) = listener {
+            self.drop_watches();
+            l.shutdown();
+            // Nothing can open a new watch now: wait for the streams' tasks to finish, so
+            // that the server is really gone when this returns.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self.open_watches() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// The API server is back on the same address, with the same state.
+    pub fn come_back(&self) {
+        let mut slot = lock(&self.listener);
+        if slot.is_some() {
+            return;
+        }
+        let Some(rt) = self.runtime.as_ref() else { return };
+        *slot = Some(bind_retrying(rt, &self.shared, self.shared.addr));
+    }
+
+    pub fn is_down(&self) -> bool {
+        lock(&self.listener).is_none()
+    }
+}
+
+fn bind_retrying(
+    rt: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> server::Listener {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match server::spawn_listener(rt, shared.clone(), addr) {
+            Ok((_, l)) => return l,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("fake API server: cannot bind {addr}: {e}"),
+        }
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(l) = lock(&self.listener).take() {
+            self.shared.dropper.send_modify(|g| *g += 1);
+            l.shutdown();
+        }
+        if let Some(rt) = self.runtime.take() {
+            // Safe in async tests too (a plain drop would block inside a runtime).
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApiServer")
+            .field("url", &self.url())
+            .field("down", &self.is_down())
+            .finish()
+    }
+}
