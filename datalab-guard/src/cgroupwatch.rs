@@ -59,6 +59,8 @@ pub const DEFAULT_MAX_WATCHES: usize = 65_536;
 /// Capacity of the event channel; a full channel makes the watcher wait (inotify queues
 /// meanwhile, and an overflow there turns into a rescan).
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
+/// Floor of the rescan period (a zero period would make the timer panic).
+pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(50);
 /// inotify read buffer: room for ~2000 events with pod-sized names.
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -79,7 +81,7 @@ pub struct WatchConfig {
     /// The pods' root (e.g. from [`crate::podcgroup::detect_pods_root`]).
     pub root: PathBuf,
     pub driver: CgroupDriver,
-    /// Period of the full rescan.
+    /// Period of the full rescan (at least [`MIN_RESCAN_INTERVAL`]; shorter is raised).
     pub rescan_interval: Duration,
     /// Cap on inotify watches; beyond it new pods are only seen by the rescan (logged once).
     pub max_watches: usize,
@@ -188,7 +190,7 @@ impl CgroupWatcher {
         let mut watcher = CgroupWatcher {
             root: root.clone(),
             driver: config.driver,
-            rescan_interval: config.rescan_interval,
+            rescan_interval: config.rescan_interval.max(MIN_RESCAN_INTERVAL),
             max_watches: config.max_watches.max(1),
             stream,
             watches,

@@ -86,9 +86,8 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     let config = load_config(args.config.as_deref(), shared)?;
     let blocked = config.blocklist();
     if let Some(path) = &args.kubeconfig {
-        if !path.is_file() {
-            return Err(bad_input(format!("--kubeconfig {}: no such file", path.display())));
-        }
+        // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
+        kube::config::Kubeconfig::read_from(path).map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
     }
     let (root, driver) = resolve_root(args.cgroup_root.as_deref(), &config)?;
     let metrics_addr = match shared.metrics_addr {
@@ -116,7 +115,7 @@ fn resolve_root(flag: Option<&Path>, config: &Config) -> anyhow::Result<(CgroupD
     let mount = cgroups::cgroup2_mount().map_err(bad_input)?;
     let path = match flag.map(Path::to_path_buf).or_else(|| config.cgroup.root_path().map(Path::to_path_buf)) {
         Some(path) => path,
-        None => podcgroup::detect_pods_root(&mount).map_err(|e| bad_input(format!("{e}; pass --cgroup-root")))?,
+        None => podcgroup::detect_pods_root(&mount).map_err(bad_input)?,
     };
     let root = cgroups::validate_cgroup_dir(&path).map_err(|e| bad_input(format!("cgroup root: {e}")))?;
     let driver = match config.cgroup.driver {

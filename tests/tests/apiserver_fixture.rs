@@ -455,15 +455,18 @@ async fn injected_failures_are_survived() {
     for status in [503, 500] {
         server.fail_next(3, status);
         server.drop_watches();
+        let injected = || {
+            server
+                .requests()
+                .into_iter()
+                .filter(|r| r.injected_fault && r.status == status)
+                .collect::<Vec<_>>()
+        };
+        eventually(WAIT, "three failed re-watches", || injected().len() == 3).await;
+        assert!(injected().iter().all(|r| r.is_watch()), "{:?}", injected());
         let name = format!("after-{status}");
         server.apply_pod(PodBuilder::new("t", &name).node("n"));
         eventually(WAIT, &name, || pod_names(&store).contains(&name)).await;
-        let injected: Vec<_> = server
-            .requests()
-            .into_iter()
-            .filter(|r| r.injected_fault && r.status == status)
-            .collect();
-        assert_eq!(injected.len(), 3, "{injected:?}");
     }
     server.set_latency(Duration::from_millis(300));
     let started = std::time::Instant::now();
@@ -820,4 +823,90 @@ async fn unknown_and_malformed_requests_get_status_bodies() {
     assert!(logged.iter().any(|r| r.path == "/no/such/path" && r.status == 404));
     let watch_log = logged.iter().find(|r| r.query.contains("resourceVersion=abc")).unwrap();
     assert_eq!((watch_log.verb.as_str(), watch_log.resource.as_deref()), ("watch", Some("pods")));
+}
+
+#[tokio::test]
+async fn watch_timeout_ends_the_stream() {
+    let server = FakeApiServer::start();
+    let api: Api<Namespace> = Api::all(client(&server).await);
+    let rv = server.resource_version().to_string();
+    let started = std::time::Instant::now();
+    let mut stream = api.watch(&WatchParams::default().timeout(1).disable_bookmarks(), &rv).await.unwrap().boxed();
+    let end = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap();
+    assert!(end.is_none(), "no events, then the end: {end:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(server.open_watches(), 0);
+}
+
+/// kubectl is a real client-go client: the fixture must satisfy it too (legacy discovery,
+/// lists without Table support, server-side apply conflicts as kubectl prints them). Also
+/// shows the fixture in a plain sync test.
+#[test]
+fn kubectl_as_another_field_manager() {
+    let kubectl = datalab_guard_tests::process::tool("kubectl".as_ref());
+    if !kubectl.is_absolute() {
+        if std::env::var(datalab_guard_tests::ALLOW_SKIP_ENV).as_deref() == Ok("1") {
+            let _ = std::io::stderr().write_all(b"SKIPPED: needs kubectl (kubectl_as_another_field_manager)\n");
+            return;
+        }
+        panic!("kubectl (client only) is expected on our machines; install it or set DATALAB_GUARD_ALLOW_SKIP=1");
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("env", &[("datalab.io/environment", "true")]);
+    let dir = std::env::temp_dir().join(format!("dg-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let run = |args: &[&str], stdin: Option<&str>| -> (bool, String) {
+        let mut cmd = std::process::Command::new(&kubectl);
+        cmd.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl starts");
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let np = |except: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-web-egress\n  namespace: env\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock:\n        cidr: 0.0.0.0/0\n        except: [{except}]\n"
+        )
+    };
+    let apply = ["apply", "--server-side", "--validate=false", "-f", "-"];
+
+    let (ok, out) = run(&["version"], None);
+    assert!(ok && out.contains("Server Version: v1.33.0"), "{out}");
+    let (ok, out) = run(&["get", "namespaces", "-o", "name"], None);
+    assert!(ok && out.contains("namespace/env") && out.contains("namespace/kube-system"), "{out}");
+
+    let (ok, out) = run(&[&apply[..], &["--field-manager=datalab-guard"]].concat(), Some(&np("169.254.169.254/32")));
+    assert!(ok, "{out}");
+    let (ok, out) = run(&apply, Some(&np("10.0.0.0/8")));
+    assert!(!ok, "{out}");
+    assert!(out.contains("conflict with \"datalab-guard\"") && out.contains(".spec.egress"), "{out}");
+    let (ok, out) = run(&[&apply[..], &["--force-conflicts"]].concat(), Some(&np("10.0.0.0/8")));
+    assert!(ok, "{out}");
+    let stored = server.get(Kind::NetworkPolicy, Some("env"), "allow-web-egress").unwrap();
+    let np_obj: NetworkPolicy = serde_json::from_value(stored).unwrap();
+    assert_eq!(owners(&np_obj, "egress"), set(&["kubectl"]));
+
+    let (ok, out) = run(&["label", "namespace", "env", "team=data"], None);
+    assert!(ok, "{out}");
+    assert_eq!(server.get(Kind::Namespace, None, "env").unwrap()["metadata"]["labels"]["team"], "data");
+    let (ok, out) = run(&["delete", "networkpolicy", "-n", "env", "allow-web-egress"], None);
+    assert!(ok, "{out}");
+    assert!(server.get(Kind::NetworkPolicy, Some("env"), "allow-web-egress").is_none());
+    let patches: Vec<_> = server.requests().into_iter().filter(|r| r.verb == "patch").collect();
+    assert!(patches.iter().all(|r| r.user_agent.as_deref().unwrap_or("").starts_with("kubectl/")));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -29,7 +29,7 @@ use anyhow::{bail, Result};
 use datalab_guard_tests::{cleanup_stale, BpffsDir};
 
 use self::report::{Machine, Part, Report};
-use crate::{artifacts, setup, util};
+use crate::{setup, util};
 
 /// Name prefix of everything the benchmark creates (so stale leftovers can be found).
 const PREFIX: &str = "dgbench";
@@ -76,16 +76,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if removed > 0 {
         println!("bench: removed {removed} leftover(s) of an earlier interrupted run");
     }
-    if !args.skip_throughput {
-        let bins = artifacts::build_bins(&[])?;
-        bins.get("datalab-guard")?;
-        for (var, path) in bins.kit_env() {
-            std::env::set_var(var, path);
-        }
+    let bins = testrun::build_all()?;
+    bins.get("datalab-guard")?;
+    for (var, path) in bins.kit_env() {
+        std::env::set_var(var, path);
     }
     let helper = match args.skip_testrun {
         true => None,
-        false => Some(testrun::build_helper()?),
+        false => Some(testrun::helper(&bins)?),
     };
     // After the builds, so the load average says something about the measurements.
     let mut machine = Machine::collect();

@@ -52,6 +52,14 @@ const ALLOWED_HOST_PATHS: &[(&str, bool)] = &[
     ("/sys/fs/cgroup", false),
     ("/run/netns", false),
 ];
+/// The cluster-scoped kinds the manifests contain; every other object needs a namespace
+/// (or it would land in whatever namespace kubectl's context has).
+const CLUSTER_SCOPED: &[&str] = &[
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ClusterPolicy",
+];
 /// Metrics referenced by alerts or the dashboard that DESIGN.md names but the agent does
 /// not export yet (node mode is in progress). A name found in the source is reported, so
 /// that it can be removed from here.
@@ -198,6 +206,9 @@ impl Tools {
 
     /// One YAML document given as text.
     fn yaml_text(&self, text: &str, scratch: &Path) -> Result<Value> {
+        if let Some(dir) = scratch.parent() {
+            fs::create_dir_all(dir)?;
+        }
         fs::write(scratch, text)?;
         Ok(self
             .yaml_docs(scratch)?
@@ -343,7 +354,7 @@ fn check_variant(
     if let Some(ds) = ds {
         check_daemonset(ds, version, &mut problems);
     }
-    check_no_secrets(&docs, &mut problems);
+    check_objects(&docs, &mut problems);
     let grants = check_rbac(&docs, ds, variant, calls, &effective, &mut problems);
     check_custom_resources(&docs, &mut problems);
     check_metric_names(&docs, source, &mut problems);
@@ -875,10 +886,23 @@ fn unknown_keys(config: &Value, defaults: &Value, at: &str, problems: &mut Vec<S
     }
 }
 
-fn check_no_secrets(docs: &[Value], problems: &mut Vec<String>) {
+/// No Secrets; a namespace on exactly the namespaced objects.
+fn check_objects(docs: &[Value], problems: &mut Vec<String>) {
     for d in docs {
-        if d["kind"] == "Secret" {
-            problems.push(format!("Secret {} in the manifests", d["metadata"]["name"]));
+        let kind = d["kind"].as_str().unwrap_or("?");
+        let name = d["metadata"]["name"].as_str().unwrap_or("?");
+        if kind == "Secret" {
+            problems.push(format!("Secret {name} in the manifests"));
+        }
+        let namespaced = d["metadata"]["namespace"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty());
+        match (CLUSTER_SCOPED.contains(&kind), namespaced) {
+            (true, true) => problems.push(format!(
+                "{kind} {name} is cluster-scoped but has a namespace"
+            )),
+            (false, false) => problems.push(format!("{kind} {name} has no namespace")),
+            _ => {}
         }
     }
 }

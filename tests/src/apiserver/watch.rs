@@ -203,7 +203,10 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased: once drop_watches() has returned, no later change is delivered on
+            // this stream, even if the change is already waiting too.
             tokio::select! {
+                biased;
                 _ = tx.closed() => break,
                 _ = dropped.changed() => break,
                 _ = &mut until_deadline => break,

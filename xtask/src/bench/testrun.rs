@@ -1,8 +1,10 @@
 //! The BPF_PROG_TEST_RUN half of the benchmark, xtask side: builds the `xtask-bench-testrun`
-//! helper (feature `bench-testrun`), runs it against a private bpffs directory, and turns its
-//! raw per-round samples into medians and differences against the empty program.
+//! helper (feature `bench-testrun`) together with the kit's binaries, runs it against a
+//! private bpffs directory, and turns its raw per-round samples into medians and
+//! differences against the empty program.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -12,15 +14,27 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
 use super::stats::{paired_differences, summarize, Summary};
-use crate::util::{cargo_cmd, show};
+use crate::{
+    artifacts::Bins,
+    util::{cargo_cmd, show},
+};
 
 const HELPER: &str = "xtask-bench-testrun";
-const FEATURE: &str = "bench-testrun";
 
-/// Builds the helper binary and returns its path (from cargo's artifact messages).
-pub fn build_helper() -> Result<PathBuf> {
+/// Builds, in one cargo invocation, the binaries the sandbox kit runs (the agent, the probe,
+/// the fake metadata server) and the test-run helper (feature `xtask/bench-testrun`). One
+/// invocation, so the agent's library is compiled once, with one feature set; the xtask
+/// binary that is running is left alone.
+pub fn build_all() -> Result<Bins> {
     let mut cmd = cargo_cmd();
-    cmd.args(["build", "-p", "xtask", "--features", FEATURE, "--bin", HELPER]);
+    cmd.arg("build");
+    for p in ["datalab-guard", "datalab-guard-tests", "xtask"] {
+        cmd.args(["-p", p]);
+    }
+    for b in ["datalab-guard", "dg-probe", "dg-fake-imds", HELPER] {
+        cmd.args(["--bin", b]);
+    }
+    cmd.args(["--features", "xtask/bench-testrun"]);
     cmd.arg("--message-format=json-render-diagnostics");
     let line = show(&cmd);
     println!("$ {line}");
@@ -28,22 +42,30 @@ pub fn build_helper() -> Result<PathBuf> {
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{line}`"))?;
-    let mut exe = None;
+    let mut all = BTreeMap::new();
     for msg in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let msg = msg?;
         let Ok(v) = serde_json::from_str::<Value>(&msg) else {
             println!("{msg}");
             continue;
         };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == HELPER {
-            exe = v["executable"].as_str().map(PathBuf::from);
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            all.insert(name.to_string(), PathBuf::from(exe));
         }
     }
     let status = child.wait()?;
     if !status.success() {
         bail!("`{line}` failed: {status}");
     }
-    exe.ok_or_else(|| anyhow!("`{line}` produced no {HELPER} executable"))
+    Ok(Bins { all })
+}
+
+/// The helper's path in what [`build_all`] built.
+pub fn helper(bins: &Bins) -> Result<&PathBuf> {
+    bins.get(HELPER)
 }
 
 /// One case as measured by the helper, with its statistics.

@@ -1,0 +1,332 @@
+//! End to end: the real `datalab-guard node` binary against the API server fixture (through a
+//! kubeconfig), with a fake kubelet cgroup tree (systemd layout) and pod processes placed in
+//! container cgroups inside a test network namespace routed only to a fake metadata host.
+//! Needs root.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use datalab_guard_tests::{
+    apiserver::{FakeApiServer, PodBuilder},
+    free_loopback_addr, require_root, Agent, BpffsDir, Lab, ProbeResult, TestCgroup,
+};
+
+const NODE: &str = "node-1";
+const ENV_LABEL: (&str, &str) = ("datalab.io/environment", "true");
+const IMDS4: &str = "169.254.169.254";
+
+/// A fake node: kubelet-style cgroup tree, API fixture, network lab, and the agent.
+struct Node {
+    agent: Option<Agent>,
+    bpffs: BpffsDir,
+    cgroup: TestCgroup,
+    root: PathBuf,
+    metrics: std::net::SocketAddr,
+    api: FakeApiServer,
+    dir: PathBuf,
+    lab: Lab,
+}
+
+fn uid(n: u32) -> String {
+    format!("{n:08x}-1111-2222-3333-444455556666")
+}
+
+fn container_id(n: u32) -> String {
+    format!("{n:064x}")
+}
+
+impl Node {
+    fn new() -> Node {
+        let mut lab = Lab::new().expect("lab");
+        lab.start_fake_imds().expect("fake imds");
+        let cgroup = TestCgroup::new().expect("cgroup");
+        let root = cgroup.path().join("kubepods.slice");
+        for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
+            std::fs::create_dir_all(root.join(qos)).expect("qos slice");
+        }
+        let api = FakeApiServer::start();
+        api.apply_namespace("tenant-a", &[ENV_LABEL]);
+        api.apply_namespace("kube-system", &[]);
+        let dir = std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+        std::fs::write(dir.join("config.yaml"), "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\n").unwrap();
+        Node {
+            agent: None,
+            bpffs: BpffsDir::new().expect("bpffs"),
+            cgroup,
+            root,
+            metrics: free_loopback_addr().unwrap(),
+            api,
+            dir,
+            lab,
+        }
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.bpffs.path().join("guard")
+    }
+
+    fn start(&mut self) {
+        let args = [
+            "node".to_owned(),
+            "--node-name".into(),
+            NODE.into(),
+            "--kubeconfig".into(),
+            self.dir.join("kubeconfig").display().to_string(),
+            "--config".into(),
+            self.dir.join("config.yaml").display().to_string(),
+            "--cgroup-root".into(),
+            self.root.display().to_string(),
+            "--bpffs".into(),
+            self.pins().display().to_string(),
+            "--metrics-addr".into(),
+            self.metrics.to_string(),
+        ];
+        let mut agent = Agent::spawn(&args).expect("spawn agent");
+        agent.wait_ready(self.metrics, Duration::from_secs(30)).expect("agent ready");
+        self.agent = Some(agent);
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent")
+    }
+
+    /// The pod's cgroup directory as the kubelet names it (systemd driver).
+    fn pod_dir(&self, qos: &str, uid: &str) -> PathBuf {
+        let uid = uid.replace('-', "_");
+        match qos {
+            "Guaranteed" => self.root.join(format!("kubepods-pod{uid}.slice")),
+            "Burstable" => self.root.join("kubepods-burstable.slice").join(format!("kubepods-burstable-pod{uid}.slice")),
+            _ => self.root.join("kubepods-besteffort.slice").join(format!("kubepods-besteffort-pod{uid}.slice")),
+        }
+    }
+
+    /// Creates the pod's cgroup and one container cgroup (as containerd names it).
+    fn make_cgroups(&self, qos: &str, uid: &str, container: &str) -> PathBuf {
+        let dir = self.pod_dir(qos, uid).join(format!("cri-containerd-{container}.scope"));
+        std::fs::create_dir_all(&dir).expect("pod cgroup");
+        dir
+    }
+
+    fn announce(&self, ns: &str, name: &str, qos: &str, uid: &str, container: &str, host_network: bool) {
+        self.api.apply_pod(
+            PodBuilder::new(ns, name)
+                .uid(uid)
+                .node(NODE)
+                .qos_class(qos)
+                .host_network(host_network)
+                .container("main", Some(&format!("containerd://{container}")))
+                .build(),
+        );
+    }
+
+    fn probe(&self, from: &Path, kind: &str, addr: &str) -> ProbeResult {
+        self.lab.probe_timeout(from, kind, addr, 80, 1000).unwrap_or_else(|e| panic!("probe: {e:#}"))
+    }
+
+    fn policy_ids(&self) -> Vec<u64> {
+        let out = Agent::run(&["status", "--output", "json", "--bpffs", &self.pins().display().to_string()]).unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        report["policy"].as_array().into_iter().flatten().filter_map(|p| p["cgroup_id"].as_u64()).collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter(|l| label.is_none_or(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn cgroup_id(dir: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap())
+}
+
+#[test]
+fn node_agent_guards_environment_pods_and_follows_the_cluster() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    // A tenant pod and a system pod, both running before the agent starts.
+    let (ua, ca) = (uid(1), container_id(1));
+    node.announce("tenant-a", "notebook-a", "Burstable", &ua, &ca, false);
+    let tenant = node.make_cgroups("Burstable", &ua, &ca);
+    let (us, cs) = (uid(2), container_id(2));
+    node.announce("kube-system", "aws-node-x", "BestEffort", &us, &cs, false);
+    let system = node.make_cgroups("BestEffort", &us, &cs);
+    // A pod on another node never matters.
+    node.api.apply_pod(PodBuilder::new("tenant-a", "elsewhere").uid(&uid(99)).node("node-2").build());
+    node.start();
+
+    let r = node.probe(&tenant, "tcp", IMDS4);
+    assert!(r.is_eperm(), "tenant pod must be blocked: {}", r.raw);
+    assert!(node.probe(&tenant, "http", "192.0.2.1").ok, "tenant pod reaches other hosts");
+    assert!(node.probe(&system, "http", IMDS4).ok, "system pod is exempt");
+
+    // Audit line names namespace, pod, container and node; an Event reaches the API.
+    let line = node
+        .agent()
+        .wait_for_stdout(Duration::from_secs(5), |l| l.contains("egress_blocked") && l.contains("notebook-a"))
+        .expect("audit line");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["namespace"], "tenant-a");
+    assert_eq!(record["pod"], "notebook-a");
+    assert_eq!(record["container"], "main");
+    assert_eq!(record["node"], NODE);
+    eventually("a MetadataAccessBlocked Event on the pod", Duration::from_secs(10), || {
+        node.api.events().iter().any(|e| {
+            e["reason"] == "MetadataAccessBlocked"
+                && (e["regarding"]["name"] == "notebook-a" || e["involvedObject"]["name"] == "notebook-a")
+        })
+    });
+    let metrics = node.agent().metrics(node.metrics).unwrap();
+    assert!(metric(&metrics, "datalab_guard_blocked_total", Some(("namespace", "tenant-a"))) >= 1.0, "{metrics}");
+    assert!(!metrics.contains("notebook-a"), "no pod names in metric labels");
+    assert!(metric(&metrics, "datalab_guard_guarded_pods", None) >= 1.0, "{metrics}");
+    assert!(metric(&metrics, "datalab_guard_exempt_pods", None) >= 1.0, "{metrics}");
+
+    // A pod the API announces before its cgroup exists: blocked from its first packet.
+    let (ub, cb) = (uid(3), container_id(3));
+    node.announce("tenant-a", "notebook-b", "Guaranteed", &ub, &cb, false);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = node.make_cgroups("Guaranteed", &ub, &cb);
+    let r = node.probe(&b, "tcp", IMDS4);
+    assert!(r.is_eperm(), "new tenant pod blocked from its first packet: {}", r.raw);
+    let b_id = cgroup_id(&node.pod_dir("Guaranteed", &ub));
+    let took = eventually("the new pod's map entry", Duration::from_secs(2), || node.policy_ids().contains(&b_id));
+    eprintln!("new pod cgroup -> map entry observed after {took:?}");
+
+    // An exempt pod announced before its cgroup: gets its exemption as soon as it appears.
+    let (us2, cs2) = (uid(4), container_id(4));
+    node.announce("kube-system", "coredns-y", "Burstable", &us2, &cs2, false);
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = node.make_cgroups("Burstable", &us2, &cs2);
+    let s2_id = cgroup_id(&node.pod_dir("Burstable", &us2));
+    eventually("the exempt pod's entry", Duration::from_secs(2), || node.policy_ids().contains(&s2_id));
+    assert!(node.probe(&s2, "http", IMDS4).ok, "exempt pod allowed once classified");
+
+    // A cgroup the API has not told the agent about: fail closed.
+    let (uu, cu) = (uid(5), container_id(5));
+    let unknown = node.make_cgroups("Burstable", &uu, &cu);
+    assert!(node.probe(&unknown, "tcp", IMDS4).is_eperm(), "unknown pod cgroup must be guarded");
+    eventually("unknown_cgroups gauge", Duration::from_secs(5), || {
+        metric(&node.agent().metrics(node.metrics).unwrap(), "datalab_guard_unknown_cgroups", None) >= 1.0
+    });
+
+    // A hostNetwork tenant pod is guarded like any other.
+    let (uh, ch) = (uid(6), container_id(6));
+    node.announce("tenant-a", "hostnet", "BestEffort", &uh, &ch, true);
+    let hostnet = node.make_cgroups("BestEffort", &uh, &ch);
+    assert!(node.probe(&hostnet, "tcp", IMDS4).is_eperm(), "hostNetwork tenant pod must be blocked");
+
+    // Relabelling the namespace flips its pods' verdicts within a second.
+    node.api.set_namespace_labels("tenant-a", &[]);
+    let took = eventually("tenant-a leaves the environment set", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).ok);
+    eprintln!("relabel out -> allowed after {took:?}");
+    node.api.set_namespace_labels("tenant-a", &[ENV_LABEL]);
+    let took = eventually("tenant-a rejoins", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
+    eprintln!("relabel in -> blocked after {took:?}");
+
+    // Deleting a pod removes its entry.
+    assert!(node.policy_ids().contains(&b_id));
+    node.api.delete_pod("tenant-a", "notebook-b");
+    eventually("deleted pod's entry removed", Duration::from_secs(3), || !node.policy_ids().contains(&b_id));
+}
+
+#[test]
+fn node_agent_keeps_enforcing_through_api_outage_and_410() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    let (ua, ca) = (uid(11), container_id(11));
+    node.announce("tenant-a", "notebook", "Burstable", &ua, &ca, false);
+    let tenant = node.make_cgroups("Burstable", &ua, &ca);
+    let (us, cs) = (uid(12), container_id(12));
+    node.announce("kube-system", "cni-agent", "BestEffort", &us, &cs, false);
+    let system = node.make_cgroups("BestEffort", &us, &cs);
+    node.start();
+    assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm());
+
+    // The API server is gone for 30 s: enforcement and exemptions unchanged throughout.
+    node.api.go_down();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "blocked while the API is down");
+        assert!(node.probe(&system, "http", IMDS4).ok, "exempt while the API is down");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let health = datalab_guard_tests::http_get(node.metrics, "/healthz", Duration::from_secs(2)).unwrap();
+    assert_eq!(health.status, 200);
+    node.api.come_back();
+    // Recovered without a restart: a change made after the outage is applied.
+    node.api.set_namespace_labels("tenant-a", &[]);
+    let took = eventually("change after the outage applied", Duration::from_secs(40), || node.probe(&tenant, "tcp", IMDS4).ok);
+    eprintln!("recovered {took:?} after the API came back");
+
+    // 410 Gone: history compacted and watches dropped; verdicts are kept through the relist.
+    node.api.set_namespace_labels("tenant-a", &[ENV_LABEL]);
+    eventually("re-guarded", Duration::from_secs(5), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
+    node.api.compact();
+    node.api.drop_watches();
+    for _ in 0..10 {
+        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "verdict kept during the relist");
+        assert!(node.probe(&system, "http", IMDS4).ok);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    node.api.set_namespace_labels("tenant-a", &[]);
+    eventually("change after the relist applied", Duration::from_secs(10), || node.probe(&tenant, "tcp", IMDS4).ok);
+    assert!(node.agent.as_mut().unwrap().try_status().is_none(), "the agent never restarted");
+}
+
+#[test]
+fn node_bad_input_exits_2() {
+    if !require_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dg-node-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bad.yaml"), "modee: audit\n").unwrap();
+    std::fs::write(dir.join("kubeconfig"), "this is: [not a kubeconfig").unwrap();
+    let bpffs = BpffsDir::new().unwrap();
+    let pins = bpffs.path().join("guard").display().to_string();
+    let bad_config = dir.join("bad.yaml").display().to_string();
+    let bad_kubeconfig = dir.join("kubeconfig").display().to_string();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("no node name", vec!["node", "--cgroup-root", "/tmp"]),
+        ("unknown config key", vec!["node", "--node-name", "n", "--config", &bad_config]),
+        ("missing config", vec!["node", "--node-name", "n", "--config", "/nonexistent.yaml"]),
+        ("bad kubeconfig", vec!["node", "--node-name", "n", "--kubeconfig", &bad_kubeconfig, "--cgroup-root", "/tmp"]),
+    ];
+    for (name, mut args) in cases {
+        args.extend(["--bpffs", pins.as_str()]);
+        let out = Agent::bin().map(|bin| std::process::Command::new(bin).args(&args).env_remove("NODE_NAME").output().unwrap()).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{name}: one line: {stderr}");
+        assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
