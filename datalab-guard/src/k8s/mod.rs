@@ -5,6 +5,7 @@
 pub mod client;
 pub mod convert;
 pub mod events;
+pub mod state;
 pub mod watch;
 
 pub use client::connect;
