@@ -26,8 +26,8 @@ use k8s_openapi::{
 };
 use kube::{
     api::{
-        Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
-        WatchParams,
+        Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams,
+        WatchEvent, WatchParams,
     },
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -54,7 +54,10 @@ async fn client(server: &FakeApiServer) -> Client {
 async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -74,7 +77,10 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 async fn pod_reflector(client: Client, node: &str) -> (Store<Pod>, tokio::task::JoinHandle<()>) {
     let (reader, writer) = reflector::store::<Pod>();
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = reflector(writer, watcher(Api::<Pod>::all(client), config).default_backoff());
+    let stream = reflector(
+        writer,
+        watcher(Api::<Pod>::all(client), config).default_backoff(),
+    );
     let task = tokio::spawn(async move {
         stream.for_each(|_| async {}).await;
     });
@@ -98,7 +104,13 @@ fn list_count(server: &FakeApiServer, resource: &str) -> usize {
 }
 
 /// One raw HTTP/1.1 request with `Connection: close`: status and body.
-fn raw(server: &FakeApiServer, method: &str, path: &str, content_type: &str, body: &str) -> (u16, String) {
+fn raw(
+    server: &FakeApiServer,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(server.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -116,7 +128,10 @@ fn raw(server: &FakeApiServer, method: &str, path: &str, content_type: &str, bod
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -143,7 +158,10 @@ async fn kubeconfig_discovery_and_token() {
     let client = Client::try_from(config).unwrap();
 
     let version = client.apiserver_version().await.unwrap();
-    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "33"));
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "33")
+    );
     let core = client.list_core_api_versions().await.unwrap();
     assert_eq!(core.versions, vec!["v1".to_string()]);
     let groups = client.list_api_groups().await.unwrap();
@@ -151,19 +169,36 @@ async fn kubeconfig_discovery_and_token() {
     for g in ["coordination.k8s.io", "events.k8s.io", "networking.k8s.io"] {
         assert!(group_names.contains(g), "{g} missing from {group_names:?}");
     }
-    let res = client.list_api_group_resources("networking.k8s.io/v1").await.unwrap();
-    assert!(res.resources.iter().any(|r| r.name == "networkpolicies" && r.namespaced));
+    let res = client
+        .list_api_group_resources("networking.k8s.io/v1")
+        .await
+        .unwrap();
+    assert!(res
+        .resources
+        .iter()
+        .any(|r| r.name == "networkpolicies" && r.namespaced));
     let core_res = client.list_core_api_resources("v1").await.unwrap();
-    assert!(core_res.resources.iter().any(|r| r.name == "namespaces" && !r.namespaced));
+    assert!(core_res
+        .resources
+        .iter()
+        .any(|r| r.name == "namespaces" && !r.namespaced));
 
     // The bearer token travels over plain http.
     let reqs = server.requests();
-    assert!(reqs.iter().all(|r| r.bearer_token.as_deref() == Some(FAKE_TOKEN)), "{reqs:?}");
+    assert!(
+        reqs.iter()
+            .all(|r| r.bearer_token.as_deref() == Some(FAKE_TOKEN)),
+        "{reqs:?}"
+    );
     assert!(reqs.iter().any(|r| r.path == "/version" && r.status == 200));
 
     // A wrong token is a 401 with a Status body.
     let mut s = TcpStream::connect(server.addr()).unwrap();
-    write!(s, "GET /api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 401"), "{out}");
@@ -173,18 +208,41 @@ async fn kubeconfig_discovery_and_token() {
 async fn namespaces_list_and_watch_with_label_selectors() {
     let server = FakeApiServer::start();
     server.set_bookmark_interval(Duration::from_millis(200));
-    server.apply_namespace("env-a", &[("datalab.io/environment", "true"), ("tier", "gold")]);
-    server.apply_namespace("env-b", &[("datalab.io/environment", "true"), ("tier", "silver")]);
+    server.apply_namespace(
+        "env-a",
+        &[("datalab.io/environment", "true"), ("tier", "gold")],
+    );
+    server.apply_namespace(
+        "env-b",
+        &[("datalab.io/environment", "true"), ("tier", "silver")],
+    );
     server.apply_namespace("plain", &[("tier", "gold")]);
     let api: Api<Namespace> = Api::all(client(&server).await);
 
     let list = |sel: &'static str| {
         let api = api.clone();
-        async move { names::<Namespace>(api.list(&ListParams::default().labels(sel)).await.unwrap().items.iter()) }
+        async move {
+            names::<Namespace>(
+                api.list(&ListParams::default().labels(sel))
+                    .await
+                    .unwrap()
+                    .items
+                    .iter(),
+            )
+        }
     };
-    assert_eq!(list("datalab.io/environment=true").await, set(&["env-a", "env-b"]));
-    assert_eq!(list("datalab.io/environment==true,tier=gold").await, set(&["env-a"]));
-    assert_eq!(list("tier in (gold, silver),datalab.io/environment").await, set(&["env-a", "env-b"]));
+    assert_eq!(
+        list("datalab.io/environment=true").await,
+        set(&["env-a", "env-b"])
+    );
+    assert_eq!(
+        list("datalab.io/environment==true,tier=gold").await,
+        set(&["env-a"])
+    );
+    assert_eq!(
+        list("tier in (gold, silver),datalab.io/environment").await,
+        set(&["env-a", "env-b"])
+    );
     assert_eq!(list("tier notin (gold),tier").await, set(&["env-b"]));
     assert_eq!(list("!datalab.io/environment,tier").await, set(&["plain"]));
     assert_eq!(list("tier!=gold,tier").await, set(&["env-b"]));
@@ -194,10 +252,21 @@ async fn namespaces_list_and_watch_with_label_selectors() {
         "the automatic namespace name label"
     );
     let all = api.list(&ListParams::default()).await.unwrap();
-    for ns in ["default", "kube-system", "kube-public", "kube-node-lease", "env-a", "env-b", "plain"] {
+    for ns in [
+        "default",
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "env-a",
+        "env-b",
+        "plain",
+    ] {
         assert!(all.items.iter().any(|n| n.name_any() == ns), "{ns} missing");
     }
-    let bad = api.list(&ListParams::default().labels("tier in (")).await.unwrap_err();
+    let bad = api
+        .list(&ListParams::default().labels("tier in ("))
+        .await
+        .unwrap_err();
     assert_eq!(api_error(bad).code, 400);
 
     let rv = all.metadata.resource_version.clone().unwrap();
@@ -213,7 +282,11 @@ async fn namespaces_list_and_watch_with_label_selectors() {
     let mut seen = Vec::new();
     let mut bookmark = false;
     while seen.len() < 4 || !bookmark {
-        let ev = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(WAIT, stream.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match ev {
             WatchEvent::Added(n) => seen.push(("ADDED", n.name_any())),
             WatchEvent::Modified(n) => seen.push(("MODIFIED", n.name_any())),
@@ -235,17 +308,28 @@ async fn namespaces_list_and_watch_with_label_selectors() {
             ("DELETED", "env-b".to_string()),
         ]
     );
-    let w = server.requests().into_iter().find(|r| r.is_watch()).unwrap();
+    let w = server
+        .requests()
+        .into_iter()
+        .find(|r| r.is_watch())
+        .unwrap();
     assert_eq!(w.param("allowWatchBookmarks").as_deref(), Some("true"));
     assert_eq!(w.param("resourceVersion"), Some(rv));
-    assert_eq!(w.param("labelSelector").as_deref(), Some("datalab.io/environment=true"));
+    assert_eq!(
+        w.param("labelSelector").as_deref(),
+        Some("datalab.io/environment=true")
+    );
 }
 
 #[tokio::test]
 async fn pods_field_selector_on_node_name() {
     let server = FakeApiServer::start();
     server.apply_namespace("lab", &[]);
-    server.apply_pod(PodBuilder::new("lab", "mine").node("node-a").label("app", "x"));
+    server.apply_pod(
+        PodBuilder::new("lab", "mine")
+            .node("node-a")
+            .label("app", "x"),
+    );
     server.apply_pod(PodBuilder::new("lab", "other").node("node-b"));
     server.apply_pod(PodBuilder::new("default", "unscheduled"));
     let client = client(&server).await;
@@ -254,25 +338,57 @@ async fn pods_field_selector_on_node_name() {
     let list = api.list(&lp).await.unwrap();
     assert_eq!(names::<Pod>(list.items.iter()), set(&["mine"]));
     let pod = &list.items[0];
-    assert_eq!(pod.status.as_ref().unwrap().qos_class.as_deref(), Some("BestEffort"));
-    assert!(pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0]
+    assert_eq!(
+        pod.status.as_ref().unwrap().qos_class.as_deref(),
+        Some("BestEffort")
+    );
+    assert!(pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
         .container_id
         .as_deref()
         .unwrap()
         .starts_with("containerd://"));
     let in_ns: Api<Pod> = Api::namespaced(client.clone(), "lab");
-    assert_eq!(names::<Pod>(in_ns.list(&ListParams::default()).await.unwrap().items.iter()), set(&["mine", "other"]));
-    let err = api.list(&ListParams::default().fields("spec.bogus=1")).await.unwrap_err();
+    assert_eq!(
+        names::<Pod>(
+            in_ns
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+        ),
+        set(&["mine", "other"])
+    );
+    let err = api
+        .list(&ListParams::default().fields("spec.bogus=1"))
+        .await
+        .unwrap_err();
     assert_eq!(api_error(err).code, 400);
 
     let (store, task) = pod_reflector(client, "node-a").await;
     assert_eq!(pod_names(&store), set(&["mine"]));
     server.apply_pod(PodBuilder::new("lab", "elsewhere").node("node-b"));
-    server.apply_pod(PodBuilder::new("lab", "mine-2").node("node-a").host_network(true));
-    eventually(WAIT, "mine-2 in the reflector", || pod_names(&store).contains("mine-2")).await;
+    server.apply_pod(
+        PodBuilder::new("lab", "mine-2")
+            .node("node-a")
+            .host_network(true),
+    );
+    eventually(WAIT, "mine-2 in the reflector", || {
+        pod_names(&store).contains("mine-2")
+    })
+    .await;
     // Rescheduled away from the node: gone from the node's view.
     server.apply_pod(PodBuilder::new("lab", "mine").node("node-b"));
-    eventually(WAIT, "mine leaves the reflector", || pod_names(&store) == set(&["mine-2"])).await;
+    eventually(WAIT, "mine leaves the reflector", || {
+        pod_names(&store) == set(&["mine-2"])
+    })
+    .await;
     assert!(!pod_names(&store).contains("elsewhere"));
     assert!(!pod_names(&store).contains("other"));
     task.abort();
@@ -289,7 +405,11 @@ async fn reflector_converges_after_creates_and_deletes() {
     let (store, task) = pod_reflector(client(&server).await, "n").await;
     assert_eq!(pod_names(&store).len(), 5);
     for i in 0..5 {
-        server.apply_pod(PodBuilder::new("t2", &format!("q{i}")).node("n").phase("Pending"));
+        server.apply_pod(
+            PodBuilder::new("t2", &format!("q{i}"))
+                .node("n")
+                .phase("Pending"),
+        );
     }
     server.delete_pod("t1", "p0");
     server.delete_pod("t1", "p1");
@@ -298,14 +418,21 @@ async fn reflector_converges_after_creates_and_deletes() {
     server.delete_namespace("t2"); // cascades
     let want = set(&["p2", "p3", "p4"]);
     eventually(WAIT, "reflector == server", || pod_names(&store) == want).await;
-    let p2 = store.state().into_iter().find(|p| p.name_any() == "p2").unwrap();
+    let p2 = store
+        .state()
+        .into_iter()
+        .find(|p| p.name_any() == "p2")
+        .unwrap();
     assert!(p2.metadata.deletion_timestamp.is_some());
 
     // What kube-rs's default watcher really sends.
     let reqs = server.requests();
     let list = reqs.iter().find(|r| r.verb == "list").unwrap();
     assert_eq!(list.path, "/api/v1/pods");
-    assert_eq!(list.param("fieldSelector").as_deref(), Some("spec.nodeName=n"));
+    assert_eq!(
+        list.param("fieldSelector").as_deref(),
+        Some("spec.nodeName=n")
+    );
     assert_eq!(list.param("limit").as_deref(), Some("500"));
     let watch = reqs.iter().find(|r| r.is_watch()).unwrap();
     assert_eq!(watch.param("watch").as_deref(), Some("true"));
@@ -333,27 +460,53 @@ async fn dropped_watches_resume_and_compaction_forces_relist() {
     // history replays what it missed; no re-list.
     server.drop_watches();
     server.apply_pod(PodBuilder::new("t", "c").node("n"));
-    eventually(WAIT, "c after drop", || pod_names(&store) == set(&["a", "b", "c"])).await;
-    assert_eq!(list_count(&server, "pods"), 1, "no re-list after a plain drop");
+    eventually(WAIT, "c after drop", || {
+        pod_names(&store) == set(&["a", "b", "c"])
+    })
+    .await;
+    assert_eq!(
+        list_count(&server, "pods"),
+        1,
+        "no re-list after a plain drop"
+    );
 
     // Compacted then dropped: the re-watch gets ERROR 410 Expired and the watcher re-lists.
-    eventually(WAIT, "the watch is re-established", || server.open_watches() == 1).await;
+    eventually(WAIT, "the watch is re-established", || {
+        server.open_watches() == 1
+    })
+    .await;
     server.compact();
     let compacted_at = server.resource_version();
     server.drop_watches();
     server.delete_pod("t", "a");
     server.apply_pod(PodBuilder::new("t", "d").node("n"));
-    eventually(WAIT, "re-listed after 410", || list_count(&server, "pods") >= 2).await;
+    eventually(WAIT, "re-listed after 410", || {
+        list_count(&server, "pods") >= 2
+    })
+    .await;
     // The sequence that led there: a re-watch from a pre-compaction resourceVersion (answered
     // 200 + ERROR 410 in the stream), then the re-list.
     let reqs = server.requests();
     let relist = reqs.iter().rposition(|r| r.verb == "list").unwrap();
     let rewatch = &reqs[relist - 1];
     assert!(rewatch.is_watch(), "{rewatch:?}");
-    assert!(rewatch.param("resourceVersion").unwrap().parse::<u64>().unwrap() < compacted_at);
-    eventually(WAIT, "store after re-list", || pod_names(&store) == set(&["b", "c", "d"])).await;
+    assert!(
+        rewatch
+            .param("resourceVersion")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            < compacted_at
+    );
+    eventually(WAIT, "store after re-list", || {
+        pod_names(&store) == set(&["b", "c", "d"])
+    })
+    .await;
     server.apply_pod(PodBuilder::new("t", "e").node("n"));
-    eventually(WAIT, "watching again", || pod_names(&store) == set(&["b", "c", "d", "e"])).await;
+    eventually(WAIT, "watching again", || {
+        pod_names(&store) == set(&["b", "c", "d", "e"])
+    })
+    .await;
     task.abort();
 }
 
@@ -361,9 +514,19 @@ async fn dropped_watches_resume_and_compaction_forces_relist() {
 async fn watch_from_compacted_version_gets_410_error_event() {
     let server = FakeApiServer::start();
     let api: Api<Namespace> = Api::all(client(&server).await);
-    let rv = api.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
     server.compact();
-    let mut stream = api.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    let mut stream = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
     match stream.try_next().await.unwrap() {
         Some(WatchEvent::Error(e)) => {
             assert_eq!(e.code, 410);
@@ -371,13 +534,30 @@ async fn watch_from_compacted_version_gets_410_error_event() {
         }
         other => panic!("expected an ERROR 410 event, got {other:?}"),
     }
-    assert!(stream.try_next().await.unwrap().is_none(), "the stream ends after the error");
+    assert!(
+        stream.try_next().await.unwrap().is_none(),
+        "the stream ends after the error"
+    );
     // A fresh list is at the post-compaction resourceVersion and can be watched from.
-    let rv2 = api.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let rv2 = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
     assert!(rv2.parse::<u64>().unwrap() > rv.parse::<u64>().unwrap());
-    let mut stream = api.watch(&WatchParams::default(), &rv2).await.unwrap().boxed();
+    let mut stream = api
+        .watch(&WatchParams::default(), &rv2)
+        .await
+        .unwrap()
+        .boxed();
     server.apply_namespace("after", &[]);
-    match tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         Some(WatchEvent::Added(ns)) => assert_eq!(ns.name_any(), "after"),
         other => panic!("expected ADDED, got {other:?}"),
     }
@@ -401,8 +581,14 @@ async fn pagination_with_continue_tokens() {
     let mut all = names::<Pod>(first.items.iter());
     let mut token = Some(token);
     while let Some(t) = token {
-        let page = api.list(&ListParams::default().limit(3).continue_token(&t)).await.unwrap();
-        assert_eq!(page.metadata.resource_version, first.metadata.resource_version);
+        let page = api
+            .list(&ListParams::default().limit(3).continue_token(&t))
+            .await
+            .unwrap();
+        assert_eq!(
+            page.metadata.resource_version,
+            first.metadata.resource_version
+        );
         all.extend(names::<Pod>(page.items.iter()));
         token = page.metadata.continue_.filter(|t| !t.is_empty());
     }
@@ -411,7 +597,11 @@ async fn pagination_with_continue_tokens() {
     let second = api.list(&ListParams::default().limit(2)).await.unwrap();
     server.compact();
     let err = api
-        .list(&ListParams::default().limit(2).continue_token(second.metadata.continue_.as_deref().unwrap()))
+        .list(
+            &ListParams::default()
+                .limit(2)
+                .continue_token(second.metadata.continue_.as_deref().unwrap()),
+        )
         .await
         .unwrap_err();
     let status = api_error(err);
@@ -429,17 +619,30 @@ async fn watcher_recovers_when_the_server_goes_down_and_comes_back() {
     server.go_down();
     assert!(server.is_down());
     assert_eq!(server.open_watches(), 0);
-    assert!(TcpStream::connect(server.addr()).is_err(), "connections are refused while down");
+    assert!(
+        TcpStream::connect(server.addr()).is_err(),
+        "connections are refused while down"
+    );
     server.apply_pod(PodBuilder::new("t", "b").node("n"));
     server.delete_pod("t", "a");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(pod_names(&store), set(&["a"]), "nothing reaches the client while down");
+    assert_eq!(
+        pod_names(&store),
+        set(&["a"]),
+        "nothing reaches the client while down"
+    );
 
     server.come_back();
     assert!(!server.is_down());
-    eventually(WAIT, "store after come_back", || pod_names(&store) == set(&["b"])).await;
+    eventually(WAIT, "store after come_back", || {
+        pod_names(&store) == set(&["b"])
+    })
+    .await;
     server.apply_pod(PodBuilder::new("t", "c").node("n"));
-    eventually(WAIT, "watching again", || pod_names(&store) == set(&["b", "c"])).await;
+    eventually(WAIT, "watching again", || {
+        pod_names(&store) == set(&["b", "c"])
+    })
+    .await;
     task.abort();
 }
 
@@ -514,51 +717,99 @@ async fn server_side_apply_ownership_and_conflicts() {
     let guard = PatchParams::apply("datalab-guard");
 
     let created = api
-        .patch("allow-web-egress", &guard, &Patch::Apply(netpol("169.254.169.254/32")))
+        .patch(
+            "allow-web-egress",
+            &guard,
+            &Patch::Apply(netpol("169.254.169.254/32")),
+        )
         .await
         .unwrap();
     assert_eq!(created.metadata.generation, Some(1));
     assert_eq!(owners(&created, "egress"), set(&["datalab-guard"]));
-    let apply_req = server.requests().into_iter().find(|r| r.verb == "patch").unwrap();
-    assert_eq!(apply_req.content_type.as_deref(), Some("application/apply-patch+yaml"));
-    assert_eq!(apply_req.param("fieldManager").as_deref(), Some("datalab-guard"));
+    let apply_req = server
+        .requests()
+        .into_iter()
+        .find(|r| r.verb == "patch")
+        .unwrap();
+    assert_eq!(
+        apply_req.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        apply_req.param("fieldManager").as_deref(),
+        Some("datalab-guard")
+    );
     assert_eq!(apply_req.status, 201);
 
     // Re-applying the same thing is a no-op: same resourceVersion, no event.
     let again = api
-        .patch("allow-web-egress", &guard.clone().force(), &Patch::Apply(netpol("169.254.169.254/32")))
+        .patch(
+            "allow-web-egress",
+            &guard.clone().force(),
+            &Patch::Apply(netpol("169.254.169.254/32")),
+        )
         .await
         .unwrap();
-    assert_eq!(again.metadata.resource_version, created.metadata.resource_version);
+    assert_eq!(
+        again.metadata.resource_version,
+        created.metadata.resource_version
+    );
 
     // Another manager, other value, no force: 409 naming the field and the owner.
     let kubectl = PatchParams::apply("kubectl");
     let err = api
-        .patch("allow-web-egress", &kubectl, &Patch::Apply(netpol("10.0.0.0/8")))
+        .patch(
+            "allow-web-egress",
+            &kubectl,
+            &Patch::Apply(netpol("10.0.0.0/8")),
+        )
         .await
         .unwrap_err();
     let status = api_error(err);
     assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
-    assert!(status.message.contains(".spec.egress"), "{}", status.message);
-    assert!(status.message.contains("datalab-guard"), "{}", status.message);
+    assert!(
+        status.message.contains(".spec.egress"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("datalab-guard"),
+        "{}",
+        status.message
+    );
 
     // With force, ownership of the conflicting field moves; equal fields become shared.
     let forced = api
-        .patch("allow-web-egress", &kubectl.clone().force(), &Patch::Apply(netpol("10.0.0.0/8")))
+        .patch(
+            "allow-web-egress",
+            &kubectl.clone().force(),
+            &Patch::Apply(netpol("10.0.0.0/8")),
+        )
         .await
         .unwrap();
     assert_eq!(owners(&forced, "egress"), set(&["kubectl"]));
-    assert_eq!(owners(&forced, "podSelector"), set(&["datalab-guard", "kubectl"]));
+    assert_eq!(
+        owners(&forced, "podSelector"),
+        set(&["datalab-guard", "kubectl"])
+    );
     assert_eq!(forced.metadata.generation, Some(2));
 
     // The agent's drift repair: conflict without force, takes it back with force.
     let err = api
-        .patch("allow-web-egress", &guard, &Patch::Apply(netpol("169.254.169.254/32")))
+        .patch(
+            "allow-web-egress",
+            &guard,
+            &Patch::Apply(netpol("169.254.169.254/32")),
+        )
         .await
         .unwrap_err();
     assert_eq!(api_error(err).code, 409);
     let repaired = api
-        .patch("allow-web-egress", &guard.clone().force(), &Patch::Apply(netpol("169.254.169.254/32")))
+        .patch(
+            "allow-web-egress",
+            &guard.clone().force(),
+            &Patch::Apply(netpol("169.254.169.254/32")),
+        )
         .await
         .unwrap();
     assert_eq!(owners(&repaired, "egress"), set(&["datalab-guard"]));
@@ -569,11 +820,21 @@ async fn server_side_apply_ownership_and_conflicts() {
         ..Default::default()
     };
     let edited = api
-        .patch("allow-web-egress", &edit, &Patch::Merge(json!({"spec": {"policyTypes": ["Egress", "Ingress"]}})))
+        .patch(
+            "allow-web-egress",
+            &edit,
+            &Patch::Merge(json!({"spec": {"policyTypes": ["Egress", "Ingress"]}})),
+        )
         .await
         .unwrap();
     assert_eq!(owners(&edited, "policyTypes"), set(&["kubectl-edit"]));
-    assert!(edited.metadata.managed_fields.iter().flatten().any(|m| m.manager.as_deref() == Some("kubectl-edit") && m.operation.as_deref() == Some("Update")));
+    assert!(edited
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some("kubectl-edit")
+            && m.operation.as_deref() == Some("Update")));
 
     // A plain PUT by a user agent without fieldManager is owned by the agent's name.
     let (code, body) = raw(
@@ -605,8 +866,12 @@ async fn server_side_apply_ownership_and_conflicts() {
     // Watchers see the changes; deletion works and is gone from the store.
     let list = api.list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
-    api.delete("allow-web-egress", &DeleteParams::default()).await.unwrap();
-    assert!(server.get(Kind::NetworkPolicy, Some("env"), "allow-web-egress").is_none());
+    api.delete("allow-web-egress", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(server
+        .get(Kind::NetworkPolicy, Some("env"), "allow-web-egress")
+        .is_none());
 
     // Namespace label SSA: the agent's labels merge with the others, each key owned apart.
     let ns_api: Api<Namespace> = Api::all(client);
@@ -614,22 +879,55 @@ async fn server_side_apply_ownership_and_conflicts() {
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "env", "labels": {"pod-security.kubernetes.io/enforce": "baseline"}},
     });
-    let ns = ns_api.patch("env", &PatchParams::apply("datalab-guard").force(), &Patch::Apply(psa)).await.unwrap();
+    let ns = ns_api
+        .patch(
+            "env",
+            &PatchParams::apply("datalab-guard").force(),
+            &Patch::Apply(psa),
+        )
+        .await
+        .unwrap();
     let labels = ns.labels();
-    assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("baseline"));
-    assert_eq!(labels.get("datalab.io/environment").map(String::as_str), Some("true"));
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("baseline")
+    );
+    assert_eq!(
+        labels.get("datalab.io/environment").map(String::as_str),
+        Some("true")
+    );
     let other = json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "env", "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
     });
-    let err = ns_api.patch("env", &PatchParams::apply("someone"), &Patch::Apply(other)).await.unwrap_err();
+    let err = ns_api
+        .patch("env", &PatchParams::apply("someone"), &Patch::Apply(other))
+        .await
+        .unwrap_err();
     let status = api_error(err);
     assert_eq!(status.code, 409);
-    assert!(status.message.contains(".metadata.labels.pod-security.kubernetes.io/enforce"), "{}", status.message);
+    assert!(
+        status
+            .message
+            .contains(".metadata.labels.pod-security.kubernetes.io/enforce"),
+        "{}",
+        status.message
+    );
     // Dropping the label from the agent's apply removes it (nobody else owns it).
     let none = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "env"}});
-    let ns = ns_api.patch("env", &PatchParams::apply("datalab-guard").force(), &Patch::Apply(none)).await.unwrap();
-    assert!(!ns.labels().contains_key("pod-security.kubernetes.io/enforce"));
+    let ns = ns_api
+        .patch(
+            "env",
+            &PatchParams::apply("datalab-guard").force(),
+            &Patch::Apply(none),
+        )
+        .await
+        .unwrap();
+    assert!(!ns
+        .labels()
+        .contains_key("pod-security.kubernetes.io/enforce"));
     assert!(ns.labels().contains_key("datalab.io/environment"));
 }
 
@@ -637,7 +935,11 @@ async fn server_side_apply_ownership_and_conflicts() {
 async fn recorder_events_are_recorded() {
     let server = FakeApiServer::start();
     server.apply_namespace("env", &[]);
-    let pod = server.apply_pod(PodBuilder::new("env", "nb").node("n").uid("0c0ffee0-0000-4000-8000-000000000001"));
+    let pod = server.apply_pod(
+        PodBuilder::new("env", "nb")
+            .node("n")
+            .uid("0c0ffee0-0000-4000-8000-000000000001"),
+    );
     let recorder = Recorder::new(
         client(&server).await,
         Reporter {
@@ -650,7 +952,10 @@ async fn recorder_events_are_recorded() {
         kind: Some("Pod".into()),
         name: Some("nb".into()),
         namespace: Some("env".into()),
-        uid: pod.pointer("/metadata/uid").and_then(Value::as_str).map(str::to_string),
+        uid: pod
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         ..Default::default()
     };
     let event = Event {
@@ -686,7 +991,8 @@ async fn recorder_events_are_recorded() {
     assert_eq!((writes[1].0.as_str(), writes[1].3), ("patch", 200));
 
     // A core/v1 Event shows up in events() too.
-    let core: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client(&server).await, "env");
+    let core: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client(&server).await, "env");
     core.create(
         &PostParams::default(),
         &k8s_openapi::api::core::v1::Event {
@@ -704,7 +1010,10 @@ async fn recorder_events_are_recorded() {
     let events = server.events();
     assert_eq!(events.len(), 2);
     assert_eq!(events[1]["reason"], "Legacy");
-    assert!(events[1]["metadata"]["name"].as_str().unwrap().starts_with("nb."));
+    assert!(events[1]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("nb."));
 }
 
 #[tokio::test]
@@ -723,22 +1032,41 @@ async fn lease_optimistic_concurrency() {
         }),
     };
     let created = api.create(&PostParams::default(), &lease).await.unwrap();
-    let err = api.create(&PostParams::default(), &lease).await.unwrap_err();
+    let err = api
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap_err();
     let status = api_error(err);
-    assert_eq!((status.code, status.reason.as_str()), (409, "AlreadyExists"));
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (409, "AlreadyExists")
+    );
 
     let mut mine = created.clone();
     mine.spec.as_mut().unwrap().holder_identity = Some("node-b".into());
-    let updated = api.replace("datalab-guard-leader", &PostParams::default(), &mine).await.unwrap();
-    assert_ne!(updated.metadata.resource_version, created.metadata.resource_version);
+    let updated = api
+        .replace("datalab-guard-leader", &PostParams::default(), &mine)
+        .await
+        .unwrap();
+    assert_ne!(
+        updated.metadata.resource_version,
+        created.metadata.resource_version
+    );
 
     // Another candidate still holding the old resourceVersion loses.
     let mut stale = created.clone();
     stale.spec.as_mut().unwrap().holder_identity = Some("node-c".into());
-    let err = api.replace("datalab-guard-leader", &PostParams::default(), &stale).await.unwrap_err();
+    let err = api
+        .replace("datalab-guard-leader", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
     let status = api_error(err);
     assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
-    assert!(status.message.contains("the object has been modified"), "{}", status.message);
+    assert!(
+        status.message.contains("the object has been modified"),
+        "{}",
+        status.message
+    );
     let now = api.get("datalab-guard-leader").await.unwrap();
     assert_eq!(now.spec.unwrap().holder_identity.as_deref(), Some("node-b"));
     let missing = api.get("nope").await.unwrap_err();
@@ -753,26 +1081,58 @@ async fn streaming_lists_and_metadata_watchers() {
     let api: Api<Namespace> = Api::all(client.clone());
 
     let (reader, writer) = reflector::store::<Namespace>();
-    let cfg = watcher::Config::default().streaming_lists().labels("datalab.io/environment=true");
+    let cfg = watcher::Config::default()
+        .streaming_lists()
+        .labels("datalab.io/environment=true");
     let stream = reflector(writer, watcher(api.clone(), cfg).default_backoff());
     let task = tokio::spawn(async move { stream.for_each(|_| async {}).await });
-    tokio::time::timeout(WAIT, reader.wait_until_ready()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(names::<Namespace>(reader.state()), set(&["env-x"]));
     server.apply_namespace("env-y", &[("datalab.io/environment", "true")]);
-    eventually(WAIT, "env-y streamed", || names::<Namespace>(reader.state()) == set(&["env-x", "env-y"])).await;
-    let w = server.requests().into_iter().find(|r| r.is_watch()).unwrap();
+    eventually(WAIT, "env-y streamed", || {
+        names::<Namespace>(reader.state()) == set(&["env-x", "env-y"])
+    })
+    .await;
+    let w = server
+        .requests()
+        .into_iter()
+        .find(|r| r.is_watch())
+        .unwrap();
     assert_eq!(w.param("sendInitialEvents").as_deref(), Some("true"));
-    assert_eq!(w.param("resourceVersionMatch").as_deref(), Some("NotOlderThan"));
+    assert_eq!(
+        w.param("resourceVersionMatch").as_deref(),
+        Some("NotOlderThan")
+    );
     task.abort();
 
     let meta_api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
-    let mut meta = watcher(meta_api, watcher::Config::default()).applied_objects().boxed();
-    let first = tokio::time::timeout(WAIT, meta.try_next()).await.unwrap().unwrap().unwrap();
+    let mut meta = watcher(meta_api, watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let first = tokio::time::timeout(WAIT, meta.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(first.metadata.name.is_some());
-    let meta_list = server.requests().into_iter().rev().find(|r| r.verb == "list").unwrap();
-    assert!(meta_list.accept.unwrap().contains("as=PartialObjectMetadataList"));
+    let meta_list = server
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.verb == "list")
+        .unwrap();
+    assert!(meta_list
+        .accept
+        .unwrap()
+        .contains("as=PartialObjectMetadataList"));
     for r in server.requests() {
-        eprintln!("{} {} ?{} accept={:?} -> {}", r.method, r.path, r.query, r.accept, r.status);
+        eprintln!(
+            "{} {} ?{} accept={:?} -> {}",
+            r.method, r.path, r.query, r.accept, r.status
+        );
     }
 }
 
@@ -781,23 +1141,107 @@ async fn unknown_and_malformed_requests_get_status_bodies() {
     let server = FakeApiServer::start();
     let status_of = |body: &str| -> Value { serde_json::from_str(body).unwrap_or(Value::Null) };
     for (method, path, ct, body, want) in [
-        ("GET", "/apis/example.com/v1/widgets", "application/json", "", 404),
+        (
+            "GET",
+            "/apis/example.com/v1/widgets",
+            "application/json",
+            "",
+            404,
+        ),
         ("GET", "/no/such/path", "application/json", "", 404),
         ("GET", "/api/v1/pods/x", "application/json", "", 404),
-        ("GET", "/api/v1/namespaces/default/pods/x/log", "application/json", "", 404),
-        ("POST", "/api/v1/namespaces/default/pods", "application/json", "{not json", 400),
-        ("POST", "/api/v1/namespaces/nope/pods", "application/json", r#"{"metadata":{"name":"p"}}"#, 404),
-        ("POST", "/api/v1/namespaces/default/pods", "application/json", r#"{"apiVersion":"v2","metadata":{"name":"p"}}"#, 400),
-        ("POST", "/api/v1/namespaces/default/pods", "application/json", r#"{"metadata":{}}"#, 422),
-        ("PATCH", "/api/v1/namespaces/default", "text/plain", "{}", 415),
-        ("PATCH", "/api/v1/namespaces/default", "application/apply-patch+yaml", "metadata: {}", 400),
-        ("PATCH", "/api/v1/namespaces/default", "application/json-patch+json", r#"[{"op":"bogus","path":"/x"}]"#, 422),
-        ("DELETE", "/api/v1/namespaces/default/pods/none", "application/json", "", 404),
-        ("PUT", "/api/v1/namespaces/default/pods", "application/json", "{}", 405),
-        ("GET", "/api/v1/pods?watch=true&resourceVersion=abc", "application/json", "", 400),
+        (
+            "GET",
+            "/api/v1/namespaces/default/pods/x/log",
+            "application/json",
+            "",
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            "application/json",
+            "{not json",
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/nope/pods",
+            "application/json",
+            r#"{"metadata":{"name":"p"}}"#,
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            "application/json",
+            r#"{"apiVersion":"v2","metadata":{"name":"p"}}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            "application/json",
+            r#"{"metadata":{}}"#,
+            422,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default",
+            "text/plain",
+            "{}",
+            415,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default",
+            "application/apply-patch+yaml",
+            "metadata: {}",
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default",
+            "application/json-patch+json",
+            r#"[{"op":"bogus","path":"/x"}]"#,
+            422,
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/default/pods/none",
+            "application/json",
+            "",
+            404,
+        ),
+        (
+            "PUT",
+            "/api/v1/namespaces/default/pods",
+            "application/json",
+            "{}",
+            405,
+        ),
+        (
+            "GET",
+            "/api/v1/pods?watch=true&resourceVersion=abc",
+            "application/json",
+            "",
+            400,
+        ),
         ("GET", "/api/v1/pods?limit=x", "application/json", "", 400),
-        ("GET", "/api/v1/pods?continue=garbage", "application/json", "", 400),
-        ("GET", "/api/v1/pods?resourceVersion=999999&resourceVersionMatch=Exact", "application/json", "", 504),
+        (
+            "GET",
+            "/api/v1/pods?continue=garbage",
+            "application/json",
+            "",
+            400,
+        ),
+        (
+            "GET",
+            "/api/v1/pods?resourceVersion=999999&resourceVersionMatch=Exact",
+            "application/json",
+            "",
+            504,
+        ),
         ("POST", "/version", "application/json", "", 405),
     ] {
         let (code, body) = raw(&server, method, path, ct, body);
@@ -815,14 +1259,25 @@ async fn unknown_and_malformed_requests_get_status_bodies() {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: yaml-made\n  labels:\n    a: b\n",
     );
     assert_eq!(code, 201, "{body}");
-    assert_eq!(server.get(Kind::Namespace, None, "yaml-made").unwrap()["metadata"]["labels"]["a"], "b");
+    assert_eq!(
+        server.get(Kind::Namespace, None, "yaml-made").unwrap()["metadata"]["labels"]["a"],
+        "b"
+    );
     // Still healthy, and everything was logged.
     let (code, _) = raw(&server, "GET", "/healthz", "text/plain", "");
     assert_eq!(code, 200);
     let logged = server.requests();
-    assert!(logged.iter().any(|r| r.path == "/no/such/path" && r.status == 404));
-    let watch_log = logged.iter().find(|r| r.query.contains("resourceVersion=abc")).unwrap();
-    assert_eq!((watch_log.verb.as_str(), watch_log.resource.as_deref()), ("watch", Some("pods")));
+    assert!(logged
+        .iter()
+        .any(|r| r.path == "/no/such/path" && r.status == 404));
+    let watch_log = logged
+        .iter()
+        .find(|r| r.query.contains("resourceVersion=abc"))
+        .unwrap();
+    assert_eq!(
+        (watch_log.verb.as_str(), watch_log.resource.as_deref()),
+        ("watch", Some("pods"))
+    );
 }
 
 #[tokio::test]
@@ -831,11 +1286,21 @@ async fn watch_timeout_ends_the_stream() {
     let api: Api<Namespace> = Api::all(client(&server).await);
     let rv = server.resource_version().to_string();
     let started = std::time::Instant::now();
-    let mut stream = api.watch(&WatchParams::default().timeout(1).disable_bookmarks(), &rv).await.unwrap().boxed();
-    let end = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(1).disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let end = tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(end.is_none(), "no events, then the end: {end:?}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     assert_eq!(server.open_watches(), 0);
 }
 
@@ -847,7 +1312,8 @@ fn kubectl_as_another_field_manager() {
     let kubectl = datalab_guard_tests::process::tool("kubectl".as_ref());
     if !kubectl.is_absolute() {
         if std::env::var(datalab_guard_tests::ALLOW_SKIP_ENV).as_deref() == Ok("1") {
-            let _ = std::io::stderr().write_all(b"SKIPPED: needs kubectl (kubectl_as_another_field_manager)\n");
+            let _ = std::io::stderr()
+                .write_all(b"SKIPPED: needs kubectl (kubectl_as_another_field_manager)\n");
             return;
         }
         panic!("kubectl (client only) is expected on our machines; install it or set DATALAB_GUARD_ALLOW_SKIP=1");
@@ -873,7 +1339,11 @@ fn kubectl_as_another_field_manager() {
         input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
         drop(input);
         let out = child.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     };
     let np = |except: &str| {
@@ -887,26 +1357,56 @@ fn kubectl_as_another_field_manager() {
     let (ok, out) = run(&["version"], None);
     assert!(ok && out.contains("Server Version: v1.33.0"), "{out}");
     let (ok, out) = run(&["get", "namespaces", "-o", "name"], None);
-    assert!(ok && out.contains("namespace/env") && out.contains("namespace/kube-system"), "{out}");
+    assert!(
+        ok && out.contains("namespace/env") && out.contains("namespace/kube-system"),
+        "{out}"
+    );
 
-    let (ok, out) = run(&[&apply[..], &["--field-manager=datalab-guard"]].concat(), Some(&np("169.254.169.254/32")));
+    let (ok, out) = run(
+        &[&apply[..], &["--field-manager=datalab-guard"]].concat(),
+        Some(&np("169.254.169.254/32")),
+    );
     assert!(ok, "{out}");
     let (ok, out) = run(&apply, Some(&np("10.0.0.0/8")));
     assert!(!ok, "{out}");
-    assert!(out.contains("conflict with \"datalab-guard\"") && out.contains(".spec.egress"), "{out}");
-    let (ok, out) = run(&[&apply[..], &["--force-conflicts"]].concat(), Some(&np("10.0.0.0/8")));
+    assert!(
+        out.contains("conflict with \"datalab-guard\"") && out.contains(".spec.egress"),
+        "{out}"
+    );
+    let (ok, out) = run(
+        &[&apply[..], &["--force-conflicts"]].concat(),
+        Some(&np("10.0.0.0/8")),
+    );
     assert!(ok, "{out}");
-    let stored = server.get(Kind::NetworkPolicy, Some("env"), "allow-web-egress").unwrap();
+    let stored = server
+        .get(Kind::NetworkPolicy, Some("env"), "allow-web-egress")
+        .unwrap();
     let np_obj: NetworkPolicy = serde_json::from_value(stored).unwrap();
     assert_eq!(owners(&np_obj, "egress"), set(&["kubectl"]));
 
     let (ok, out) = run(&["label", "namespace", "env", "team=data"], None);
     assert!(ok, "{out}");
-    assert_eq!(server.get(Kind::Namespace, None, "env").unwrap()["metadata"]["labels"]["team"], "data");
-    let (ok, out) = run(&["delete", "networkpolicy", "-n", "env", "allow-web-egress"], None);
+    assert_eq!(
+        server.get(Kind::Namespace, None, "env").unwrap()["metadata"]["labels"]["team"],
+        "data"
+    );
+    let (ok, out) = run(
+        &["delete", "networkpolicy", "-n", "env", "allow-web-egress"],
+        None,
+    );
     assert!(ok, "{out}");
-    assert!(server.get(Kind::NetworkPolicy, Some("env"), "allow-web-egress").is_none());
-    let patches: Vec<_> = server.requests().into_iter().filter(|r| r.verb == "patch").collect();
-    assert!(patches.iter().all(|r| r.user_agent.as_deref().unwrap_or("").starts_with("kubectl/")));
+    assert!(server
+        .get(Kind::NetworkPolicy, Some("env"), "allow-web-egress")
+        .is_none());
+    let patches: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "patch")
+        .collect();
+    assert!(patches.iter().all(|r| r
+        .user_agent
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("kubectl/")));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -44,7 +44,9 @@ pub(crate) fn field_set(obj: &Value) -> BTreeSet<FieldPath> {
         match top.as_str() {
             "apiVersion" | "kind" | "status" => {}
             "metadata" => {
-                let Some(meta) = value.as_object() else { continue };
+                let Some(meta) = value.as_object() else {
+                    continue;
+                };
                 for (k, v) in meta {
                     if SERVER_METADATA.contains(&k.as_str()) || v.is_null() {
                         continue;
@@ -106,7 +108,9 @@ fn set_path(obj: &mut Value, path: &[String], value: Value) {
 }
 
 fn remove_path(obj: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut cur = obj;
     for seg in parents {
         match cur.as_object_mut().and_then(|m| m.get_mut(seg)) {
@@ -160,7 +164,10 @@ fn decode_fields(v: &Value, prefix: &mut FieldPath, out: &mut BTreeSet<FieldPath
 }
 
 pub(crate) fn read_managed(obj: &Value) -> Vec<ManagedEntry> {
-    let Some(list) = obj.pointer("/metadata/managedFields").and_then(Value::as_array) else {
+    let Some(list) = obj
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+    else {
         return Vec::new();
     };
     list.iter()
@@ -404,13 +411,24 @@ fn unescape_pointer_token(t: &str) -> String {
 
 /// RFC 6902 JSON patch: `add`, `remove`, `replace`, `move`, `copy`, `test`.
 pub(crate) fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops.as_array().ok_or("a JSON patch must be a list of operations")?;
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch must be a list of operations")?;
     for op in ops {
-        let kind = op.get("op").and_then(Value::as_str).ok_or("operation without 'op'")?;
-        let path = op.get("path").and_then(Value::as_str).ok_or("operation without 'path'")?;
+        let kind = op
+            .get("op")
+            .and_then(Value::as_str)
+            .ok_or("operation without 'op'")?;
+        let path = op
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or("operation without 'path'")?;
         match kind {
             "add" | "replace" => {
-                let value = op.get("value").cloned().ok_or("operation without 'value'")?;
+                let value = op
+                    .get("value")
+                    .cloned()
+                    .ok_or("operation without 'value'")?;
                 pointer_set(target, path, value, kind == "add")?;
             }
             "remove" => {
@@ -423,8 +441,14 @@ pub(crate) fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> 
                 }
             }
             "move" | "copy" => {
-                let from = op.get("from").and_then(Value::as_str).ok_or("operation without 'from'")?;
-                let value = target.pointer(from).cloned().ok_or(format!("missing path {from}"))?;
+                let from = op
+                    .get("from")
+                    .and_then(Value::as_str)
+                    .ok_or("operation without 'from'")?;
+                let value = target
+                    .pointer(from)
+                    .cloned()
+                    .ok_or(format!("missing path {from}"))?;
                 if kind == "move" {
                     pointer_remove(target, from)?;
                 }
@@ -437,8 +461,13 @@ pub(crate) fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> 
 }
 
 fn split_pointer(path: &str) -> Result<(String, String), String> {
-    let idx = path.rfind('/').ok_or(format!("invalid JSON pointer {path:?}"))?;
-    Ok((path[..idx].to_string(), unescape_pointer_token(&path[idx + 1..])))
+    let idx = path
+        .rfind('/')
+        .ok_or(format!("invalid JSON pointer {path:?}"))?;
+    Ok((
+        path[..idx].to_string(),
+        unescape_pointer_token(&path[idx + 1..]),
+    ))
 }
 
 fn pointer_set(target: &mut Value, path: &str, value: Value, add: bool) -> Result<(), String> {
@@ -525,7 +554,7 @@ mod tests {
             time: "t".into(),
             fields: fields.clone(),
         };
-        write_managed(&mut o, &[e.clone()]);
+        write_managed(&mut o, std::slice::from_ref(&e));
         assert_eq!(read_managed(&o), vec![e]);
     }
 
@@ -541,7 +570,9 @@ mod tests {
         let forced = apply(Some(&a), &np(json!([])), "kubectl", true, V, "t").unwrap();
         let m = read_managed(&forced);
         let guard = m.iter().find(|e| e.manager == "guard").unwrap();
-        assert!(!guard.fields.contains(&vec!["spec".to_string(), "egress".to_string()]));
+        assert!(!guard
+            .fields
+            .contains(&vec!["spec".to_string(), "egress".to_string()]));
         assert_eq!(forced["spec"]["egress"], json!([]));
     }
 
@@ -563,7 +594,9 @@ mod tests {
         let m = read_managed(&n);
         let k = m.iter().find(|e| e.manager == "kubectl").unwrap();
         assert_eq!(k.operation, "Update");
-        assert!(k.fields.contains(&vec!["spec".to_string(), "egress".to_string()]));
+        assert!(k
+            .fields
+            .contains(&vec!["spec".to_string(), "egress".to_string()]));
         // Re-applying the old value now conflicts with kubectl.
         assert!(apply(Some(&n), &np(json!([])), "guard", false, V, "t").is_err());
     }

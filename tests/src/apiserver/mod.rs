@@ -19,14 +19,14 @@
 //!   apiVersion/kind (as on the wire), `labelSelector`, `fieldSelector`, `limit` + `continue`
 //!   (real token format, consistent snapshot at the first page's resourceVersion, 410 when
 //!   compacted), `resourceVersion` + `resourceVersionMatch` (`NotOlderThan`, `Exact`);
-//! - watches: see [`watch`](self::watch) (history replay, BOOKMARKs, `timeoutSeconds`,
+//! - watches: see [`watch`] (history replay, BOOKMARKs, `timeoutSeconds`,
 //!   `sendInitialEvents` streaming lists with the `k8s.io/initial-events-end` bookmark,
 //!   ERROR 410 `Expired` events, selector-driven ADDED/DELETED transitions);
 //! - `Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io` (kube-rs metadata watchers);
 //! - optimistic concurrency: a stale `metadata.resourceVersion` in a PUT or patch is a 409,
 //!   an existing name on create is a 409 `AlreadyExists`; no-op writes do not bump the
 //!   resourceVersion (no MODIFIED event), as on a real API server;
-//! - server-side apply with `metadata.managedFields` (see [`apply`](self::apply) for the
+//! - server-side apply with `metadata.managedFields` (see [`apply`] for the
 //!   ownership granularity), 409 with one cause per conflicting field, `force=true` moving
 //!   ownership; non-apply writers take ownership of what they change (`fieldManager`, else
 //!   the user agent's first word, as the real server does; else `unknown`).
@@ -54,9 +54,9 @@
 pub mod apply;
 pub mod discovery;
 pub mod faults;
-pub mod server;
 pub mod resources;
 pub mod selectors;
+pub mod server;
 pub mod status;
 pub mod store;
 pub mod watch;
@@ -66,7 +66,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::Path,
-    sync::{atomic::AtomicUsize, Arc, Mutex, MutexGuard, PoisonError},
+    sync::{atomic::AtomicUsize, Arc, Mutex, MutexGuard, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -105,10 +105,18 @@ pub(crate) struct Shared {
     pub settings: Mutex<Settings>,
     pub open_watches: AtomicUsize,
     pub token: String,
-    pub addr: SocketAddr,
+    /// Set once the first bind has picked the port; every rebind uses the same one.
+    pub addr: OnceLock<SocketAddr>,
 }
 
 impl Shared {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+            .get()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
     /// Runs a write against the store and wakes the watches if it changed anything.
     pub fn mutate<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         let (r, before, after) = {
@@ -333,8 +341,9 @@ fn labels_json(labels: &[(&str, &str)]) -> Value {
 /// The API server fixture. Dropping it stops the server.
 ///
 /// Control methods act as the cluster would (a controller, kubelet or admin): they bump the
-/// global resourceVersion and emit watch events exactly as API writes do. They panic on
-/// misuse (e.g. a pod in a namespace that does not exist): they are test code.
+/// global resourceVersion and emit watch events exactly as API writes do, and appear in
+/// `managedFields` as the `Update` manager `datalab-guard-tests`. They panic on misuse (e.g. a
+/// pod in a namespace that does not exist): they are test code.
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     listener: Mutex<Option<server::Listener>>,
@@ -351,10 +360,6 @@ impl FakeApiServer {
             .enable_all()
             .build()
             .expect("fake API server: tokio runtime");
-        // Bind first to learn the port, then share it (discovery answers with it).
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("fake API server: bind");
-        let addr = probe.local_addr().expect("fake API server: local address");
-        drop(probe);
         let store = Store::new();
         let rv = store.rv();
         let shared = Arc::new(Shared {
@@ -368,9 +373,15 @@ impl FakeApiServer {
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
-            addr,
+            addr: OnceLock::new(),
         });
-        let listener = bind_retrying(&runtime, &shared, addr);
+        let (addr, listener) = server::spawn_listener(
+            &runtime,
+            shared.clone(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .expect("fake API server: bind 127.0.0.1:0");
+        let _ = shared.addr.set(addr);
         FakeApiServer {
             shared,
             listener: Mutex::new(Some(listener)),
@@ -379,12 +390,12 @@ impl FakeApiServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
+        self.shared.addr()
     }
 
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr)
+        format!("http://{}", self.shared.addr())
     }
 
     pub fn token(&self) -> &str {
@@ -443,9 +454,9 @@ impl FakeApiServer {
 
     /// Replaces the labels of an existing namespace (panics if it does not exist).
     pub fn set_namespace_labels(&self, name: &str, labels: &[(&str, &str)]) -> Value {
-        let mut ns = self
-            .get(Kind::Namespace, None, name)
-            .unwrap_or_else(|| panic!("fake API server: set_namespace_labels: no namespace {name:?}"));
+        let mut ns = self.get(Kind::Namespace, None, name).unwrap_or_else(|| {
+            panic!("fake API server: set_namespace_labels: no namespace {name:?}")
+        });
         ns["metadata"]["labels"] = labels_json(labels);
         self.put(Kind::Namespace, ns, "set_namespace_labels")
     }
@@ -604,8 +615,10 @@ impl FakeApiServer {
         if slot.is_some() {
             return;
         }
-        let Some(rt) = self.runtime.as_ref() else { return };
-        *slot = Some(bind_retrying(rt, &self.shared, self.shared.addr));
+        let Some(rt) = self.runtime.as_ref() else {
+            return;
+        };
+        *slot = Some(bind_retrying(rt, &self.shared, self.shared.addr()));
     }
 
     pub fn is_down(&self) -> bool {
@@ -622,8 +635,8 @@ fn bind_retrying(
     loop {
         match server::spawn_listener(rt, shared.clone(), addr) {
             Ok((_, l)) => return l,
-            Err(e) if std::time::Instant::now() < deadline => {
-                let _ = e;
+            // Nothing else should hold our port, but give a straggler a moment.
+            Err(_) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => panic!("fake API server: cannot bind {addr}: {e}"),

@@ -82,7 +82,9 @@ impl LabelSelector {
                 }
             } else if let Some(open) = term.find('(') {
                 let Some(inner) = term[open + 1..].strip_suffix(')') else {
-                    return Err(format!("unable to parse requirement: missing ')' in {term:?}"));
+                    return Err(format!(
+                        "unable to parse requirement: missing ')' in {term:?}"
+                    ));
                 };
                 let head: Vec<&str> = term[..open].split_whitespace().collect();
                 let [key, op] = head.as_slice() else {
@@ -248,8 +250,18 @@ fn supported_fields(kind: Kind) -> &'static [&'static str] {
 
 /// The string value the API server compares for a field label.
 fn field_value(kind: Kind, obj: &Value, field: &str) -> String {
-    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
-    let b = |p: &str| obj.pointer(p).and_then(Value::as_bool).unwrap_or(false).to_string();
+    let s = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let b = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+            .to_string()
+    };
     match field {
         "metadata.name" => s("/metadata/name"),
         "metadata.namespace" => s("/metadata/namespace"),
@@ -297,16 +309,16 @@ impl FieldSelector {
             } else if let Some((f, v)) = term.split_once('=') {
                 (f, true, v)
             } else {
-                return Err(format!("invalid selector: '{s}'; can't understand '{term}'"));
+                return Err(format!(
+                    "invalid selector: '{s}'; can't understand '{term}'"
+                ));
             };
             let field = field.trim();
             if field != "metadata.name"
                 && field != "metadata.namespace"
                 && !supported_fields(kind).contains(&field)
             {
-                return Err(format!(
-                    "field label not supported: {field}"
-                ));
+                return Err(format!("field label not supported: {field}"));
             }
             reqs.push((field.to_string(), eq, unescape(value.trim())));
         }
@@ -356,7 +368,11 @@ mod tests {
     fn field_selector_pods() {
         let pod = json!({"metadata": {"name": "p", "namespace": "n"},
                          "spec": {"nodeName": "node-1"}, "status": {"phase": "Running"}});
-        let m = |s: &str| FieldSelector::parse(s, Kind::Pod).unwrap().matches(Kind::Pod, &pod);
+        let m = |s: &str| {
+            FieldSelector::parse(s, Kind::Pod)
+                .unwrap()
+                .matches(Kind::Pod, &pod)
+        };
         assert!(m("spec.nodeName=node-1"));
         assert!(!m("spec.nodeName=node-2"));
         assert!(m("spec.nodeName!=node-2,metadata.namespace=n"));

@@ -2,11 +2,7 @@
 //! logging, fault injection, routing of API paths, and the handlers of every verb.
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    panic::AssertUnwindSafe,
-    sync::Arc,
-    time::Duration,
+    convert::Infallible, net::SocketAddr, panic::AssertUnwindSafe, sync::Arc, time::Duration,
 };
 
 use base64::Engine as _;
@@ -123,7 +119,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
 // ---- responses ----
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
@@ -300,7 +298,7 @@ fn verb_of(method: &Method, r: &ResourceRoute, q: &Query) -> &'static str {
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let query = Query(parse_query(parts.uri.query().unwrap_or("")));
-    let route = classify(parts.uri.path(), shared.addr);
+    let route = classify(parts.uri.path(), shared.addr());
     let header = |name: http::header::HeaderName| {
         parts
             .headers
@@ -490,15 +488,17 @@ fn resource(
                 namespace: r.namespace.clone(),
                 labels: LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
                     .map_err(ApiError::bad_request)?,
-                fields: FieldSelector::parse(&field_selector, kind).map_err(ApiError::bad_request)?,
+                fields: FieldSelector::parse(&field_selector, kind)
+                    .map_err(ApiError::bad_request)?,
                 resource_version: query.get("resourceVersion").map(str::to_string),
                 bookmarks: query.flag("allowWatchBookmarks"),
                 send_initial_events: query.flag("sendInitialEvents"),
                 timeout: query
                     .nonempty("timeoutSeconds")
                     .map(|t| {
-                        t.parse::<u64>()
-                            .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))
+                        t.parse::<u64>().map_err(|_| {
+                            ApiError::bad_request(format!("invalid timeoutSeconds {t:?}"))
+                        })
                     })
                     .transpose()?
                     .map(Duration::from_secs),
@@ -514,7 +514,10 @@ fn resource(
             }
             watch::start(shared, req)
         }
-        ("list", None) => Ok(json_response(200, &list(shared, kind, ns, query, meta_only)?)),
+        ("list", None) => Ok(json_response(
+            200,
+            &list(shared, kind, ns, query, meta_only)?,
+        )),
         ("get", Some(name)) => lock(&shared.store)
             .get(kind, item_ns, name)
             .cloned()
@@ -554,12 +557,13 @@ fn resource(
             }
             let force = query.flag("force");
             if force && patch_type != PatchType::Apply {
-                return Err(ApiError::bad_request("force is only allowed for apply patches"));
+                return Err(ApiError::bad_request(
+                    "force is only allowed for apply patches",
+                ));
             }
             let body = parse_body(body)?;
-            let (obj, created) = shared.mutate(|s| {
-                s.patch(kind, item_ns, name, patch_type, body, force, &writer)
-            })?;
+            let (obj, created) = shared
+                .mutate(|s| s.patch(kind, item_ns, name, patch_type, body, force, &writer))?;
             Ok(json_response(if created { 201 } else { 200 }, &out(obj)))
         }
         ("delete", Some(name)) => {
@@ -579,7 +583,11 @@ fn resource(
                 Kind::Pod | Kind::Namespace => json_response(200, &out(obj)),
                 _ => json_response(
                     200,
-                    &success_status(kind, name, obj.pointer("/metadata/uid").and_then(Value::as_str)),
+                    &success_status(
+                        kind,
+                        name,
+                        obj.pointer("/metadata/uid").and_then(Value::as_str),
+                    ),
                 ),
             })
         }
@@ -676,8 +684,8 @@ fn list(
     query: &Query,
     meta_only: bool,
 ) -> Result<Value, ApiError> {
-    let labels =
-        LabelSelector::parse(query.get("labelSelector").unwrap_or("")).map_err(ApiError::bad_request)?;
+    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
     let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""), kind)
         .map_err(ApiError::bad_request)?;
     let limit = match query.nonempty("limit") {
@@ -823,10 +831,18 @@ mod tests {
             r("/api/v1/namespaces/a/pods/p"),
             Some((Kind::Pod, Some("a".into()), Some("p".into()), None))
         );
-        assert_eq!(r("/api/v1/namespaces/a"), Some((Kind::Namespace, None, Some("a".into()), None)));
+        assert_eq!(
+            r("/api/v1/namespaces/a"),
+            Some((Kind::Namespace, None, Some("a".into()), None))
+        );
         assert_eq!(
             r("/api/v1/namespaces/a/status"),
-            Some((Kind::Namespace, None, Some("a".into()), Some("status".into())))
+            Some((
+                Kind::Namespace,
+                None,
+                Some("a".into()),
+                Some("status".into())
+            ))
         );
         assert_eq!(
             r("/apis/coordination.k8s.io/v1/namespaces/n/leases/l"),
@@ -834,7 +850,10 @@ mod tests {
         );
         assert_eq!(r("/api/v1/pods/p"), None);
         assert_eq!(r("/apis/coordination.k8s.io/v2/leases"), None);
-        assert_eq!(r("/apis/events.k8s.io/v1/events"), Some((Kind::EventV1, None, None, None)));
+        assert_eq!(
+            r("/apis/events.k8s.io/v1/events"),
+            Some((Kind::EventV1, None, None, None))
+        );
         assert_eq!(r("/api/v1/events"), Some((Kind::Event, None, None, None)));
         assert!(matches!(classify("/nonsense/a/b/c", addr), Route::NotFound));
     }
@@ -842,9 +861,15 @@ mod tests {
     #[test]
     fn continue_tokens_round_trip() {
         let t = encode_continue(42, "ns", "pod-a");
-        assert_eq!(decode_continue(&t, Kind::Pod).unwrap(), (42, ("ns".into(), "pod-a".into())));
+        assert_eq!(
+            decode_continue(&t, Kind::Pod).unwrap(),
+            (42, ("ns".into(), "pod-a".into()))
+        );
         let t = encode_continue(7, "", "node-1");
-        assert_eq!(decode_continue(&t, Kind::Node).unwrap(), (7, (String::new(), "node-1".into())));
+        assert_eq!(
+            decode_continue(&t, Kind::Node).unwrap(),
+            (7, (String::new(), "node-1".into()))
+        );
         assert!(decode_continue("garbage", Kind::Pod).is_err());
     }
 }

@@ -72,13 +72,18 @@ impl ApiError {
     pub fn not_found(kind: Kind, name: &str) -> Self {
         Self {
             details: Some(details(kind, name)),
-            ..Self::new(404, format!("{} \"{name}\" not found", kind.group_resource()))
+            ..Self::new(
+                404,
+                format!("{} \"{name}\" not found", kind.group_resource()),
+            )
         }
     }
 
     pub fn path_not_found() -> Self {
         Self {
-            details: Some(json!({"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})),
+            details: Some(
+                json!({"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]}),
+            ),
             ..Self::new(404, "the server could not find the requested resource")
         }
     }
@@ -87,7 +92,10 @@ impl ApiError {
         Self {
             reason: "AlreadyExists",
             details: Some(details(kind, name)),
-            ..Self::new(409, format!("{} \"{name}\" already exists", kind.group_resource()))
+            ..Self::new(
+                409,
+                format!("{} \"{name}\" already exists", kind.group_resource()),
+            )
         }
     }
 
@@ -115,12 +123,16 @@ impl ApiError {
             details: Some({
                 let mut d = details(kind, name);
                 d["kind"] = json!(kind.kind_name());
-                d["causes"] = json!([{"reason": "FieldValueInvalid", "message": message, "field": field}]);
+                d["causes"] =
+                    json!([{"reason": "FieldValueInvalid", "message": message, "field": field}]);
                 d
             }),
             ..Self::new(
                 422,
-                format!("{} \"{name}\" is invalid: {field}: {message}", kind.kind_name()),
+                format!(
+                    "{} \"{name}\" is invalid: {field}: {message}",
+                    kind.kind_name()
+                ),
             )
         }
     }
@@ -137,12 +149,18 @@ impl ApiError {
                 "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
                 "retryAfterSeconds": 1,
             })),
-            ..Self::new(504, format!("Too large resource version: {rv}, current: {current}"))
+            ..Self::new(
+                504,
+                format!("Too large resource version: {rv}, current: {current}"),
+            )
         }
     }
 
     pub fn method_not_allowed(method: &str) -> Self {
-        Self::new(405, format!("the server does not allow this method on the requested resource ({method})"))
+        Self::new(
+            405,
+            format!("the server does not allow this method on the requested resource ({method})"),
+        )
     }
 
     pub fn unsupported_media_type(content_type: &str) -> Self {
@@ -168,7 +186,9 @@ impl ApiError {
             .collect();
         let lines: Vec<String> = conflicts
             .iter()
-            .map(|(field, manager)| format!("- conflict with \"{manager}\" using {api_version}: {field}"))
+            .map(|(field, manager)| {
+                format!("- conflict with \"{manager}\" using {api_version}: {field}")
+            })
             .collect();
         let n = conflicts.len();
         let plural = if n == 1 { "conflict" } else { "conflicts" };
@@ -178,7 +198,10 @@ impl ApiError {
                 d["causes"] = json!(causes);
                 d
             }),
-            ..Self::new(409, format!("Apply failed with {n} {plural}:\n{}", lines.join("\n")))
+            ..Self::new(
+                409,
+                format!("Apply failed with {n} {plural}:\n{}", lines.join("\n")),
+            )
         }
     }
 }

@@ -11,11 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{json, Map, Value};
 
-use super::{
-    apply,
-    resources::Kind,
-    status::ApiError,
-};
+use super::{apply, resources::Kind, status::ApiError};
 
 /// How many changes the history keeps before the oldest are forgotten (then a watch from a
 /// resourceVersion older than the history gets 410 Gone, as after an etcd compaction).
@@ -25,7 +21,8 @@ pub(crate) const DEFAULT_HISTORY_LIMIT: usize = 10_000;
 pub(crate) const FIXTURE_MANAGER: &str = "datalab-guard-tests";
 
 /// The namespaces every cluster has.
-pub(crate) const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+pub(crate) const SYSTEM_NAMESPACES: &[&str] =
+    &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 type Key = (Kind, String, String);
 
@@ -120,7 +117,8 @@ fn make_uid(counter: u64) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut next = || {
         // xorshift64*
         x ^= x >> 12;
@@ -396,13 +394,11 @@ impl Store {
                     obj["status"] = json!({"phase": "Active"});
                 }
             }
-            Kind::Pod => {
-                if obj.pointer("/status/phase").is_none() {
-                    if !obj.get("status").is_some_and(Value::is_object) {
-                        obj["status"] = json!({});
-                    }
-                    obj["status"]["phase"] = json!("Pending");
+            Kind::Pod if obj.pointer("/status/phase").is_none() => {
+                if !obj.get("status").is_some_and(Value::is_object) {
+                    obj["status"] = json!({});
                 }
+                obj["status"]["phase"] = json!("Pending");
             }
             _ => {}
         }
@@ -485,8 +481,15 @@ impl Store {
             }
         }
         if kind.info().has_generation {
-            let gen = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
-            let gen = if old.get("spec") != new.get("spec") { gen + 1 } else { gen };
+            let gen = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            let gen = if old.get("spec") != new.get("spec") {
+                gen + 1
+            } else {
+                gen
+            };
             meta_mut(&mut new).insert("generation".into(), json!(gen));
         }
         if let Some(rv) = old.pointer("/metadata/resourceVersion") {
@@ -532,7 +535,13 @@ impl Store {
 
     // ---- API writes ----
 
-    pub fn create(&mut self, kind: Kind, ns: &str, mut body: Value, w: &Writer<'_>) -> Result<Value, ApiError> {
+    pub fn create(
+        &mut self,
+        kind: Kind,
+        ns: &str,
+        mut body: Value,
+        w: &Writer<'_>,
+    ) -> Result<Value, ApiError> {
         Self::check_body(kind, ns, None, &body)?;
         let mut name = meta_str(&body, "name").unwrap_or("").to_string();
         if name.is_empty() {
@@ -544,7 +553,12 @@ impl Store {
                     "Required value: name or generateName is required",
                 ));
             };
-            let suffix: String = self.next_uid().chars().filter(char::is_ascii_alphanumeric).take(5).collect();
+            let suffix: String = self
+                .next_uid()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(5)
+                .collect();
             name = format!("{prefix}{suffix}");
             meta_mut(&mut body).insert("name".into(), json!(name));
         }
@@ -555,7 +569,14 @@ impl Store {
         }
         if w.client {
             let meta = meta_mut(&mut body);
-            for key in ["resourceVersion", "uid", "creationTimestamp", "deletionTimestamp", "generation", "managedFields"] {
+            for key in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "generation",
+                "managedFields",
+            ] {
                 meta.remove(key);
             }
             // The server owns status: a client's create starts from the defaults.
@@ -566,7 +587,13 @@ impl Store {
             }
         }
         Self::normalize(kind, key_ns, &mut body);
-        apply::record_update(None, &mut body, w.manager, kind.api_version(), &now_rfc3339());
+        apply::record_update(
+            None,
+            &mut body,
+            w.manager,
+            kind.api_version(),
+            &now_rfc3339(),
+        );
         Ok(self.commit_create(kind, body, w.dry_run))
     }
 
@@ -589,8 +616,20 @@ impl Store {
     }
 
     /// Managed fields of a non-apply update, then the commit.
-    fn finish_update(&mut self, kind: Kind, old: &Value, mut new: Value, w: &Writer<'_>) -> Result<Value, ApiError> {
-        apply::record_update(Some(old), &mut new, w.manager, kind.api_version(), &now_rfc3339());
+    fn finish_update(
+        &mut self,
+        kind: Kind,
+        old: &Value,
+        mut new: Value,
+        w: &Writer<'_>,
+    ) -> Result<Value, ApiError> {
+        apply::record_update(
+            Some(old),
+            &mut new,
+            w.manager,
+            kind.api_version(),
+            &now_rfc3339(),
+        );
         Ok(self.commit_update(kind, old, new, w))
     }
 
@@ -613,7 +652,10 @@ impl Store {
                     "apiVersion and kind must be set in an apply patch",
                 ));
             }
-            if body.pointer("/metadata/managedFields").is_some_and(|m| !m.is_null()) {
+            if body
+                .pointer("/metadata/managedFields")
+                .is_some_and(|m| !m.is_null())
+            {
                 return Err(ApiError::bad_request(
                     "metadata.managedFields must be nil in an apply patch",
                 ));
@@ -624,8 +666,15 @@ impl Store {
                 self.check_namespace_exists(kind, ns)?;
             }
             let now = now_rfc3339();
-            let mut new = apply::apply(old.as_ref(), &body, w.manager, force, kind.api_version(), &now)
-                .map_err(|c| ApiError::apply_conflict(kind, name, &c))?;
+            let mut new = apply::apply(
+                old.as_ref(),
+                &body,
+                w.manager,
+                force,
+                kind.api_version(),
+                &now,
+            )
+            .map_err(|c| ApiError::apply_conflict(kind, name, &c))?;
             meta_mut(&mut new).insert("name".into(), json!(name));
             Self::normalize(kind, ns, &mut new);
             return Ok(match old {
@@ -654,8 +703,7 @@ impl Store {
         // A resourceVersion in a patch is a precondition, as on the real API server.
         Self::check_precondition(kind, &old, &new)?;
         Self::normalize(kind, ns, &mut new);
-        self.finish_update(kind, &old, new, w)
-            .map(|o| (o, false))
+        self.finish_update(kind, &old, new, w).map(|o| (o, false))
     }
 
     pub fn delete(
@@ -694,7 +742,11 @@ impl Store {
         if name.is_empty() {
             return Err(ApiError::bad_request("metadata.name is required"));
         }
-        let ns = if kind.is_namespaced() { ns_of(&obj) } else { String::new() };
+        let ns = if kind.is_namespaced() {
+            ns_of(&obj)
+        } else {
+            String::new()
+        };
         if kind.is_namespaced() && ns.is_empty() {
             return Err(ApiError::bad_request("metadata.namespace is required"));
         }
@@ -718,7 +770,13 @@ impl Store {
             None => {
                 meta_mut(&mut obj).remove("managedFields");
                 meta_mut(&mut obj).remove("resourceVersion");
-                apply::record_update(None, &mut obj, FIXTURE_MANAGER, kind.api_version(), &now_rfc3339());
+                apply::record_update(
+                    None,
+                    &mut obj,
+                    FIXTURE_MANAGER,
+                    kind.api_version(),
+                    &now_rfc3339(),
+                );
                 Ok(self.commit_create(kind, obj, false))
             }
         }
@@ -753,10 +811,14 @@ mod tests {
     fn snapshots_and_history() {
         let mut s = Store::new();
         let rv0 = s.rv();
-        s.fixture_put(Kind::Namespace, json!({"metadata": {"name": "a"}})).unwrap();
-        let rv1 = s.rv();
-        s.fixture_put(Kind::Namespace, json!({"metadata": {"name": "a", "labels": {"x": "1"}}}))
+        s.fixture_put(Kind::Namespace, json!({"metadata": {"name": "a"}}))
             .unwrap();
+        let rv1 = s.rv();
+        s.fixture_put(
+            Kind::Namespace,
+            json!({"metadata": {"name": "a", "labels": {"x": "1"}}}),
+        )
+        .unwrap();
         s.fixture_delete(Kind::Namespace, "", "kube-public");
         let names = |v: Vec<Value>| v.iter().map(name_of).collect::<Vec<_>>();
         assert!(!names(s.snapshot_at(Kind::Namespace, rv0).unwrap()).contains(&"a".to_string()));
@@ -777,25 +839,45 @@ mod tests {
         let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                           "metadata": {"name": "l", "namespace": "default"},
                           "spec": {"holderIdentity": "a"}});
-        let created = s.create(Kind::Lease, "default", body.clone(), &client()).unwrap();
+        let created = s
+            .create(Kind::Lease, "default", body.clone(), &client())
+            .unwrap();
         let rv = s.rv();
-        let again = s.replace(Kind::Lease, "default", "l", created.clone(), &client()).unwrap();
+        let again = s
+            .replace(Kind::Lease, "default", "l", created.clone(), &client())
+            .unwrap();
         assert_eq!(s.rv(), rv);
-        assert_eq!(again["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+        assert_eq!(
+            again["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
         let mut stale = created.clone();
         stale["spec"]["holderIdentity"] = json!("b");
-        s.replace(Kind::Lease, "default", "l", stale.clone(), &client()).unwrap();
-        let err = s.replace(Kind::Lease, "default", "l", stale, &client()).unwrap_err();
+        s.replace(Kind::Lease, "default", "l", stale.clone(), &client())
+            .unwrap();
+        let err = s
+            .replace(Kind::Lease, "default", "l", stale, &client())
+            .unwrap_err();
         assert_eq!(err.code, 409);
     }
 
     #[test]
     fn namespace_deletion_cascades() {
         let mut s = Store::new();
-        s.fixture_put(Kind::Namespace, json!({"metadata": {"name": "t"}})).unwrap();
-        s.fixture_put(Kind::Pod, json!({"metadata": {"name": "p", "namespace": "t"}})).unwrap();
+        s.fixture_put(Kind::Namespace, json!({"metadata": {"name": "t"}}))
+            .unwrap();
+        s.fixture_put(
+            Kind::Pod,
+            json!({"metadata": {"name": "p", "namespace": "t"}}),
+        )
+        .unwrap();
         s.fixture_delete(Kind::Namespace, "", "t").unwrap();
         assert!(s.get(Kind::Pod, "t", "p").is_none());
-        assert!(s.fixture_put(Kind::Pod, json!({"metadata": {"name": "p", "namespace": "t"}})).is_err());
+        assert!(s
+            .fixture_put(
+                Kind::Pod,
+                json!({"metadata": {"name": "p", "namespace": "t"}})
+            )
+            .is_err());
     }
 }

@@ -6,7 +6,8 @@
 //! when `allowWatchBookmarks=true`, and ends after `timeoutSeconds`, on `drop_watches()`, or
 //! when the server goes down. A resourceVersion older than the history is answered the way
 //! a real API server answers it: HTTP 200 and one ERROR event carrying a 410 `Expired`
-//! Status, then the end of the stream.
+//! Status, then the end of the stream. (kube-runtime 5.0 re-lists on that event; an HTTP 410
+//! at watch start would instead make its watcher retry the same resourceVersion forever.)
 
 use std::{
     convert::Infallible,
@@ -139,9 +140,10 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
 
     let requested = match req.resource_version.as_deref() {
         None | Some("") | Some("0") => None,
-        Some(s) => Some(s.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("invalid resource version {s:?}"))
-        })?),
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {s:?}")))?,
+        ),
     };
 
     let mut initial: Vec<Bytes> = Vec::new();
