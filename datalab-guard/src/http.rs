@@ -198,6 +198,7 @@ mod tests {
             Ok(Snapshot {
                 policy_entries: 3,
                 policy_capacity: 8,
+                namespaces: Vec::new(),
                 ..Snapshot::default()
             })
         })));

@@ -244,6 +244,7 @@ fn snapshot_fn(maps: Arc<Mutex<GuardMaps>>) -> Arc<dyn Fn() -> anyhow::Result<Sn
             unknown_cgroups: None,
             policy_entries: policy.len() as u64,
             policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
+            namespaces: Vec::new(),
         })
     })
 }

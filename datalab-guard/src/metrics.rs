@@ -64,7 +64,23 @@ pub struct Snapshot {
     pub unknown_cgroups: Option<u64>,
     pub policy_entries: u64,
     pub policy_capacity: u64,
+    /// Environment namespaces' baseline (node mode): `networkpolicy_state` and
+    /// `cni_enforcement` gauges, one series per namespace and possible state (1 for the
+    /// current one, 0 for the others), so alerts can match on a state going to 1.
+    pub namespaces: Vec<NamespaceSample>,
 }
+
+/// One environment namespace's baseline state (`None`: not checked yet, no series).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceSample {
+    pub namespace: String,
+    pub policy: Option<&'static str>,
+    pub cni: Option<&'static str>,
+}
+
+/// The values `networkpolicy_state{state}` and `cni_enforcement{state}` take.
+pub const POLICY_STATES: [&str; 5] = ["ok", "missing", "drifted", "repaired", "bypassed"];
+pub const CNI_STATES: [&str; 3] = ["enforced", "not_enforced", "inconclusive"];
 
 /// Produces a [`Snapshot`]; called on every scrape, from a blocking thread.
 pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
@@ -89,6 +105,12 @@ const HELP_UNKNOWN: &str = "cgroups under the attach root that the agent could n
     known pod; they get the default verdict.";
 const HELP_ENTRIES: &str = "Entries in the policy map (cgroup id to verdict).";
 const HELP_CAPACITY: &str = "Maximum number of entries of the policy map.";
+const HELP_POLICY_STATE: &str = "State of the allow-web-egress NetworkPolicy of each environment \
+    namespace: 1 for the current state (ok, missing, drifted, repaired, or bypassed when another \
+    policy reopens a blocked destination), 0 for the others.";
+const HELP_CNI: &str = "Whether the CNI enforces the namespace's NetworkPolicy, as probed from a \
+    pod's network namespace on this node: 1 for the current state (enforced, not_enforced, \
+    inconclusive), 0 for the others.";
 const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
@@ -138,6 +160,29 @@ impl GuardCollector {
             }
         }
     }
+}
+
+/// A state-set gauge family: one series per (namespace, state), 1 for the current state.
+fn encode_states<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    states: &[&str],
+    current: impl Iterator<Item = (&'a str, &'a str)>,
+) -> fmt::Result {
+    let current: Vec<(&str, &str)> = current.collect();
+    if current.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (namespace, now) in current {
+        let namespace = escape_label_value(namespace);
+        for state in states {
+            let value: i64 = i64::from(*state == now);
+            ConstGauge::new(value).encode(family.encode_family(&[("namespace", namespace.as_str()), ("state", state)])?)?;
+        }
+    }
+    Ok(())
 }
 
 impl Collector for GuardCollector {
@@ -193,6 +238,8 @@ impl Collector for GuardCollector {
                     )?)?;
                 }
             }
+            encode_states(&mut encoder, "networkpolicy_state", HELP_POLICY_STATE, &POLICY_STATES, s.namespaces.iter().filter_map(|n| Some((n.namespace.as_str(), n.policy?))))?;
+            encode_states(&mut encoder, "cni_enforcement", HELP_CNI, &CNI_STATES, s.namespaces.iter().filter_map(|n| Some((n.namespace.as_str(), n.cni?))))?;
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
         let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
@@ -301,6 +348,7 @@ mod tests {
             unknown_cgroups: None,
             policy_entries: 14,
             policy_capacity: 65_536,
+            namespaces: Vec::new(),
         }
     }
 
@@ -424,5 +472,20 @@ mod tests {
             })
         });
         assert!(text.contains(r#"namespace="a\"b\\c\nd"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn namespace_states_are_state_sets() {
+        let mut s = snapshot();
+        s.namespaces = vec![
+            NamespaceSample { namespace: "env-a".into(), policy: Some("bypassed"), cni: Some("enforced") },
+            NamespaceSample { namespace: "env-b".into(), policy: Some("ok"), cni: None },
+        ];
+        let text = exposition(move || Ok(s.clone()));
+        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"bypassed\"} 1"), "{text}");
+        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"ok\"} 0"), "{text}");
+        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-b\",state=\"ok\"} 1"), "{text}");
+        assert!(text.contains("datalab_guard_cni_enforcement{namespace=\"env-a\",state=\"enforced\"} 1"), "{text}");
+        assert!(!text.contains("namespace=\"env-b\",state=\"enforced\""), "no CNI series before a probe: {text}");
     }
 }

@@ -490,6 +490,7 @@ fn snapshot_fn(
                 unknown_cgroups: None,
                 policy_entries: 0,
                 policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
+                namespaces: Vec::new(),
             });
         };
         let names = classes.read().map_err(|_| anyhow::anyhow!("classes lock poisoned"))?.clone();
@@ -515,6 +516,7 @@ fn snapshot_fn(
             unknown_cgroups: Some(g.unknown),
             policy_entries: maps.policy()?.len() as u64,
             policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
+            namespaces: Vec::new(),
         })
     })
 }

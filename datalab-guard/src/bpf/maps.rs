@@ -182,6 +182,15 @@ impl GuardMaps {
         Ok(changes)
     }
 
+    /// One POLICY entry, if present.
+    pub fn policy_get(&self, cgroup_id: u64) -> anyhow::Result<Option<PolicyEntry>> {
+        match self.policy.get(&cgroup_id, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Sets or replaces one POLICY entry.
     pub fn set_policy(&mut self, cgroup_id: u64, entry: PolicyEntry) -> anyhow::Result<()> {
         Ok(self.policy.insert(cgroup_id, entry, 0)?)
