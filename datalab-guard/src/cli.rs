@@ -107,12 +107,26 @@ pub struct NodeArgs {
     /// The pods' cgroup root (e.g. /sys/fs/cgroup/kubepods.slice) [default: detected].
     #[arg(long, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
+    /// Where the container runtime keeps pod network namespaces (the host's /run/netns,
+    /// mounted read-only), for the CNI enforcement probe.
+    #[arg(long, value_name = "DIR", default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
+    /// Where the agent writes the per-namespace state `status` shows.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
+
+/// The node agent's state file (policy, Pod Security and CNI state per environment).
+pub const DEFAULT_STATE_FILE: &str = "/run/datalab-guard/state.json";
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    /// The node agent's state file (per environment namespace: NetworkPolicy, Pod Security,
+    /// CNI enforcement); shown when present.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => node::run(&cli.shared, &args),
         Command::Local(args) => local::run(&cli.shared, &args),
-        Command::Status(args) => status::run(&cli.shared, args.output),
+        Command::Status(args) => status::run(&cli.shared, args.output, &args.state_file),
         Command::Check => {
             let lines = check::run(&cli.shared.bpffs);
             if check::print(&lines) {

@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod cgroupwatch;
 pub mod check;
 pub mod cli;
+pub mod cniprobe;
 pub mod config;
 pub mod http;
 pub mod input;

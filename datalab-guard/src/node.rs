@@ -52,6 +52,8 @@ struct Plan {
     metrics_addr: SocketAddr,
     kubeconfig: Option<PathBuf>,
     own_pod_uid: Option<String>,
+    netns_dir: PathBuf,
+    state_file: Option<PathBuf>,
 }
 
 pub fn run(shared: &Shared, args: &NodeArgs) -> anyhow::Result<()> {
@@ -107,6 +109,8 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         metrics_addr,
         kubeconfig: args.kubeconfig.clone(),
         own_pod_uid: std::env::var("POD_UID").ok().filter(|s| !s.is_empty()),
+        netns_dir: args.netns_dir.clone(),
+        state_file: Some(args.state_file.clone()),
     })
 }
 
@@ -149,7 +153,6 @@ struct PodRef {
 
 /// The agent's reconciling state.
 struct Core {
-    node: String,
     root: CgroupDir,
     driver: CgroupDriver,
     policy: PolicyConfig,
@@ -248,12 +251,14 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let attribution = Arc::new(RwLock::new(Attribution::default()));
     let gauges = Arc::new(Mutex::new(Gauges::default()));
     let classes_view: Arc<RwLock<BTreeMap<u32, String>>> = Arc::new(RwLock::new(BTreeMap::new()));
-    let state = Arc::new(http::HttpState::new(snapshot_fn(maps_slot.clone(), gauges.clone(), classes_view.clone())));
+    let states_for_metrics = crate::k8s::state::NamespaceStates::default();
+    let state = Arc::new(http::HttpState::new(snapshot_fn(maps_slot.clone(), gauges.clone(), classes_view.clone(), states_for_metrics.clone())));
     state.set_ready(false, "waiting for the first full sync with the API server");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let http_task = tokio::spawn(http::serve_listener(listener, state.clone(), shutdown_rx.clone()));
 
-    let view = ClusterView::start(client.clone(), &plan.node);
+    let namespace_states = states_for_metrics.clone();
+    let view = Arc::new(ClusterView::start(client.clone(), &plan.node));
     tracing::info!(node = %plan.node, root = %plan.root.path.display(), "waiting for the first full list of namespaces and pods");
     tokio::select! {
         _ = view.wait_synced() => {},
@@ -264,7 +269,6 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     }
 
     let mut core = Core {
-        node: plan.node.clone(),
         root: plan.root.clone(),
         driver: plan.driver,
         policy: PolicyConfig::new(&plan.config, plan.own_pod_uid.clone()),
@@ -298,6 +302,9 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     *classes_view.write().expect("classes lock") = core.classes.snapshot();
     state.set_ready(true, "programs attached and maps hold the current verdicts");
 
+    // Cluster-wide baseline (leader only writes): allow-web-egress, Pod Security, bypasses.
+    let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, namespace_states.clone());
+
     // Audit stream → stdout lines + pod Events.
     let (attempt_tx, attempt_rx) = mpsc::channel::<PodAttempt>(1024);
     let audit_task = tokio::spawn(stream_audit(events, attribution.clone(), plan.node.clone(), attempt_tx, shutdown_rx.clone()));
@@ -306,6 +313,19 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     } else {
         None
     };
+
+    // Every node: does the CNI enforce the environments' NetworkPolicy?
+    let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
+        plan.config.probe.clone(),
+        PathBuf::from(crate::cniprobe::SELF_NETNS),
+        crate::cniprobe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
+        probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
+        namespace_states.clone(),
+        |namespace: &str, old: Option<crate::k8s::state::CniState>, new: crate::k8s::state::CniState| {
+            tracing::warn!(namespace, old = old.map(|o| o.as_str()), new = new.as_str(), "CNI enforcement of the namespace's NetworkPolicy changed");
+        },
+        shutdown_rx.clone(),
+    ));
 
     // cgroup directories appearing and going.
     let mut watch_config = WatchConfig::new(&plan.root.path, plan.driver);
@@ -327,6 +347,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                 match load_config(plan.config_path.as_deref(), shared) {
                     Ok(new_config) => {
                         core.policy = PolicyConfig::new(&new_config, plan.own_pod_uid.clone());
+                        baseline.reload(&new_config);
                         let blocked = new_config.blocklist();
                         if let Some(maps) = maps_slot.lock().expect("maps lock").as_mut() {
                             let mut gc = guard_config(&new_config);
@@ -364,14 +385,25 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                 state.set_ready(false, "policy map not reconciled");
             }
         }
+        {
+            let policy = &core.policy;
+            let namespaces = view.namespaces();
+            namespace_states.retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+            if let Some(path) = &plan.state_file {
+                write_state_file(path, &plan.node, &namespace_states.snapshot());
+            }
+        }
         if last_full.elapsed() > Duration::from_secs(300) {
             tracing::debug!(watch_errors = view.watch_errors(), "periodic state");
             last_full = Instant::now();
         }
     }
 
+    // Stop cluster writes and release the Lease so a standby takes over at once.
+    baseline.shutdown().await;
     tracing::info!("exiting; enforcement stays in place (pinned under {})", layout.root().display());
     let _ = shutdown_tx.send(true);
+    probe_task.abort();
     for task in [http_task, audit_task] {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
@@ -475,6 +507,7 @@ fn snapshot_fn(
     maps: Arc<Mutex<Option<GuardMaps>>>,
     gauges: Arc<Mutex<Gauges>>,
     classes: Arc<RwLock<BTreeMap<u32, String>>>,
+    states: crate::k8s::state::NamespaceStates,
 ) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
     Arc::new(move || {
         let slot = maps.lock().map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
@@ -516,7 +549,15 @@ fn snapshot_fn(
             unknown_cgroups: Some(g.unknown),
             policy_entries: maps.policy()?.len() as u64,
             policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
-            namespaces: Vec::new(),
+            namespaces: states
+                .snapshot()
+                .into_iter()
+                .map(|(namespace, st)| crate::metrics::NamespaceSample {
+                    namespace,
+                    policy: st.policy.map(|p| p.as_str()),
+                    cni: st.cni.map(|c| c.as_str()),
+                })
+                .collect(),
         })
     })
 }
@@ -532,5 +573,66 @@ mod tests {
         assert_eq!(Mode::from_raw(gc.mode), Mode::Enforce);
         assert_eq!(Verdict::from_raw(gc.default_verdict), Verdict::Guard);
         assert_eq!(gc.events_per_window, 5);
+    }
+}
+
+/// What the probe needs of the reconciler: the resolver settings, to find pod cgroups.
+#[derive(Clone)]
+struct ResolverView {
+    root: PathBuf,
+    driver: CgroupDriver,
+    policy: Arc<PolicyConfig>,
+}
+
+fn core_snapshot(core: &Core) -> ResolverView {
+    ResolverView { root: core.root.path.clone(), driver: core.driver, policy: Arc::new(core.policy.clone()) }
+}
+
+/// For each environment namespace with a running pod on this node, one network namespace
+/// to probe from: the runtime's netns file holding the pod's IP (`--netns-dir`, the host's
+/// /run/netns), else the namespace of a process in the pod's cgroup (needs hostPID).
+fn probe_targets(view: Arc<ClusterView>, resolver: ResolverView, netns_dir: PathBuf) -> impl Fn() -> Vec<(String, PathBuf)> + Send + Sync + 'static {
+    move || {
+        let namespaces = view.namespaces();
+        let ips = view.pod_ips();
+        let by_ip: Vec<(PathBuf, Vec<std::net::IpAddr>)> = crate::cniprobe::netns_addresses(&netns_dir).unwrap_or_default();
+        let mut chosen: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for pod in view.pods() {
+            if chosen.contains_key(&pod.namespace) || pod.phase.as_deref() != Some("Running") || pod.host_network {
+                continue;
+            }
+            let Some(ns) = namespaces.get(&pod.namespace) else { continue };
+            if !resolver.policy.is_environment(ns) {
+                continue;
+            }
+            let from_ip = ips.get(&pod.uid).and_then(|ip| by_ip.iter().find(|(_, addrs)| addrs.contains(ip)).map(|(p, _)| p.clone()));
+            let from_cgroup = || {
+                [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort].into_iter().find_map(|qos| {
+                    crate::cniprobe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(&resolver.root, resolver.driver, qos, &pod.uid))
+                })
+            };
+            if let Some(path) = from_ip.or_else(from_cgroup) {
+                chosen.insert(pod.namespace.clone(), path);
+            }
+        }
+        chosen.into_iter().collect()
+    }
+}
+
+/// Writes what `status` shows per environment namespace (atomically: write, then rename).
+fn write_state_file(path: &Path, node: &str, states: &BTreeMap<String, crate::k8s::state::NamespaceStatus>) {
+    let doc = serde_json::json!({
+        "node": node,
+        "written_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "namespaces": states,
+    });
+    let tmp = path.with_extension("tmp");
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::debug!(path = %path.display(), error = %e, "cannot write the state file");
     }
 }

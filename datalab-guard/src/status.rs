@@ -14,9 +14,15 @@ use crate::{
     cli::{OutputFormat, Shared},
 };
 
-pub fn run(shared: &Shared, output: OutputFormat) -> anyhow::Result<()> {
+pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::Result<()> {
     let layout = PinLayout::new(&shared.bpffs);
-    let report = collect(&layout)?;
+    let mut report = collect(&layout)?;
+    // Node mode: the agent's view of each environment namespace's baseline.
+    if let Ok(text) = std::fs::read_to_string(state_file) {
+        if let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) {
+            report["environments"] = state;
+        }
+    }
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Text => print_text(&report),
@@ -140,4 +146,17 @@ fn print_text(r: &serde_json::Value) {
         println!("    {:<8} {:<6} {:<12} {}", s(&c["action"]), s(&c["family"]), s(&c["hook"]), c["count"].to_string());
     }
     println!("  audit events lost: {}  suppressed by rate limit: {}", r["audit_events_lost"], r["audit_events_suppressed"]);
+    if let Some(namespaces) = r["environments"]["namespaces"].as_object() {
+        println!("  environments (node {}):", s(&r["environments"]["node"]));
+        println!("    {:<32} {:<10} {:<12} CNI", "NAMESPACE", "POLICY", "POD SECURITY");
+        for (ns, st) in namespaces {
+            let or_dash = |v: &serde_json::Value| if v.is_null() { "-".to_owned() } else { s(v) };
+            let psa = if st["psa"].is_null() {
+                "-".to_owned()
+            } else {
+                format!("{}{}", or_dash(&st["psa"]["enforce"]), if st["psa"]["sufficient"] == json!(true) { "" } else { " (weak)" })
+            };
+            println!("    {:<32} {:<10} {:<12} {}", ns, or_dash(&st["policy"]), psa, or_dash(&st["cni"]));
+        }
+    }
 }

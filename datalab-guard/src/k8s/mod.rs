@@ -5,6 +5,9 @@
 pub mod client;
 pub mod convert;
 pub mod events;
+pub mod leader;
+pub mod provision;
+pub mod psa;
 pub mod state;
 pub mod watch;
 

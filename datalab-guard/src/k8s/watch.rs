@@ -71,6 +71,15 @@ impl ClusterView {
         self.pods.state().iter().filter_map(|p| pod_info(p)).collect()
     }
 
+    /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
+    pub fn pod_ips(&self) -> std::collections::HashMap<String, std::net::IpAddr> {
+        self.pods
+            .state()
+            .iter()
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?)))
+            .collect()
+    }
+
     /// API uid → cgroup uid, for the static pods whose mirror annotation names another uid.
     pub fn cgroup_uids(&self) -> std::collections::HashMap<String, String> {
         self.pods

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod classes;
+pub mod holepunch;
 pub mod selector;
 
 use std::{

@@ -1,0 +1,944 @@
+//! The cluster-wide baseline under the datapath: the `allow-web-egress` NetworkPolicy in
+//! every environment namespace, Pod Security Admission labels, and other policies that
+//! reopen metadata — verified by every agent, written by the elected leader only.
+//!
+//! Every agent runs [`spawn`]: a leader-election candidate ([`super::leader`]), reflectors of
+//! namespaces and NetworkPolicies, and one reconcile loop that fills [`NamespaceStates`] for
+//! each environment namespace (`policy`: ok | missing | drifted | repaired | bypassed,
+//! `bypassed_by`, `psa`), so `networkpolicy_state` means the same on every node. Only while
+//! this agent holds the Lease does the loop write, and it stops mid-reconcile when it loses
+//! it:
+//! - server-side apply (field manager `datalab-guard`, forced) of the desired policy
+//!   ([`desired`]) where it is missing or has drifted — deleted, edited, fields taken over by
+//!   another manager. A first creation is *provisioning* (log line); putting back a policy
+//!   that was there before is a *repair*: state `repaired` (held for [`REPAIRED_HOLD`] so a
+//!   scrape sees it), a log line and a Warning Event `NetworkPolicyRepaired` on the namespace.
+//!   A change of the desired policy itself (blocked set, dual-stack) is an update, not a repair.
+//!   Repairs that keep being undone (a GitOps tool fighting us) back off exponentially;
+//! - deletion of our policy from namespaces that stopped being environments
+//!   (`removeWhenNotEnvironment`), only when it carries our label *and* our field manager;
+//!   nothing else is ever deleted or edited, other policies in the namespace included;
+//! - `PodSecurityTooWeak` Events (once per change of the label) and, with
+//!   `podSecurity.setLabel`, an apply of the two labels we own on the namespace;
+//! - `MetadataBypassPolicy` Events (once per change of the offending set) for tenant policies
+//!   that reopen a blocked destination; they are reported, never touched.
+//!
+//! The entry point for the node agent is [`spawn`]; see its docs for the wiring.
+
+pub mod desired;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use datalab_guard_common::cidr::Cidr;
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, ObjectReference},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Api, Client,
+};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+
+pub use self::desired::{desired_policy, is_ours, observe, Observed, MANAGED_BY_LABEL};
+use super::{
+    client::MANAGER,
+    convert::namespace_info,
+    leader::{self, Elector, LeaseSettings},
+    psa,
+    state::{NamespaceStates, PolicyState, PsaState},
+};
+use crate::{
+    config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
+    policy::PolicyConfig,
+};
+
+/// How long a repaired policy keeps the state `repaired` once it is right again, so that
+/// the `networkpolicy_state` metric shows the repair to a Prometheus scraping every minute.
+pub const REPAIRED_HOLD: Duration = Duration::from_secs(120);
+
+/// Full re-check even without any change seen (missed events, backoffs ending).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// How often `dualStack: auto` looks at the Nodes again.
+const DUAL_STACK_REFRESH: Duration = Duration::from_secs(300);
+
+/// After a write, how long to wait for the watch to show it before judging again.
+const WRITE_SETTLE: Duration = Duration::from_secs(5);
+
+/// How long [`BaselineHandle::shutdown`] may take (stop writing, release the Lease).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The part of the config this module follows (replaced on reload).
+#[derive(Clone, Debug)]
+struct Settings {
+    policy: PolicyConfig,
+    network_policy: NetworkPolicyConfig,
+    pod_security: PodSecurityConfig,
+    blocked: Vec<Cidr>,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        Settings {
+            policy: PolicyConfig::new(config, None),
+            network_policy: config.network_policy.clone(),
+            pod_security: config.pod_security.clone(),
+            blocked: config.blocklist(),
+        }
+    }
+}
+
+/// The running baseline controller of one agent.
+/// Dropping it without [`BaselineHandle::shutdown`] stops everything at once, without
+/// releasing the Lease (it then expires by itself).
+pub struct BaselineHandle {
+    elector: Option<Elector>,
+    settings: watch::Sender<Arc<Settings>>,
+    stop: watch::Sender<bool>,
+    /// The reconcile loop (stops at `stop`).
+    reconciler: Option<JoinHandle<()>>,
+    /// The reflectors' drivers (aborted).
+    watchers: Vec<JoinHandle<()>>,
+}
+
+/// Starts leader election, the namespace and NetworkPolicy reflectors and the reconcile
+/// loop on the current tokio runtime; returns at once.
+///
+/// - `node`: this agent's node name; it is the Lease identity unless `POD_NAME` is set;
+/// - `states`: shared with the metrics, `status` and the CNI probe; this module writes the
+///   `policy`, `bypassed_by` and `psa` fields of environment namespaces and drops the
+///   namespaces that are no longer environments.
+///
+/// Node agent wiring (`node.rs`, after the client exists):
+/// ```ignore
+/// let states = k8s::state::NamespaceStates::default();
+/// let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, states.clone());
+/// // SIGHUP, once the new config is accepted:   baseline.reload(&new_config);
+/// // on SIGTERM/SIGINT, before returning:       baseline.shutdown().await;
+/// ```
+pub fn spawn(
+    client: Client,
+    config: &Config,
+    node: &str,
+    states: NamespaceStates,
+) -> BaselineHandle {
+    let identity = leader::identity(node);
+    let elector = Elector::spawn(
+        client.clone(),
+        LeaseSettings::from_config(&config.leader_election, &identity),
+    );
+    let (settings_tx, settings_rx) = watch::channel(Arc::new(Settings::new(config)));
+    let (stop, stop_rx) = watch::channel(false);
+    let changed = Arc::new(Notify::new());
+
+    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let ns_stream = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|ns| {
+        ns.metadata.managed_fields = None;
+        ns.metadata.annotations = None;
+    })
+    .reflect(ns_writer);
+    let (policies, np_writer) = reflector::store::<NetworkPolicy>();
+    // Every policy, not only ours: other policies can reopen metadata. managedFields stay
+    // (ownership is part of drift); the last-applied annotation can be large and goes.
+    let np_stream = watcher(
+        Api::<NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|np| np.metadata.annotations = None)
+    .reflect(np_writer);
+    let watchers = vec![
+        tokio::spawn(drive("namespaces (baseline)", ns_stream, changed.clone())),
+        tokio::spawn(drive("networkpolicies", np_stream, changed.clone())),
+    ];
+
+    let reconciler = Reconciler {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(identity),
+            },
+        ),
+        client,
+        states,
+        namespaces,
+        policies,
+        memory: BTreeMap::new(),
+        dual_stack: None,
+    };
+    let reconciler = tokio::spawn(run(
+        reconciler,
+        settings_rx,
+        elector.subscribe(),
+        changed,
+        stop_rx,
+    ));
+    BaselineHandle {
+        elector: Some(elector),
+        settings: settings_tx,
+        stop,
+        reconciler: Some(reconciler),
+        watchers,
+    }
+}
+
+impl BaselineHandle {
+    /// `true` while this agent is the leader (the one that writes).
+    pub fn is_leader(&self) -> watch::Receiver<bool> {
+        self.elector
+            .as_ref()
+            .expect("running until shutdown")
+            .subscribe()
+    }
+
+    /// Follows a reloaded config (environments, networkPolicy, podSecurity, blocked set). The
+    /// `leaderElection` settings are read once at start.
+    pub fn reload(&self, config: &Config) {
+        self.settings.send_replace(Arc::new(Settings::new(config)));
+    }
+
+    /// Stops all writes, then releases the Lease so a standby takes over at once.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(reconciler) = self.reconciler.take() {
+            let abort = reconciler.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, reconciler)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
+        if let Some(elector) = self.elector.take() {
+            elector.shutdown(SHUTDOWN_TIMEOUT).await;
+        }
+    }
+}
+
+impl Drop for BaselineHandle {
+    fn drop(&mut self) {
+        if let Some(reconciler) = &self.reconciler {
+            reconciler.abort();
+        }
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
+    }
+}
+
+async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>)
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                if failing {
+                    tracing::info!(what, "watch recovered");
+                    failing = false;
+                }
+                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    changed.notify_one();
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(what, error = %e, "watch failed; retrying with backoff");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// What the loop remembers about one environment namespace.
+#[derive(Default)]
+struct Memory {
+    /// Our policy has been seen (or written) here: its absence is then a deletion.
+    seen: bool,
+    /// A write the watch has not shown yet: (resourceVersion written, give up waiting at).
+    pending: Option<(u64, Instant)>,
+    /// The state decided at the last write, kept while the write is pending.
+    pending_state: Option<PolicyState>,
+    repaired_at: Option<Instant>,
+    last_repair: Option<Instant>,
+    repair_streak: u32,
+    next_repair: Option<Instant>,
+    /// Last policy problem logged, so each is logged once.
+    logged: Option<Observed>,
+    /// PSA weakness last reported with an Event (leader only).
+    reported_psa: Option<PsaState>,
+    psa_pending_until: Option<Instant>,
+    /// Bypassing policies last reported with an Event (leader only).
+    reported_bypass: Vec<String>,
+}
+
+struct Reconciler {
+    client: Client,
+    recorder: Recorder,
+    states: NamespaceStates,
+    namespaces: Store<Namespace>,
+    policies: Store<NetworkPolicy>,
+    memory: BTreeMap<String, Memory>,
+    /// `dualStack: auto`: (IPv6 seen on the Nodes, when looked).
+    dual_stack: Option<(bool, Instant)>,
+}
+
+async fn run(
+    mut r: Reconciler,
+    mut settings: watch::Receiver<Arc<Settings>>,
+    mut leader: watch::Receiver<bool>,
+    changed: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = async {
+            let _ = r.namespaces.wait_until_ready().await;
+            let _ = r.policies.wait_until_ready().await;
+        } => {},
+        _ = stop.changed() => return,
+    }
+    tracing::info!(
+        "baseline: namespaces and NetworkPolicies listed; verifying environment namespaces"
+    );
+    loop {
+        let s = settings.borrow_and_update().clone();
+        let leading = *leader.borrow_and_update();
+        let wake: Option<Duration> = tokio::select! {
+            w = r.reconcile(&s, leading) => w,
+            // Leader duties stop the moment leadership is lost.
+            _ = leader.wait_for(|l| !*l), if leading => {
+                tracing::info!("baseline: no longer the leader; writes stopped");
+                // Look again at once, read-only, so the states stay current.
+                Some(Duration::ZERO)
+            },
+            _ = stop.changed() => return,
+        };
+        let next = tokio::time::Instant::now() + wake.map_or(RESYNC, |w: Duration| w.min(RESYNC));
+        tokio::select! {
+            _ = changed.notified() => {},
+            _ = leader.changed() => {},
+            _ = settings.changed() => {},
+            _ = tokio::time::sleep_until(next) => {},
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Where the namespace's policies stand, for the state and the reports.
+struct PolicyOutcome {
+    state: PolicyState,
+    bypassed_by: Vec<String>,
+}
+
+impl Reconciler {
+    /// One pass over every namespace. Returns how soon to look again (backoffs, pending
+    /// writes), if sooner than the resync.
+    async fn reconcile(&mut self, s: &Settings, leading: bool) -> Option<Duration> {
+        let dual = self.dual_stack(s).await;
+        let mut by_namespace: BTreeMap<String, Vec<NetworkPolicy>> = BTreeMap::new();
+        for p in self.policies.state() {
+            if let Some(ns) = p.metadata.namespace.clone() {
+                by_namespace.entry(ns).or_default().push((*p).clone());
+            }
+        }
+        let mut environments = BTreeSet::new();
+        let mut wake: Option<Duration> = None;
+        let mut soon = |d: Duration| wake = Some(wake.map_or(d, |w: Duration| w.min(d)));
+        for ns in self.namespaces.state() {
+            let Some(info) = namespace_info(&ns) else {
+                continue;
+            };
+            let terminating = ns.metadata.deletion_timestamp.is_some();
+            let policies = by_namespace.remove(&info.name).unwrap_or_default();
+            if !s.policy.is_environment(&info) {
+                self.memory.remove(&info.name);
+                let np = &s.network_policy;
+                if leading && np.manage && np.remove_when_not_environment && !terminating {
+                    if let Some(ours) = policies
+                        .iter()
+                        .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()))
+                    {
+                        self.remove(s, &info.name, ours).await;
+                    }
+                }
+                continue;
+            }
+            environments.insert(info.name.clone());
+            let outcome = self
+                .reconcile_policy(s, &ns, &policies, dual, leading, terminating, &mut soon)
+                .await;
+            let psa_state = self.reconcile_psa(s, &ns, leading, terminating).await;
+            self.states.update(&info.name, |st| {
+                st.policy = Some(outcome.state);
+                st.bypassed_by = outcome.bypassed_by;
+                st.psa = Some(psa_state);
+            });
+        }
+        self.memory.retain(|ns, _| environments.contains(ns));
+        self.states.retain(|ns| environments.contains(ns));
+        wake
+    }
+
+    /// `dualStack` resolved; `auto` looks at the Nodes now and then.
+    async fn dual_stack(&mut self, s: &Settings) -> bool {
+        match s.network_policy.dual_stack {
+            DualStack::Enabled => true,
+            DualStack::Disabled => false,
+            DualStack::Auto => {
+                if self
+                    .dual_stack
+                    .is_none_or(|(_, at)| at.elapsed() >= DUAL_STACK_REFRESH)
+                {
+                    let previous = self.dual_stack.map(|(d, _)| d);
+                    let found = match cluster_has_ipv6(&self.client).await {
+                        Ok(found) => found,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dualStack auto: cannot list Nodes; keeping {}", if previous == Some(true) { "dual-stack" } else { "IPv4 only" });
+                            previous.unwrap_or(false)
+                        }
+                    };
+                    if previous != Some(found) {
+                        tracing::info!(
+                            dual_stack = found,
+                            "dualStack auto: {}",
+                            if found {
+                                "the Nodes have IPv6: policies carry the IPv6 rule"
+                            } else {
+                                "no IPv6 on the Nodes: IPv4 rule only"
+                            }
+                        );
+                    }
+                    self.dual_stack = Some((found, Instant::now()));
+                }
+                self.dual_stack.is_some_and(|(d, _)| d)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn reconcile_policy(
+        &mut self,
+        s: &Settings,
+        ns: &Namespace,
+        policies: &[NetworkPolicy],
+        dual: bool,
+        leading: bool,
+        terminating: bool,
+        soon: &mut impl FnMut(Duration),
+    ) -> PolicyOutcome {
+        let name = ns.metadata.name.clone().unwrap_or_default();
+        let np = &s.network_policy;
+        let desired = desired_policy(&name, &np.name, &s.blocked, dual);
+        let live = policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()));
+        let observed = observe(live, &desired, np.manage);
+        let now = Instant::now();
+        let mem = self.memory.entry(name.clone()).or_default();
+
+        let mut state = match observed {
+            Observed::Ok => PolicyState::Ok,
+            Observed::Missing => PolicyState::Missing,
+            Observed::Drifted(_) => PolicyState::Drifted,
+        };
+        if live.is_some() {
+            mem.seen = true;
+        }
+        // Our own write not visible yet: judge it when it is.
+        let pending = mem.pending.filter(|(rv, until)| {
+            now < *until
+                && live
+                    .and_then(resource_version)
+                    .is_none_or(|have| have < *rv)
+        });
+        if pending.is_some() {
+            state = mem.pending_state.unwrap_or(state);
+        } else {
+            mem.pending = None;
+            mem.pending_state = None;
+            if observed == Observed::Ok {
+                mem.logged = None;
+            } else {
+                // What we applied under an earlier configuration (blocked set, dual-stack)?
+                let ours_before = np.manage && observed.is_our_own_change();
+                if leading && np.manage && !terminating {
+                    if mem.next_repair.is_some_and(|t| now < t) {
+                        soon(mem.next_repair.map_or(RESYNC, |t| t - now));
+                    } else if !fresh_environment(&self.client, &name, &s.policy, soon)
+                        .await
+                        .is_some_and(|fresh| fresh)
+                    {
+                        // Not an environment any more (the cache lagged), or unreadable.
+                    } else {
+                        match apply_policy(&self.client, &name, &np.name, &desired).await {
+                            Ok(written) => {
+                                mem.pending =
+                                    resource_version(&written).map(|rv| (rv, now + WRITE_SETTLE));
+                                soon(WRITE_SETTLE);
+                                state = if ours_before {
+                                    tracing::info!(namespace = %name, policy = %np.name, "NetworkPolicy updated to the current configuration");
+                                    PolicyState::Ok
+                                } else if !mem.seen && observed == Observed::Missing {
+                                    tracing::info!(namespace = %name, policy = %np.name, "NetworkPolicy provisioned");
+                                    PolicyState::Ok
+                                } else {
+                                    let what = describe(&observed);
+                                    tracing::warn!(namespace = %name, policy = %np.name, drift = %what, "NetworkPolicy repaired");
+                                    mem.repaired_at = Some(now);
+                                    mem.repair_streak = if mem
+                                        .last_repair
+                                        .is_some_and(|t| now - t < Duration::from_secs(60))
+                                    {
+                                        mem.repair_streak + 1
+                                    } else {
+                                        0
+                                    };
+                                    mem.last_repair = Some(now);
+                                    if mem.repair_streak >= 3 {
+                                        let delay = Duration::from_secs(
+                                            1 << (mem.repair_streak - 3).min(8),
+                                        )
+                                        .min(Duration::from_secs(300));
+                                        mem.next_repair = Some(now + delay);
+                                        tracing::warn!(namespace = %name, policy = %np.name, streak = mem.repair_streak, "NetworkPolicy keeps being changed back; next repair in {delay:?} at the earliest (another controller fighting over it?)");
+                                    }
+                                    let note = format!(
+                                        "datalab-guard restored NetworkPolicy {}: {what}",
+                                        np.name
+                                    );
+                                    publish(
+                                        &self.recorder,
+                                        ns,
+                                        "NetworkPolicyRepaired",
+                                        "RepairNetworkPolicy",
+                                        note,
+                                        Some(policy_reference(&written)),
+                                    )
+                                    .await;
+                                    PolicyState::Repaired
+                                };
+                                mem.seen = true;
+                                mem.pending_state = Some(state);
+                                mem.logged = None;
+                            }
+                            Err(e) => {
+                                tracing::warn!(namespace = %name, policy = %np.name, error = %e, "cannot apply the NetworkPolicy; retrying");
+                                soon(Duration::from_secs(2));
+                            }
+                        }
+                    }
+                } else if mem.logged.as_ref() != Some(&observed) && !ours_before {
+                    // Report-only (or not the leader: then quietly, the leader reports).
+                    let what = describe(&observed);
+                    if leading {
+                        tracing::warn!(namespace = %name, policy = %np.name, problem = %what, "NetworkPolicy not as configured (networkPolicy.manage is false: not repaired)");
+                    } else {
+                        tracing::debug!(namespace = %name, policy = %np.name, problem = %what, "NetworkPolicy not as configured; the leader repairs it");
+                    }
+                    mem.logged = Some(observed.clone());
+                }
+            }
+        }
+        if state == PolicyState::Ok && mem.repaired_at.is_some_and(|t| now - t < REPAIRED_HOLD) {
+            state = PolicyState::Repaired;
+            soon(REPAIRED_HOLD.saturating_sub(now - mem.repaired_at.unwrap_or(now)));
+        }
+
+        // Other policies reopening a blocked destination.
+        let (bypassed_by, details) = bypasses(policies, &s.blocked, &np.name);
+        if !bypassed_by.is_empty() && matches!(state, PolicyState::Ok | PolicyState::Repaired) {
+            state = PolicyState::Bypassed;
+        }
+        if leading && mem.reported_bypass != bypassed_by {
+            if !bypassed_by.is_empty() {
+                let list = bypassed_by.join(", ");
+                let rules = details.join("; ");
+                tracing::warn!(namespace = %name, policies = %list, rules = %rules, "NetworkPolicy reopens a blocked metadata destination (left in place)");
+                let note = format!("NetworkPolicy {list} reopens a blocked metadata destination ({rules}); datalab-guard still blocks it on the nodes");
+                publish(
+                    &self.recorder,
+                    ns,
+                    "MetadataBypassPolicy",
+                    "DetectBypass",
+                    note,
+                    None,
+                )
+                .await;
+            }
+            mem.reported_bypass = bypassed_by.clone();
+        }
+        PolicyOutcome { state, bypassed_by }
+    }
+
+    async fn reconcile_psa(
+        &mut self,
+        s: &Settings,
+        ns: &Namespace,
+        leading: bool,
+        terminating: bool,
+    ) -> PsaState {
+        let name = ns.metadata.name.clone().unwrap_or_default();
+        let required = s.pod_security.level;
+        let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let state = psa::check(&labels, required);
+        let mem = self.memory.entry(name.clone()).or_default();
+        if state.sufficient {
+            mem.reported_psa = None;
+            mem.psa_pending_until = None;
+            return state;
+        }
+        if !leading {
+            return state;
+        }
+        if mem.reported_psa.as_ref() != Some(&state) {
+            let what = psa::describe_weakness(&state, required);
+            let fix = if s.pod_security.set_label {
+                "; setting it"
+            } else {
+                ""
+            };
+            tracing::warn!(namespace = %name, enforce = state.enforce.as_deref().unwrap_or("(none)"), required = required.as_str(), "Pod Security too weak: {what}{fix}");
+            publish(
+                &self.recorder,
+                ns,
+                "PodSecurityTooWeak",
+                "CheckPodSecurity",
+                format!("{what}{fix}"),
+                None,
+            )
+            .await;
+            mem.reported_psa = Some(state.clone());
+        }
+        let due = mem.psa_pending_until.is_none_or(|t| Instant::now() >= t);
+        if s.pod_security.set_label && !terminating && due && self.psa_still_weak(s, &name).await {
+            let mem = self.memory.entry(name.clone()).or_default();
+            let api: Api<Namespace> = Api::all(self.client.clone());
+            let body = psa::label_apply_body(&name, required);
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(namespace = %name, level = required.as_str(), "Pod Security enforce label set");
+                    mem.psa_pending_until = Some(Instant::now() + WRITE_SETTLE);
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %name, error = %e, "cannot set the Pod Security label; retrying")
+                }
+            }
+        }
+        state
+    }
+
+    /// Re-read from the API server (not the cache): still an environment whose enforce label
+    /// is too weak?
+    async fn psa_still_weak(&self, s: &Settings, name: &str) -> bool {
+        match Api::<Namespace>::all(self.client.clone())
+            .get_opt(name)
+            .await
+        {
+            Ok(Some(fresh)) => {
+                let labels = fresh.metadata.labels.clone().unwrap_or_default();
+                fresh.metadata.deletion_timestamp.is_none()
+                    && namespace_info(&fresh).is_some_and(|i| s.policy.is_environment(&i))
+                    && !psa::check(&labels, s.pod_security.level).sufficient
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(namespace = name, error = %e, "cannot read the namespace before labelling it; retrying");
+                false
+            }
+        }
+    }
+
+    /// Deletes our policy from a namespace that is no longer an environment — only if it is
+    /// ours (label and field manager), only the version we looked at, and only when the API
+    /// server (not just the cache) says the namespace is not an environment.
+    async fn remove(&self, s: &Settings, namespace: &str, policy: &NetworkPolicy) {
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        if !is_ours(policy) {
+            tracing::debug!(namespace, policy = %name, "not an environment, but this policy is not ours: left alone");
+            return;
+        }
+        if fresh_environment(&self.client, namespace, &s.policy, &mut |_| {}).await != Some(false) {
+            return;
+        }
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let params = DeleteParams::default().preconditions(Preconditions {
+            uid: policy.metadata.uid.clone(),
+            resource_version: policy.metadata.resource_version.clone(),
+        });
+        match api.delete(&name, &params).await {
+            Ok(_) => {
+                tracing::info!(namespace, policy = %name, "namespace is no longer an environment: NetworkPolicy removed")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!(namespace, policy = %name, "policy changed since it was read; looking again");
+            }
+            Err(e) => {
+                tracing::warn!(namespace, policy = %name, error = %e, "cannot remove the NetworkPolicy; retrying")
+            }
+        }
+    }
+}
+
+/// Whether the namespace is an environment according to the API server itself (the leader
+/// re-reads it before a write so that it never acts on a cache lagging behind a
+/// relabelling). `None` when it cannot tell (gone, terminating, unreadable: no write then).
+async fn fresh_environment(
+    client: &Client,
+    name: &str,
+    policy: &PolicyConfig,
+    soon: &mut impl FnMut(Duration),
+) -> Option<bool> {
+    match Api::<Namespace>::all(client.clone()).get_opt(name).await {
+        Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none() => {
+            namespace_info(&ns).map(|i| policy.is_environment(&i))
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(namespace = name, error = %e, "cannot read the namespace before writing; retrying");
+            soon(Duration::from_secs(2));
+            None
+        }
+    }
+}
+
+/// Other policies in the namespace that reopen a blocked destination: their names (sorted,
+/// no duplicates) and one line per offending rule.
+fn bypasses(
+    policies: &[NetworkPolicy],
+    blocked: &[Cidr],
+    our_name: &str,
+) -> (Vec<String>, Vec<String>) {
+    let found = crate::policy::holepunch::find_bypasses(policies, blocked, our_name);
+    let names: BTreeSet<String> = found.iter().map(|b| b.policy.clone()).collect();
+    let details = found
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {} reopens {}",
+                b.policy,
+                b.rule,
+                crate::blocklist::describe(&b.destination)
+            )
+        })
+        .collect();
+    (names.into_iter().collect(), details)
+}
+
+fn describe(observed: &Observed) -> String {
+    match observed {
+        Observed::Ok => "as configured".to_owned(),
+        Observed::Missing => "missing (deleted)".to_owned(),
+        Observed::Drifted(reasons) => reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+fn resource_version(p: &NetworkPolicy) -> Option<u64> {
+    p.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+async fn apply_policy(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    desired: &NetworkPolicy,
+) -> Result<NetworkPolicy, kube::Error> {
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await
+}
+
+fn policy_reference(p: &NetworkPolicy) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("networking.k8s.io/v1".into()),
+        kind: Some("NetworkPolicy".into()),
+        name: p.metadata.name.clone(),
+        namespace: p.metadata.namespace.clone(),
+        uid: p.metadata.uid.clone(),
+        resource_version: p.metadata.resource_version.clone(),
+        ..ObjectReference::default()
+    }
+}
+
+/// A Warning Event on the namespace (published in `default`, as for any cluster-scoped
+/// object). Events are a courtesy: a failure is logged, never retried.
+async fn publish(
+    recorder: &Recorder,
+    ns: &Namespace,
+    reason: &str,
+    action: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Namespace".into()),
+        name: ns.metadata.name.clone(),
+        uid: ns.metadata.uid.clone(),
+        ..ObjectReference::default()
+    };
+    // The API server caps notes at 1 kB.
+    let mut note = note;
+    if note.len() > 1000 {
+        let mut cut = 997;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: related,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(namespace = ns.metadata.name.as_deref().unwrap_or(""), reason, error = %e, "cannot publish the namespace Event");
+    }
+}
+
+/// Whether a Node shows IPv6: an IPv6 pod CIDR, or an IPv6 internal/external address.
+pub fn node_has_ipv6(node: &Node) -> bool {
+    let is_v6 = |s: &str| s.contains(':');
+    let spec = node.spec.as_ref();
+    let cidrs = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.as_ref()));
+    if cidrs.map(String::as_str).any(is_v6) {
+        return true;
+    }
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .any(|a| {
+            a.address
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_ipv6())
+        })
+}
+
+/// Pages through the Nodes until one shows IPv6.
+async fn cluster_has_ipv6(client: &Client) -> Result<bool, kube::Error> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        if page.items.iter().any(node_has_ipv6) {
+            return Ok(true);
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+
+    use super::*;
+
+    fn node(cidrs: &[&str], addresses: &[(&str, &str)]) -> Node {
+        Node {
+            spec: Some(NodeSpec {
+                pod_cidr: cidrs.first().map(|c| (*c).to_owned()),
+                pod_cidrs: Some(cidrs.iter().map(|c| (*c).to_owned()).collect()),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|(t, a)| NodeAddress {
+                            type_: (*t).to_owned(),
+                            address: (*a).to_owned(),
+                        })
+                        .collect(),
+                ),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_is_seen_in_pod_cidrs_or_node_addresses() {
+        assert!(!node_has_ipv6(&node(
+            &["10.244.0.0/24"],
+            &[("InternalIP", "10.0.0.1"), ("Hostname", "n1")]
+        )));
+        assert!(node_has_ipv6(&node(
+            &["10.244.0.0/24", "fd00:10:244::/64"],
+            &[("InternalIP", "10.0.0.1")]
+        )));
+        assert!(node_has_ipv6(&node(
+            &[],
+            &[("InternalIP", "10.0.0.1"), ("InternalIP", "2001:db8::1")]
+        )));
+        // A hostname that happens to contain ':' is not an address.
+        assert!(!node_has_ipv6(&node(&[], &[("Hostname", "a:b")])));
+        assert!(!node_has_ipv6(&Node::default()));
+    }
+
+    #[test]
+    fn drift_descriptions_are_one_line() {
+        assert_eq!(describe(&Observed::Missing), "missing (deleted)");
+        let drift = Observed::Drifted(vec![
+            desired::Drift::Spec("egress"),
+            desired::Drift::Label(None),
+        ]);
+        assert_eq!(
+            describe(&drift),
+            "spec.egress differs; label app.kubernetes.io/managed-by is missing"
+        );
+    }
+}

@@ -1,0 +1,1385 @@
+//! The cluster-wide baseline: leader election on a Lease, the `allow-web-egress`
+//! NetworkPolicy (provisioning, drift repair, removal), Pod Security labels and hole-punch
+//! reporting — against the API server fixture.
+//!
+//! Two layers:
+//! - in-process (no root): `datalab_guard::k8s::{leader, provision}` driven directly, each
+//!   "agent" with its own kube client; most behaviour is checked here;
+//! - the real binary (root, like `node_mode.rs`): two or more `datalab-guard node` processes
+//!   with their own bpffs directories and fake kubelet cgroup trees against one fixture —
+//!   only one writes, `kill -9` of the leader hands over within the lease, SIGTERM hands over
+//!   at once.
+//!
+//! Who wrote what: the fixture does not authenticate, but it rejects a wrong bearer token and
+//! accepts none, so one agent gets the fixture's kubeconfig (token) and the other a copy
+//! without credentials; the request log's `bearer_token` then says which of the two sent
+//! each request.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use datalab_guard::{
+    config::Config,
+    k8s::{
+        leader::{Elector, LeaseSettings},
+        provision::{self, BaselineHandle},
+        state::{NamespaceStates, PolicyState},
+    },
+};
+use datalab_guard_tests::{
+    apiserver::{Kind, RequestLog},
+    free_loopback_addr, require_root, Agent, BpffsDir, FakeApiServer, TestCgroup,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::{
+    api::{Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    Api, Client, Config as KubeConfig,
+};
+use serde_json::{json, Value};
+
+const ENV: (&str, &str) = ("datalab.io/environment", "true");
+const POLICY: &str = "allow-web-egress";
+const LEASE: &str = "datalab-guard-leader";
+const LEASE_NS: &str = "kube-system";
+const MANAGER: &str = "datalab-guard";
+const ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+const ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
+
+/// Short lease settings: leaseDuration 3s, renewDeadline 2s, retryPeriod 500ms.
+const LEASE_DURATION: Duration = Duration::from_secs(3);
+const RETRY_PERIOD: Duration = Duration::from_millis(500);
+const LEADER_ELECTION: &str = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 3s\n  renewDeadline: 2s\n  retryPeriod: 500ms\n";
+
+// ---------------------------------------------------------------------------------------
+// Helpers shared by both layers.
+
+fn config(extra: &str) -> Config {
+    Config::from_yaml_str(
+        &format!("{LEADER_ELECTION}{extra}"),
+        Path::new("provisioning-test.yaml"),
+    )
+    .expect("test config")
+}
+
+/// The fixture's kubeconfig without credentials (see the module docs).
+fn tokenless_kubeconfig(server: &FakeApiServer) -> String {
+    let yaml = server.kubeconfig_yaml();
+    let with = format!("  user:\n    token: {}\n", server.token());
+    assert!(
+        yaml.contains(&with),
+        "the fixture's kubeconfig changed shape: {yaml}"
+    );
+    yaml.replace(&with, "  user: {}\n")
+}
+
+async fn client(server: &FakeApiServer, token: bool) -> Client {
+    let yaml = if token {
+        server.kubeconfig_yaml()
+    } else {
+        tokenless_kubeconfig(server)
+    };
+    let kubeconfig = Kubeconfig::from_yaml(&yaml).expect("kubeconfig parses");
+    let config = KubeConfig::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    Client::try_from(config).expect("client")
+}
+
+fn policy(server: &FakeApiServer, ns: &str) -> Option<Value> {
+    server.get(Kind::NetworkPolicy, Some(ns), POLICY)
+}
+
+/// `(cidr, except)` of every ipBlock peer of the policy's egress rules.
+fn ip_blocks(p: &Value) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for rule in p["spec"]["egress"].as_array().into_iter().flatten() {
+        for peer in rule["to"].as_array().into_iter().flatten() {
+            let block = &peer["ipBlock"];
+            let except = block["except"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect();
+            out.push((
+                block["cidr"].as_str().unwrap_or_default().to_owned(),
+                except,
+            ));
+        }
+    }
+    out
+}
+
+fn owners(obj: &Value, field: &str) -> Vec<String> {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.pointer(field).is_some())
+        .filter_map(|e| e["manager"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Events with `reason` about namespace `ns` (series counted: a repeated Event is one
+/// object whose `series.count` grows).
+fn event_count(server: &FakeApiServer, reason: &str, ns: &str) -> u64 {
+    server
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .filter(|e| {
+            let r = if e["regarding"].is_object() {
+                &e["regarding"]
+            } else {
+                &e["involvedObject"]
+            };
+            r["kind"] == "Namespace" && r["name"] == ns
+        })
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+fn events_by(server: &FakeApiServer, reason: &str, instance: &str) -> usize {
+    server
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == reason && e["reportingInstance"] == instance)
+        .count()
+}
+
+fn is_write(r: &RequestLog) -> bool {
+    matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+}
+
+fn lease_holder(server: &FakeApiServer) -> Option<String> {
+    server.get(Kind::Lease, Some(LEASE_NS), LEASE)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+fn eventually_sync(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+/// Another writer, as `kubectl` would be: its own field manager.
+async fn foreign_merge(client: &Client, ns: &str, name: &str, manager: &str, patch: Value) {
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams {
+        field_manager: Some(manager.into()),
+        ..PatchParams::default()
+    };
+    api.patch(name, &params, &Patch::Merge(&patch))
+        .await
+        .expect("foreign merge patch");
+}
+
+fn tenant_policy(ns: &str, name: &str, cidr: &str) -> NetworkPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "notebook"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": cidr}}]}]},
+    }))
+    .unwrap()
+}
+
+async fn create_foreign(client: &Client, p: &NetworkPolicy) -> Value {
+    let api: Api<NetworkPolicy> =
+        Api::namespaced(client.clone(), p.metadata.namespace.as_deref().unwrap());
+    let params = PostParams {
+        field_manager: Some("kubectl-create".into()),
+        ..PostParams::default()
+    };
+    serde_json::to_value(api.create(&params, p).await.expect("create foreign policy")).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// In-process agents.
+
+struct InProc {
+    handle: Option<BaselineHandle>,
+    states: NamespaceStates,
+}
+
+impl InProc {
+    async fn start(server: &FakeApiServer, node: &str, token: bool, config: &Config) -> InProc {
+        let states = NamespaceStates::default();
+        let handle = provision::spawn(client(server, token).await, config, node, states.clone());
+        InProc {
+            handle: Some(handle),
+            states,
+        }
+    }
+
+    fn leader(&self) -> bool {
+        *self.handle.as_ref().expect("running").is_leader().borrow()
+    }
+
+    fn policy_state(&self, ns: &str) -> Option<PolicyState> {
+        self.states.snapshot().get(ns).and_then(|s| s.policy)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+}
+
+fn lease_settings(identity: &str) -> LeaseSettings {
+    LeaseSettings {
+        name: LEASE.into(),
+        namespace: LEASE_NS.into(),
+        identity: identity.into(),
+        lease_duration: LEASE_DURATION,
+        renew_deadline: Duration::from_secs(2),
+        retry_period: RETRY_PERIOD,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_elects_one_and_hands_over() {
+    let server = FakeApiServer::start();
+    let a = Elector::spawn(client(&server, true).await, lease_settings("node-a"));
+    eventually(
+        "node-a leads (it created the Lease)",
+        Duration::from_secs(5),
+        || a.is_leader(),
+    )
+    .await;
+    let b = Elector::spawn(client(&server, false).await, lease_settings("node-b"));
+    let c = Elector::spawn(client(&server, false).await, lease_settings("node-c"));
+    // For a few lease periods: exactly one leader, and it is the Lease's holder.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        assert!(
+            a.is_leader() && !b.is_leader() && !c.is_leader(),
+            "exactly one leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lease_holder(&server).as_deref(), Some("node-a"));
+    let lease = server.get(Kind::Lease, Some(LEASE_NS), LEASE).unwrap();
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 3);
+    assert_eq!(lease["spec"]["leaseTransitions"], 0);
+    assert!(lease["spec"]["renewTime"].is_string() && lease["spec"]["acquireTime"].is_string());
+    // Standbys only read while the lease is valid: no writes from b or c.
+    let standby_writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .collect();
+    assert!(
+        standby_writes.is_empty(),
+        "standbys wrote: {standby_writes:?}"
+    );
+
+    // Clean shutdown releases the Lease: a standby takes over at once, not after 3 s.
+    let t0 = Instant::now();
+    a.shutdown(Duration::from_secs(2)).await;
+    eventually(
+        "a standby takes the released lease",
+        Duration::from_secs(3),
+        || b.is_leader() || c.is_leader(),
+    )
+    .await;
+    let took = t0.elapsed();
+    eprintln!("released lease taken over after {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "took {took:?}: the release should not wait for expiry"
+    );
+    let (leader, standby) = if b.is_leader() { (b, c) } else { (c, b) };
+    let lease = server.get(Kind::Lease, Some(LEASE_NS), LEASE).unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 3);
+
+    // A crash (no release): the standby waits for the lease to expire, then takes it within
+    // leaseDuration + retryPeriod of the last renewal.
+    let t0 = Instant::now();
+    drop(leader);
+    let took = eventually(
+        "the standby takes over the expired lease",
+        Duration::from_secs(6),
+        || standby.is_leader(),
+    )
+    .await;
+    eprintln!("crashed leader replaced after {took:?}");
+    assert!(
+        took >= LEASE_DURATION - RETRY_PERIOD - Duration::from_millis(200),
+        "took over before the lease expired: {took:?}"
+    );
+    assert!(
+        t0.elapsed() <= LEASE_DURATION + RETRY_PERIOD + Duration::from_millis(300),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        server.get(Kind::Lease, Some(LEASE_NS), LEASE).unwrap()["spec"]["leaseTransitions"],
+        2
+    );
+
+    // The API server goes away: the leader steps down within the renew deadline (and so
+    // before anyone could take over), and leads again when it is back.
+    let t0 = Instant::now();
+    server.go_down();
+    eventually("the leader steps down", Duration::from_secs(4), || {
+        !standby.is_leader()
+    })
+    .await;
+    let took = t0.elapsed();
+    eprintln!("stepped down {took:?} after the API server went away");
+    assert!(
+        took <= Duration::from_millis(2300),
+        "stepped down only after {took:?}"
+    );
+    server.come_back();
+    eventually(
+        "leading again once the API server is back",
+        Duration::from_secs(6),
+        || standby.is_leader(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_races_are_lost_cleanly() {
+    // Many candidates start at once against a missing Lease: one creates it, the others get
+    // 409 AlreadyExists / Conflict and stand by.
+    let server = FakeApiServer::start();
+    let mut electors = Vec::new();
+    for i in 0..5 {
+        electors.push(Elector::spawn(
+            client(&server, true).await,
+            lease_settings(&format!("node-{i}")),
+        ));
+    }
+    eventually("someone leads", Duration::from_secs(5), || {
+        electors.iter().any(Elector::is_leader)
+    })
+    .await;
+    for _ in 0..40 {
+        assert_eq!(
+            electors.iter().filter(|e| e.is_leader()).count(),
+            1,
+            "exactly one leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let holder = lease_holder(&server).unwrap();
+    let leader = electors.iter().position(Elector::is_leader).unwrap();
+    assert_eq!(holder, format!("node-{leader}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_repairs_and_removes_only_its_own_policy() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    server.apply_namespace("plain", &[]);
+    let kubectl = client(&server, true).await;
+    // A policy with our name in a non-environment namespace, made by someone else.
+    let mut lookalike = tenant_policy("plain", POLICY, "0.0.0.0/0");
+    lookalike.metadata.labels = Some(
+        [(
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        )]
+        .into(),
+    );
+    create_foreign(&kubectl, &lookalike).await;
+
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config("networkPolicy:\n  dualStack: false\n"),
+    )
+    .await;
+    eventually("leader", Duration::from_secs(5), || agent.leader()).await;
+
+    // Provisioned: the desired spec, our label, our field manager; no repair Event.
+    eventually(
+        "policy provisioned in tenant-a",
+        Duration::from_secs(5),
+        || policy(&server, "tenant-a").is_some(),
+    )
+    .await;
+    let p = policy(&server, "tenant-a").unwrap();
+    assert_eq!(p["spec"]["podSelector"], json!({}));
+    assert_eq!(p["spec"]["policyTypes"], json!(["Egress"]));
+    assert_eq!(
+        ip_blocks(&p),
+        vec![(
+            "0.0.0.0/0".to_owned(),
+            vec!["169.254.169.254/32".to_owned()]
+        )]
+    );
+    assert_eq!(
+        p["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        MANAGER
+    );
+    assert_eq!(owners(&p, "/fieldsV1/f:spec/f:egress"), [MANAGER]);
+    eventually("state ok", Duration::from_secs(3), || {
+        agent.policy_state("tenant-a") == Some(PolicyState::Ok)
+    })
+    .await;
+    assert_eq!(
+        event_count(&server, "NetworkPolicyRepaired", "tenant-a"),
+        0,
+        "provisioning is not a repair"
+    );
+
+    // A namespace that becomes an environment gets it too.
+    server.apply_namespace("tenant-b", &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        policy(&server, "tenant-b").is_none(),
+        "not an environment yet"
+    );
+    server.set_namespace_labels("tenant-b", &[ENV]);
+    let took = eventually(
+        "policy provisioned in tenant-b",
+        Duration::from_secs(3),
+        || policy(&server, "tenant-b").is_some(),
+    )
+    .await;
+    eprintln!("labelled namespace provisioned after {took:?}");
+
+    // A tenant's own policy next to ours: never touched.
+    let own = create_foreign(
+        &kubectl,
+        &tenant_policy("tenant-a", "notebook-egress", "10.0.0.0/8"),
+    )
+    .await;
+
+    // Deleted → repaired, reported, counted.
+    server
+        .delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+        .unwrap();
+    let took = eventually(
+        "policy repaired after delete",
+        Duration::from_secs(3),
+        || policy(&server, "tenant-a").is_some(),
+    )
+    .await;
+    eprintln!("deleted policy repaired after {took:?}");
+    eventually("repair Event", Duration::from_secs(3), || {
+        event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 1
+    })
+    .await;
+    let ev = server
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "NetworkPolicyRepaired")
+        .unwrap();
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["reportingController"], MANAGER);
+    assert_eq!(ev["reportingInstance"], "node-1");
+    assert_eq!(ev["related"]["kind"], "NetworkPolicy");
+    assert!(ev["note"].as_str().unwrap().contains("missing"), "{ev}");
+    assert_eq!(
+        agent.policy_state("tenant-a"),
+        Some(PolicyState::Repaired),
+        "repaired is shown for a while"
+    );
+
+    // Edited by someone else (kubectl edit: the exception removed, reopening metadata).
+    foreign_merge(
+        &kubectl,
+        "tenant-a",
+        POLICY,
+        "kubectl-edit",
+        json!({"spec": {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}),
+    )
+    .await;
+    eventually("foreign edit repaired", Duration::from_secs(3), || {
+        policy(&server, "tenant-a").is_some_and(|p| {
+            ip_blocks(&p)
+                == vec![(
+                    "0.0.0.0/0".to_owned(),
+                    vec!["169.254.169.254/32".to_owned()],
+                )]
+        })
+    })
+    .await;
+    let p = policy(&server, "tenant-a").unwrap();
+    assert_eq!(
+        owners(&p, "/fieldsV1/f:spec/f:egress"),
+        [MANAGER],
+        "ownership taken back"
+    );
+    eventually("second repair reported", Duration::from_secs(3), || {
+        event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 2
+    })
+    .await;
+
+    // Taken over by another field manager with server-side apply (kubectl apply
+    // --server-side --force-conflicts), changing policyTypes.
+    let api: Api<NetworkPolicy> = Api::namespaced(kubectl.clone(), "tenant-a");
+    let takeover = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": POLICY, "namespace": "tenant-a"},
+                          "spec": {"policyTypes": ["Ingress", "Egress"]}});
+    api.patch(
+        POLICY,
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(&takeover),
+    )
+    .await
+    .unwrap();
+    eventually("takeover repaired", Duration::from_secs(3), || {
+        policy(&server, "tenant-a").is_some_and(|p| {
+            p["spec"]["policyTypes"] == json!(["Egress"])
+                && owners(&p, "/fieldsV1/f:spec/f:policyTypes") == [MANAGER]
+        })
+    })
+    .await;
+    eventually("third repair reported", Duration::from_secs(3), || {
+        event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 3
+    })
+    .await;
+
+    // The same values applied by someone else: shared ownership, no drift, no write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mark = server.requests().len();
+    let same = serde_json::to_value(provision::desired_policy(
+        "tenant-a",
+        POLICY,
+        &config("").blocklist(),
+        false,
+    ))
+    .unwrap();
+    api.patch(POLICY, &PatchParams::apply("argocd"), &Patch::Apply(&same))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ours: Vec<_> = server
+        .requests()
+        .into_iter()
+        .skip(mark)
+        .filter(|r| {
+            is_write(r)
+                && r.resource.as_deref() == Some("networkpolicies")
+                && r.param("fieldManager").as_deref() == Some(MANAGER)
+        })
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "no repair for an equal co-owned policy: {ours:?}"
+    );
+    assert_eq!(event_count(&server, "NetworkPolicyRepaired", "tenant-a"), 3);
+
+    // Leaving the environment set: our policy goes, the tenant's stays.
+    create_foreign(&kubectl, &tenant_policy("tenant-b", "other", "10.0.0.0/8")).await;
+    server.set_namespace_labels("tenant-b", &[]);
+    eventually(
+        "our policy removed from tenant-b",
+        Duration::from_secs(3),
+        || policy(&server, "tenant-b").is_none(),
+    )
+    .await;
+    assert!(server
+        .get(Kind::NetworkPolicy, Some("tenant-b"), "other")
+        .is_some());
+    eventually(
+        "tenant-b dropped from the states",
+        Duration::from_secs(3),
+        || !agent.states.snapshot().contains_key("tenant-b"),
+    )
+    .await;
+
+    // Nothing but our own object was ever written or deleted by the agent (its writes are
+    // applies as `datalab-guard` and deletes; the test's own go through `kubectl-*` managers);
+    // the lookalike and the tenant's policies are as their owners left them.
+    let foreign_writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| is_write(r) && r.resource.as_deref() == Some("networkpolicies"))
+        .filter(|r| r.method == "DELETE" || r.param("fieldManager").as_deref() == Some(MANAGER))
+        .filter(|r| r.name.as_deref() != Some(POLICY))
+        .collect();
+    assert!(foreign_writes.is_empty(), "{foreign_writes:?}");
+    assert!(
+        policy(&server, "plain").is_some(),
+        "a lookalike we did not create is never deleted"
+    );
+    let now = server
+        .get(Kind::NetworkPolicy, Some("tenant-a"), "notebook-egress")
+        .unwrap();
+    assert_eq!(
+        now["metadata"]["resourceVersion"],
+        own["metadata"]["resourceVersion"]
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn except_lists_follow_the_blocked_set_and_the_stack() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let blocked = "blocked:\n  cidrs: [\"100.100.100.200\", \"fd20:ce::254\"]\n";
+
+    // dualStack: true — IPv4 and IPv6 rules, each with its own exceptions.
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config(&format!("{blocked}networkPolicy:\n  dualStack: true\n")),
+    )
+    .await;
+    eventually("provisioned", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    })
+    .await;
+    let mut blocks = ip_blocks(&policy(&server, "tenant-a").unwrap());
+    blocks.sort();
+    assert_eq!(
+        blocks,
+        vec![
+            (
+                "0.0.0.0/0".to_owned(),
+                vec![
+                    "100.100.100.200/32".to_owned(),
+                    "169.254.169.254/32".to_owned()
+                ]
+            ),
+            (
+                "::/0".to_owned(),
+                vec![
+                    "fd00:ec2::254/128".to_owned(),
+                    "fd20:ce::254/128".to_owned()
+                ]
+            ),
+        ]
+    );
+    agent.stop().await;
+
+    // dualStack: false — IPv4 only; the running policy is updated (not a repair).
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config(&format!("{blocked}networkPolicy:\n  dualStack: false\n")),
+    )
+    .await;
+    eventually("IPv4 only", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some_and(|p| ip_blocks(&p).len() == 1)
+    })
+    .await;
+    assert_eq!(
+        ip_blocks(&policy(&server, "tenant-a").unwrap())[0].0,
+        "0.0.0.0/0"
+    );
+    agent.stop().await;
+
+    // auto: IPv4-only Nodes → IPv4 rule; a dual-stack Node → the IPv6 rule too.
+    server.apply_node("node-1", &["10.244.1.0/24"]);
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config("networkPolicy:\n  dualStack: auto\n"),
+    )
+    .await;
+    eventually("leader", Duration::from_secs(5), || agent.leader()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ip_blocks(&policy(&server, "tenant-a").unwrap()).len(), 1);
+    agent.stop().await;
+    server.apply_node("node-2", &["10.244.2.0/24", "fd00:10:244:2::/64"]);
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config("networkPolicy:\n  dualStack: auto\n"),
+    )
+    .await;
+    eventually("dual-stack detected", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some_and(|p| ip_blocks(&p).len() == 2)
+    })
+    .await;
+    agent.stop().await;
+    // None of these configuration changes was reported as a repair.
+    assert_eq!(event_count(&server, "NetworkPolicyRepaired", "tenant-a"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_security_is_reported_and_optionally_labelled() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("none", &[ENV]);
+    server.apply_namespace("weak", &[ENV, (ENFORCE, "privileged")]);
+    server.apply_namespace("strong", &[ENV, (ENFORCE, "restricted")]);
+    server.apply_namespace("not-env", &[]);
+
+    // Report only (setLabel false, level baseline).
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config("networkPolicy:\n  dualStack: false\n"),
+    )
+    .await;
+    eventually("reports", Duration::from_secs(5), || {
+        event_count(&server, "PodSecurityTooWeak", "none") == 1
+            && event_count(&server, "PodSecurityTooWeak", "weak") == 1
+    })
+    .await;
+    let states = agent.states.snapshot();
+    assert_eq!(
+        states["none"]
+            .psa
+            .as_ref()
+            .map(|p| (p.enforce.clone(), p.sufficient)),
+        Some((None, false))
+    );
+    assert_eq!(
+        states["weak"]
+            .psa
+            .as_ref()
+            .map(|p| (p.enforce.clone(), p.sufficient)),
+        Some((Some("privileged".into()), false))
+    );
+    assert_eq!(
+        states["strong"].psa.as_ref().map(|p| p.sufficient),
+        Some(true)
+    );
+    assert!(!states.contains_key("not-env"));
+    let note = server
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "PodSecurityTooWeak" && e["regarding"]["name"] == "weak")
+        .unwrap()["note"]
+        .clone();
+    assert!(
+        note.as_str()
+            .unwrap()
+            .contains("privileged is weaker than the required baseline"),
+        "{note}"
+    );
+    // Once per change: unrelated activity does not repeat it; a new weak value does.
+    server.set_namespace_labels("weak", &[ENV, (ENFORCE, "privileged"), ("team", "x")]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(event_count(&server, "PodSecurityTooWeak", "weak"), 1);
+    server.set_namespace_labels("weak", &[ENV, (ENFORCE, "bogus")]);
+    eventually("new weakness reported", Duration::from_secs(3), || {
+        event_count(&server, "PodSecurityTooWeak", "weak") == 2
+    })
+    .await;
+    assert_eq!(event_count(&server, "PodSecurityTooWeak", "strong"), 0);
+    assert_eq!(
+        server.get(Kind::Namespace, None, "none").unwrap()["metadata"]["labels"].get(ENFORCE),
+        None,
+        "report only"
+    );
+    agent.stop().await;
+
+    // setLabel: the leader applies the two labels it owns; stronger levels are left alone.
+    let mut agent = InProc::start(&server, "node-1", true, &config("networkPolicy:\n  dualStack: false\npodSecurity:\n  level: baseline\n  setLabel: true\n")).await;
+    for ns in ["none", "weak"] {
+        eventually("label set", Duration::from_secs(5), || {
+            let labels =
+                server.get(Kind::Namespace, None, ns).unwrap()["metadata"]["labels"].clone();
+            labels[ENFORCE] == "baseline" && labels[ENFORCE_VERSION] == "latest"
+        })
+        .await;
+        let obj = server.get(Kind::Namespace, None, ns).unwrap();
+        assert_eq!(
+            owners(
+                &obj,
+                &format!(
+                    "/fieldsV1/f:metadata/f:labels/f:{}",
+                    ENFORCE.replace('/', "~1")
+                )
+            ),
+            [MANAGER]
+        );
+        // Only those two labels are ours.
+        assert!(owners(
+            &obj,
+            "/fieldsV1/f:metadata/f:labels/f:datalab.io~1environment"
+        )
+        .iter()
+        .all(|m| m != MANAGER));
+    }
+    assert_eq!(
+        server.get(Kind::Namespace, None, "strong").unwrap()["metadata"]["labels"][ENFORCE],
+        "restricted"
+    );
+    assert!(
+        server.get(Kind::Namespace, None, "not-env").unwrap()["metadata"]["labels"]
+            .get(ENFORCE)
+            .is_none()
+    );
+    eventually("states follow", Duration::from_secs(3), || {
+        agent
+            .states
+            .snapshot()
+            .get("none")
+            .and_then(|s| s.psa.clone())
+            .is_some_and(|p| p.sufficient)
+    })
+    .await;
+    let writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| is_write(r) && r.resource.as_deref() == Some("namespaces"))
+        .collect();
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.param("fieldManager").as_deref() == Some(MANAGER)
+                && r.content_type
+                    .as_deref()
+                    .unwrap_or("")
+                    .starts_with("application/apply-patch")),
+        "{writes:?}"
+    );
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.name.as_deref() != Some("strong") && r.name.as_deref() != Some("not-env")),
+        "{writes:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypassing_policies_are_reported_and_left_alone() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let kubectl = client(&server, true).await;
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config("networkPolicy:\n  dualStack: false\n"),
+    )
+    .await;
+    eventually("provisioned", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    })
+    .await;
+    eventually("ok", Duration::from_secs(3), || {
+        agent.policy_state("tenant-a") == Some(PolicyState::Ok)
+    })
+    .await;
+
+    // A policy that stays clear of metadata is fine.
+    create_foreign(&kubectl, &tenant_policy("tenant-a", "to-10", "10.0.0.0/8")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.policy_state("tenant-a"), Some(PolicyState::Ok));
+
+    // "Let the notebook reach the internet": reopens 169.254.169.254.
+    let open = create_foreign(
+        &kubectl,
+        &tenant_policy("tenant-a", "internet", "0.0.0.0/0"),
+    )
+    .await;
+    eventually("bypassed", Duration::from_secs(3), || {
+        agent.policy_state("tenant-a") == Some(PolicyState::Bypassed)
+    })
+    .await;
+    assert_eq!(
+        agent.states.snapshot()["tenant-a"].bypassed_by,
+        ["internet"]
+    );
+    eventually("reported", Duration::from_secs(3), || {
+        event_count(&server, "MetadataBypassPolicy", "tenant-a") == 1
+    })
+    .await;
+    let ev = server
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "MetadataBypassPolicy")
+        .unwrap();
+    assert!(ev["note"].as_str().unwrap().contains("internet"), "{ev}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        event_count(&server, "MetadataBypassPolicy", "tenant-a"),
+        1,
+        "once per change"
+    );
+    // Never touched.
+    let now = server
+        .get(Kind::NetworkPolicy, Some("tenant-a"), "internet")
+        .unwrap();
+    assert_eq!(
+        now["metadata"]["resourceVersion"],
+        open["metadata"]["resourceVersion"]
+    );
+    assert!(!server
+        .requests()
+        .iter()
+        .any(|r| is_write(r) && r.name.as_deref() == Some("internet")));
+
+    // Fixed by the tenant: back to ok.
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), "internet");
+    eventually("ok again", Duration::from_secs(3), || {
+        agent.policy_state("tenant-a") == Some(PolicyState::Ok)
+    })
+    .await;
+    assert!(agent.states.snapshot()["tenant-a"].bypassed_by.is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_standbys_still_know_the_state() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    server.apply_namespace("tenant-b", &[ENV]);
+    let cfg = config("networkPolicy:\n  dualStack: false\n");
+    let mut leader = InProc::start(&server, "node-1", true, &cfg).await;
+    eventually("node-1 leads", Duration::from_secs(5), || leader.leader()).await;
+    let mut standby = InProc::start(&server, "node-2", false, &cfg).await;
+
+    for ns in ["tenant-a", "tenant-b"] {
+        eventually("provisioned", Duration::from_secs(5), || {
+            policy(&server, ns).is_some()
+        })
+        .await;
+        eventually("the standby sees it ok", Duration::from_secs(3), || {
+            standby.policy_state(ns) == Some(PolicyState::Ok)
+        })
+        .await;
+    }
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    eventually("repaired", Duration::from_secs(3), || {
+        policy(&server, "tenant-a").is_some()
+    })
+    .await;
+    server.apply_namespace("tenant-c", &[ENV, (ENFORCE, "privileged")]);
+    eventually("provisioned", Duration::from_secs(3), || {
+        policy(&server, "tenant-c").is_some()
+    })
+    .await;
+    eventually("PSA reported", Duration::from_secs(3), || {
+        event_count(&server, "PodSecurityTooWeak", "tenant-c") == 1
+    })
+    .await;
+    assert!(!standby.leader());
+    let standby_writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .collect();
+    assert!(
+        standby_writes.is_empty(),
+        "the standby wrote: {standby_writes:?}"
+    );
+
+    // The leader stops: the standby takes over at once (released lease).
+    leader.stop().await;
+    eventually("node-2 took over", Duration::from_secs(3), || {
+        standby.leader()
+    })
+    .await;
+    standby.stop().await;
+    // Report only (networkPolicy.manage: false): states, no writes.
+    let mut cfg_off = cfg.clone();
+    cfg_off.network_policy.manage = false;
+    let mut standby2 = InProc::start(&server, "node-3", false, &cfg_off).await;
+    eventually("node-3 leads", Duration::from_secs(6), || standby2.leader()).await;
+    server.clear_requests();
+    server.delete(Kind::NetworkPolicy, Some("tenant-b"), POLICY);
+    eventually("missing", Duration::from_secs(3), || {
+        standby2.policy_state("tenant-b") == Some(PolicyState::Missing)
+    })
+    .await;
+    let p = policy(&server, "tenant-a").unwrap();
+    let mut edited = p.clone();
+    edited["spec"]["egress"] = json!([{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]);
+    server.apply_object(Kind::NetworkPolicy, edited);
+    eventually("drifted", Duration::from_secs(3), || {
+        standby2.policy_state("tenant-a") == Some(PolicyState::Drifted)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        policy(&server, "tenant-b").is_none(),
+        "manage: false never writes"
+    );
+    assert!(!server
+        .requests()
+        .iter()
+        .any(|r| is_write(r) && r.resource.as_deref() == Some("networkpolicies")));
+    standby2.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary: several `datalab-guard node` processes against one fixture.
+
+/// One node: its own fake kubelet cgroup tree, bpffs directory, metrics port and agent.
+struct BinNode {
+    name: String,
+    agent: Option<Agent>,
+    metrics: SocketAddr,
+    bpffs: BpffsDir,
+    _cgroup: TestCgroup,
+    root: PathBuf,
+}
+
+impl BinNode {
+    fn start(
+        server: &FakeApiServer,
+        dir: &Path,
+        name: &str,
+        token: bool,
+        config_yaml: &str,
+    ) -> BinNode {
+        let cgroup = TestCgroup::new().expect("cgroup");
+        let root = cgroup.path().join("kubepods.slice");
+        for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
+            std::fs::create_dir_all(root.join(qos)).expect("qos slice");
+        }
+        let kubeconfig = dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(
+            &kubeconfig,
+            if token {
+                server.kubeconfig_yaml()
+            } else {
+                tokenless_kubeconfig(server)
+            },
+        )
+        .unwrap();
+        let config = dir.join(format!("config-{name}.yaml"));
+        std::fs::write(&config, config_yaml).unwrap();
+        let mut node = BinNode {
+            name: name.to_owned(),
+            agent: None,
+            metrics: free_loopback_addr().unwrap(),
+            bpffs: BpffsDir::new().expect("bpffs"),
+            _cgroup: cgroup,
+            root,
+        };
+        let args = [
+            "node".to_owned(),
+            "--node-name".into(),
+            name.into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--cgroup-root".into(),
+            node.root.display().to_string(),
+            "--bpffs".into(),
+            node.bpffs.path().join("guard").display().to_string(),
+            "--metrics-addr".into(),
+            node.metrics.to_string(),
+        ];
+        let mut agent = Agent::spawn_with(
+            &Agent::bin().expect("agent binary"),
+            &args,
+            &[("POD_NAME", ""), ("POD_NAMESPACE", "")],
+        )
+        .expect("spawn agent");
+        agent
+            .wait_ready(node.metrics, Duration::from_secs(30))
+            .expect("agent ready");
+        node.agent = Some(agent);
+        node
+    }
+
+    fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent")
+    }
+
+    fn log_has(&self, needle: &str) -> bool {
+        self.agent
+            .as_ref()
+            .is_some_and(|a| a.stderr_lines().iter().any(|l| l.contains(needle)))
+    }
+}
+
+impl Drop for BinNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(a) = &self.agent {
+                let lines = a.stderr_lines();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "---- {} stderr (last {} lines) ----\n{}",
+                    self.name,
+                    tail.len(),
+                    tail.join("\n")
+                );
+            }
+        }
+        // The agent goes first (its cgroup and pins are removed after it).
+        self.agent.take();
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dg-prov-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bin_config(extra: &str) -> String {
+    format!("{LEADER_ELECTION}rescanInterval: 1s\nnetworkPolicy:\n  dualStack: false\n{extra}")
+}
+
+fn sync_client(server: &FakeApiServer) -> (tokio::runtime::Runtime, Client) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = rt.block_on(client(server, true));
+    (rt, c)
+}
+
+#[test]
+fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
+    if !require_root() {
+        return;
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new("kill");
+    let cfg = bin_config("");
+    // node-1 starts first and takes the Lease; node-2 has no credentials (see module docs).
+    let mut n1 = BinNode::start(&server, &dir.0, "node-1", true, &cfg);
+    eventually_sync("node-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("node-1")
+    });
+    let mut n2 = BinNode::start(&server, &dir.0, "node-2", false, &cfg);
+    let (rt, kubectl) = sync_client(&server);
+
+    // Provisioning when a namespace becomes an environment.
+    eventually_sync("provisioned in tenant-a", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    server.apply_namespace("tenant-b", &[ENV]);
+    eventually_sync("provisioned in tenant-b", Duration::from_secs(5), || {
+        policy(&server, "tenant-b").is_some()
+    });
+    assert_eq!(
+        ip_blocks(&policy(&server, "tenant-b").unwrap()),
+        vec![(
+            "0.0.0.0/0".to_owned(),
+            vec!["169.254.169.254/32".to_owned()]
+        )]
+    );
+
+    // Repair after delete and after a foreign edit; a tenant policy next to ours untouched.
+    let own = rt.block_on(create_foreign(
+        &kubectl,
+        &tenant_policy("tenant-a", "notebook-egress", "10.0.0.0/8"),
+    ));
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    eventually_sync("repaired after delete", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    rt.block_on(foreign_merge(
+        &kubectl,
+        "tenant-a",
+        POLICY,
+        "kubectl-edit",
+        json!({"spec": {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}),
+    ));
+    eventually_sync(
+        "repaired after a foreign edit",
+        Duration::from_secs(5),
+        || {
+            policy(&server, "tenant-a").is_some_and(|p| {
+                ip_blocks(&p)[0].1 == ["169.254.169.254/32"]
+                    && owners(&p, "/fieldsV1/f:spec/f:egress") == [MANAGER]
+            })
+        },
+    );
+    eventually_sync("both repairs reported", Duration::from_secs(5), || {
+        event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 2
+    });
+    assert!(
+        n1.log_has("NetworkPolicy repaired"),
+        "a log line for each repair"
+    );
+    assert_eq!(
+        server
+            .get(Kind::NetworkPolicy, Some("tenant-a"), "notebook-egress")
+            .unwrap()["metadata"]["resourceVersion"],
+        own["metadata"]["resourceVersion"]
+    );
+
+    // Removal when a namespace leaves the environment set.
+    server.set_namespace_labels("tenant-b", &[]);
+    eventually_sync("removed from tenant-b", Duration::from_secs(5), || {
+        policy(&server, "tenant-b").is_none()
+    });
+
+    // Only the leader wrote: node-2 (no token) sent no write at all — no policy, namespace,
+    // Event or Lease write — while node-1's lease was valid.
+    let requests = server.requests();
+    let standby_writes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .collect();
+    assert!(
+        standby_writes.is_empty(),
+        "node-2 wrote: {standby_writes:?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.bearer_token.is_none()
+            && r.resource.as_deref() == Some("networkpolicies")
+            && r.is_watch()),
+        "node-2 watches the policies too"
+    );
+    assert!(
+        requests.iter().any(|r| r.bearer_token.is_none()
+            && r.resource.as_deref() == Some("leases")
+            && r.verb == "get"),
+        "node-2 stands by on the Lease"
+    );
+    let leader_np_writes = requests
+        .iter()
+        .filter(|r| {
+            r.bearer_token.is_some()
+                && is_write(r)
+                && r.resource.as_deref() == Some("networkpolicies")
+        })
+        .count();
+    assert!(
+        leader_np_writes >= 4,
+        "node-1 provisioned, repaired and removed: {leader_np_writes} writes"
+    );
+
+    // kill -9 the leader: node-2 takes over within leaseDuration + retryPeriod, then repairs.
+    n1.agent().kill9().unwrap();
+    let t0 = Instant::now();
+    let took = eventually_sync("node-2 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("node-2")
+    });
+    eprintln!("leader killed -> node-2 holds the lease after {took:?}");
+    assert!(
+        took <= LEASE_DURATION + RETRY_PERIOD + Duration::from_millis(300),
+        "takeover took {took:?}"
+    );
+    assert!(n2.log_has("became the leader"), "the transition is logged");
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    let repaired = eventually_sync("node-2 repairs", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    eprintln!(
+        "repaired by the new leader {repaired:?} after the delete ({:?} after the kill)",
+        t0.elapsed()
+    );
+    eventually_sync("reported by node-2", Duration::from_secs(5), || {
+        events_by(&server, "NetworkPolicyRepaired", "node-2") >= 1
+    });
+    assert!(n2.agent().try_status().is_none(), "node-2 still running");
+}
+
+#[test]
+fn a_stopping_leader_releases_the_lease_at_once() {
+    if !require_root() {
+        return;
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new("term");
+    // A long lease: a handover well under it can only come from the release.
+    let cfg = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 20s\n  renewDeadline: 10s\n  retryPeriod: 500ms\nrescanInterval: 1s\nnetworkPolicy:\n  dualStack: false\n";
+    let mut n1 = BinNode::start(&server, &dir.0, "node-1", true, cfg);
+    eventually_sync("node-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("node-1")
+    });
+    let mut n2 = BinNode::start(&server, &dir.0, "node-2", false, cfg);
+    let mut n3 = BinNode::start(&server, &dir.0, "node-3", false, cfg);
+    eventually_sync("provisioned", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+
+    n1.agent().sigterm().unwrap();
+    let t0 = Instant::now();
+    let status = n1.agent().wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    let took = eventually_sync("a standby takes over", Duration::from_secs(5), || {
+        matches!(lease_holder(&server).as_deref(), Some("node-2" | "node-3"))
+    });
+    eprintln!(
+        "SIGTERM -> exit after {:?}; standby leads {took:?} after the exit",
+        t0.elapsed().saturating_sub(took)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "handover took {:?} (lease 20 s): not released?",
+        t0.elapsed()
+    );
+    assert!(n1.log_has("released the lease"));
+    let new_leader = lease_holder(&server).unwrap();
+    // The new leader does the work.
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    eventually_sync("repaired by the new leader", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    eventually_sync("reported by the new leader", Duration::from_secs(5), || {
+        events_by(&server, "NetworkPolicyRepaired", &new_leader) >= 1
+    });
+    assert!(n2.agent().try_status().is_none() && n3.agent().try_status().is_none());
+}
+
+#[test]
+fn dual_stack_and_pod_security_through_the_binary() {
+    if !require_root() {
+        return;
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new("psa");
+    let cfg = format!("{LEADER_ELECTION}rescanInterval: 1s\nnetworkPolicy:\n  dualStack: true\npodSecurity:\n  level: restricted\n  setLabel: true\n");
+    let _n1 = BinNode::start(&server, &dir.0, "node-1", true, &cfg);
+    eventually_sync("provisioned", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    let mut blocks = ip_blocks(&policy(&server, "tenant-a").unwrap());
+    blocks.sort();
+    assert_eq!(
+        blocks,
+        vec![
+            (
+                "0.0.0.0/0".to_owned(),
+                vec!["169.254.169.254/32".to_owned()]
+            ),
+            ("::/0".to_owned(), vec!["fd00:ec2::254/128".to_owned()])
+        ]
+    );
+    eventually_sync("PSA reported", Duration::from_secs(5), || {
+        event_count(&server, "PodSecurityTooWeak", "tenant-a") == 1
+    });
+    eventually_sync("PSA label set", Duration::from_secs(5), || {
+        server.get(Kind::Namespace, None, "tenant-a").unwrap()["metadata"]["labels"][ENFORCE]
+            == "restricted"
+    });
+}
