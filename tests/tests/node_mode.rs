@@ -84,6 +84,8 @@ impl Node {
             self.pins().display().to_string(),
             "--metrics-addr".into(),
             self.metrics.to_string(),
+            "--state-file".into(),
+            self.dir.join("state.json").display().to_string(),
         ];
         let mut agent = Agent::spawn(&args).expect("spawn agent");
         agent.wait_ready(self.metrics, Duration::from_secs(30)).expect("agent ready");
@@ -248,6 +250,22 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     node.api.set_namespace_labels("tenant-a", &[ENV_LABEL]);
     let took = eventually("tenant-a rejoins", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
     eprintln!("relabel in -> blocked after {took:?}");
+
+    // `status` shows the environments' baseline as the agent last saw it.
+    eventually("status lists tenant-a with its NetworkPolicy state", Duration::from_secs(10), || {
+        let out = Agent::run(&[
+            "status",
+            "--output",
+            "json",
+            "--bpffs",
+            &node.pins().display().to_string(),
+            "--state-file",
+            &node.dir.join("state.json").display().to_string(),
+        ])
+        .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
+    });
 
     // Deleting a pod removes its entry.
     assert!(node.policy_ids().contains(&b_id));
