@@ -23,7 +23,7 @@ mod stats;
 mod testrun;
 mod throughput;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Instant};
 
 use anyhow::{bail, Result};
 use datalab_guard_tests::{cleanup_stale, BpffsDir};
@@ -68,7 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!(
             "cargo xtask bench must run as root: it loads BPF programs, creates network \
              namespaces and cgroups, and starts datalab-guard; re-run as root, e.g. \
-             `sudo -E cargo xtask bench`"
+             `sudo ./x bench` or `sudo -E cargo xtask bench`"
         );
     }
     setup::run_all()?;
@@ -92,6 +92,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => Part::Skipped,
         Some(helper) => {
             println!("\n== BPF_PROG_TEST_RUN");
+            let started = Instant::now();
             let measured = BpffsDir::with_prefix(PREFIX).and_then(|dir| {
                 testrun::run(
                     helper,
@@ -100,6 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     args.repeat,
                 )
             });
+            println!("(took {:.0} s)", started.elapsed().as_secs_f64());
             part(measured)
         }
     };
@@ -107,7 +109,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         true => Part::Skipped,
         false => {
             println!("\n== TCP throughput (iperf3)");
-            part(throughput::run(PREFIX, args.rounds, args.seconds))
+            let started = Instant::now();
+            let measured = throughput::run(PREFIX, args.rounds, args.seconds);
+            println!("(took {:.0} s)", started.elapsed().as_secs_f64());
+            part(measured)
         }
     };
     machine.finish();
@@ -140,7 +145,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     .flatten()
     .collect();
     if !failed.is_empty() {
-        bail!("bench: the {} part failed (see the report)", failed.join(" and "));
+        bail!(
+            "bench: the {} part failed (see the report)",
+            failed.join(" and ")
+        );
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 use super::{
+    stats::summarize,
     testrun::TestRunResults,
     throughput::{Config, ThroughputResults},
 };
@@ -61,7 +62,9 @@ impl Machine {
         let git = |args: &[&str]| {
             let mut c = Command::new("git");
             // Read-only: no opportunistic index refresh (others work in this tree).
-            c.args(args).current_dir(&root).env("GIT_OPTIONAL_LOCKS", "0");
+            c.args(args)
+                .current_dir(&root)
+                .env("GIT_OPTIONAL_LOCKS", "0");
             c
         };
         let dirty = output(&mut git(&["status", "--porcelain", "--untracked-files=no"]))
@@ -145,6 +148,9 @@ struct Target {
     measured: String,
     value: Option<f64>,
     met: Option<bool>,
+    /// Why the verdict cannot be trusted, if the noise of this run is larger than the margin
+    /// the target leaves.
+    inconclusive: Option<String>,
 }
 
 fn signed(x: f64) -> String {
@@ -183,6 +189,11 @@ impl Report {
             .throughput
             .done()
             .and_then(|t| t.ratio(Config::Guarded));
+        let paired = self
+            .throughput
+            .done()
+            .and_then(|t| summarize(&t.paired_ratios(Config::Guarded)));
+        let noise = self.throughput.done().and_then(|t| t.baseline_noise());
         vec![
             Target {
                 id: "fast_path_within_5ns",
@@ -197,13 +208,29 @@ impl Report {
                     .as_ref()
                     .and_then(|(_, w)| *w)
                     .map(|w| w <= FAST_PATH_BUDGET_NS),
+                inconclusive: None,
             },
             Target {
                 id: "throughput_ratio_min_0_98",
                 text: format!("TCP throughput guarded / unguarded ≥ {THROUGHPUT_RATIO_MIN}"),
-                measured: ratio.map_or_else(|| "not measured".into(), |r| format!("{r:.3}")),
+                measured: match (ratio, paired) {
+                    (Some(r), Some(p)) => format!(
+                        "{r:.3} (per-round ratios: median {:.3}, {:.3}–{:.3})",
+                        p.median, p.min, p.max
+                    ),
+                    (Some(r), None) => format!("{r:.3}"),
+                    _ => "not measured".into(),
+                },
                 value: ratio,
                 met: ratio.map(|r| r >= THROUGHPUT_RATIO_MIN),
+                inconclusive: noise.filter(|n| *n > 1.0 - THROUGHPUT_RATIO_MIN).map(|n| {
+                    format!(
+                        "runs of the same unguarded client spread ±{:.1} %, wider than the \
+                         {:.0} % margin",
+                        n * 100.0,
+                        (1.0 - THROUGHPUT_RATIO_MIN) * 100.0
+                    )
+                }),
             },
         ]
     }
@@ -247,11 +274,14 @@ impl Report {
 
         s.push_str("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
         for t in self.targets() {
-            let met = match t.met {
-                Some(true) => "met",
-                Some(false) => "**not met**",
-                None => "n/a",
+            let mut met = match t.met {
+                Some(true) => "met".to_string(),
+                Some(false) => "**not met**".to_string(),
+                None => "n/a".to_string(),
             };
+            if let Some(why) = &t.inconclusive {
+                met.push_str(&format!(" — *inconclusive*: {why}"));
+            }
             s.push_str(&format!("| {} | {} | {met} |\n", t.text, t.measured));
         }
         s
@@ -265,7 +295,9 @@ impl Report {
              cgroup `{}` (guarded: default verdict, no policy entries).\n\n",
             t.rounds, t.repeat, t.cgroup
         ));
-        s.push_str("| case | packet | verdict | median ns | mean ns | min–max ns | Δ vs empty ns |\n");
+        s.push_str(
+            "| case | packet | verdict | median ns | mean ns | min–max ns | Δ vs empty ns |\n",
+        );
         s.push_str("|---|---|---|---:|---:|---:|---:|\n");
         for c in &t.cases {
             let verdict = match (c.expected_verdict, c.verdicts_ok) {
@@ -288,7 +320,10 @@ impl Report {
         let minima: Vec<String> = t
             .cases
             .iter()
-            .filter_map(|c| c.delta_of_minima.map(|d| format!("{} {}", c.label, signed(d))))
+            .filter_map(|c| {
+                c.delta_of_minima
+                    .map(|d| format!("{} {}", c.label, signed(d)))
+            })
             .collect();
         if !minima.is_empty() {
             notes.push(format!(
@@ -329,11 +364,19 @@ impl Report {
              (rotated start) in each round; receiver-side bits/s.\n\n",
             t.rounds, t.seconds
         ));
-        s.push_str("| client | median Gbit/s | min–max Gbit/s | retransmits (median) | vs (b) |\n");
-        s.push_str("|---|---:|---:|---:|---:|\n");
+        s.push_str(
+            "| client | median Gbit/s | min–max Gbit/s | retransmits (median) | vs (b): ratio of medians | per-round ratio: median (min–max) |\n",
+        );
+        s.push_str("|---|---:|---:|---:|---:|---:|\n");
         for c in &t.configs {
+            let paired = match c.config {
+                Config::Unguarded => "—".to_string(),
+                _ => summarize(&t.paired_ratios(c.config)).map_or("?".into(), |p| {
+                    format!("{:.3} ({:.3}–{:.3})", p.median, p.min, p.max)
+                }),
+            };
             s.push_str(&format!(
-                "| {} | {} | {}–{} | {:.0} | {} |\n",
+                "| {} | {} | {}–{} | {:.0} | {} | {paired} |\n",
                 c.config.label(),
                 gbit(c.bps.median),
                 gbit(c.bps.min),
@@ -374,12 +417,21 @@ impl Report {
             "Checked before measuring (TCP to port 80 of the fake metadata server): {}.\n\n",
             checks.join("; ")
         ));
+        s.push_str(&match t.egress_drops {
+            Some(0) => "datalab-guard dropped no packet at cgroup egress during the runs (its \
+                        `blocked_total{hook=\"egress\"}` did not move).\n\n"
+                .to_string(),
+            Some(n) => format!(
+                "**datalab-guard dropped {n} packets at cgroup egress during the runs** (its \
+                 `blocked_total{{hook=\"egress\"}}` moved): the guarded client's traffic was \
+                 not all passed.\n\n"
+            ),
+            None => "datalab-guard's counters could not be read.\n\n".to_string(),
+        });
     }
 
     pub fn json(&self) -> Value {
-        let part = |p: Value, state: &str, err: Option<&String>| {
-            json!({ "state": state, "error": err, "results": p })
-        };
+        let part = |p: Value, state: &str, err: Option<&String>| json!({ "state": state, "error": err, "results": p });
         let testrun = match &self.testrun {
             Part::Done(t) => part(t.to_json(), "done", None),
             Part::Skipped => part(Value::Null, "skipped", None),
@@ -400,6 +452,8 @@ impl Report {
                     "measured": t.measured,
                     "value": t.value,
                     "met": t.met,
+                    "conclusive": t.met.map(|_| t.inconclusive.is_none()),
+                    "inconclusive_because": t.inconclusive,
                 })
             })
             .collect();
@@ -417,11 +471,149 @@ impl Report {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let md = dir.join("latest.md");
-        std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("writing {}", md.display()))?;
         let js = dir.join("latest.json");
         let mut text = serde_json::to_string_pretty(&self.json())?;
         text.push('\n');
         std::fs::write(&js, text).with_context(|| format!("writing {}", js.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{
+        testrun::analyse,
+        throughput::{ConfigResult, Run},
+    };
+
+    fn machine() -> Machine {
+        Machine {
+            date: "2026-01-01T00:00:00Z".into(),
+            commit: "abc1234".into(),
+            dirty: false,
+            kernel: "6.18".into(),
+            nproc: 2,
+            cpu: "cpu".into(),
+            loadavg_start: "0.1 0.1 0.1".into(),
+            loadavg_end: Some("0.2 0.1 0.1".into()),
+            iperf3: "iperf 3.12".into(),
+            nft: "nftables v1.0.6".into(),
+        }
+    }
+
+    fn testrun(pass_v4: u64) -> TestRunResults {
+        let case = |id: &str, role: &str, family: &str, ns: u64, expected: u64| {
+            json!({
+                "id": id, "label": id, "role": role, "family": family, "packet": "p",
+                "expected_verdict": expected, "verdicts": [expected, expected], "ns": [ns, ns],
+            })
+        };
+        analyse(&json!({
+            "rounds": 2, "repeat": 10, "cgroup": "/",
+            "cases": [
+                case("empty_v4", "empty", "v4", 26, 1),
+                case("empty_v6", "empty", "v6", 26, 1),
+                case("guard_pass_v4", "pass", "v4", pass_v4, 1),
+                case("guard_pass_v6", "pass", "v6", 27, 1),
+                case("guard_block_v4", "block", "v4", 150, 0),
+            ],
+        }))
+        .unwrap()
+    }
+
+    fn throughput(unguarded: [f64; 2]) -> ThroughputResults {
+        let runs: Vec<Run> = (1..=2)
+            .flat_map(|round| {
+                [
+                    (Config::Guarded, 99.0),
+                    (Config::Unguarded, unguarded[round as usize - 1]),
+                    (Config::Nftables, 97.0),
+                ]
+                .map(|(config, bps)| Run {
+                    round,
+                    config,
+                    bits_per_second: bps,
+                    retransmits: 0,
+                })
+            })
+            .collect();
+        let configs = Config::ALL
+            .iter()
+            .map(|&config| {
+                let bps: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.config == config)
+                    .map(|r| r.bits_per_second)
+                    .collect();
+                ConfigResult {
+                    config,
+                    bps: summarize(&bps).unwrap(),
+                    retransmits_median: 0.0,
+                }
+            })
+            .collect();
+        ThroughputResults {
+            rounds: 2,
+            seconds: 1,
+            checks: vec![],
+            runs,
+            configs,
+            egress_drops: Some(0),
+            agent_counters: vec![],
+        }
+    }
+
+    fn report(pass_v4: u64, unguarded: [f64; 2]) -> Report {
+        Report {
+            machine: machine(),
+            command: "cargo xtask bench".into(),
+            testrun: Part::Done(testrun(pass_v4)),
+            throughput: Part::Done(throughput(unguarded)),
+        }
+    }
+
+    #[test]
+    fn targets_met_and_not_met() {
+        let r = report(29, [100.0, 100.0]);
+        let t = r.targets();
+        assert_eq!((t[0].value, t[0].met), (Some(3.0), Some(true)));
+        assert_eq!((t[1].value, t[1].met), (Some(0.99), Some(true)));
+        assert!(t[1].inconclusive.is_none());
+        let r = report(33, [100.0, 100.0]);
+        assert_eq!(r.targets()[0].met, Some(false));
+        let md = r.markdown();
+        assert!(
+            md.contains("| v4 +7.0 ns, v6 +1.0 ns | **not met** |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn noisy_baseline_makes_the_throughput_verdict_inconclusive() {
+        let r = report(26, [90.0, 110.0]);
+        let t = &r.targets()[1];
+        assert_eq!(t.met, Some(true));
+        assert!(t.inconclusive.as_deref().unwrap().contains("±10.0 %"));
+        let v = r.json();
+        assert_eq!(v["targets"][1]["conclusive"], json!(false));
+        assert!(r.markdown().contains("*inconclusive*"));
+    }
+
+    #[test]
+    fn skipped_and_failed_parts_still_render() {
+        let r = Report {
+            machine: machine(),
+            command: "cargo xtask bench".into(),
+            testrun: Part::Skipped,
+            throughput: Part::Failed("iperf3: boom".into()),
+        };
+        let md = r.markdown();
+        assert!(md.contains("Skipped (`--skip-testrun`)"));
+        assert!(md.contains("**Failed:** iperf3: boom"));
+        assert_eq!(r.json()["throughput"]["state"], "failed");
+        assert!(r.targets().iter().all(|t| t.met.is_none()));
     }
 }

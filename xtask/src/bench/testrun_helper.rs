@@ -84,7 +84,9 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let imds6 = [0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54];
+    let imds6 = [
+        0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+    ];
     let other6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let case = |id, label, role, family, program, packet, packet_desc, expected| Case {
         id,
@@ -97,18 +99,66 @@ fn cases() -> Vec<Case> {
         expected,
     };
     vec![
-        case("empty_v4", "empty program, v4 packet", "empty", "v4", programs::BENCH_EMPTY,
-            v4_tcp([192, 0, 2, 1]), "IPv4 TCP SYN to 192.0.2.1:80", 1),
-        case("empty_v6", "empty program, v6 packet", "empty", "v6", programs::BENCH_EMPTY,
-            v6_tcp(other6), "IPv6 TCP SYN to [2001:db8::1]:80", 1),
-        case("guard_pass_v4", "guard, passed v4 (fast path)", "pass", "v4", programs::EGRESS,
-            v4_tcp([192, 0, 2, 1]), "IPv4 TCP SYN to 192.0.2.1:80", 1),
-        case("guard_pass_v6", "guard, passed v6 (fast path)", "pass", "v6", programs::EGRESS,
-            v6_tcp(other6), "IPv6 TCP SYN to [2001:db8::1]:80", 1),
-        case("guard_block_v4", "guard, blocked v4", "block", "v4", programs::EGRESS,
-            v4_tcp([169, 254, 169, 254]), "IPv4 TCP SYN to 169.254.169.254:80", 0),
-        case("guard_block_v6", "guard, blocked v6", "block", "v6", programs::EGRESS,
-            v6_tcp(imds6), "IPv6 TCP SYN to [fd00:ec2::254]:80", 0),
+        case(
+            "empty_v4",
+            "empty program, v4 packet",
+            "empty",
+            "v4",
+            programs::BENCH_EMPTY,
+            v4_tcp([192, 0, 2, 1]),
+            "IPv4 TCP SYN to 192.0.2.1:80",
+            1,
+        ),
+        case(
+            "empty_v6",
+            "empty program, v6 packet",
+            "empty",
+            "v6",
+            programs::BENCH_EMPTY,
+            v6_tcp(other6),
+            "IPv6 TCP SYN to [2001:db8::1]:80",
+            1,
+        ),
+        case(
+            "guard_pass_v4",
+            "guard, passed v4 (fast path)",
+            "pass",
+            "v4",
+            programs::EGRESS,
+            v4_tcp([192, 0, 2, 1]),
+            "IPv4 TCP SYN to 192.0.2.1:80",
+            1,
+        ),
+        case(
+            "guard_pass_v6",
+            "guard, passed v6 (fast path)",
+            "pass",
+            "v6",
+            programs::EGRESS,
+            v6_tcp(other6),
+            "IPv6 TCP SYN to [2001:db8::1]:80",
+            1,
+        ),
+        case(
+            "guard_block_v4",
+            "guard, blocked v4",
+            "block",
+            "v4",
+            programs::EGRESS,
+            v4_tcp([169, 254, 169, 254]),
+            "IPv4 TCP SYN to 169.254.169.254:80",
+            0,
+        ),
+        case(
+            "guard_block_v6",
+            "guard, blocked v6",
+            "block",
+            "v6",
+            programs::EGRESS,
+            v6_tcp(imds6),
+            "IPv6 TCP SYN to [fd00:ec2::254]:80",
+            0,
+        ),
     ]
 }
 

@@ -107,6 +107,11 @@ pub struct ThroughputResults {
     pub checks: Vec<Check>,
     pub runs: Vec<Run>,
     pub configs: Vec<ConfigResult>,
+    /// Packets datalab-guard dropped at cgroup egress during the measurements (from its
+    /// `/metrics`, after minus before): any would mean the guard dropped iperf3 traffic.
+    pub egress_drops: Option<u64>,
+    /// datalab-guard's `blocked_total` lines at the end (the checks' refusals are in them).
+    pub agent_counters: Vec<String>,
 }
 
 impl ThroughputResults {
@@ -176,6 +181,8 @@ impl ThroughputResults {
                 "paired_ratios_vs_unguarded": self.paired_ratios(c.config),
             })).collect::<Vec<_>>(),
             "baseline_noise": self.baseline_noise(),
+            "egress_drops_during_runs": self.egress_drops,
+            "agent_blocked_total": self.agent_counters,
         })
     }
 }
@@ -228,7 +235,11 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
                 "{} -> {}: expected {}, got {}",
                 c.config,
                 c.dst,
-                if c.expect_blocked { "blocked" } else { "reachable" },
+                if c.expect_blocked {
+                    "blocked"
+                } else {
+                    "reachable"
+                },
                 c.outcome
             )
         })
@@ -241,6 +252,7 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
         );
     }
     println!("checked: IMDS refused from (a), reachable from (b), dropped by nftables in (c)");
+    let drops_before = agent.metrics(metrics).ok().map(|m| egress_blocked(&m));
 
     let mut runs = Vec::new();
     for round in 0..rounds {
@@ -270,6 +282,17 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
     if let Some(status) = agent.try_status() {
         bail!("datalab-guard exited during the measurements ({status})");
     }
+    let text_after = agent.metrics(metrics).ok();
+    let egress_drops = match (drops_before, &text_after) {
+        (Some(before), Some(after)) => Some(egress_blocked(after).saturating_sub(before)),
+        _ => None,
+    };
+    let agent_counters: Vec<String> = text_after
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| l.starts_with("datalab_guard_blocked_total"))
+        .map(str::to_string)
+        .collect();
     drop(server);
     let _ = agent.sigterm();
     let _ = agent.wait_exit(Duration::from_secs(10));
@@ -297,7 +320,20 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
         checks,
         runs,
         configs,
+        egress_drops,
+        agent_counters,
     })
+}
+
+/// Sum of `datalab_guard_blocked_total{...hook="egress"...}` in Prometheus text.
+fn egress_blocked(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("datalab_guard_blocked_total{") && l.contains(r#"hook="egress""#))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// Probes both metadata endpoints from every configuration.
@@ -322,7 +358,11 @@ fn check_configs(lab: &Lab, guarded: &Path, unguarded: &Path) -> Result<Vec<Chec
                 config,
                 dst,
                 expect_blocked,
-                as_expected: if expect_blocked { !r.ok && (r.is_eperm() || r.is_timeout()) } else { r.ok },
+                as_expected: if expect_blocked {
+                    !r.ok && (r.is_eperm() || r.is_timeout())
+                } else {
+                    r.ok
+                },
                 outcome,
             });
         }
@@ -342,7 +382,11 @@ impl NftBlock {
             "table inet {NFT_TABLE} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    ip daddr {IMDS_V4} drop\n    ip6 daddr {IMDS_V6} drop\n  }}\n}}\n"
         );
         let mut cmd = command_in(None, Some(netns), &["nft", "-f", "-"])?;
-        run_checked(&mut cmd, "nft -f - (IMDS drop rule in the tenant namespace)", Some(ruleset.as_bytes()))?;
+        run_checked(
+            &mut cmd,
+            "nft -f - (IMDS drop rule in the tenant namespace)",
+            Some(ruleset.as_bytes()),
+        )?;
         Ok(NftBlock {
             netns: netns.to_string(),
         })
@@ -351,10 +395,17 @@ impl NftBlock {
 
 impl Drop for NftBlock {
     fn drop(&mut self) {
-        let r = command_in(None, Some(&self.netns), &["nft", "delete", "table", "inet", NFT_TABLE])
-            .and_then(|mut cmd| run_checked(&mut cmd, "nft delete table", None));
+        let r = command_in(
+            None,
+            Some(&self.netns),
+            &["nft", "delete", "table", "inet", NFT_TABLE],
+        )
+        .and_then(|mut cmd| run_checked(&mut cmd, "nft delete table", None));
         if let Err(e) = r {
-            eprintln!("bench: could not delete nft table {NFT_TABLE} in {}: {e:#}", self.netns);
+            eprintln!(
+                "bench: could not delete nft table {NFT_TABLE} in {}: {e:#}",
+                self.netns
+            );
         }
     }
 }
@@ -369,15 +420,22 @@ struct IperfServer {
 impl IperfServer {
     fn start(cgroup: &Path, netns: &str) -> Result<IperfServer> {
         let other = OTHER_V4.to_string();
-        let nice = std::env::var("DGBENCH_NICE").ok();
-        let mut argv: Vec<&str> = match &nice {
-            Some(n) => vec!["nice", "-n", n],
-            None => vec![],
-        };
-        argv.extend(["iperf3", "-s", "-B", &other, "-p", IPERF_PORT, "--forceflush"]);
+        let argv = [
+            "iperf3",
+            "-s",
+            "-B",
+            &other,
+            "-p",
+            IPERF_PORT,
+            "--forceflush",
+        ];
         let mut cmd = command_in(Some(cgroup), Some(netns), &argv)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting iperf3 -s (apt-get install iperf3)")?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .context("starting iperf3 -s (apt-get install iperf3)")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped");
@@ -392,13 +450,27 @@ impl IperfServer {
             }
         });
         let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 l2.lock().unwrap().push(line);
             }
         });
-        let server = IperfServer { child, log };
+        let mut server = IperfServer { child, log };
         if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            // Disconnected: stdout closed, i.e. it exited; say how, with everything it said.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut exited = server.child.try_wait().ok().flatten();
+            while exited.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                exited = server.child.try_wait().ok().flatten();
+            }
+            if let Some(status) = exited {
+                let _ = err_reader.join();
+                bail!(
+                    "iperf3 -s exited ({status}) before listening: {:?}",
+                    server.log.lock().unwrap()
+                );
+            }
             bail!(
                 "iperf3 -s did not say `Server listening` within 10 s: {:?}",
                 server.log.lock().unwrap()
@@ -418,11 +490,7 @@ impl Drop for IperfServer {
 /// One `iperf3 -c -J` run from `cgroup` in the tenant namespace; returns the receiver-side
 /// bits per second and the sender's retransmits.
 fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> {
-    let mut argv: Vec<String> = match std::env::var("DGBENCH_NICE") {
-        Ok(n) => vec!["nice".into(), "-n".into(), n],
-        Err(_) => vec![],
-    };
-    argv.extend([
+    let argv = [
         "iperf3".to_string(),
         "-c".into(),
         OTHER_V4.to_string(),
@@ -433,9 +501,11 @@ fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> 
         "-J".into(),
         "--connect-timeout".into(),
         "3000".into(),
-    ]);
+    ];
     let mut cmd = command_in(Some(cgroup), Some(netns), &argv)?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("starting iperf3 -c")?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
@@ -457,21 +527,27 @@ fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> 
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("iperf3 -c still running {} s after it should have ended; killed", 20);
+            bail!(
+                "iperf3 -c still running {} s after it should have ended; killed",
+                20
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stdout = reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
-    parse_client_json(&stdout).with_context(|| {
-        format!("iperf3 -c exited {status}; stderr: {}", stderr.trim())
-    })
+    parse_client_json(&stdout)
+        .with_context(|| format!("iperf3 -c exited {status}; stderr: {}", stderr.trim()))
 }
 
 /// Reads what we need from `iperf3 -c -J` output.
 fn parse_client_json(text: &str) -> Result<(f64, u64)> {
-    let v: Value = serde_json::from_str(text)
-        .with_context(|| format!("iperf3 printed non-JSON: {:?}", text.chars().take(300).collect::<String>()))?;
+    let v: Value = serde_json::from_str(text).with_context(|| {
+        format!(
+            "iperf3 printed non-JSON: {:?}",
+            text.chars().take(300).collect::<String>()
+        )
+    })?;
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }
@@ -492,22 +568,55 @@ mod tests {
             "sum_received": {"bits_per_second": 2.0e10}}}"#;
         assert_eq!(parse_client_json(ok).unwrap(), (2.0e10, 3));
         let err = r#"{"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}"#;
-        assert!(parse_client_json(err).unwrap_err().to_string().contains("Connection refused"));
+        assert!(parse_client_json(err)
+            .unwrap_err()
+            .to_string()
+            .contains("Connection refused"));
         assert!(parse_client_json("iperf3: error").is_err());
     }
 
     #[test]
+    fn counts_egress_drops_in_metrics() {
+        let text = "# HELP datalab_guard_blocked_total x\n\
+            datalab_guard_blocked_total{family=\"ipv4\",hook=\"egress\",namespace=\"\"} 6\n\
+            datalab_guard_blocked_total{family=\"ipv6\",hook=\"egress\",namespace=\"\"} 1\n\
+            datalab_guard_blocked_total{family=\"ipv6\",hook=\"connect\",namespace=\"\"} 2\n\
+            datalab_guard_audited_total{family=\"ipv4\",hook=\"egress\",namespace=\"\"} 9\n";
+        assert_eq!(egress_blocked(text), 7);
+        assert_eq!(egress_blocked(""), 0);
+    }
+
+    #[test]
     fn ratios_are_against_the_unguarded_median() {
-        let s = |m: f64| Summary { median: m, mean: m, min: m, max: m };
+        let s = |m: f64| Summary {
+            median: m,
+            mean: m,
+            min: m,
+            max: m,
+        };
         let r = ThroughputResults {
             rounds: 1,
             seconds: 1,
             checks: vec![],
             runs: vec![],
+            egress_drops: None,
+            agent_counters: vec![],
             configs: vec![
-                ConfigResult { config: Config::Guarded, bps: s(99.0), retransmits_median: 0.0 },
-                ConfigResult { config: Config::Unguarded, bps: s(100.0), retransmits_median: 0.0 },
-                ConfigResult { config: Config::Nftables, bps: s(97.0), retransmits_median: 0.0 },
+                ConfigResult {
+                    config: Config::Guarded,
+                    bps: s(99.0),
+                    retransmits_median: 0.0,
+                },
+                ConfigResult {
+                    config: Config::Unguarded,
+                    bps: s(100.0),
+                    retransmits_median: 0.0,
+                },
+                ConfigResult {
+                    config: Config::Nftables,
+                    bps: s(97.0),
+                    retransmits_median: 0.0,
+                },
             ],
         };
         assert_eq!(r.ratio(Config::Guarded), Some(0.99));
