@@ -38,6 +38,9 @@ use crate::{
     policy::{self, NamespaceClasses, PodInfo, PolicyConfig},
 };
 
+/// Minimum time between two full reconciles (watch bursts are coalesced).
+const RECONCILE_EVERY: Duration = Duration::from_millis(200);
+
 /// Default metrics address in node mode: Prometheus scrapes the pod IP.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
 
@@ -161,6 +164,14 @@ struct Core {
     gauges: Arc<Mutex<Gauges>>,
     /// API uid → the uid the kubelet named the cgroup with (differs for static pods).
     cgroup_uids: HashMap<String, String>,
+    /// API uid → the pod's cgroup directory, once the kubelet has made it.
+    dirs: HashMap<String, CgroupDir>,
+    /// Pod directories (ids) that gained a child since the last container scan.
+    container_scan: HashSet<u64>,
+    /// Pod uids of the cgroup directories the watcher has seen.
+    discovered: HashSet<String>,
+    /// cgroup uid → pod, as of the last reconcile (for the new-cgroup fast path).
+    by_uid: HashMap<String, PodInfo>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -181,22 +192,40 @@ impl Core {
         let policy = &self.policy;
         self.classes.retain(|name| namespaces.get(name).is_some_and(|ns| policy.is_environment(ns)));
 
-        let mut resolved: Vec<(&PodInfo, Option<&policy::NamespaceInfo>, Option<u64>)> = Vec::with_capacity(pods.len());
-        let mut attribution = Attribution::default();
-        let mut dirs: HashMap<String, CgroupDir> = HashMap::new();
+        // Resolve pod directories once and keep them (inotify removals invalidate): with
+        // 10 000 pods a reconcile must not stat 30 000 paths.
+        let live: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        self.dirs.retain(|uid, _| live.contains(uid.as_str()));
+        let mut newly_resolved = Vec::new();
         for pod in &pods {
-            let dir = self.pod_dir(pod);
-            if let Some(dir) = &dir {
+            if !self.dirs.contains_key(&pod.uid) {
+                if let Some(dir) = self.pod_dir(pod) {
+                    newly_resolved.push(dir.id);
+                    self.dirs.insert(pod.uid.clone(), dir);
+                }
+            }
+        }
+        let mut attribution = Attribution::default();
+        let mut resolved: Vec<(&PodInfo, Option<&policy::NamespaceInfo>, Option<u64>)> = Vec::with_capacity(pods.len());
+        for pod in &pods {
+            let dir = self.dirs.get(&pod.uid);
+            if let Some(dir) = dir {
                 attribution.pods.insert(dir.id, PodRef { namespace: pod.namespace.clone(), name: pod.name.clone(), uid: pod.uid.clone() });
-                dirs.insert(pod.uid.clone(), dir.clone());
             }
             resolved.push((pod, namespaces.get(&pod.namespace), dir.map(|d| d.id)));
         }
         let (entries, summary) = policy::desired_entries(resolved.iter().map(|(p, n, id)| (*p, *n, *id)), &self.policy, &mut self.classes);
 
-        // Container sub-cgroups, for naming containers in audit lines.
+        // Container sub-cgroups, for naming containers in audit lines: scanned for pods seen
+        // for the first time and pods whose directory gained a child since.
+        let rescan: HashSet<u64> = newly_resolved.into_iter().chain(self.container_scan.drain()).collect();
+        let previous = std::mem::take(&mut self.attribution.write().expect("attribution lock").containers);
+        attribution.containers = previous.into_iter().filter(|(_, (pod, _))| attribution.pods.contains_key(pod) && !rescan.contains(pod)).collect();
         for pod in &pods {
-            let Some(dir) = dirs.get(&pod.uid) else { continue };
+            let Some(dir) = self.dirs.get(&pod.uid) else { continue };
+            if !rescan.contains(&dir.id) {
+                continue;
+            }
             let names: HashMap<String, String> = pod
                 .containers
                 .iter()
@@ -216,14 +245,40 @@ impl Core {
                 }
             }
         }
-        let known: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-        let known_cgroup_uids: HashSet<&str> = pods.iter().map(|p| self.cgroup_uids.get(&p.uid).map_or(p.uid.as_str(), String::as_str)).collect();
-        let unknown = podcgroup::scan_pods(&self.root.path, self.driver)
-            .map(|found| found.iter().filter(|d| !known.contains(d.uid.as_str()) && !known_cgroup_uids.contains(d.uid.as_str())).count() as u64)
-            .unwrap_or(0);
+        // Pod cgroups with no pod behind them, from the watcher's last full scan.
+        let known: HashSet<&str> = pods.iter().map(|p| self.cgroup_uids.get(&p.uid).map_or(p.uid.as_str(), String::as_str)).collect();
+        let unknown = self.discovered.iter().filter(|uid| !known.contains(uid.as_str()) && !live.contains(uid.as_str())).count() as u64;
         *self.gauges.lock().expect("gauges lock") = Gauges { guarded: summary.guarded as u64, exempt: summary.exempt as u64, unknown };
         *self.attribution.write().expect("attribution lock") = attribution;
+        self.by_uid = pods.iter().map(|p| (self.cgroup_uids.get(&p.uid).cloned().unwrap_or_else(|| p.uid.clone()), p.clone())).collect();
         entries
+    }
+
+    /// A watcher event: keeps the caches in line with the cgroup tree.
+    fn observe(&mut self, event: &CgroupEvent) {
+        match event {
+            CgroupEvent::Created(path) => {
+                if let Some(parent) = path.parent().and_then(|p| cgroups::validate_cgroup_dir(p).ok()) {
+                    if self.dirs.values().any(|d| d.id == parent.id) {
+                        self.container_scan.insert(parent.id);
+                    }
+                }
+                if let Some((_, uid)) = path.file_name().and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy())) {
+                    self.discovered.insert(uid);
+                }
+            }
+            CgroupEvent::Removed(path) => {
+                self.dirs.retain(|_, d| d.path != *path);
+                if let Some((_, uid)) = path.file_name().and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy())) {
+                    self.discovered.remove(&uid);
+                }
+            }
+            CgroupEvent::Rescan(found) => {
+                self.discovered = found.iter().map(|d| d.uid.clone()).collect();
+                let by_path: HashSet<&Path> = found.iter().map(|d| d.dir.path.as_path()).collect();
+                self.dirs.retain(|_, d| by_path.contains(d.path.as_path()));
+            }
+        }
     }
 
     /// The pod's cgroup directory, if the kubelet has created it. The QoS class decides the
@@ -276,6 +331,10 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         attribution: attribution.clone(),
         gauges: gauges.clone(),
         cgroup_uids: HashMap::new(),
+        dirs: HashMap::new(),
+        container_scan: HashSet::new(),
+        discovered: podcgroup::scan_pods(&plan.root.path, plan.driver).map(|f| f.into_iter().map(|d| d.uid).collect()).unwrap_or_default(),
+        by_uid: HashMap::new(),
     };
     let desired = core.desired(&view);
     let installed = bpf::install(InstallRequest {
@@ -335,14 +394,23 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let changed = view.changed();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut last_full = Instant::now();
+    let mut last_reconcile = Instant::now();
+    let mut dirty = false;
     loop {
+        // A reconcile at most every RECONCILE_EVERY: with thousands of pods a burst of watch
+        // events must not queue reconciles; new pod cgroups take the fast path meanwhile.
+        let debounce = tokio::time::sleep_until((last_reconcile + RECONCILE_EVERY).into());
         tokio::select! {
-            _ = changed.notified() => {},
+            _ = changed.notified() => { dirty = true; continue; },
             Some(event) = cg_rx.recv() => {
+                core.observe(&event);
                 if let CgroupEvent::Created(path) = &event {
-                    fast_path_new_cgroup(&core, &view, path, &maps_slot);
+                    fast_path_new_cgroup(&mut core, &view, path, &maps_slot);
                 }
+                dirty = true;
+                continue;
             },
+            _ = debounce, if dirty => {},
             _ = hup.recv() => {
                 match load_config(plan.config_path.as_deref(), shared) {
                     Ok(new_config) => {
@@ -365,8 +433,8 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {},
             _ = wait_for_signal() => break,
         }
-        // Coalesce bursts (a relist, a deployment rollout) into one reconcile.
-        while cg_rx.try_recv().is_ok() {}
+        dirty = false;
+        last_reconcile = Instant::now();
         let desired = core.desired(&view);
         let result = {
             let mut slot = maps_slot.lock().expect("maps lock");
@@ -415,13 +483,17 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
 
 /// A pod cgroup just appeared: if the API already told us about the pod, write its entry
 /// now rather than at the next reconcile, so its containers start under the right verdict.
-fn fast_path_new_cgroup(core: &Core, view: &ClusterView, path: &Path, maps_slot: &Arc<Mutex<Option<GuardMaps>>>) {
+fn fast_path_new_cgroup(core: &mut Core, view: &ClusterView, path: &Path, maps_slot: &Arc<Mutex<Option<GuardMaps>>>) {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
     let Some((_, uid)) = podcgroup::parse_pod_dir_name(&name) else { return };
-    let pods = view.pods();
-    let Some(pod) = pods.iter().find(|p| p.uid == uid || core.cgroup_uids.get(&p.uid).is_some_and(|c| *c == uid)) else { return };
+    if !core.by_uid.contains_key(&uid) {
+        // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
+        let cgroup_uids = view.cgroup_uids();
+        core.by_uid = view.pods().into_iter().map(|p| (cgroup_uids.get(&p.uid).cloned().unwrap_or_else(|| p.uid.clone()), p)).collect();
+    }
+    let Some(pod) = core.by_uid.get(&uid).cloned() else { return };
     let namespaces = view.namespaces();
-    let decision = policy::verdict(pod, namespaces.get(&pod.namespace), &core.policy);
+    let decision = policy::verdict(&pod, namespaces.get(&pod.namespace), &core.policy);
     let Ok(dir) = cgroups::validate_cgroup_dir(path) else { return };
     let class = if decision.verdict == Verdict::Guard { core.classes.class_of(&pod.namespace) } else { 0 };
     let entry = datalab_guard_common::PolicyEntry { verdict: decision.verdict as u32, class };
@@ -430,6 +502,7 @@ fn fast_path_new_cgroup(core: &Core, view: &ClusterView, path: &Path, maps_slot:
             tracing::warn!(error = %e, "cannot write the new pod's entry");
         }
     }
+    core.dirs.insert(pod.uid.clone(), dir);
 }
 
 fn guard_config(config: &Config) -> GuardConfig {
