@@ -30,7 +30,6 @@ failures=0
 say() { printf '\n==> %s\n' "$*"; }
 pass() { printf '  PASS  %s\n' "$*"; }
 fail() { printf '  FAIL  %s\n' "$*"; failures=$((failures + 1)); }
-pending() { printf '  PENDING  %s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { echo "kind.sh: $1 is required" >&2; exit 2; }; }
 need docker; need kind; need kubectl
 
@@ -167,15 +166,21 @@ if [[ $out == *"Operation not permitted"* ]]; then pass "tenant still refused wh
 else fail "tenant not refused during the agent restart: $out"; fi
 kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=180s
 
-say "provisioning and probe (planned in the node agent; PENDING until they land)"
-if kubectl -n "$TENANT_NS" get networkpolicy allow-web-egress >/dev/null 2>&1; then pass "NetworkPolicy allow-web-egress provisioned in $TENANT_NS"
-else pending "no NetworkPolicy allow-web-egress in $TENANT_NS"; fi
-AGENT=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard \
-    --field-selector "spec.nodeName=$WORKER" -o jsonpath='{.items[0].metadata.name}')
-metrics=$(kubectl get --raw "/api/v1/namespaces/datalab-guard/pods/$AGENT:9090/proxy/metrics" || true)
-if grep -q "^datalab_guard_cni_enforcement{.*namespace=\"$TENANT_NS\".*state=\"enforced\"} 1" <<<"$metrics"; then
-    pass "CNI probe: Calico enforces the policy in $TENANT_NS"
-else pending "no cni_enforcement{state=\"enforced\"} for $TENANT_NS"; fi
+say "leader: NetworkPolicy provisioned; every node: CNI probe (probe.interval is 5m: up to 7 min)"
+# poll SECONDS COMMAND...: true once COMMAND succeeds within SECONDS.
+poll() { local end=$((SECONDS + $1)); shift; until "$@"; do [ $SECONDS -lt "$end" ] || return 1; sleep 5; done; }
+if poll 120 kubectl -n "$TENANT_NS" get networkpolicy allow-web-egress -o name >/dev/null 2>&1; then
+    pass "NetworkPolicy allow-web-egress provisioned in $TENANT_NS"
+else fail "no NetworkPolicy allow-web-egress in $TENANT_NS after 2 minutes"; fi
+probe_enforced() {
+    local agent
+    agent=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard \
+        --field-selector "spec.nodeName=$WORKER" -o jsonpath='{.items[0].metadata.name}')
+    kubectl get --raw "/api/v1/namespaces/datalab-guard/pods/$agent:9090/proxy/metrics" 2>/dev/null |
+        grep -q "^datalab_guard_cni_enforcement{namespace=\"$TENANT_NS\",state=\"enforced\"} 1"
+}
+if poll 420 probe_enforced; then pass "CNI probe: Calico enforces the policy in $TENANT_NS"
+else fail "no cni_enforcement{namespace=\"$TENANT_NS\",state=\"enforced\"} 1 after 7 minutes"; fi
 
 say "result"
 if [ "$failures" -gt 0 ]; then
