@@ -43,7 +43,7 @@ pub struct Shared {
     #[arg(long, value_name = "ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
     /// bpffs directory for the pinned maps and links.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS, global = true)]
+    #[arg(long, value_name = "DIR", env = "DATALAB_GUARD_BPFFS", default_value = DEFAULT_BPFFS, global = true)]
     pub bpffs: PathBuf,
     /// Operational log format (stderr). Audit records are always JSON lines on stdout.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
