@@ -373,15 +373,19 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         None
     };
 
-    // Every node: does the CNI enforce the environments' NetworkPolicy?
+    // Every node: does the CNI enforce the environments' NetworkPolicy? A change is logged
+    // and reported with an Event on the namespace.
+    let (cni_tx, cni_rx) = mpsc::channel::<(String, Option<crate::k8s::state::CniState>, crate::k8s::state::CniState)>(64);
+    let cni_events_task = tokio::spawn(k8s::events::publish_cni_changes(client.clone(), plan.node.clone(), cni_rx));
     let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
         plan.config.probe.clone(),
         PathBuf::from(crate::cniprobe::SELF_NETNS),
         crate::cniprobe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
-        |namespace: &str, old: Option<crate::k8s::state::CniState>, new: crate::k8s::state::CniState| {
+        move |namespace: &str, old: Option<crate::k8s::state::CniState>, new: crate::k8s::state::CniState| {
             tracing::warn!(namespace, old = old.map(|o| o.as_str()), new = new.as_str(), "CNI enforcement of the namespace's NetworkPolicy changed");
+            let _ = cni_tx.try_send((namespace.to_owned(), old, new));
         },
         shutdown_rx.clone(),
     ));
@@ -472,6 +476,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     tracing::info!("exiting; enforcement stays in place (pinned under {})", layout.root().display());
     let _ = shutdown_tx.send(true);
     probe_task.abort();
+    cni_events_task.abort();
     for task in [http_task, audit_task] {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }

@@ -52,7 +52,10 @@ impl Node {
         let dir = std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
         std::fs::create_dir_all(&dir).unwrap();
         api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
-        std::fs::write(dir.join("config.yaml"), "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\n").unwrap();
+        // probe off: the CNI probe connects to the metadata address from the agent's own
+        // network namespace, here the machine's; tests send nothing there (the probe has its
+        // own tests in network namespaces, cni_probe.rs).
+        std::fs::write(dir.join("config.yaml"), "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\nprobe:\n  enabled: false\n").unwrap();
         Node {
             agent: None,
             bpffs: BpffsDir::new().expect("bpffs"),
@@ -266,6 +269,19 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
     });
+
+    // A config reload (SIGHUP) flips verdicts too: select environments by another label.
+    let config = node.dir.join("config.yaml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}environments:\n  namespaceSelector: datalab.io/environment=other\n")).unwrap();
+    let pid = node.agent().pid() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let took = eventually("SIGHUP reload flips tenant-a", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).ok);
+    eprintln!("config reload -> allowed after {took:?}");
+    std::fs::write(&config, &original).unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually("SIGHUP reload restores", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
 
     // Deleting a pod removes its entry.
     assert!(node.policy_ids().contains(&b_id));

@@ -52,6 +52,9 @@ const ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
 /// Short lease settings: leaseDuration 3s, renewDeadline 2s, retryPeriod 500ms.
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RETRY_PERIOD: Duration = Duration::from_millis(500);
+/// Appended to every config a test agent runs with (see `BinNode::start`).
+const NO_PROBE: &str = "probe:\n  enabled: false\n";
+
 const LEADER_ELECTION: &str = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 3s\n  renewDeadline: 2s\n  retryPeriod: 500ms\n";
 
 // ---------------------------------------------------------------------------------------
@@ -1064,7 +1067,10 @@ impl BinNode {
         )
         .unwrap();
         let config = dir.join(format!("config-{name}.yaml"));
-        std::fs::write(&config, config_yaml).unwrap();
+        // The CNI probe would connect to the metadata address from the agent's own network
+        // namespace — here the machine's. Tests never send anything there: probe off (the
+        // probe is tested in network namespaces of its own, tests/tests/cni_probe.rs).
+        std::fs::write(&config, format!("{config_yaml}{NO_PROBE}")).unwrap();
         let mut node = BinNode {
             name: name.to_owned(),
             agent: None,

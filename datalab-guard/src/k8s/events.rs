@@ -99,3 +99,39 @@ impl PodEvents {
         self.pods.retain(|uid, _| live_uids.contains(uid));
     }
 }
+
+/// Publishes an Event on a namespace whose CNI enforcement state changed (as probed from
+/// this node): Warning `NetworkPolicyNotEnforced` when the CNI lets a pod reach a blocked
+/// destination, Normal `NetworkPolicyEnforced` when it stops, Normal
+/// `NetworkPolicyEnforcementInconclusive` when this node cannot tell.
+pub async fn publish_cni_changes(
+    client: Client,
+    node: String,
+    mut changes: tokio::sync::mpsc::Receiver<(String, Option<super::state::CniState>, super::state::CniState)>,
+) {
+    use super::state::CniState;
+    let recorder = Recorder::new(client, Reporter { controller: super::client::MANAGER.into(), instance: Some(node.clone()) });
+    while let Some((namespace, old, new)) = changes.recv().await {
+        let (type_, reason) = match new {
+            CniState::NotEnforced => (EventType::Warning, "NetworkPolicyNotEnforced"),
+            CniState::Enforced => (EventType::Normal, "NetworkPolicyEnforced"),
+            CniState::Inconclusive => (EventType::Normal, "NetworkPolicyEnforcementInconclusive"),
+        };
+        let note = format!(
+            "probe from node {node}: CNI enforcement {} (was {}){}",
+            new.as_str(),
+            old.map_or("unknown", |o| o.as_str()),
+            if new == CniState::NotEnforced { "; the eBPF guard is the only line of defence for this namespace" } else { "" }
+        );
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Namespace".into()),
+            name: Some(namespace.clone()),
+            ..ObjectReference::default()
+        };
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: "ProbeCniEnforcement".into(), secondary: None };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(namespace, error = %e, "cannot publish the CNI enforcement Event");
+        }
+    }
+}

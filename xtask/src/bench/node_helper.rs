@@ -135,6 +135,9 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("dgbench-node-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     api.write_kubeconfig(dir.join("kubeconfig"))?;
+    // The CNI probe would connect to the metadata address from the agent's own network
+    // namespace (the machine's here): off, nothing is ever sent there.
+    std::fs::write(dir.join("config.yaml"), "probe:\n  enabled: false\n")?;
     let metrics = free_loopback_addr()?;
     let spawn = Instant::now();
     let mut agent = Agent::spawn_with(
@@ -145,6 +148,8 @@ fn main() -> Result<()> {
             NODE.into(),
             "--kubeconfig".into(),
             dir.join("kubeconfig").display().to_string(),
+            "--config".into(),
+            dir.join("config.yaml").display().to_string(),
             "--cgroup-root".into(),
             root.display().to_string(),
             "--bpffs".into(),
