@@ -172,6 +172,8 @@ struct Core {
     discovered: HashSet<String>,
     /// cgroup uid → pod, as of the last reconcile (for the new-cgroup fast path).
     by_uid: HashMap<String, PodInfo>,
+    /// One row per pod for `status` (namespace, pod, verdict, reason, cgroup id).
+    rows: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -215,6 +217,20 @@ impl Core {
             resolved.push((pod, namespaces.get(&pod.namespace), dir.map(|d| d.id)));
         }
         let (entries, summary) = policy::desired_entries(resolved.iter().map(|(p, n, id)| (*p, *n, *id)), &self.policy, &mut self.classes);
+        self.rows = resolved
+            .iter()
+            .map(|(pod, ns, id)| {
+                let decision = policy::verdict(pod, *ns, &self.policy);
+                serde_json::json!({
+                    "namespace": pod.namespace,
+                    "pod": pod.name,
+                    "uid": pod.uid,
+                    "verdict": if decision.verdict == Verdict::Guard { "guard" } else { "exempt" },
+                    "reason": decision.reason.as_str(),
+                    "cgroup_id": id,
+                })
+            })
+            .collect();
 
         // Container sub-cgroups, for naming containers in audit lines: scanned for pods seen
         // for the first time and pods whose directory gained a child since.
@@ -335,6 +351,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         container_scan: HashSet::new(),
         discovered: podcgroup::scan_pods(&plan.root.path, plan.driver).map(|f| f.into_iter().map(|d| d.uid).collect()).unwrap_or_default(),
         by_uid: HashMap::new(),
+        rows: Vec::new(),
     };
     let desired = core.desired(&view);
     let installed = bpf::install(InstallRequest {
@@ -366,7 +383,8 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
 
     // Audit stream → stdout lines + pod Events.
     let (attempt_tx, attempt_rx) = mpsc::channel::<PodAttempt>(1024);
-    let audit_task = tokio::spawn(stream_audit(events, attribution.clone(), plan.node.clone(), attempt_tx, shutdown_rx.clone()));
+    let attempts_by_pod: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let audit_task = tokio::spawn(stream_audit(events, attribution.clone(), plan.node.clone(), attempt_tx, attempts_by_pod.clone(), shutdown_rx.clone()));
     let events_task = if plan.config.audit.kubernetes_events {
         Some(tokio::spawn(publish_events(PodEvents::new(client.clone(), &plan.node, plan.config.audit.events_per_pod_per_minute), attempt_rx)))
     } else {
@@ -462,7 +480,23 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
             let namespaces = view.namespaces();
             namespace_states.retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
             if let Some(path) = &plan.state_file {
-                write_state_file(path, &plan.node, &namespace_states.snapshot());
+                let counts = {
+                    let mut counts = attempts_by_pod.lock().expect("attempts lock");
+                    let live: HashSet<&str> = core.rows.iter().filter_map(|r| r["uid"].as_str()).collect();
+                    counts.retain(|uid, _| live.contains(uid.as_str()));
+                    counts.clone()
+                };
+                let pods: Vec<serde_json::Value> = core
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        let n = r["uid"].as_str().and_then(|u| counts.get(u)).copied().unwrap_or(0);
+                        r["audited_attempts"] = serde_json::json!(n);
+                        r
+                    })
+                    .collect();
+                write_state_file(path, &plan.node, &namespace_states.snapshot(), &pods, &core.classes.snapshot());
             }
         }
         if last_full.elapsed() > Duration::from_secs(300) {
@@ -540,6 +574,7 @@ async fn stream_audit(
     attribution: Arc<RwLock<Attribution>>,
     node: String,
     attempts: mpsc::Sender<PodAttempt>,
+    counts: Arc<Mutex<HashMap<String, u64>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let clock = audit::BootClock::new();
@@ -559,6 +594,9 @@ async fn stream_audit(
         let record = audit::record(&event, &clock, &who);
         audit::write_line(&record);
         if let Some(pod) = pod {
+            if let Ok(mut counts) = counts.lock() {
+                *counts.entry(pod.uid.clone()).or_insert(0) += 1;
+            }
             let _ = attempts.try_send(PodAttempt {
                 namespace: pod.namespace,
                 pod: pod.name,
@@ -697,12 +735,22 @@ fn probe_targets(view: Arc<ClusterView>, resolver: ResolverView, netns_dir: Path
     }
 }
 
-/// Writes what `status` shows per environment namespace (atomically: write, then rename).
-fn write_state_file(path: &Path, node: &str, states: &BTreeMap<String, crate::k8s::state::NamespaceStatus>) {
+/// Writes what `status` shows per environment namespace and per pod (atomically: write,
+/// then rename). `audited_attempts` counts the audit records attributed to the pod (after
+/// the in-kernel rate limit, so a floor); exact totals are per namespace in the counters.
+fn write_state_file(
+    path: &Path,
+    node: &str,
+    states: &BTreeMap<String, crate::k8s::state::NamespaceStatus>,
+    pods: &[serde_json::Value],
+    classes: &BTreeMap<u32, String>,
+) {
     let doc = serde_json::json!({
         "node": node,
         "written_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "namespaces": states,
+        "pods": pods,
+        "counter_classes": classes,
     });
     let tmp = path.with_extension("tmp");
     let result = path

@@ -1,7 +1,7 @@
 //! `datalab-guard status`: what is enforced now, read only from the pinned state, so it
 //! answers the same whether or not an agent is running.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use aya::programs::links::PinnedLink;
 use datalab_guard_common::{counters::Stat, Mode, Verdict};
@@ -20,6 +20,21 @@ pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::
     // Node mode: the agent's view of each environment namespace's baseline.
     if let Ok(text) = std::fs::read_to_string(state_file) {
         if let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) {
+            // Exact in-kernel totals per environment namespace (its counter class).
+            if layout.exists() {
+                if let (Ok(maps), Some(classes)) = (GuardMaps::from_pins(&layout), state["counter_classes"].as_object()) {
+                    let ids: Vec<(u32, String)> = classes.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned()))).collect();
+                    if let Ok(values) = maps.counters(ids.iter().map(|(id, _)| *id)) {
+                        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+                        for v in values {
+                            if let Some((_, ns)) = ids.iter().find(|(id, _)| *id == v.class) {
+                                *totals.entry(ns.clone()).or_insert(0) += v.value;
+                            }
+                        }
+                        report["namespace_attempts"] = json!(totals);
+                    }
+                }
+            }
             report["environments"] = state;
         }
     }
@@ -156,7 +171,27 @@ fn print_text(r: &serde_json::Value) {
             } else {
                 format!("{}{}", or_dash(&st["psa"]["enforce"]), if st["psa"]["sufficient"] == json!(true) { "" } else { " (weak)" })
             };
-            println!("    {:<32} {:<10} {:<12} {}", ns, or_dash(&st["policy"]), psa, or_dash(&st["cni"]));
+            let attempts = r["namespace_attempts"][ns.as_str()].as_u64().unwrap_or(0);
+            println!("    {:<32} {:<10} {:<12} {:<14} attempts: {attempts}", ns, or_dash(&st["policy"]), psa, or_dash(&st["cni"]));
+        }
+    }
+    if let Some(pods) = r["environments"]["pods"].as_array() {
+        let guarded = pods.iter().filter(|p| p["verdict"] == json!("guard")).count();
+        println!("  pods on this node: {} guarded, {} exempt", guarded, pods.len() - guarded);
+        println!("    {:<7} {:<28} {:<40} {:<24} {:>8}", "VERDICT", "NAMESPACE", "POD", "WHY", "ATTEMPTS");
+        let mut rows: Vec<&serde_json::Value> = pods.iter().collect();
+        // Pods with attempts first, then guarded before exempt.
+        rows.sort_by_key(|p| (std::cmp::Reverse(p["audited_attempts"].as_u64().unwrap_or(0)), p["verdict"] != json!("guard"), s(&p["namespace"]), s(&p["pod"])));
+        for p in rows {
+            let cgroup = if p["cgroup_id"].is_null() { " (no cgroup yet)" } else { "" };
+            println!(
+                "    {:<7} {:<28} {:<40} {:<24} {:>8}{cgroup}",
+                s(&p["verdict"]),
+                s(&p["namespace"]),
+                s(&p["pod"]),
+                s(&p["reason"]),
+                p["audited_attempts"].as_u64().unwrap_or(0).to_string()
+            );
         }
     }
 }

@@ -267,8 +267,28 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         ])
         .unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let pods = report["environments"]["pods"].as_array().cloned().unwrap_or_default();
+        let a = pods.iter().find(|p| p["pod"] == "notebook-a");
         !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
+            && a.is_some_and(|a| a["verdict"] == "guard" && a["audited_attempts"].as_u64() >= Some(1))
+            && pods.iter().any(|p| p["pod"] == "aws-node-x" && p["verdict"] == "exempt")
+            && report["namespace_attempts"]["tenant-a"].as_u64() >= Some(1)
     });
+    // The on-call view: one table of pods with verdicts and attempts.
+    let out = Agent::run(&[
+        "status",
+        "--bpffs",
+        &node.pins().display().to_string(),
+        "--state-file",
+        &node.dir.join("state.json").display().to_string(),
+    ])
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ENFORCING"), "{text}");
+    let row = text.lines().find(|l| l.contains("notebook-a")).unwrap_or_else(|| panic!("no row for notebook-a:\n{text}"));
+    assert!(row.trim_start().starts_with("guard") && row.contains("tenant-a"), "{row}");
+    assert!(text.lines().any(|l| l.contains("aws-node-x") && l.trim_start().starts_with("exempt")), "{text}");
+    eprintln!("{text}");
 
     // A config reload (SIGHUP) flips verdicts too: select environments by another label.
     let config = node.dir.join("config.yaml");
