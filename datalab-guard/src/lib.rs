@@ -24,6 +24,7 @@ pub mod node;
 
 pub mod podcgroup;
 pub mod policy;
+pub mod runtime;
 pub mod status;
 pub mod uninstall;
 

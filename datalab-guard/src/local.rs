@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use datalab_guard_common::{counters::Stat, GuardConfig, Mode, PolicyEntry, Verdict};
 
 use crate::{
@@ -46,12 +45,7 @@ struct Plan {
 
 pub fn run(shared: &Shared, args: &LocalArgs) -> anyhow::Result<()> {
     let plan = validate(shared, args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(shared, plan))
+    crate::runtime::build()?.block_on(serve(shared, plan))
 }
 
 fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
@@ -110,6 +104,7 @@ fn desired_policy(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyE
 async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     // Bind before touching the kernel: a taken port is bad input, not a half install.
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
+    let mut termination = crate::runtime::Termination::new()?;
     let layout = PinLayout::new(&shared.bpffs);
     let installed = bpf::install(InstallRequest {
         layout: layout.clone(),
@@ -142,22 +137,11 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let audit_task = tokio::spawn(stream_audit(events, plan.root.path.clone(), shutdown_rx.clone()));
     let reconcile_task = tokio::spawn(reconcile_loop(maps.clone(), plan.root.clone(), plan.exempt.clone(), state.clone(), shutdown_rx.clone()));
 
-    wait_for_signal().await?;
+    termination.terminated().await;
     tracing::info!("exiting; enforcement stays in place (pinned under {}); `datalab-guard uninstall` removes it", layout.root().display());
     let _ = shutdown_tx.send(true);
     for task in [http_task, audit_task, reconcile_task] {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
     }
     Ok(())
 }

@@ -61,12 +61,7 @@ struct Plan {
 
 pub fn run(shared: &Shared, args: &NodeArgs) -> anyhow::Result<()> {
     let plan = validate(shared, args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(shared, plan))
+    crate::runtime::build()?.block_on(serve(shared, plan))
 }
 
 fn load_config(path: Option<&Path>, shared: &Shared) -> anyhow::Result<Config> {
@@ -315,6 +310,7 @@ impl Core {
 
 async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
+    let mut termination = crate::runtime::Termination::new()?;
     let client = k8s::connect(plan.kubeconfig.as_deref()).await?;
     let layout = PinLayout::new(&shared.bpffs);
 
@@ -333,7 +329,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     tracing::info!(node = %plan.node, root = %plan.root.path.display(), "waiting for the first full list of namespaces and pods");
     tokio::select! {
         _ = view.wait_synced() => {},
-        _ = wait_for_signal() => {
+        _ = termination.terminated() => {
             tracing::info!("exiting before the first sync; nothing changed in the kernel");
             return Ok(());
         }
@@ -453,7 +449,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                 }
             },
             _ = tokio::time::sleep(Duration::from_secs(5)) => {},
-            _ = wait_for_signal() => break,
+            _ = termination.terminated() => break,
         }
         dirty = false;
         last_reconcile = Instant::now();
@@ -552,18 +548,6 @@ fn guard_config(config: &Config) -> GuardConfig {
     gc.events_per_window = config.audit.events_per_second;
     gc.window_ms = 1000;
     gc
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }
 
 /// Reads the ring buffer; writes one JSON line per event naming namespace, pod, container
