@@ -11,7 +11,8 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=DATALAB_GUARD_BPF_TOOLCHAIN");
-    let toolchain = std::env::var("DATALAB_GUARD_BPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".to_owned());
+    let toolchain =
+        std::env::var("DATALAB_GUARD_BPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".to_owned());
     // Only this build script's children see it (the eBPF cargo invocation).
     std::env::set_var("RUSTC_BOOTSTRAP", "1");
 

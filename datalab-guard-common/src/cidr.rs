@@ -14,14 +14,20 @@ impl Cidr {
         if prefix > 32 {
             return None;
         }
-        Some(Cidr::V4 { addr: mask(addr, prefix), prefix })
+        Some(Cidr::V4 {
+            addr: mask(addr, prefix),
+            prefix,
+        })
     }
 
     pub fn v6(addr: [u8; 16], prefix: u8) -> Option<Cidr> {
         if prefix > 128 {
             return None;
         }
-        Some(Cidr::V6 { addr: mask(addr, prefix), prefix })
+        Some(Cidr::V6 {
+            addr: mask(addr, prefix),
+            prefix,
+        })
     }
 
     pub fn prefix(&self) -> u8 {
@@ -107,7 +113,11 @@ mod tests {
         let cidrs = [
             Cidr::v4([169, 254, 169, 254], 32).unwrap(),
             Cidr::v4([100, 64, 0, 0], 2).unwrap(),
-            Cidr::v6([0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x54], 128).unwrap(),
+            Cidr::v6(
+                [0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x54],
+                128,
+            )
+            .unwrap(),
         ];
         let (v4, v6) = prefilter(cidrs.iter());
         assert!(first_byte_may_match(&v4, 169));

@@ -50,9 +50,14 @@ impl Reason {
     }
 
     pub fn from_raw(raw: u8) -> Option<Reason> {
-        [Reason::Destination, Reason::SourceRoute, Reason::Unparseable, Reason::RawSocket]
-            .into_iter()
-            .find(|r| *r as u8 == raw)
+        [
+            Reason::Destination,
+            Reason::SourceRoute,
+            Reason::Unparseable,
+            Reason::RawSocket,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == raw)
     }
 }
 
@@ -143,7 +148,13 @@ pub fn v6_blocked<S: BlockedSet + ?Sized>(set: &S, addr: [u8; 16]) -> bool {
 /// (ignored for IPv4) and `dst_first` the first byte of its destination address. `true`
 /// proves the packet cannot be blocked; `false` sends it to [`classify_packet`].
 #[inline(always)]
-pub fn fast_path_pass(first: u8, next: u8, dst_first: u8, v4_map: &[u32; 8], v6_map: &[u32; 8]) -> bool {
+pub fn fast_path_pass(
+    first: u8,
+    next: u8,
+    dst_first: u8,
+    v4_map: &[u32; 8],
+    v6_map: &[u32; 8],
+) -> bool {
     use crate::cidr::first_byte_may_match;
     if first == 0x45 {
         // IPv4 without options: only the destination can matter.
@@ -164,7 +175,10 @@ pub fn fast_path_pass(first: u8, next: u8, dst_first: u8, v4_map: &[u32; 8], v6_
 
 /// Judges a whole packet. See the module documentation for what is checked.
 #[inline(always)]
-pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S) -> PacketClass {
+pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+) -> PacketClass {
     let first = match pkt.read::<1>(0) {
         Some(b) => b[0],
         None => return PacketClass::NotIp,
@@ -177,14 +191,23 @@ pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P,
 }
 
 #[inline(always)]
-fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S, first: u8) -> PacketClass {
+fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+    first: u8,
+) -> PacketClass {
     let hdr = match pkt.read::<20>(0) {
         Some(h) => h,
         None => return PacketClass::NotIp,
     };
     let dst4 = [hdr[16], hdr[17], hdr[18], hdr[19]];
     let proto = hdr[9];
-    let mut attempt = Attempt { ipv6: false, proto, dst: [0; 16], dport: 0 };
+    let mut attempt = Attempt {
+        ipv6: false,
+        proto,
+        dst: [0; 16],
+        dport: 0,
+    };
     attempt.dst[..4].copy_from_slice(&dst4);
 
     let header_len = ((first & 0x0f) as usize) * 4;
@@ -251,7 +274,12 @@ fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S
     };
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
-    let mut attempt = Attempt { ipv6: true, proto: hdr[6], dst, dport: 0 };
+    let mut attempt = Attempt {
+        ipv6: true,
+        proto: hdr[6],
+        dst,
+        dport: 0,
+    };
     let direct = v6_blocked(set, dst);
 
     let walk = walk_v6_extensions(pkt, hdr[6]);
@@ -281,7 +309,13 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
             IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING | IPPROTO_AH => {
                 let h = match pkt.read::<2>(off) {
                     Some(h) => h,
-                    None => return V6Walk { proto: next, dport: 0, blocked: Some(Reason::Unparseable) },
+                    None => {
+                        return V6Walk {
+                            proto: next,
+                            dport: 0,
+                            blocked: Some(Reason::Unparseable),
+                        }
+                    }
                 };
                 let len = if next == IPPROTO_AH {
                     (h[1] as usize + 2) * 4
@@ -290,7 +324,11 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                 };
                 if next == IPPROTO_ROUTING {
                     if let Some(reason) = scan_routing_header(pkt, off) {
-                        return V6Walk { proto: next, dport: 0, blocked: Some(reason) };
+                        return V6Walk {
+                            proto: next,
+                            dport: 0,
+                            blocked: Some(reason),
+                        };
                     }
                 }
                 next = h[0];
@@ -299,22 +337,40 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
             IPPROTO_FRAGMENT => {
                 let h = match pkt.read::<4>(off) {
                     Some(h) => h,
-                    None => return V6Walk { proto: next, dport: 0, blocked: Some(Reason::Unparseable) },
+                    None => {
+                        return V6Walk {
+                            proto: next,
+                            dport: 0,
+                            blocked: Some(Reason::Unparseable),
+                        }
+                    }
                 };
                 let frag_offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                 next = h[0];
                 off += 8;
                 if frag_offset != 0 {
                     // A later fragment: its headers were judged with the first one.
-                    return V6Walk { proto: next, dport: 0, blocked: None };
+                    return V6Walk {
+                        proto: next,
+                        dport: 0,
+                        blocked: None,
+                    };
                 }
             }
             _ => {
-                return V6Walk { proto: next, dport: read_dport(pkt, off, next), blocked: None };
+                return V6Walk {
+                    proto: next,
+                    dport: read_dport(pkt, off, next),
+                    blocked: None,
+                };
             }
         }
     }
-    V6Walk { proto: next, dport: 0, blocked: Some(Reason::Unparseable) }
+    V6Walk {
+        proto: next,
+        dport: 0,
+        blocked: Some(Reason::Unparseable),
+    }
 }
 
 /// A routing header with segments left sends the packet on to further addresses after its
@@ -332,10 +388,12 @@ fn scan_routing_header<P: PacketBytes + ?Sized>(pkt: &P, off: usize) -> Option<R
 #[inline(always)]
 fn read_dport<P: PacketBytes + ?Sized>(pkt: &P, l4_offset: usize, proto: u8) -> u16 {
     match proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => match pkt.read::<2>(l4_offset + 2) {
-            Some(p) => u16::from_be_bytes(p),
-            None => 0,
-        },
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
+            match pkt.read::<2>(l4_offset + 2) {
+                Some(p) => u16::from_be_bytes(p),
+                None => 0,
+            }
+        }
         _ => 0,
     }
 }
@@ -367,7 +425,9 @@ mod tests {
     use crate::cidr::{prefilter, Cidr};
 
     const IMDS4: [u8; 4] = [169, 254, 169, 254];
-    const IMDS6: [u8; 16] = [0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54];
+    const IMDS6: [u8; 16] = [
+        0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+    ];
 
     fn defaults() -> [Cidr; 2] {
         [Cidr::v4(IMDS4, 32).unwrap(), Cidr::v6(IMDS6, 128).unwrap()]
@@ -401,11 +461,18 @@ mod tests {
     fn plain_destinations() {
         let set = defaults();
         let p = v4_packet(IMDS4, IPPROTO_TCP, &[], 80);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(a, Reason::Destination) if a.dport == 80 && a.proto == 6));
+        assert!(
+            matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(a, Reason::Destination) if a.dport == 80 && a.proto == 6)
+        );
         let p = v4_packet([169, 254, 169, 253], IPPROTO_TCP, &[], 80);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(_)));
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Pass(_)
+        ));
         let p = v6_packet(IMDS6, IPPROTO_UDP, &[], 53);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(a, Reason::Destination) if a.ipv6 && a.dport == 53));
+        assert!(
+            matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(a, Reason::Destination) if a.ipv6 && a.dport == 53)
+        );
     }
 
     #[test]
@@ -435,7 +502,10 @@ mod tests {
         let mut padded = [0u8; 12];
         padded[..11].copy_from_slice(&opts[..11]);
         let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &padded, 80);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(_, Reason::SourceRoute)));
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::SourceRoute)
+        ));
         // Record-route style option that names IMDS is not routing: pass.
         let rr = [7, 7, 4, 169, 254, 169, 254, 0];
         let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &rr, 80);
@@ -443,7 +513,10 @@ mod tests {
         // An option whose length runs past the header is refused.
         let bad = [0x44, 40, 0, 0];
         let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &bad, 80);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(_, Reason::Unparseable)));
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
     }
 
     #[test]
@@ -461,15 +534,23 @@ mod tests {
         ext[16..32].copy_from_slice(&other);
         ext[32..48].copy_from_slice(&IMDS6);
         let p = v6_packet(other, IPPROTO_HOPOPTS, &ext, 443);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(_, Reason::SourceRoute)));
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::SourceRoute)
+        ));
         // Any routing header with segments left is refused, even without IMDS in it.
         ext[32..48].copy_from_slice(&other);
         let p = v6_packet(other, IPPROTO_HOPOPTS, &ext, 443);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Blocked(_, Reason::SourceRoute)));
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::SourceRoute)
+        ));
         // With no segments left it is inert: pass, and the port is found behind the headers.
         ext[11] = 0;
         let p = v6_packet(other, IPPROTO_HOPOPTS, &ext, 443);
-        assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(a) if a.proto == IPPROTO_TCP && a.dport == 443));
+        assert!(
+            matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(a) if a.proto == IPPROTO_TCP && a.dport == 443)
+        );
         // Fragment header, first fragment: port visible.
         let frag = [IPPROTO_UDP, 0, 0, 1, 0, 0, 0, 9];
         let p = v6_packet(other, IPPROTO_FRAGMENT, &frag, 53);
@@ -480,13 +561,21 @@ mod tests {
     fn short_and_foreign_frames() {
         let set = defaults();
         assert_eq!(classify_packet(&[][..], &set[..]), PacketClass::NotIp);
-        assert_eq!(classify_packet(&[0x45, 0, 0][..], &set[..]), PacketClass::NotIp);
-        assert_eq!(classify_packet(&[0x60; 39][..], &set[..]), PacketClass::NotIp);
+        assert_eq!(
+            classify_packet(&[0x45, 0, 0][..], &set[..]),
+            PacketClass::NotIp
+        );
+        assert_eq!(
+            classify_packet(&[0x60; 39][..], &set[..]),
+            PacketClass::NotIp
+        );
         let arp_like = [0x00u8; 64];
         assert_eq!(classify_packet(&arp_like[..], &set[..]), PacketClass::NotIp);
         // An IPv4 header truncated after the destination still gets judged by it.
         let p = v4_packet(IMDS4, IPPROTO_TCP, &[], 80);
-        assert!(matches!(classify_packet(&p[..20], &set[..]), PacketClass::Blocked(a, _) if a.dport == 0));
+        assert!(
+            matches!(classify_packet(&p[..20], &set[..]), PacketClass::Blocked(a, _) if a.dport == 0)
+        );
     }
 
     #[test]
@@ -496,7 +585,10 @@ mod tests {
         for first in [0u8, 1, 10, 127, 168, 169, 170, 255] {
             let p = v4_packet([first, 254, 169, 254], IPPROTO_TCP, &[], 80);
             if fast_path_pass(p[0], 0, p[16], &v4m, &v6m) {
-                assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(_)));
+                assert!(matches!(
+                    classify_packet(&p[..], &set[..]),
+                    PacketClass::Pass(_)
+                ));
             }
         }
         let p = v4_packet(IMDS4, IPPROTO_TCP, &[], 80);

@@ -20,8 +20,8 @@ pub const COUNTER_ENTRIES: u32 = MAX_CLASSES * SLOTS_PER_CLASS;
 #[inline(always)]
 pub fn counter_index(class: u32, action: Action, family: Family, hook: Hook) -> u32 {
     let class = if class < MAX_CLASSES { class } else { 0 };
-    let slot = ((action as u32) * Family::COUNT as u32 + family as u32) * Hook::COUNT as u32
-        + hook as u32;
+    let slot =
+        ((action as u32) * Family::COUNT as u32 + family as u32) * Hook::COUNT as u32 + hook as u32;
     class * SLOTS_PER_CLASS + slot
 }
 
@@ -74,7 +74,17 @@ mod tests {
     #[test]
     fn out_of_range_class_folds_into_class_zero() {
         let idx = counter_index(MAX_CLASSES + 3, Action::Blocked, Family::Ipv4, Hook::Egress);
-        assert_eq!(idx, counter_index(0, Action::Blocked, Family::Ipv4, Hook::Egress));
-        assert!(counter_index(MAX_CLASSES - 1, Action::Audited, Family::Packet, Hook::SockCreate) < COUNTER_ENTRIES);
+        assert_eq!(
+            idx,
+            counter_index(0, Action::Blocked, Family::Ipv4, Hook::Egress)
+        );
+        assert!(
+            counter_index(
+                MAX_CLASSES - 1,
+                Action::Audited,
+                Family::Packet,
+                Hook::SockCreate
+            ) < COUNTER_ENTRIES
+        );
     }
 }

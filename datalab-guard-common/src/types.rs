@@ -55,7 +55,8 @@ pub enum Hook {
 
 impl Hook {
     pub const COUNT: usize = 4;
-    pub const ALL: [Hook; Hook::COUNT] = [Hook::Egress, Hook::Connect, Hook::Sendmsg, Hook::SockCreate];
+    pub const ALL: [Hook; Hook::COUNT] =
+        [Hook::Egress, Hook::Connect, Hook::Sendmsg, Hook::SockCreate];
 
     pub fn name(self) -> &'static str {
         match self {

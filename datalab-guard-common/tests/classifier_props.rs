@@ -11,19 +11,31 @@ use datalab_guard_common::{
 use proptest::prelude::*;
 
 fn std_v4_contains(net: Ipv4Addr, prefix: u8, ip: Ipv4Addr) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix as u32) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix as u32)
+    };
     (u32::from(net) & mask) == (u32::from(ip) & mask)
 }
 
 fn std_v6_contains(net: Ipv6Addr, prefix: u8, ip: Ipv6Addr) -> bool {
-    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix as u32) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix as u32)
+    };
     (u128::from(net) & mask) == (u128::from(ip) & mask)
 }
 
 /// Addresses near a network, so membership is true often enough to matter.
 fn near_v4() -> impl Strategy<Value = (u32, u8, u32)> {
     (any::<u32>(), 0u8..=32, any::<u32>(), 0u32..=32).prop_map(|(net, prefix, noise, flip_bits)| {
-        let ip = if flip_bits == 32 { noise } else { net ^ (noise & ((1u64 << flip_bits) - 1) as u32) };
+        let ip = if flip_bits == 32 {
+            noise
+        } else {
+            net ^ (noise & ((1u64 << flip_bits) - 1) as u32)
+        };
         (net, prefix, ip)
     })
 }

@@ -81,7 +81,12 @@ pub fn judge(cfg: &GuardConfig, resolved: &Resolved, origin: Origin, attempt: &A
         Mode::Enforce => Action::Blocked,
         Mode::Audit => Action::Audited,
     };
-    bump_counter(counter_index(resolved.class, action, attempt.family, attempt.hook));
+    bump_counter(counter_index(
+        resolved.class,
+        action,
+        attempt.family,
+        attempt.hook,
+    ));
     report(cfg, resolved, origin, attempt, action);
     action == Action::Blocked
 }
@@ -125,7 +130,11 @@ fn admit(cfg: &GuardConfig, key: u64, now: u64) -> Option<u32> {
             }
         }
         None => {
-            let state = RateState { window_start_ns: now, emitted: 1, suppressed: 0 };
+            let state = RateState {
+                window_start_ns: now,
+                emitted: 1,
+                suppressed: 0,
+            };
             let _ = RATE.insert(&key, &state, 0);
             if cfg.events_per_window == 0 {
                 None
@@ -137,9 +146,19 @@ fn admit(cfg: &GuardConfig, key: u64, now: u64) -> Option<u32> {
 }
 
 #[inline(always)]
-fn report(cfg: &GuardConfig, resolved: &Resolved, origin: Origin, attempt: &Attempted, action: Action) {
+fn report(
+    cfg: &GuardConfig,
+    resolved: &Resolved,
+    origin: Origin,
+    attempt: &Attempted,
+    action: Action,
+) {
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let key = if resolved.policy_cgroup_id != 0 { resolved.policy_cgroup_id } else { origin.cgroup_id };
+    let key = if resolved.policy_cgroup_id != 0 {
+        resolved.policy_cgroup_id
+    } else {
+        origin.cgroup_id
+    };
     let suppressed = match admit(cfg, key, now) {
         Some(n) => n,
         None => {
@@ -155,7 +174,13 @@ fn report(cfg: &GuardConfig, resolved: &Resolved, origin: Origin, attempt: &Atte
         let pid_tgid = bpf_get_current_pid_tgid();
         let uid_gid = bpf_get_current_uid_gid();
         let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        (pid_tgid as u32, (pid_tgid >> 32) as u32, uid_gid as u32, (uid_gid >> 32) as u32, comm)
+        (
+            pid_tgid as u32,
+            (pid_tgid >> 32) as u32,
+            uid_gid as u32,
+            (uid_gid >> 32) as u32,
+            comm,
+        )
     } else {
         (0, 0, 0, 0, [0u8; 16])
     };

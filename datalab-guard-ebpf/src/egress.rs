@@ -4,7 +4,10 @@
 //! test in the CONFIG map (an inlined array lookup) prove the packet cannot be blocked.
 //! Only packets that might be get the full classifier, the trie lookups and the policy.
 
-use aya_ebpf::{helpers::generated::bpf_skb_ancestor_cgroup_id, helpers::generated::bpf_skb_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::generated::bpf_skb_ancestor_cgroup_id, helpers::generated::bpf_skb_cgroup_id,
+    macros::cgroup_skb, programs::SkBuffContext,
+};
 use datalab_guard_common::{
     classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass},
     counters::Stat,
@@ -40,7 +43,13 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
     let (first, next, dst_first) = if data + 40 <= end {
         let first = unsafe { *(data as *const u8) };
         if first >> 4 == 6 {
-            unsafe { (first, *((data + 6) as *const u8), *((data + 24) as *const u8)) }
+            unsafe {
+                (
+                    first,
+                    *((data + 6) as *const u8),
+                    *((data + 24) as *const u8),
+                )
+            }
         } else {
             (first, 0, unsafe { *((data + 16) as *const u8) })
         }
@@ -53,7 +62,13 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
     } else {
         return false;
     };
-    fast_path_pass(first, next, dst_first, &cfg.v4_first_octet, &cfg.v6_first_octet)
+    fast_path_pass(
+        first,
+        next,
+        dst_first,
+        &cfg.v4_first_octet,
+        &cfg.v6_first_octet,
+    )
 }
 
 struct SkbBytes<'a>(&'a SkBuffContext);
@@ -76,11 +91,20 @@ fn slow_path(ctx: &SkBuffContext) -> i32 {
     };
     let cfg: GuardConfig = config();
     let skb = ctx.skb.skb;
-    let resolved = resolve(&cfg, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) });
-    let origin = Origin { cgroup_id: unsafe { bpf_skb_cgroup_id(skb) }, task_known: false };
+    let resolved = resolve(&cfg, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level as i32)
+    });
+    let origin = Origin {
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        task_known: false,
+    };
     let attempted = Attempted {
         hook: Hook::Egress,
-        family: if attempt.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
+        family: if attempt.ipv6 {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        },
         proto: attempt.proto,
         sock_type: 0,
         dport: attempt.dport,

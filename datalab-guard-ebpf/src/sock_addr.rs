@@ -58,7 +58,12 @@ fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
 fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     let words = unsafe {
-        [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]]
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
     };
     let mut ip = [0u8; 16];
     ip[0..4].copy_from_slice(&words[0].to_ne_bytes());
@@ -76,8 +81,13 @@ fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
 fn decide(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i32 {
     let cfg = config();
     let sa = ctx.sock_addr;
-    let resolved = resolve(&cfg, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) });
-    let origin = Origin { cgroup_id: unsafe { bpf_get_current_cgroup_id() }, task_known: true };
+    let resolved = resolve(&cfg, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level as i32)
+    });
+    let origin = Origin {
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        task_known: true,
+    };
     let port = unsafe { (*sa).user_port } as u16;
     let attempted = Attempted {
         hook,

@@ -31,8 +31,13 @@ pub fn dg_sock_create(ctx: SockContext) -> i32 {
     if cfg.deny_raw_sockets == 0 {
         return ALLOW;
     }
-    let resolved = resolve(&cfg, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) });
-    let origin = Origin { cgroup_id: unsafe { bpf_get_current_cgroup_id() }, task_known: true };
+    let resolved = resolve(&cfg, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level as i32)
+    });
+    let origin = Origin {
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        task_known: true,
+    };
     let attempted = Attempted {
         hook: Hook::SockCreate,
         family,

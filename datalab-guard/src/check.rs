@@ -96,7 +96,9 @@ const LSM_LIST: &str = "/sys/kernel/security/lsm";
 
 /// The active LSMs, comma separated, when securityfs is mounted.
 pub fn active_lsms() -> Option<String> {
-    fs::read_to_string(LSM_LIST).ok().map(|s| s.trim().to_owned())
+    fs::read_to_string(LSM_LIST)
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// `Some(true)` when the BPF LSM is active, `None` when it cannot be told.
@@ -367,10 +369,19 @@ mod tests {
 
     #[test]
     fn bpf_lsm_is_read_from_the_lsm_list() {
-        assert_eq!(bpf_lsm_active(Some("lockdown,capability,landlock,bpf")), Some(true));
-        assert_eq!(bpf_lsm_active(Some("lockdown,capability,apparmor")), Some(false));
+        assert_eq!(
+            bpf_lsm_active(Some("lockdown,capability,landlock,bpf")),
+            Some(true)
+        );
+        assert_eq!(
+            bpf_lsm_active(Some("lockdown,capability,apparmor")),
+            Some(false)
+        );
         assert_eq!(bpf_lsm_active(None), None);
-        assert_eq!(check_bpf_lsm(Some("capability,apparmor")).status, Status::Warn);
+        assert_eq!(
+            check_bpf_lsm(Some("capability,apparmor")).status,
+            Status::Warn
+        );
         assert_eq!(check_bpf_lsm(Some("capability,bpf")).status, Status::Pass);
     }
 

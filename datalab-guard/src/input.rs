@@ -22,7 +22,10 @@ pub fn bad_input(message: impl fmt::Display) -> anyhow::Error {
 
 /// Exit code for an error chain: 2 for bad input, 1 for everything else.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| e.downcast_ref::<InputError>().is_some()) {
+    if err
+        .chain()
+        .any(|e| e.downcast_ref::<InputError>().is_some())
+    {
         2
     } else {
         1

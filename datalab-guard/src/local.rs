@@ -17,8 +17,7 @@ use std::{
 use datalab_guard_common::{counters::Stat, GuardConfig, Mode, PolicyEntry, Verdict};
 
 use crate::{
-    audit,
-    blocklist,
+    audit, blocklist,
     bpf::{self, GuardMaps, InstallOutcome, InstallRequest, PinLayout},
     cgroups::{self, CgroupDir},
     cli::{LocalArgs, ModeArg, Shared},
@@ -50,10 +49,12 @@ pub fn run(shared: &Shared, args: &LocalArgs) -> anyhow::Result<()> {
 
 fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
     let blocked = blocklist::build_blocklist(&shared.block, &shared.preset).map_err(bad_input)?;
-    let root = cgroups::validate_cgroup_dir(&args.cgroup).map_err(|e| bad_input(format!("--cgroup: {e}")))?;
+    let root = cgroups::validate_cgroup_dir(&args.cgroup)
+        .map_err(|e| bad_input(format!("--cgroup: {e}")))?;
     let mut exempt = Vec::new();
     for dir in &args.exempt {
-        let sub = cgroups::validate_cgroup_dir(dir).map_err(|e| bad_input(format!("--exempt: {e}")))?;
+        let sub =
+            cgroups::validate_cgroup_dir(dir).map_err(|e| bad_input(format!("--exempt: {e}")))?;
         if !cgroups::is_within(&sub, &root) {
             return Err(bad_input(format!(
                 "--exempt {} is not inside --cgroup {}",
@@ -63,7 +64,9 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
         }
         exempt.push(sub.path);
     }
-    if args.deny_raw_sockets && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false) {
+    if args.deny_raw_sockets
+        && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false)
+    {
         return Err(bad_input(format!(
             "--deny-raw-sockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
             crate::check::active_lsms().unwrap_or_default()
@@ -82,20 +85,40 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
     config.deny_raw_sockets = u32::from(args.deny_raw_sockets);
     config.events_per_window = args.audit_rate;
     config.window_ms = 1000;
-    Ok(Plan { root, exempt, blocked, config, metrics_addr })
+    Ok(Plan {
+        root,
+        exempt,
+        blocked,
+        config,
+        metrics_addr,
+    })
 }
 
 /// The POLICY entries local mode wants: the root guarded, each exempt directory exempt.
 /// Directories that vanished are skipped (their processes are gone with them).
 fn desired_policy(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyEntry> {
     let mut policy = BTreeMap::new();
-    policy.insert(root.id, PolicyEntry { verdict: Verdict::Guard as u32, class: 0 });
+    policy.insert(
+        root.id,
+        PolicyEntry {
+            verdict: Verdict::Guard as u32,
+            class: 0,
+        },
+    );
     for dir in exempt {
         match cgroups::validate_cgroup_dir(dir) {
             Ok(sub) => {
-                policy.insert(sub.id, PolicyEntry { verdict: Verdict::Exempt as u32, class: 0 });
+                policy.insert(
+                    sub.id,
+                    PolicyEntry {
+                        verdict: Verdict::Exempt as u32,
+                        class: 0,
+                    },
+                );
             }
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "exempt cgroup unavailable; its processes would be guarded"),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "exempt cgroup unavailable; its processes would be guarded")
+            }
         }
     }
     policy
@@ -116,7 +139,9 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let outcome = match installed.outcome {
         InstallOutcome::Fresh => "attached".to_owned(),
         InstallOutcome::Adopted => "adopted existing pins".to_owned(),
-        InstallOutcome::Upgraded { previous_hash } => format!("upgraded programs {previous_hash:016x}"),
+        InstallOutcome::Upgraded { previous_hash } => {
+            format!("upgraded programs {previous_hash:016x}")
+        }
     };
     tracing::info!(
         root = %plan.root.path.display(),
@@ -133,9 +158,23 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     state.set_ready(true, "programs attached and maps current");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let http_task = tokio::spawn(http::serve_listener(listener, state.clone(), shutdown_rx.clone()));
-    let audit_task = tokio::spawn(stream_audit(events, plan.root.path.clone(), shutdown_rx.clone()));
-    let reconcile_task = tokio::spawn(reconcile_loop(maps.clone(), plan.root.clone(), plan.exempt.clone(), state.clone(), shutdown_rx.clone()));
+    let http_task = tokio::spawn(http::serve_listener(
+        listener,
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
+    let audit_task = tokio::spawn(stream_audit(
+        events,
+        plan.root.path.clone(),
+        shutdown_rx.clone(),
+    ));
+    let reconcile_task = tokio::spawn(reconcile_loop(
+        maps.clone(),
+        plan.root.clone(),
+        plan.exempt.clone(),
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
 
     termination.terminated().await;
     tracing::info!("exiting; enforcement stays in place (pinned under {}); `datalab-guard uninstall` removes it", layout.root().display());
@@ -160,16 +199,26 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(RECONCILE_EVERY) => {},
             _ = shutdown.changed() => return,
         }
-        let root_alive = cgroups::validate_cgroup_dir(&root.path).map(|d| d.id == root.id).unwrap_or(false);
+        let root_alive = cgroups::validate_cgroup_dir(&root.path)
+            .map(|d| d.id == root.id)
+            .unwrap_or(false);
         if !root_alive {
             state.set_ready(false, "the guarded cgroup is gone");
             continue;
         }
         let desired = desired_policy(&root, &exempt);
-        let result = maps.lock().map_err(|_| anyhow::anyhow!("maps lock poisoned")).and_then(|mut m| m.reconcile_policy(&desired));
+        let result = maps
+            .lock()
+            .map_err(|_| anyhow::anyhow!("maps lock poisoned"))
+            .and_then(|mut m| m.reconcile_policy(&desired));
         match result {
             Ok(changes) if changes != Default::default() => {
-                tracing::info!(added = changes.added, updated = changes.updated, removed = changes.removed, "policy reconciled");
+                tracing::info!(
+                    added = changes.added,
+                    updated = changes.updated,
+                    removed = changes.removed,
+                    "policy reconciled"
+                );
                 state.set_ready(true, "programs attached and maps current");
             }
             Ok(_) => state.set_ready(true, "programs attached and maps current"),
@@ -183,7 +232,11 @@ async fn reconcile_loop(
 
 /// Reads the ring buffer and writes one JSON audit line per event to stdout, naming the
 /// cgroup (relative to the cgroup2 mount) the attempt came from.
-async fn stream_audit(events: aya::maps::RingBuf<aya::maps::MapData>, root: PathBuf, shutdown: tokio::sync::watch::Receiver<bool>) {
+async fn stream_audit(
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    root: PathBuf,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let clock = audit::BootClock::new();
     let mount = cgroups::cgroup2_mount().ok();
     let mut paths: HashMap<u64, Option<String>> = HashMap::new();
@@ -200,7 +253,10 @@ async fn stream_audit(events: aya::maps::RingBuf<aya::maps::MapData>, root: Path
                 })
             })
             .clone();
-        let who = audit::Attribution { cgroup: path, ..Default::default() };
+        let who = audit::Attribution {
+            cgroup: path,
+            ..Default::default()
+        };
         audit::write_line(&audit::record(&event, &clock, &who));
     };
     if let Err(e) = audit::consume(events, sink, shutdown).await {
@@ -209,13 +265,23 @@ async fn stream_audit(events: aya::maps::RingBuf<aya::maps::MapData>, root: Path
 }
 
 /// The metrics snapshot: in-kernel counters (class 0 in local mode) and statistics.
-fn snapshot_fn(maps: Arc<Mutex<GuardMaps>>) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
+fn snapshot_fn(
+    maps: Arc<Mutex<GuardMaps>>,
+) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
     Arc::new(move || {
-        let maps = maps.lock().map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
+        let maps = maps
+            .lock()
+            .map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
         let counters = maps
             .counters([0])?
             .into_iter()
-            .map(|c| CounterSample { action: c.action, family: c.family, hook: c.hook, namespace: String::new(), value: c.value })
+            .map(|c| CounterSample {
+                action: c.action,
+                family: c.family,
+                hook: c.hook,
+                namespace: String::new(),
+                value: c.value,
+            })
             .collect();
         let policy = maps.policy()?;
         Ok(Snapshot {

@@ -8,7 +8,11 @@ fn main() {
         // One line, whatever the causes print: an operator greps for it, and a multi-line
         // parser diagnostic (YAML, kubeconfig) would be cut apart by log collectors.
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
-        let line = chain.join(": ").split_whitespace().collect::<Vec<_>>().join(" ");
+        let line = chain
+            .join(": ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         eprintln!("datalab-guard: error: {line}");
         std::process::exit(input::exit_code(&err));
     }

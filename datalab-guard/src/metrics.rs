@@ -179,7 +179,9 @@ fn encode_states<'a>(
         let namespace = escape_label_value(namespace);
         for state in states {
             let value: i64 = i64::from(*state == now);
-            ConstGauge::new(value).encode(family.encode_family(&[("namespace", namespace.as_str()), ("state", state)])?)?;
+            ConstGauge::new(value).encode(
+                family.encode_family(&[("namespace", namespace.as_str()), ("state", state)])?,
+            )?;
         }
     }
     Ok(())
@@ -238,8 +240,24 @@ impl Collector for GuardCollector {
                     )?)?;
                 }
             }
-            encode_states(&mut encoder, "networkpolicy_state", HELP_POLICY_STATE, &POLICY_STATES, s.namespaces.iter().filter_map(|n| Some((n.namespace.as_str(), n.policy?))))?;
-            encode_states(&mut encoder, "cni_enforcement", HELP_CNI, &CNI_STATES, s.namespaces.iter().filter_map(|n| Some((n.namespace.as_str(), n.cni?))))?;
+            encode_states(
+                &mut encoder,
+                "networkpolicy_state",
+                HELP_POLICY_STATE,
+                &POLICY_STATES,
+                s.namespaces
+                    .iter()
+                    .filter_map(|n| Some((n.namespace.as_str(), n.policy?))),
+            )?;
+            encode_states(
+                &mut encoder,
+                "cni_enforcement",
+                HELP_CNI,
+                &CNI_STATES,
+                s.namespaces
+                    .iter()
+                    .filter_map(|n| Some((n.namespace.as_str(), n.cni?))),
+            )?;
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
         let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
@@ -478,14 +496,41 @@ mod tests {
     fn namespace_states_are_state_sets() {
         let mut s = snapshot();
         s.namespaces = vec![
-            NamespaceSample { namespace: "env-a".into(), policy: Some("bypassed"), cni: Some("enforced") },
-            NamespaceSample { namespace: "env-b".into(), policy: Some("ok"), cni: None },
+            NamespaceSample {
+                namespace: "env-a".into(),
+                policy: Some("bypassed"),
+                cni: Some("enforced"),
+            },
+            NamespaceSample {
+                namespace: "env-b".into(),
+                policy: Some("ok"),
+                cni: None,
+            },
         ];
         let text = exposition(move || Ok(s.clone()));
-        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"bypassed\"} 1"), "{text}");
-        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"ok\"} 0"), "{text}");
-        assert!(text.contains("datalab_guard_networkpolicy_state{namespace=\"env-b\",state=\"ok\"} 1"), "{text}");
-        assert!(text.contains("datalab_guard_cni_enforcement{namespace=\"env-a\",state=\"enforced\"} 1"), "{text}");
-        assert!(!text.contains("namespace=\"env-b\",state=\"enforced\""), "no CNI series before a probe: {text}");
+        assert!(
+            text.contains(
+                "datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"bypassed\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("datalab_guard_networkpolicy_state{namespace=\"env-a\",state=\"ok\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("datalab_guard_networkpolicy_state{namespace=\"env-b\",state=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "datalab_guard_cni_enforcement{namespace=\"env-a\",state=\"enforced\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("namespace=\"env-b\",state=\"enforced\""),
+            "no CNI series before a probe: {text}"
+        );
     }
 }

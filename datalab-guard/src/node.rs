@@ -73,7 +73,9 @@ fn load_config(path: Option<&Path>, shared: &Shared) -> anyhow::Result<Config> {
         ModeArg::Enforce => Mode::Enforce,
         ModeArg::Audit => Mode::Audit,
     });
-    config.merge_cli(&shared.block, &shared.preset, mode).map_err(bad_input)?;
+    config
+        .merge_cli(&shared.block, &shared.preset, mode)
+        .map_err(bad_input)?;
     Ok(config)
 }
 
@@ -87,14 +89,17 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     let blocked = config.blocklist();
     if let Some(path) = &args.kubeconfig {
         // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
-        kube::config::Kubeconfig::read_from(path).map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
+        kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
     }
     let (root, driver) = resolve_root(args.cgroup_root.as_deref(), &config)?;
     let metrics_addr = match shared.metrics_addr {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
     };
-    if config.deny_raw_sockets && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false) {
+    if config.deny_raw_sockets
+        && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false)
+    {
         return Err(bad_input("denyRawSockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active; add `bpf` to the lsm= kernel parameter"));
     }
     Ok(Plan {
@@ -115,11 +120,15 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
 /// The pods' cgroup root: `--cgroup-root`, else the config's `cgroup.root`, else detected.
 fn resolve_root(flag: Option<&Path>, config: &Config) -> anyhow::Result<(CgroupDir, CgroupDriver)> {
     let mount = cgroups::cgroup2_mount().map_err(bad_input)?;
-    let path = match flag.map(Path::to_path_buf).or_else(|| config.cgroup.root_path().map(Path::to_path_buf)) {
+    let path = match flag
+        .map(Path::to_path_buf)
+        .or_else(|| config.cgroup.root_path().map(Path::to_path_buf))
+    {
         Some(path) => path,
         None => podcgroup::detect_pods_root(&mount).map_err(bad_input)?,
     };
-    let root = cgroups::validate_cgroup_dir(&path).map_err(|e| bad_input(format!("cgroup root: {e}")))?;
+    let root =
+        cgroups::validate_cgroup_dir(&path).map_err(|e| bad_input(format!("cgroup root: {e}")))?;
     let driver = match config.cgroup.driver {
         crate::config::CgroupDriver::Systemd => CgroupDriver::Systemd,
         crate::config::CgroupDriver::Cgroupfs => CgroupDriver::Cgroupfs,
@@ -187,7 +196,11 @@ impl Core {
         let namespaces = view.namespaces();
         // Free the counter classes of namespaces that left the environment set.
         let policy = &self.policy;
-        self.classes.retain(|name| namespaces.get(name).is_some_and(|ns| policy.is_environment(ns)));
+        self.classes.retain(|name| {
+            namespaces
+                .get(name)
+                .is_some_and(|ns| policy.is_environment(ns))
+        });
 
         // Resolve pod directories once and keep them (inotify removals invalidate): with
         // 10 000 pods a reconcile must not stat 30 000 paths.
@@ -203,15 +216,27 @@ impl Core {
             }
         }
         let mut attribution = Attribution::default();
-        let mut resolved: Vec<(&PodInfo, Option<&policy::NamespaceInfo>, Option<u64>)> = Vec::with_capacity(pods.len());
+        let mut resolved: Vec<(&PodInfo, Option<&policy::NamespaceInfo>, Option<u64>)> =
+            Vec::with_capacity(pods.len());
         for pod in &pods {
             let dir = self.dirs.get(&pod.uid);
             if let Some(dir) = dir {
-                attribution.pods.insert(dir.id, PodRef { namespace: pod.namespace.clone(), name: pod.name.clone(), uid: pod.uid.clone() });
+                attribution.pods.insert(
+                    dir.id,
+                    PodRef {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        uid: pod.uid.clone(),
+                    },
+                );
             }
             resolved.push((pod, namespaces.get(&pod.namespace), dir.map(|d| d.id)));
         }
-        let (entries, summary) = policy::desired_entries(resolved.iter().map(|(p, n, id)| (*p, *n, *id)), &self.policy, &mut self.classes);
+        let (entries, summary) = policy::desired_entries(
+            resolved.iter().map(|(p, n, id)| (*p, *n, *id)),
+            &self.policy,
+            &mut self.classes,
+        );
         self.rows = resolved
             .iter()
             .map(|(pod, ns, id)| {
@@ -229,11 +254,25 @@ impl Core {
 
         // Container sub-cgroups, for naming containers in audit lines: scanned for pods seen
         // for the first time and pods whose directory gained a child since.
-        let rescan: HashSet<u64> = newly_resolved.into_iter().chain(self.container_scan.drain()).collect();
-        let previous = std::mem::take(&mut self.attribution.write().expect("attribution lock").containers);
-        attribution.containers = previous.into_iter().filter(|(_, (pod, _))| attribution.pods.contains_key(pod) && !rescan.contains(pod)).collect();
+        let rescan: HashSet<u64> = newly_resolved
+            .into_iter()
+            .chain(self.container_scan.drain())
+            .collect();
+        let previous = std::mem::take(
+            &mut self
+                .attribution
+                .write()
+                .expect("attribution lock")
+                .containers,
+        );
+        attribution.containers = previous
+            .into_iter()
+            .filter(|(_, (pod, _))| attribution.pods.contains_key(pod) && !rescan.contains(pod))
+            .collect();
         for pod in &pods {
-            let Some(dir) = self.dirs.get(&pod.uid) else { continue };
+            let Some(dir) = self.dirs.get(&pod.uid) else {
+                continue;
+            };
             if !rescan.contains(&dir.id) {
                 continue;
             }
@@ -248,20 +287,53 @@ impl Core {
             if let Ok(children) = std::fs::read_dir(&dir.path) {
                 for child in children.flatten() {
                     let name = child.file_name().to_string_lossy().into_owned();
-                    let Some(parsed) = podcgroup::parse_container_dir_name(&name) else { continue };
-                    let Some(container) = names.get(&parsed.id) else { continue };
+                    let Some(parsed) = podcgroup::parse_container_dir_name(&name) else {
+                        continue;
+                    };
+                    let Some(container) = names.get(&parsed.id) else {
+                        continue;
+                    };
                     if let Ok(meta) = child.metadata() {
-                        attribution.containers.insert(std::os::unix::fs::MetadataExt::ino(&meta), (dir.id, container.clone()));
+                        attribution.containers.insert(
+                            std::os::unix::fs::MetadataExt::ino(&meta),
+                            (dir.id, container.clone()),
+                        );
                     }
                 }
             }
         }
         // Pod cgroups with no pod behind them, from the watcher's last full scan.
-        let known: HashSet<&str> = pods.iter().map(|p| self.cgroup_uids.get(&p.uid).map_or(p.uid.as_str(), String::as_str)).collect();
-        let unknown = self.discovered.iter().filter(|uid| !known.contains(uid.as_str()) && !live.contains(uid.as_str())).count() as u64;
-        *self.gauges.lock().expect("gauges lock") = Gauges { guarded: summary.guarded as u64, exempt: summary.exempt as u64, unknown };
+        let known: HashSet<&str> = pods
+            .iter()
+            .map(|p| {
+                self.cgroup_uids
+                    .get(&p.uid)
+                    .map_or(p.uid.as_str(), String::as_str)
+            })
+            .collect();
+        let unknown = self
+            .discovered
+            .iter()
+            .filter(|uid| !known.contains(uid.as_str()) && !live.contains(uid.as_str()))
+            .count() as u64;
+        *self.gauges.lock().expect("gauges lock") = Gauges {
+            guarded: summary.guarded as u64,
+            exempt: summary.exempt as u64,
+            unknown,
+        };
         *self.attribution.write().expect("attribution lock") = attribution;
-        self.by_uid = pods.iter().map(|p| (self.cgroup_uids.get(&p.uid).cloned().unwrap_or_else(|| p.uid.clone()), p.clone())).collect();
+        self.by_uid = pods
+            .iter()
+            .map(|p| {
+                (
+                    self.cgroup_uids
+                        .get(&p.uid)
+                        .cloned()
+                        .unwrap_or_else(|| p.uid.clone()),
+                    p.clone(),
+                )
+            })
+            .collect();
         entries
     }
 
@@ -269,18 +341,27 @@ impl Core {
     fn observe(&mut self, event: &CgroupEvent) {
         match event {
             CgroupEvent::Created(path) => {
-                if let Some(parent) = path.parent().and_then(|p| cgroups::validate_cgroup_dir(p).ok()) {
+                if let Some(parent) = path
+                    .parent()
+                    .and_then(|p| cgroups::validate_cgroup_dir(p).ok())
+                {
                     if self.dirs.values().any(|d| d.id == parent.id) {
                         self.container_scan.insert(parent.id);
                     }
                 }
-                if let Some((_, uid)) = path.file_name().and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy())) {
+                if let Some((_, uid)) = path
+                    .file_name()
+                    .and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy()))
+                {
                     self.discovered.insert(uid);
                 }
             }
             CgroupEvent::Removed(path) => {
                 self.dirs.retain(|_, d| d.path != *path);
-                if let Some((_, uid)) = path.file_name().and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy())) {
+                if let Some((_, uid)) = path
+                    .file_name()
+                    .and_then(|n| podcgroup::parse_pod_dir_name(&n.to_string_lossy()))
+                {
                     self.discovered.remove(&uid);
                 }
             }
@@ -295,13 +376,24 @@ impl Core {
     /// The pod's cgroup directory, if the kubelet has created it. The QoS class decides the
     /// parent; when the API has not reported it yet every class is tried.
     fn pod_dir(&self, pod: &PodInfo) -> Option<CgroupDir> {
-        let classes: Vec<QosClass> = match pod.qos_class.as_deref().and_then(|q| q.parse::<QosClass>().ok()) {
+        let classes: Vec<QosClass> = match pod
+            .qos_class
+            .as_deref()
+            .and_then(|q| q.parse::<QosClass>().ok())
+        {
             Some(q) => vec![q],
-            None => vec![QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort],
+            None => vec![
+                QosClass::Guaranteed,
+                QosClass::Burstable,
+                QosClass::BestEffort,
+            ],
         };
         classes.into_iter().find_map(|qos| {
             // Static pods' cgroups carry the config hash (the mirror annotation), not the API uid.
-            let uid = self.cgroup_uids.get(&pod.uid).map_or(pod.uid.as_str(), String::as_str);
+            let uid = self
+                .cgroup_uids
+                .get(&pod.uid)
+                .map_or(pod.uid.as_str(), String::as_str);
             let path = podcgroup::pod_cgroup_dir(&self.root.path, self.driver, qos, uid);
             cgroups::validate_cgroup_dir(&path).ok()
         })
@@ -319,10 +411,19 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let gauges = Arc::new(Mutex::new(Gauges::default()));
     let classes_view: Arc<RwLock<BTreeMap<u32, String>>> = Arc::new(RwLock::new(BTreeMap::new()));
     let states_for_metrics = crate::k8s::state::NamespaceStates::default();
-    let state = Arc::new(http::HttpState::new(snapshot_fn(maps_slot.clone(), gauges.clone(), classes_view.clone(), states_for_metrics.clone())));
+    let state = Arc::new(http::HttpState::new(snapshot_fn(
+        maps_slot.clone(),
+        gauges.clone(),
+        classes_view.clone(),
+        states_for_metrics.clone(),
+    )));
     state.set_ready(false, "waiting for the first full sync with the API server");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let http_task = tokio::spawn(http::serve_listener(listener, state.clone(), shutdown_rx.clone()));
+    let http_task = tokio::spawn(http::serve_listener(
+        listener,
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let namespace_states = states_for_metrics.clone();
     let view = Arc::new(ClusterView::start(client.clone(), &plan.node));
@@ -345,7 +446,9 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         cgroup_uids: HashMap::new(),
         dirs: HashMap::new(),
         container_scan: HashSet::new(),
-        discovered: podcgroup::scan_pods(&plan.root.path, plan.driver).map(|f| f.into_iter().map(|d| d.uid).collect()).unwrap_or_default(),
+        discovered: podcgroup::scan_pods(&plan.root.path, plan.driver)
+            .map(|f| f.into_iter().map(|d| d.uid).collect())
+            .unwrap_or_default(),
         by_uid: HashMap::new(),
         rows: Vec::new(),
     };
@@ -360,7 +463,9 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let outcome = match installed.outcome {
         InstallOutcome::Fresh => "attached".to_owned(),
         InstallOutcome::Adopted => "adopted existing pins".to_owned(),
-        InstallOutcome::Upgraded { previous_hash } => format!("upgraded programs {previous_hash:016x}"),
+        InstallOutcome::Upgraded { previous_hash } => {
+            format!("upgraded programs {previous_hash:016x}")
+        }
     };
     tracing::info!(
         node = %plan.node,
@@ -375,30 +480,64 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     state.set_ready(true, "programs attached and maps hold the current verdicts");
 
     // Cluster-wide baseline (leader only writes): allow-web-egress, Pod Security, bypasses.
-    let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, namespace_states.clone());
+    let baseline = k8s::provision::spawn(
+        client.clone(),
+        &plan.config,
+        &plan.node,
+        namespace_states.clone(),
+    );
 
     // Audit stream → stdout lines + pod Events.
     let (attempt_tx, attempt_rx) = mpsc::channel::<PodAttempt>(1024);
     let attempts_by_pod: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(HashMap::new()));
-    let audit_task = tokio::spawn(stream_audit(events, attribution.clone(), plan.node.clone(), attempt_tx, attempts_by_pod.clone(), shutdown_rx.clone()));
+    let audit_task = tokio::spawn(stream_audit(
+        events,
+        attribution.clone(),
+        plan.node.clone(),
+        attempt_tx,
+        attempts_by_pod.clone(),
+        shutdown_rx.clone(),
+    ));
     let events_task = if plan.config.audit.kubernetes_events {
-        Some(tokio::spawn(publish_events(PodEvents::new(client.clone(), &plan.node, plan.config.audit.events_per_pod_per_minute), attempt_rx)))
+        Some(tokio::spawn(publish_events(
+            PodEvents::new(
+                client.clone(),
+                &plan.node,
+                plan.config.audit.events_per_pod_per_minute,
+            ),
+            attempt_rx,
+        )))
     } else {
         None
     };
 
     // Every node: does the CNI enforce the environments' NetworkPolicy? A change is logged
     // and reported with an Event on the namespace.
-    let (cni_tx, cni_rx) = mpsc::channel::<(String, Option<crate::k8s::state::CniState>, crate::k8s::state::CniState)>(64);
-    let cni_events_task = tokio::spawn(k8s::events::publish_cni_changes(client.clone(), plan.node.clone(), cni_rx));
+    let (cni_tx, cni_rx) = mpsc::channel::<(
+        String,
+        Option<crate::k8s::state::CniState>,
+        crate::k8s::state::CniState,
+    )>(64);
+    let cni_events_task = tokio::spawn(k8s::events::publish_cni_changes(
+        client.clone(),
+        plan.node.clone(),
+        cni_rx,
+    ));
     let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
         plan.config.probe.clone(),
         PathBuf::from(crate::cniprobe::SELF_NETNS),
         crate::cniprobe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
-        move |namespace: &str, old: Option<crate::k8s::state::CniState>, new: crate::k8s::state::CniState| {
-            tracing::warn!(namespace, old = old.map(|o| o.as_str()), new = new.as_str(), "CNI enforcement of the namespace's NetworkPolicy changed");
+        move |namespace: &str,
+              old: Option<crate::k8s::state::CniState>,
+              new: crate::k8s::state::CniState| {
+            tracing::warn!(
+                namespace,
+                old = old.map(|o| o.as_str()),
+                new = new.as_str(),
+                "CNI enforcement of the namespace's NetworkPolicy changed"
+            );
             let _ = cni_tx.try_send((namespace.to_owned(), old, new));
         },
         shutdown_rx.clone(),
@@ -407,7 +546,8 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     // cgroup directories appearing and going.
     let mut watch_config = WatchConfig::new(&plan.root.path, plan.driver);
     watch_config.rescan_interval = plan.config.rescan_interval.as_std();
-    let (_watcher, mut cg_rx) = CgroupWatcher::spawn(watch_config).context("cannot watch the pods' cgroup directories")?;
+    let (_watcher, mut cg_rx) =
+        CgroupWatcher::spawn(watch_config).context("cannot watch the pods' cgroup directories")?;
 
     let changed = view.changed();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -462,7 +602,13 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         *classes_view.write().expect("classes lock") = core.classes.snapshot();
         match result {
             Ok(changes) if changes != Default::default() => {
-                tracing::info!(added = changes.added, updated = changes.updated, removed = changes.removed, entries = desired.len(), "policy reconciled");
+                tracing::info!(
+                    added = changes.added,
+                    updated = changes.updated,
+                    removed = changes.removed,
+                    entries = desired.len(),
+                    "policy reconciled"
+                );
                 state.set_ready(true, "programs attached and maps hold the current verdicts");
             }
             Ok(_) => state.set_ready(true, "programs attached and maps hold the current verdicts"),
@@ -474,11 +620,13 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         {
             let policy = &core.policy;
             let namespaces = view.namespaces();
-            namespace_states.retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+            namespace_states
+                .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
             if let Some(path) = &plan.state_file {
                 let counts = {
                     let mut counts = attempts_by_pod.lock().expect("attempts lock");
-                    let live: HashSet<&str> = core.rows.iter().filter_map(|r| r["uid"].as_str()).collect();
+                    let live: HashSet<&str> =
+                        core.rows.iter().filter_map(|r| r["uid"].as_str()).collect();
                     counts.retain(|uid, _| live.contains(uid.as_str()));
                     counts.clone()
                 };
@@ -487,12 +635,22 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| {
                         let mut r = r.clone();
-                        let n = r["uid"].as_str().and_then(|u| counts.get(u)).copied().unwrap_or(0);
+                        let n = r["uid"]
+                            .as_str()
+                            .and_then(|u| counts.get(u))
+                            .copied()
+                            .unwrap_or(0);
                         r["audited_attempts"] = serde_json::json!(n);
                         r
                     })
                     .collect();
-                write_state_file(path, &plan.node, &namespace_states.snapshot(), &pods, &core.classes.snapshot());
+                write_state_file(
+                    path,
+                    &plan.node,
+                    &namespace_states.snapshot(),
+                    &pods,
+                    &core.classes.snapshot(),
+                );
             }
         }
         if last_full.elapsed() > Duration::from_secs(300) {
@@ -503,7 +661,10 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
 
     // Stop cluster writes and release the Lease so a standby takes over at once.
     baseline.shutdown().await;
-    tracing::info!("exiting; enforcement stays in place (pinned under {})", layout.root().display());
+    tracing::info!(
+        "exiting; enforcement stays in place (pinned under {})",
+        layout.root().display()
+    );
     let _ = shutdown_tx.send(true);
     probe_task.abort();
     cni_events_task.abort();
@@ -518,20 +679,52 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
 
 /// A pod cgroup just appeared: if the API already told us about the pod, write its entry
 /// now rather than at the next reconcile, so its containers start under the right verdict.
-fn fast_path_new_cgroup(core: &mut Core, view: &ClusterView, path: &Path, maps_slot: &Arc<Mutex<Option<GuardMaps>>>) {
-    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
-    let Some((_, uid)) = podcgroup::parse_pod_dir_name(&name) else { return };
+fn fast_path_new_cgroup(
+    core: &mut Core,
+    view: &ClusterView,
+    path: &Path,
+    maps_slot: &Arc<Mutex<Option<GuardMaps>>>,
+) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let Some((_, uid)) = podcgroup::parse_pod_dir_name(&name) else {
+        return;
+    };
     if !core.by_uid.contains_key(&uid) {
         // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
         let cgroup_uids = view.cgroup_uids();
-        core.by_uid = view.pods().into_iter().map(|p| (cgroup_uids.get(&p.uid).cloned().unwrap_or_else(|| p.uid.clone()), p)).collect();
+        core.by_uid = view
+            .pods()
+            .into_iter()
+            .map(|p| {
+                (
+                    cgroup_uids
+                        .get(&p.uid)
+                        .cloned()
+                        .unwrap_or_else(|| p.uid.clone()),
+                    p,
+                )
+            })
+            .collect();
     }
-    let Some(pod) = core.by_uid.get(&uid).cloned() else { return };
+    let Some(pod) = core.by_uid.get(&uid).cloned() else {
+        return;
+    };
     let namespaces = view.namespaces();
     let decision = policy::verdict(&pod, namespaces.get(&pod.namespace), &core.policy);
-    let Ok(dir) = cgroups::validate_cgroup_dir(path) else { return };
-    let class = if decision.verdict == Verdict::Guard { core.classes.class_of(&pod.namespace) } else { 0 };
-    let entry = datalab_guard_common::PolicyEntry { verdict: decision.verdict as u32, class };
+    let Ok(dir) = cgroups::validate_cgroup_dir(path) else {
+        return;
+    };
+    let class = if decision.verdict == Verdict::Guard {
+        core.classes.class_of(&pod.namespace)
+    } else {
+        0
+    };
+    let entry = datalab_guard_common::PolicyEntry {
+        verdict: decision.verdict as u32,
+        class,
+    };
     if let Some(maps) = maps_slot.lock().expect("maps lock").as_mut() {
         if let Err(e) = maps.set_policy(dir.id, entry) {
             tracing::warn!(error = %e, "cannot write the new pod's entry");
@@ -565,8 +758,15 @@ async fn stream_audit(
     let sink = move |event: datalab_guard_common::AuditEvent| {
         let index = attribution.read().expect("attribution lock");
         let container = index.containers.get(&event.cgroup_id).cloned();
-        let pod_id = container.as_ref().map(|(pod, _)| *pod).unwrap_or(event.policy_cgroup_id);
-        let pod = index.pods.get(&pod_id).or_else(|| index.pods.get(&event.cgroup_id)).cloned();
+        let pod_id = container
+            .as_ref()
+            .map(|(pod, _)| *pod)
+            .unwrap_or(event.policy_cgroup_id);
+        let pod = index
+            .pods
+            .get(&pod_id)
+            .or_else(|| index.pods.get(&event.cgroup_id))
+            .cloned();
         drop(index);
         let who = audit::Attribution {
             namespace: pod.as_ref().map(|p| p.namespace.clone()),
@@ -610,8 +810,12 @@ fn snapshot_fn(
     states: crate::k8s::state::NamespaceStates,
 ) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
     Arc::new(move || {
-        let slot = maps.lock().map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
-        let g = *gauges.lock().map_err(|_| anyhow::anyhow!("gauges lock poisoned"))?;
+        let slot = maps
+            .lock()
+            .map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
+        let g = *gauges
+            .lock()
+            .map_err(|_| anyhow::anyhow!("gauges lock poisoned"))?;
         let Some(maps) = slot.as_ref() else {
             return Ok(Snapshot {
                 counters: Vec::new(),
@@ -626,7 +830,10 @@ fn snapshot_fn(
                 namespaces: Vec::new(),
             });
         };
-        let names = classes.read().map_err(|_| anyhow::anyhow!("classes lock poisoned"))?.clone();
+        let names = classes
+            .read()
+            .map_err(|_| anyhow::anyhow!("classes lock poisoned"))?
+            .clone();
         let class_ids = std::iter::once(0).chain(names.keys().copied());
         let counters = maps
             .counters(class_ids)?
@@ -685,30 +892,60 @@ struct ResolverView {
 }
 
 fn core_snapshot(core: &Core) -> ResolverView {
-    ResolverView { root: core.root.path.clone(), driver: core.driver, policy: Arc::new(core.policy.clone()) }
+    ResolverView {
+        root: core.root.path.clone(),
+        driver: core.driver,
+        policy: Arc::new(core.policy.clone()),
+    }
 }
 
 /// For each environment namespace with a running pod on this node, one network namespace
 /// to probe from: the runtime's netns file holding the pod's IP (`--netns-dir`, the host's
 /// /run/netns), else the namespace of a process in the pod's cgroup (needs hostPID).
-fn probe_targets(view: Arc<ClusterView>, resolver: ResolverView, netns_dir: PathBuf) -> impl Fn() -> Vec<(String, PathBuf)> + Send + Sync + 'static {
+fn probe_targets(
+    view: Arc<ClusterView>,
+    resolver: ResolverView,
+    netns_dir: PathBuf,
+) -> impl Fn() -> Vec<(String, PathBuf)> + Send + Sync + 'static {
     move || {
         let namespaces = view.namespaces();
         let ips = view.pod_ips();
-        let by_ip: Vec<(PathBuf, Vec<std::net::IpAddr>)> = crate::cniprobe::netns_addresses(&netns_dir).unwrap_or_default();
+        let by_ip: Vec<(PathBuf, Vec<std::net::IpAddr>)> =
+            crate::cniprobe::netns_addresses(&netns_dir).unwrap_or_default();
         let mut chosen: BTreeMap<String, PathBuf> = BTreeMap::new();
         for pod in view.pods() {
-            if chosen.contains_key(&pod.namespace) || pod.phase.as_deref() != Some("Running") || pod.host_network {
+            if chosen.contains_key(&pod.namespace)
+                || pod.phase.as_deref() != Some("Running")
+                || pod.host_network
+            {
                 continue;
             }
-            let Some(ns) = namespaces.get(&pod.namespace) else { continue };
+            let Some(ns) = namespaces.get(&pod.namespace) else {
+                continue;
+            };
             if !resolver.policy.is_environment(ns) {
                 continue;
             }
-            let from_ip = ips.get(&pod.uid).and_then(|ip| by_ip.iter().find(|(_, addrs)| addrs.contains(ip)).map(|(p, _)| p.clone()));
+            let from_ip = ips.get(&pod.uid).and_then(|ip| {
+                by_ip
+                    .iter()
+                    .find(|(_, addrs)| addrs.contains(ip))
+                    .map(|(p, _)| p.clone())
+            });
             let from_cgroup = || {
-                [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort].into_iter().find_map(|qos| {
-                    crate::cniprobe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(&resolver.root, resolver.driver, qos, &pod.uid))
+                [
+                    QosClass::Guaranteed,
+                    QosClass::Burstable,
+                    QosClass::BestEffort,
+                ]
+                .into_iter()
+                .find_map(|qos| {
+                    crate::cniprobe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(
+                        &resolver.root,
+                        resolver.driver,
+                        qos,
+                        &pod.uid,
+                    ))
                 })
             };
             if let Some(path) = from_ip.or_else(from_cgroup) {

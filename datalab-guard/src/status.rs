@@ -9,7 +9,9 @@ use serde_json::json;
 
 use crate::{
     blocklist::describe,
-    bpf::{install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout},
+    bpf::{
+        install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout,
+    },
     cgroups,
     cli::{OutputFormat, Shared},
 };
@@ -22,8 +24,14 @@ pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::
         if let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) {
             // Exact in-kernel totals per environment namespace (its counter class).
             if layout.exists() {
-                if let (Ok(maps), Some(classes)) = (GuardMaps::from_pins(&layout), state["counter_classes"].as_object()) {
-                    let ids: Vec<(u32, String)> = classes.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned()))).collect();
+                if let (Ok(maps), Some(classes)) = (
+                    GuardMaps::from_pins(&layout),
+                    state["counter_classes"].as_object(),
+                ) {
+                    let ids: Vec<(u32, String)> = classes
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned())))
+                        .collect();
                     if let Ok(values) = maps.counters(ids.iter().map(|(id, _)| *id)) {
                         let mut totals: BTreeMap<String, u64> = BTreeMap::new();
                         for v in values {
@@ -52,7 +60,9 @@ pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::
 /// The status as JSON (the text form is rendered from it).
 pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
     if !layout.exists() {
-        return Ok(json!({ "bpffs": layout.root().display().to_string(), "installed": false, "enforcing": false }));
+        return Ok(
+            json!({ "bpffs": layout.root().display().to_string(), "installed": false, "enforcing": false }),
+        );
     }
     let maps = GuardMaps::from_pins(layout)?;
     let meta = maps.meta()?;
@@ -122,35 +132,75 @@ fn verdict_name(v: Verdict) -> &'static str {
 }
 
 fn print_text(r: &serde_json::Value) {
-    let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
     if r["installed"] != json!(true) {
         println!("NOT INSTALLED  nothing pinned under {}", s(&r["bpffs"]));
         return;
     }
-    let headline = if r["enforcing"] == json!(true) { "ENFORCING" } else { "DEGRADED" };
-    println!("{headline}  mode={}  root={}  bpffs={}", s(&r["mode"]), s(&r["root"]), s(&r["bpffs"]));
+    let headline = if r["enforcing"] == json!(true) {
+        "ENFORCING"
+    } else {
+        "DEGRADED"
+    };
+    println!(
+        "{headline}  mode={}  root={}  bpffs={}",
+        s(&r["mode"]),
+        s(&r["root"]),
+        s(&r["bpffs"])
+    );
     if r["root_exists"] != json!(true) {
         println!("  ! the guarded cgroup no longer exists");
     }
-    println!("  default verdict (unknown cgroups): {}", s(&r["default_verdict"]));
+    println!(
+        "  default verdict (unknown cgroups): {}",
+        s(&r["default_verdict"])
+    );
     println!("  raw/packet sockets denied: {}", r["deny_raw_sockets"]);
     println!(
         "  programs: {}{}",
         s(&r["programs_hash"]),
-        if r["programs_match_this_binary"] == json!(true) { "" } else { " (differ from this binary: the next start upgrades them)" }
+        if r["programs_match_this_binary"] == json!(true) {
+            ""
+        } else {
+            " (differ from this binary: the next start upgrades them)"
+        }
     );
-    let blocked: Vec<String> = r["blocked"].as_array().into_iter().flatten().map(s).collect();
+    let blocked: Vec<String> = r["blocked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
     println!("  blocked: {}", blocked.join(", "));
     println!("  links:");
     for link in r["links"].as_array().into_iter().flatten() {
-        let mark = if link["pinned"] == json!(true) { "attached" } else { "MISSING" };
+        let mark = if link["pinned"] == json!(true) {
+            "attached"
+        } else {
+            "MISSING"
+        };
         println!("    {:<16} {mark}", s(&link["program"]));
     }
-    println!("  policy ({} entries):", r["policy"].as_array().map_or(0, Vec::len));
+    println!(
+        "  policy ({} entries):",
+        r["policy"].as_array().map_or(0, Vec::len)
+    );
     println!("    {:<8} {:<20} CGROUP", "VERDICT", "CGROUP_ID");
     for p in r["policy"].as_array().into_iter().flatten() {
-        let path = if p["cgroup"].is_null() { "(gone)".to_owned() } else { s(&p["cgroup"]) };
-        println!("    {:<8} {:<20} {path}", s(&p["verdict"]), p["cgroup_id"].to_string());
+        let path = if p["cgroup"].is_null() {
+            "(gone)".to_owned()
+        } else {
+            s(&p["cgroup"])
+        };
+        println!(
+            "    {:<8} {:<20} {path}",
+            s(&p["verdict"]),
+            p["cgroup_id"].to_string()
+        );
     }
     println!("  counters:");
     let counters = r["counters"].as_array().cloned().unwrap_or_default();
@@ -158,32 +208,79 @@ fn print_text(r: &serde_json::Value) {
         println!("    (no attempts yet)");
     }
     for c in counters {
-        println!("    {:<8} {:<6} {:<12} {}", s(&c["action"]), s(&c["family"]), s(&c["hook"]), c["count"].to_string());
+        println!(
+            "    {:<8} {:<6} {:<12} {}",
+            s(&c["action"]),
+            s(&c["family"]),
+            s(&c["hook"]),
+            c["count"].to_string()
+        );
     }
-    println!("  audit events lost: {}  suppressed by rate limit: {}", r["audit_events_lost"], r["audit_events_suppressed"]);
+    println!(
+        "  audit events lost: {}  suppressed by rate limit: {}",
+        r["audit_events_lost"], r["audit_events_suppressed"]
+    );
     if let Some(namespaces) = r["environments"]["namespaces"].as_object() {
         println!("  environments (node {}):", s(&r["environments"]["node"]));
-        println!("    {:<32} {:<10} {:<12} CNI", "NAMESPACE", "POLICY", "POD SECURITY");
+        println!(
+            "    {:<32} {:<10} {:<12} CNI",
+            "NAMESPACE", "POLICY", "POD SECURITY"
+        );
         for (ns, st) in namespaces {
             let or_dash = |v: &serde_json::Value| if v.is_null() { "-".to_owned() } else { s(v) };
             let psa = if st["psa"].is_null() {
                 "-".to_owned()
             } else {
-                format!("{}{}", or_dash(&st["psa"]["enforce"]), if st["psa"]["sufficient"] == json!(true) { "" } else { " (weak)" })
+                format!(
+                    "{}{}",
+                    or_dash(&st["psa"]["enforce"]),
+                    if st["psa"]["sufficient"] == json!(true) {
+                        ""
+                    } else {
+                        " (weak)"
+                    }
+                )
             };
             let attempts = r["namespace_attempts"][ns.as_str()].as_u64().unwrap_or(0);
-            println!("    {:<32} {:<10} {:<12} {:<14} attempts: {attempts}", ns, or_dash(&st["policy"]), psa, or_dash(&st["cni"]));
+            println!(
+                "    {:<32} {:<10} {:<12} {:<14} attempts: {attempts}",
+                ns,
+                or_dash(&st["policy"]),
+                psa,
+                or_dash(&st["cni"])
+            );
         }
     }
     if let Some(pods) = r["environments"]["pods"].as_array() {
-        let guarded = pods.iter().filter(|p| p["verdict"] == json!("guard")).count();
-        println!("  pods on this node: {} guarded, {} exempt", guarded, pods.len() - guarded);
-        println!("    {:<7} {:<28} {:<40} {:<24} {:>8}", "VERDICT", "NAMESPACE", "POD", "WHY", "ATTEMPTS");
+        let guarded = pods
+            .iter()
+            .filter(|p| p["verdict"] == json!("guard"))
+            .count();
+        println!(
+            "  pods on this node: {} guarded, {} exempt",
+            guarded,
+            pods.len() - guarded
+        );
+        println!(
+            "    {:<7} {:<28} {:<40} {:<24} {:>8}",
+            "VERDICT", "NAMESPACE", "POD", "WHY", "ATTEMPTS"
+        );
         let mut rows: Vec<&serde_json::Value> = pods.iter().collect();
         // Pods with attempts first, then guarded before exempt.
-        rows.sort_by_key(|p| (std::cmp::Reverse(p["audited_attempts"].as_u64().unwrap_or(0)), p["verdict"] != json!("guard"), s(&p["namespace"]), s(&p["pod"])));
+        rows.sort_by_key(|p| {
+            (
+                std::cmp::Reverse(p["audited_attempts"].as_u64().unwrap_or(0)),
+                p["verdict"] != json!("guard"),
+                s(&p["namespace"]),
+                s(&p["pod"]),
+            )
+        });
         for p in rows {
-            let cgroup = if p["cgroup_id"].is_null() { " (no cgroup yet)" } else { "" };
+            let cgroup = if p["cgroup_id"].is_null() {
+                " (no cgroup yet)"
+            } else {
+                ""
+            };
             println!(
                 "    {:<7} {:<28} {:<40} {:<24} {:>8}{cgroup}",
                 s(&p["verdict"]),

@@ -16,8 +16,14 @@ pub fn run(bpffs: &Path) -> anyhow::Result<()> {
         println!("removed {}", path.display());
     }
     if layout.root().exists() {
-        anyhow::bail!("{} still exists: something else is pinned there; left it in place", bpffs.display());
+        anyhow::bail!(
+            "{} still exists: something else is pinned there; left it in place",
+            bpffs.display()
+        );
     }
-    println!("uninstalled: {} pins removed, enforcement ended", removed.len());
+    println!(
+        "uninstalled: {} pins removed, enforcement ended",
+        removed.len()
+    );
     Ok(())
 }

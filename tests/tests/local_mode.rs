@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use datalab_guard_tests::{free_loopback_addr, require_root, Agent, BpffsDir, Lab, ProbeResult, TestCgroup};
+use datalab_guard_tests::{
+    free_loopback_addr, require_root, Agent, BpffsDir, Lab, ProbeResult, TestCgroup,
+};
 
 const IMDS4: &str = "169.254.169.254";
 const IMDS6: &str = "fd00:ec2::254";
@@ -39,7 +41,15 @@ impl Sandbox {
         let exempt = cgroup.child("exempt").expect("exempt cgroup");
         let bpffs = BpffsDir::new().expect("bpffs dir");
         let metrics = free_loopback_addr().expect("port");
-        Sandbox { agent: None, bpffs, cgroup, guarded, exempt, metrics, lab }
+        Sandbox {
+            agent: None,
+            bpffs,
+            cgroup,
+            guarded,
+            exempt,
+            metrics,
+            lab,
+        }
     }
 
     fn base_args(&self) -> Vec<String> {
@@ -62,7 +72,9 @@ impl Sandbox {
         let mut args = self.base_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Agent::spawn(&args).expect("spawn agent");
-        agent.wait_ready(self.metrics, Duration::from_secs(20)).expect("agent ready");
+        agent
+            .wait_ready(self.metrics, Duration::from_secs(20))
+            .expect("agent ready");
         self.agent = Some(agent);
     }
 
@@ -75,7 +87,9 @@ impl Sandbox {
     }
 
     fn probe(&self, from: &PathBuf, kind: &str, addr: &str) -> ProbeResult {
-        self.lab.probe_timeout(from, kind, addr, 80, 1000).unwrap_or_else(|e| panic!("probe {kind} {addr}: {e:#}"))
+        self.lab
+            .probe_timeout(from, kind, addr, 80, 1000)
+            .unwrap_or_else(|e| panic!("probe {kind} {addr}: {e:#}"))
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
@@ -88,8 +102,16 @@ impl Sandbox {
 
 fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' ')))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
@@ -124,7 +146,11 @@ fn guarded_cgroup_cannot_reach_metadata_by_any_protocol() {
     for (kind, addr, _, _) in syscall_attempts {
         let r = sb.probe(&sb.guarded, kind, addr);
         assert!(!r.ok, "{kind} to {addr} got through: {}", r.raw);
-        assert!(r.is_eperm(), "{kind} to {addr} should fail with EPERM: {}", r.raw);
+        assert!(
+            r.is_eperm(),
+            "{kind} to {addr} should fail with EPERM: {}",
+            r.raw
+        );
     }
     // No syscall hook for these: the egress program drops the packets themselves.
     for (kind, addr) in [("icmp", IMDS4), ("icmp6", IMDS6), ("raw-hdrincl", IMDS4)] {
@@ -134,13 +160,26 @@ fn guarded_cgroup_cannot_reach_metadata_by_any_protocol() {
     // TCP connects fail fast (no hanging on dropped SYNs).
     for addr in [IMDS4, IMDS6] {
         let r = sb.probe(&sb.guarded, "tcp", addr);
-        assert!(r.is_eperm() && r.elapsed_ms < 100.0, "slow or wrong refusal: {}", r.raw);
+        assert!(
+            r.is_eperm() && r.elapsed_ms < 100.0,
+            "slow or wrong refusal: {}",
+            r.raw
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sb.lab.imds_packets(), before, "packets reached the metadata host");
+    assert_eq!(
+        sb.lab.imds_packets(),
+        before,
+        "packets reached the metadata host"
+    );
 
     // Other destinations and the exempt cgroup are untouched.
-    for (kind, addr) in [("http", OTHER4), ("tcp", OTHER6), ("udp-sendto", OTHER4), ("icmp", OTHER4)] {
+    for (kind, addr) in [
+        ("http", OTHER4),
+        ("tcp", OTHER6),
+        ("udp-sendto", OTHER4),
+        ("icmp", OTHER4),
+    ] {
         let r = sb.probe(&sb.guarded, kind, addr);
         assert!(r.ok, "guarded {kind} to {addr} should work: {}", r.raw);
     }
@@ -148,39 +187,109 @@ fn guarded_cgroup_cannot_reach_metadata_by_any_protocol() {
         let r = sb.probe(&sb.exempt, kind, addr);
         assert!(r.ok, "exempt {kind} to {addr} should work: {}", r.raw);
     }
-    assert!(sb.lab.imds_packets() > before, "the exempt cgroup's packets should arrive");
+    assert!(
+        sb.lab.imds_packets() > before,
+        "the exempt cgroup's packets should arrive"
+    );
 
     // Metrics: exact per (family, hook) for the syscall hooks, and egress drops counted.
     let metrics = sb.agent().metrics(sb.metrics).expect("metrics");
-    for (family, hook) in [("ipv4", "connect"), ("ipv6", "connect"), ("ipv4", "sendmsg"), ("ipv6", "sendmsg")] {
-        let expected = syscall_attempts.iter().filter(|a| a.2 == family && a.3 == hook).count() as u64
-            + if hook == "connect" && family == "ipv4" { 1 } else { 0 }
-            + if hook == "connect" && family == "ipv6" { 1 } else { 0 };
-        let got = metric_sum(&metrics, "datalab_guard_blocked_total", &[("family", family), ("hook", hook)]);
-        assert_eq!(got, expected, "blocked_total{{family={family},hook={hook}}}\n{metrics}");
+    for (family, hook) in [
+        ("ipv4", "connect"),
+        ("ipv6", "connect"),
+        ("ipv4", "sendmsg"),
+        ("ipv6", "sendmsg"),
+    ] {
+        let expected = syscall_attempts
+            .iter()
+            .filter(|a| a.2 == family && a.3 == hook)
+            .count() as u64
+            + if hook == "connect" && family == "ipv4" {
+                1
+            } else {
+                0
+            }
+            + if hook == "connect" && family == "ipv6" {
+                1
+            } else {
+                0
+            };
+        let got = metric_sum(
+            &metrics,
+            "datalab_guard_blocked_total",
+            &[("family", family), ("hook", hook)],
+        );
+        assert_eq!(
+            got, expected,
+            "blocked_total{{family={family},hook={hook}}}\n{metrics}"
+        );
     }
-    assert!(metric_sum(&metrics, "datalab_guard_blocked_total", &[("hook", "egress")]) >= 3, "{metrics}");
+    assert!(
+        metric_sum(
+            &metrics,
+            "datalab_guard_blocked_total",
+            &[("hook", "egress")]
+        ) >= 3,
+        "{metrics}"
+    );
     assert_eq!(metric_sum(&metrics, "datalab_guard_audited_total", &[]), 0);
 
     // Audit lines: one per counted drop (the rate limit is high in this test).
     let total_blocked = metric_sum(&metrics, "datalab_guard_blocked_total", &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let events = loop {
-        let events: Vec<_> = sb.agent().audit_events().into_iter().filter(|e| e["event"] == "egress_blocked").collect();
+        let events: Vec<_> = sb
+            .agent()
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "egress_blocked")
+            .collect();
         if events.len() as u64 >= total_blocked || std::time::Instant::now() > deadline {
             break events;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(events.len() as u64, total_blocked, "audit lines vs counters");
-    let connect = events.iter().find(|e| e["hook"] == "connect" && e["dst"] == IMDS4).expect("a connect record");
-    for field in ["timestamp", "level", "action", "family", "proto", "dport", "pid", "comm", "uid", "cgroup_id"] {
-        assert!(!connect[field].is_null(), "audit record lacks {field}: {connect}");
+    assert_eq!(
+        events.len() as u64,
+        total_blocked,
+        "audit lines vs counters"
+    );
+    let connect = events
+        .iter()
+        .find(|e| e["hook"] == "connect" && e["dst"] == IMDS4)
+        .expect("a connect record");
+    for field in [
+        "timestamp",
+        "level",
+        "action",
+        "family",
+        "proto",
+        "dport",
+        "pid",
+        "comm",
+        "uid",
+        "cgroup_id",
+    ] {
+        assert!(
+            !connect[field].is_null(),
+            "audit record lacks {field}: {connect}"
+        );
     }
     assert_eq!(connect["dport"], 80);
     assert_eq!(connect["comm"], "dg-probe");
-    assert!(connect["cgroup"].as_str().unwrap_or("").ends_with("/tenant"), "{connect}");
-    assert!(events.iter().any(|e| e["hook"] == "egress" && e["proto"] == "icmp"), "no egress icmp record");
+    assert!(
+        connect["cgroup"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("/tenant"),
+        "{connect}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["hook"] == "egress" && e["proto"] == "icmp"),
+        "no egress icmp record"
+    );
 }
 
 #[test]
@@ -193,9 +302,18 @@ fn audit_mode_lets_through_but_reports() {
     let r = sb.probe(&sb.guarded, "http", IMDS4);
     assert!(r.ok, "audit mode must not block: {}", r.raw);
     let metrics = sb.agent().metrics(sb.metrics).unwrap();
-    assert!(metric_sum(&metrics, "datalab_guard_audited_total", &[("hook", "connect")]) >= 1, "{metrics}");
+    assert!(
+        metric_sum(
+            &metrics,
+            "datalab_guard_audited_total",
+            &[("hook", "connect")]
+        ) >= 1,
+        "{metrics}"
+    );
     assert_eq!(metric_sum(&metrics, "datalab_guard_blocked_total", &[]), 0);
-    sb.agent().wait_for_stdout(Duration::from_secs(5), |l| l.contains("egress_audited")).expect("audit line");
+    sb.agent()
+        .wait_for_stdout(Duration::from_secs(5), |l| l.contains("egress_audited"))
+        .expect("audit line");
 }
 
 /// Runs attempts from the guarded cgroup in a background thread until stopped; returns how
@@ -207,7 +325,15 @@ fn attempt_loop(sb: &Sandbox, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
     std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             for kind in ["tcp", "udp-sendto"] {
-                let r = datalab_guard_tests::probe_in(&guarded, Some(&tenant_ns), kind, IMDS4, 80, Some(300)).expect("probe");
+                let r = datalab_guard_tests::probe_in(
+                    &guarded,
+                    Some(&tenant_ns),
+                    kind,
+                    IMDS4,
+                    80,
+                    Some(300),
+                )
+                .expect("probe");
                 if r.ok {
                     leaked.fetch_add(1, Ordering::SeqCst);
                 }
@@ -234,7 +360,11 @@ fn enforcement_survives_kill9_restart_upgrade_and_ends_with_uninstall() {
     sb.agent = None;
     std::thread::sleep(Duration::from_millis(500));
     let status = sb.cli(&["status", "--output", "json"]);
-    assert!(status.status.success(), "status after kill -9: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "status after kill -9: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(report["enforcing"], true, "{report}");
 
@@ -258,28 +388,59 @@ fn enforcement_survives_kill9_restart_upgrade_and_ends_with_uninstall() {
     wait_stderr(sb.agent(), "upgraded programs");
     let new_ids = link_ids(&sb.pins());
     assert_eq!(old_ids.len(), new_ids.len());
-    assert!(old_ids.iter().all(|id| !new_ids.contains(id)), "links were not replaced: {old_ids:?} {new_ids:?}");
-    assert!(std::fs::read_dir(sb.pins().join("links")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with("-next")));
+    assert!(
+        old_ids.iter().all(|id| !new_ids.contains(id)),
+        "links were not replaced: {old_ids:?} {new_ids:?}"
+    );
+    assert!(std::fs::read_dir(sb.pins().join("links"))
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with("-next")));
 
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let leaked = looper.join().expect("loop thread");
-    assert_eq!(leaked, 0, "attempts got through during kill/restart/upgrade");
-    assert_eq!(sb.lab.imds_packets(), before, "packets leaked to the metadata host");
+    assert_eq!(
+        leaked, 0,
+        "attempts got through during kill/restart/upgrade"
+    );
+    assert_eq!(
+        sb.lab.imds_packets(),
+        before,
+        "packets leaked to the metadata host"
+    );
 
     // SIGTERM leaves enforcement; uninstall ends it.
     sb.agent.as_mut().unwrap().sigterm().unwrap();
-    let exit = sb.agent.as_mut().unwrap().wait_exit(Duration::from_secs(5)).unwrap();
+    let exit = sb
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
     sb.agent = None;
-    assert!(!sb.probe(&sb.guarded, "tcp", IMDS4).ok, "enforcement must survive SIGTERM");
+    assert!(
+        !sb.probe(&sb.guarded, "tcp", IMDS4).ok,
+        "enforcement must survive SIGTERM"
+    );
     let out = sb.cli(&["uninstall"]);
-    assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!sb.pins().exists(), "pins left after uninstall");
     let r = sb.probe(&sb.guarded, "http", IMDS4);
-    assert!(r.ok, "after uninstall the metadata host is reachable again: {}", r.raw);
+    assert!(
+        r.ok,
+        "after uninstall the metadata host is reachable again: {}",
+        r.raw
+    );
     let status = sb.cli(&["status"]);
-    assert!(!status.status.success(), "status with nothing installed should fail");
+    assert!(
+        !status.status.success(),
+        "status with nothing installed should fail"
+    );
 }
 
 fn wait_stderr(agent: &Agent, needle: &str) {
@@ -321,18 +482,50 @@ fn bad_input_exits_2_with_one_line_and_changes_nothing() {
     let missing = format!("{root}/does-not-exist");
     let port = free_loopback_addr().unwrap().to_string();
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("unknown flag", vec!["local", "--cgroup", &root, "--frobnicate"]),
-        ("bad v4 CIDR", vec!["local", "--cgroup", &root, "--block", "169.254.169.254/33"]),
-        ("bad v4 address", vec!["local", "--cgroup", &root, "--block", "169.254.169/32"]),
-        ("bad v6 CIDR", vec!["local", "--cgroup", &root, "--block", "fd00::ec2::254/128"]),
-        ("bad v6 prefix", vec!["local", "--cgroup", &root, "--block", "fd00:ec2::254/129"]),
+        (
+            "unknown flag",
+            vec!["local", "--cgroup", &root, "--frobnicate"],
+        ),
+        (
+            "bad v4 CIDR",
+            vec!["local", "--cgroup", &root, "--block", "169.254.169.254/33"],
+        ),
+        (
+            "bad v4 address",
+            vec!["local", "--cgroup", &root, "--block", "169.254.169/32"],
+        ),
+        (
+            "bad v6 CIDR",
+            vec!["local", "--cgroup", &root, "--block", "fd00::ec2::254/128"],
+        ),
+        (
+            "bad v6 prefix",
+            vec!["local", "--cgroup", &root, "--block", "fd00:ec2::254/129"],
+        ),
         ("missing cgroup", vec!["local", "--cgroup", &missing]),
         ("not cgroup2", vec!["local", "--cgroup", "/tmp"]),
-        ("exempt outside", vec!["local", "--cgroup", &root, "--exempt", &outside]),
-        ("exempt missing", vec!["local", "--cgroup", &root, "--exempt", &missing]),
-        ("bad mode", vec!["local", "--cgroup", &root, "--exempt", &inside, "--mode", "block"]),
-        ("bad preset", vec!["local", "--cgroup", &root, "--preset", "mars"]),
-        ("bad metrics addr", vec!["local", "--cgroup", &root, "--metrics-addr", "localhost"]),
+        (
+            "exempt outside",
+            vec!["local", "--cgroup", &root, "--exempt", &outside],
+        ),
+        (
+            "exempt missing",
+            vec!["local", "--cgroup", &root, "--exempt", &missing],
+        ),
+        (
+            "bad mode",
+            vec![
+                "local", "--cgroup", &root, "--exempt", &inside, "--mode", "block",
+            ],
+        ),
+        (
+            "bad preset",
+            vec!["local", "--cgroup", &root, "--preset", "mars"],
+        ),
+        (
+            "bad metrics addr",
+            vec!["local", "--cgroup", &root, "--metrics-addr", "localhost"],
+        ),
     ];
     for (name, mut args) in cases {
         args.extend(["--bpffs", pins.as_str()]);
@@ -341,17 +534,42 @@ fn bad_input_exits_2_with_one_line_and_changes_nothing() {
         }
         let out = Agent::run(&args).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name}: exit {:?}, stderr: {stderr}", out.status);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: exit {:?}, stderr: {stderr}",
+            out.status
+        );
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(!lines.is_empty(), "{name}: no error message");
         let first = lines[0].to_lowercase();
-        assert!(first.contains("error"), "{name}: first line should say error: {stderr}");
-        assert!(!std::path::Path::new(&pins).exists(), "{name}: pins left behind");
+        assert!(
+            first.contains("error"),
+            "{name}: first line should say error: {stderr}"
+        );
+        assert!(
+            !std::path::Path::new(&pins).exists(),
+            "{name}: pins left behind"
+        );
     }
     // A port already in use is bad input too, and leaves nothing pinned.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
-    let out = Agent::run(&["local", "--cgroup", root.as_str(), "--bpffs", pins.as_str(), "--metrics-addr", taken_addr.as_str()]).unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Agent::run(&[
+        "local",
+        "--cgroup",
+        root.as_str(),
+        "--bpffs",
+        pins.as_str(),
+        "--metrics-addr",
+        taken_addr.as_str(),
+    ])
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!std::path::Path::new(&pins).exists());
 }

@@ -49,13 +49,18 @@ impl Node {
         let api = FakeApiServer::start();
         api.apply_namespace("tenant-a", &[ENV_LABEL]);
         api.apply_namespace("kube-system", &[]);
-        let dir = std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
+        let dir =
+            std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
         std::fs::create_dir_all(&dir).unwrap();
         api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
         // probe off: the CNI probe connects to the metadata address from the agent's own
         // network namespace, here the machine's; tests send nothing there (the probe has its
         // own tests in network namespaces, cni_probe.rs).
-        std::fs::write(dir.join("config.yaml"), "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\nprobe:\n  enabled: false\n").unwrap();
+        std::fs::write(
+            dir.join("config.yaml"),
+            "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\nprobe:\n  enabled: false\n",
+        )
+        .unwrap();
         Node {
             agent: None,
             bpffs: BpffsDir::new().expect("bpffs"),
@@ -91,7 +96,9 @@ impl Node {
             self.dir.join("state.json").display().to_string(),
         ];
         let mut agent = Agent::spawn(&args).expect("spawn agent");
-        agent.wait_ready(self.metrics, Duration::from_secs(30)).expect("agent ready");
+        agent
+            .wait_ready(self.metrics, Duration::from_secs(30))
+            .expect("agent ready");
         self.agent = Some(agent);
     }
 
@@ -104,19 +111,35 @@ impl Node {
         let uid = uid.replace('-', "_");
         match qos {
             "Guaranteed" => self.root.join(format!("kubepods-pod{uid}.slice")),
-            "Burstable" => self.root.join("kubepods-burstable.slice").join(format!("kubepods-burstable-pod{uid}.slice")),
-            _ => self.root.join("kubepods-besteffort.slice").join(format!("kubepods-besteffort-pod{uid}.slice")),
+            "Burstable" => self
+                .root
+                .join("kubepods-burstable.slice")
+                .join(format!("kubepods-burstable-pod{uid}.slice")),
+            _ => self
+                .root
+                .join("kubepods-besteffort.slice")
+                .join(format!("kubepods-besteffort-pod{uid}.slice")),
         }
     }
 
     /// Creates the pod's cgroup and one container cgroup (as containerd names it).
     fn make_cgroups(&self, qos: &str, uid: &str, container: &str) -> PathBuf {
-        let dir = self.pod_dir(qos, uid).join(format!("cri-containerd-{container}.scope"));
+        let dir = self
+            .pod_dir(qos, uid)
+            .join(format!("cri-containerd-{container}.scope"));
         std::fs::create_dir_all(&dir).expect("pod cgroup");
         dir
     }
 
-    fn announce(&self, ns: &str, name: &str, qos: &str, uid: &str, container: &str, host_network: bool) {
+    fn announce(
+        &self,
+        ns: &str,
+        name: &str,
+        qos: &str,
+        uid: &str,
+        container: &str,
+        host_network: bool,
+    ) {
         self.api.apply_pod(
             PodBuilder::new(ns, name)
                 .uid(uid)
@@ -129,13 +152,27 @@ impl Node {
     }
 
     fn probe(&self, from: &Path, kind: &str, addr: &str) -> ProbeResult {
-        self.lab.probe_timeout(from, kind, addr, 80, 1000).unwrap_or_else(|e| panic!("probe: {e:#}"))
+        self.lab
+            .probe_timeout(from, kind, addr, 80, 1000)
+            .unwrap_or_else(|e| panic!("probe: {e:#}"))
     }
 
     fn policy_ids(&self) -> Vec<u64> {
-        let out = Agent::run(&["status", "--output", "json", "--bpffs", &self.pins().display().to_string()]).unwrap();
+        let out = Agent::run(&[
+            "status",
+            "--output",
+            "json",
+            "--bpffs",
+            &self.pins().display().to_string(),
+        ])
+        .unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-        report["policy"].as_array().into_iter().flatten().filter_map(|p| p["cgroup_id"].as_u64()).collect()
+        report["policy"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["cgroup_id"].as_u64())
+            .collect()
     }
 }
 
@@ -182,35 +219,69 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     node.announce("kube-system", "aws-node-x", "BestEffort", &us, &cs, false);
     let system = node.make_cgroups("BestEffort", &us, &cs);
     // A pod on another node never matters.
-    node.api.apply_pod(PodBuilder::new("tenant-a", "elsewhere").uid(&uid(99)).node("node-2").build());
+    node.api.apply_pod(
+        PodBuilder::new("tenant-a", "elsewhere")
+            .uid(&uid(99))
+            .node("node-2")
+            .build(),
+    );
     node.start();
 
     let r = node.probe(&tenant, "tcp", IMDS4);
     assert!(r.is_eperm(), "tenant pod must be blocked: {}", r.raw);
-    assert!(node.probe(&tenant, "http", "192.0.2.1").ok, "tenant pod reaches other hosts");
-    assert!(node.probe(&system, "http", IMDS4).ok, "system pod is exempt");
+    assert!(
+        node.probe(&tenant, "http", "192.0.2.1").ok,
+        "tenant pod reaches other hosts"
+    );
+    assert!(
+        node.probe(&system, "http", IMDS4).ok,
+        "system pod is exempt"
+    );
 
     // Audit line names namespace, pod, container and node; an Event reaches the API.
     let line = node
         .agent()
-        .wait_for_stdout(Duration::from_secs(5), |l| l.contains("egress_blocked") && l.contains("notebook-a"))
+        .wait_for_stdout(Duration::from_secs(5), |l| {
+            l.contains("egress_blocked") && l.contains("notebook-a")
+        })
         .expect("audit line");
     let record: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(record["namespace"], "tenant-a");
     assert_eq!(record["pod"], "notebook-a");
     assert_eq!(record["container"], "main");
     assert_eq!(record["node"], NODE);
-    eventually("a MetadataAccessBlocked Event on the pod", Duration::from_secs(10), || {
-        node.api.events().iter().any(|e| {
-            e["reason"] == "MetadataAccessBlocked"
-                && (e["regarding"]["name"] == "notebook-a" || e["involvedObject"]["name"] == "notebook-a")
-        })
-    });
+    eventually(
+        "a MetadataAccessBlocked Event on the pod",
+        Duration::from_secs(10),
+        || {
+            node.api.events().iter().any(|e| {
+                e["reason"] == "MetadataAccessBlocked"
+                    && (e["regarding"]["name"] == "notebook-a"
+                        || e["involvedObject"]["name"] == "notebook-a")
+            })
+        },
+    );
     let metrics = node.agent().metrics(node.metrics).unwrap();
-    assert!(metric(&metrics, "datalab_guard_blocked_total", Some(("namespace", "tenant-a"))) >= 1.0, "{metrics}");
-    assert!(!metrics.contains("notebook-a"), "no pod names in metric labels");
-    assert!(metric(&metrics, "datalab_guard_guarded_pods", None) >= 1.0, "{metrics}");
-    assert!(metric(&metrics, "datalab_guard_exempt_pods", None) >= 1.0, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            "datalab_guard_blocked_total",
+            Some(("namespace", "tenant-a"))
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("notebook-a"),
+        "no pod names in metric labels"
+    );
+    assert!(
+        metric(&metrics, "datalab_guard_guarded_pods", None) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "datalab_guard_exempt_pods", None) >= 1.0,
+        "{metrics}"
+    );
 
     // A pod the API announces before its cgroup exists: blocked from its first packet.
     let (ub, cb) = (uid(3), container_id(3));
@@ -218,9 +289,15 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     std::thread::sleep(Duration::from_millis(300));
     let b = node.make_cgroups("Guaranteed", &ub, &cb);
     let r = node.probe(&b, "tcp", IMDS4);
-    assert!(r.is_eperm(), "new tenant pod blocked from its first packet: {}", r.raw);
+    assert!(
+        r.is_eperm(),
+        "new tenant pod blocked from its first packet: {}",
+        r.raw
+    );
     let b_id = cgroup_id(&node.pod_dir("Guaranteed", &ub));
-    let took = eventually("the new pod's map entry", Duration::from_secs(2), || node.policy_ids().contains(&b_id));
+    let took = eventually("the new pod's map entry", Duration::from_secs(2), || {
+        node.policy_ids().contains(&b_id)
+    });
     eprintln!("new pod cgroup -> map entry observed after {took:?}");
 
     // An exempt pod announced before its cgroup: gets its exemption as soon as it appears.
@@ -229,51 +306,83 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     std::thread::sleep(Duration::from_millis(300));
     let s2 = node.make_cgroups("Burstable", &us2, &cs2);
     let s2_id = cgroup_id(&node.pod_dir("Burstable", &us2));
-    eventually("the exempt pod's entry", Duration::from_secs(2), || node.policy_ids().contains(&s2_id));
-    assert!(node.probe(&s2, "http", IMDS4).ok, "exempt pod allowed once classified");
+    eventually("the exempt pod's entry", Duration::from_secs(2), || {
+        node.policy_ids().contains(&s2_id)
+    });
+    assert!(
+        node.probe(&s2, "http", IMDS4).ok,
+        "exempt pod allowed once classified"
+    );
 
     // A cgroup the API has not told the agent about: fail closed.
     let (uu, cu) = (uid(5), container_id(5));
     let unknown = node.make_cgroups("Burstable", &uu, &cu);
-    assert!(node.probe(&unknown, "tcp", IMDS4).is_eperm(), "unknown pod cgroup must be guarded");
+    assert!(
+        node.probe(&unknown, "tcp", IMDS4).is_eperm(),
+        "unknown pod cgroup must be guarded"
+    );
     eventually("unknown_cgroups gauge", Duration::from_secs(5), || {
-        metric(&node.agent().metrics(node.metrics).unwrap(), "datalab_guard_unknown_cgroups", None) >= 1.0
+        metric(
+            &node.agent().metrics(node.metrics).unwrap(),
+            "datalab_guard_unknown_cgroups",
+            None,
+        ) >= 1.0
     });
 
     // A hostNetwork tenant pod is guarded like any other.
     let (uh, ch) = (uid(6), container_id(6));
     node.announce("tenant-a", "hostnet", "BestEffort", &uh, &ch, true);
     let hostnet = node.make_cgroups("BestEffort", &uh, &ch);
-    assert!(node.probe(&hostnet, "tcp", IMDS4).is_eperm(), "hostNetwork tenant pod must be blocked");
+    assert!(
+        node.probe(&hostnet, "tcp", IMDS4).is_eperm(),
+        "hostNetwork tenant pod must be blocked"
+    );
 
     // Relabelling the namespace flips its pods' verdicts within a second.
     node.api.set_namespace_labels("tenant-a", &[]);
-    let took = eventually("tenant-a leaves the environment set", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).ok);
+    let took = eventually(
+        "tenant-a leaves the environment set",
+        Duration::from_secs(1),
+        || node.probe(&tenant, "tcp", IMDS4).ok,
+    );
     eprintln!("relabel out -> allowed after {took:?}");
     node.api.set_namespace_labels("tenant-a", &[ENV_LABEL]);
-    let took = eventually("tenant-a rejoins", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
+    let took = eventually("tenant-a rejoins", Duration::from_secs(1), || {
+        node.probe(&tenant, "tcp", IMDS4).is_eperm()
+    });
     eprintln!("relabel in -> blocked after {took:?}");
 
     // `status` shows the environments' baseline as the agent last saw it.
-    eventually("status lists tenant-a with its NetworkPolicy state", Duration::from_secs(10), || {
-        let out = Agent::run(&[
-            "status",
-            "--output",
-            "json",
-            "--bpffs",
-            &node.pins().display().to_string(),
-            "--state-file",
-            &node.dir.join("state.json").display().to_string(),
-        ])
-        .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let pods = report["environments"]["pods"].as_array().cloned().unwrap_or_default();
-        let a = pods.iter().find(|p| p["pod"] == "notebook-a");
-        !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
-            && a.is_some_and(|a| a["verdict"] == "guard" && a["audited_attempts"].as_u64() >= Some(1))
-            && pods.iter().any(|p| p["pod"] == "aws-node-x" && p["verdict"] == "exempt")
-            && report["namespace_attempts"]["tenant-a"].as_u64() >= Some(1)
-    });
+    eventually(
+        "status lists tenant-a with its NetworkPolicy state",
+        Duration::from_secs(10),
+        || {
+            let out = Agent::run(&[
+                "status",
+                "--output",
+                "json",
+                "--bpffs",
+                &node.pins().display().to_string(),
+                "--state-file",
+                &node.dir.join("state.json").display().to_string(),
+            ])
+            .unwrap();
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let pods = report["environments"]["pods"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let a = pods.iter().find(|p| p["pod"] == "notebook-a");
+            !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
+                && a.is_some_and(|a| {
+                    a["verdict"] == "guard" && a["audited_attempts"].as_u64() >= Some(1)
+                })
+                && pods
+                    .iter()
+                    .any(|p| p["pod"] == "aws-node-x" && p["verdict"] == "exempt")
+                && report["namespace_attempts"]["tenant-a"].as_u64() >= Some(1)
+        },
+    );
     // The on-call view: one table of pods with verdicts and attempts.
     let out = Agent::run(&[
         "status",
@@ -285,28 +394,52 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("ENFORCING"), "{text}");
-    let row = text.lines().find(|l| l.contains("notebook-a")).unwrap_or_else(|| panic!("no row for notebook-a:\n{text}"));
-    assert!(row.trim_start().starts_with("guard") && row.contains("tenant-a"), "{row}");
-    assert!(text.lines().any(|l| l.contains("aws-node-x") && l.trim_start().starts_with("exempt")), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains("notebook-a"))
+        .unwrap_or_else(|| panic!("no row for notebook-a:\n{text}"));
+    assert!(
+        row.trim_start().starts_with("guard") && row.contains("tenant-a"),
+        "{row}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("aws-node-x") && l.trim_start().starts_with("exempt")),
+        "{text}"
+    );
     eprintln!("{text}");
 
     // A config reload (SIGHUP) flips verdicts too: select environments by another label.
     let config = node.dir.join("config.yaml");
     let original = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{original}environments:\n  namespaceSelector: datalab.io/environment=other\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{original}environments:\n  namespaceSelector: datalab.io/environment=other\n"),
+    )
+    .unwrap();
     let pid = node.agent().pid() as i32;
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let took = eventually("SIGHUP reload flips tenant-a", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).ok);
+    let took = eventually(
+        "SIGHUP reload flips tenant-a",
+        Duration::from_secs(1),
+        || node.probe(&tenant, "tcp", IMDS4).ok,
+    );
     eprintln!("config reload -> allowed after {took:?}");
     std::fs::write(&config, &original).unwrap();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    eventually("SIGHUP reload restores", Duration::from_secs(1), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
+    eventually("SIGHUP reload restores", Duration::from_secs(1), || {
+        node.probe(&tenant, "tcp", IMDS4).is_eperm()
+    });
 
     // Deleting a pod removes its entry.
     assert!(node.policy_ids().contains(&b_id));
     node.api.delete_pod("tenant-a", "notebook-b");
-    eventually("deleted pod's entry removed", Duration::from_secs(3), || !node.policy_ids().contains(&b_id));
+    eventually(
+        "deleted pod's entry removed",
+        Duration::from_secs(3),
+        || !node.policy_ids().contains(&b_id),
+    );
 }
 
 #[test]
@@ -328,31 +461,54 @@ fn node_agent_keeps_enforcing_through_api_outage_and_410() {
     node.api.go_down();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "blocked while the API is down");
-        assert!(node.probe(&system, "http", IMDS4).ok, "exempt while the API is down");
+        assert!(
+            node.probe(&tenant, "tcp", IMDS4).is_eperm(),
+            "blocked while the API is down"
+        );
+        assert!(
+            node.probe(&system, "http", IMDS4).ok,
+            "exempt while the API is down"
+        );
         std::thread::sleep(Duration::from_secs(3));
     }
-    let health = datalab_guard_tests::http_get(node.metrics, "/healthz", Duration::from_secs(2)).unwrap();
+    let health =
+        datalab_guard_tests::http_get(node.metrics, "/healthz", Duration::from_secs(2)).unwrap();
     assert_eq!(health.status, 200);
     node.api.come_back();
     // Recovered without a restart: a change made after the outage is applied.
     node.api.set_namespace_labels("tenant-a", &[]);
-    let took = eventually("change after the outage applied", Duration::from_secs(40), || node.probe(&tenant, "tcp", IMDS4).ok);
+    let took = eventually(
+        "change after the outage applied",
+        Duration::from_secs(40),
+        || node.probe(&tenant, "tcp", IMDS4).ok,
+    );
     eprintln!("recovered {took:?} after the API came back");
 
     // 410 Gone: history compacted and watches dropped; verdicts are kept through the relist.
     node.api.set_namespace_labels("tenant-a", &[ENV_LABEL]);
-    eventually("re-guarded", Duration::from_secs(5), || node.probe(&tenant, "tcp", IMDS4).is_eperm());
+    eventually("re-guarded", Duration::from_secs(5), || {
+        node.probe(&tenant, "tcp", IMDS4).is_eperm()
+    });
     node.api.compact();
     node.api.drop_watches();
     for _ in 0..10 {
-        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "verdict kept during the relist");
+        assert!(
+            node.probe(&tenant, "tcp", IMDS4).is_eperm(),
+            "verdict kept during the relist"
+        );
         assert!(node.probe(&system, "http", IMDS4).ok);
         std::thread::sleep(Duration::from_millis(200));
     }
     node.api.set_namespace_labels("tenant-a", &[]);
-    eventually("change after the relist applied", Duration::from_secs(10), || node.probe(&tenant, "tcp", IMDS4).ok);
-    assert!(node.agent.as_mut().unwrap().try_status().is_none(), "the agent never restarted");
+    eventually(
+        "change after the relist applied",
+        Duration::from_secs(10),
+        || node.probe(&tenant, "tcp", IMDS4).ok,
+    );
+    assert!(
+        node.agent.as_mut().unwrap().try_status().is_none(),
+        "the agent never restarted"
+    );
 }
 
 #[test]
@@ -370,16 +526,45 @@ fn node_bad_input_exits_2() {
     let bad_kubeconfig = dir.join("kubeconfig").display().to_string();
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("no node name", vec!["node", "--cgroup-root", "/tmp"]),
-        ("unknown config key", vec!["node", "--node-name", "n", "--config", &bad_config]),
-        ("missing config", vec!["node", "--node-name", "n", "--config", "/nonexistent.yaml"]),
-        ("bad kubeconfig", vec!["node", "--node-name", "n", "--kubeconfig", &bad_kubeconfig, "--cgroup-root", "/tmp"]),
+        (
+            "unknown config key",
+            vec!["node", "--node-name", "n", "--config", &bad_config],
+        ),
+        (
+            "missing config",
+            vec!["node", "--node-name", "n", "--config", "/nonexistent.yaml"],
+        ),
+        (
+            "bad kubeconfig",
+            vec![
+                "node",
+                "--node-name",
+                "n",
+                "--kubeconfig",
+                &bad_kubeconfig,
+                "--cgroup-root",
+                "/tmp",
+            ],
+        ),
     ];
     for (name, mut args) in cases {
         args.extend(["--bpffs", pins.as_str()]);
-        let out = Agent::bin().map(|bin| std::process::Command::new(bin).args(&args).env_remove("NODE_NAME").output().unwrap()).unwrap();
+        let out = Agent::bin()
+            .map(|bin| {
+                std::process::Command::new(bin)
+                    .args(&args)
+                    .env_remove("NODE_NAME")
+                    .output()
+                    .unwrap()
+            })
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-        assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{name}: one line: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+            1,
+            "{name}: one line: {stderr}"
+        );
         assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
     }
     let _ = std::fs::remove_dir_all(&dir);

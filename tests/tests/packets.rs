@@ -2,7 +2,11 @@
 //! the in-kernel counters, and agreement with the host classifier on the same bytes.
 //! Needs root (loads programs, pins maps under /sys/fs/bpf).
 
-use std::{collections::BTreeMap, path::PathBuf, sync::atomic::{AtomicU32, Ordering}};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use datalab_guard::bpf::testrun::TestRunner;
 use datalab_guard_common::{
@@ -13,7 +17,9 @@ use datalab_guard_common::{
 };
 
 const IMDS4: [u8; 4] = [169, 254, 169, 254];
-const IMDS6: [u8; 16] = [0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54];
+const IMDS6: [u8; 16] = [
+    0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+];
 const OTHER4: [u8; 4] = [192, 0, 2, 1];
 const OTHER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const TCP: u8 = 6;
@@ -26,13 +32,21 @@ fn blocked() -> Vec<Cidr> {
         Cidr::v4(IMDS4, 32).unwrap(),
         Cidr::v6(IMDS6, 128).unwrap(),
         Cidr::v4([100, 100, 0, 0], 16).unwrap(),
-        Cidr::v6([0xfd, 0x20, 0, 0xce, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 64).unwrap(),
+        Cidr::v6(
+            [0xfd, 0x20, 0, 0xce, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            64,
+        )
+        .unwrap(),
     ]
 }
 
 fn runner_dir() -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    PathBuf::from(format!("/sys/fs/bpf/dg-packets-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
+    PathBuf::from(format!(
+        "/sys/fs/bpf/dg-packets-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
 }
 
 fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> Option<TestRunner> {
@@ -40,7 +54,8 @@ fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> 
         return None;
     }
     let mut r = TestRunner::new(&runner_dir()).expect("load programs (verifier)");
-    r.configure(&blocked(), mode, default, policy).expect("configure maps");
+    r.configure(&blocked(), mode, default, policy)
+        .expect("configure maps");
     Some(r)
 }
 
@@ -113,37 +128,139 @@ fn cases() -> Vec<(&'static str, Vec<u8>, u32)> {
         ("v4 udp to IMDS", v4(IMDS4, UDP, &[], 53), DROP),
         ("v4 icmp to IMDS", v4(IMDS4, 1, &[], 0), DROP),
         ("v4 to other", v4(OTHER4, TCP, &[], 80), PASS),
-        ("v4 just below IMDS", v4([169, 254, 169, 253], TCP, &[], 80), PASS),
-        ("v4 just above IMDS", v4([169, 254, 169, 255], TCP, &[], 80), PASS),
-        ("v4 inside /16 block", v4([100, 100, 7, 9], TCP, &[], 443), DROP),
-        ("v4 below /16 block", v4([100, 99, 255, 255], TCP, &[], 443), PASS),
-        ("v4 above /16 block", v4([100, 101, 0, 0], TCP, &[], 443), PASS),
-        ("v4 options to IMDS", v4(IMDS4, TCP, &record_route, 80), DROP),
-        ("v4 options to other", v4(OTHER4, TCP, &record_route, 80), PASS),
-        ("v4 LSRR via IMDS", v4(OTHER4, TCP, &lsrr_via_imds, 80), DROP),
-        ("v4 malformed option", v4(OTHER4, TCP, &[0x44, 40, 0, 0], 80), DROP),
+        (
+            "v4 just below IMDS",
+            v4([169, 254, 169, 253], TCP, &[], 80),
+            PASS,
+        ),
+        (
+            "v4 just above IMDS",
+            v4([169, 254, 169, 255], TCP, &[], 80),
+            PASS,
+        ),
+        (
+            "v4 inside /16 block",
+            v4([100, 100, 7, 9], TCP, &[], 443),
+            DROP,
+        ),
+        (
+            "v4 below /16 block",
+            v4([100, 99, 255, 255], TCP, &[], 443),
+            PASS,
+        ),
+        (
+            "v4 above /16 block",
+            v4([100, 101, 0, 0], TCP, &[], 443),
+            PASS,
+        ),
+        (
+            "v4 options to IMDS",
+            v4(IMDS4, TCP, &record_route, 80),
+            DROP,
+        ),
+        (
+            "v4 options to other",
+            v4(OTHER4, TCP, &record_route, 80),
+            PASS,
+        ),
+        (
+            "v4 LSRR via IMDS",
+            v4(OTHER4, TCP, &lsrr_via_imds, 80),
+            DROP,
+        ),
+        (
+            "v4 malformed option",
+            v4(OTHER4, TCP, &[0x44, 40, 0, 0], 80),
+            DROP,
+        ),
         ("v4 loopback", v4([127, 0, 0, 1], TCP, &[], 80), PASS),
         ("v6 tcp to IMDS", v6(IMDS6, TCP, &[], 80), DROP),
         ("v6 udp to IMDS", v6(IMDS6, UDP, &[], 53), DROP),
         ("v6 to other", v6(OTHER6, TCP, &[], 80), PASS),
-        ("v6 just below IMDS", v6(with_last(IMDS6, 0x53), TCP, &[], 80), PASS),
-        ("v6 just above IMDS", v6(with_last(IMDS6, 0x55), TCP, &[], 80), PASS),
-        ("v6 inside /64 block", v6([0xfd, 0x20, 0, 0xce, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x54], TCP, &[], 80), DROP),
-        ("v6 outside /64 block", v6([0xfd, 0x20, 0, 0xce, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2, 0x54], TCP, &[], 80), PASS),
+        (
+            "v6 just below IMDS",
+            v6(with_last(IMDS6, 0x53), TCP, &[], 80),
+            PASS,
+        ),
+        (
+            "v6 just above IMDS",
+            v6(with_last(IMDS6, 0x55), TCP, &[], 80),
+            PASS,
+        ),
+        (
+            "v6 inside /64 block",
+            v6(
+                [0xfd, 0x20, 0, 0xce, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x54],
+                TCP,
+                &[],
+                80,
+            ),
+            DROP,
+        ),
+        (
+            "v6 outside /64 block",
+            v6(
+                [0xfd, 0x20, 0, 0xce, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2, 0x54],
+                TCP,
+                &[],
+                80,
+            ),
+            PASS,
+        ),
         ("v6 v4-mapped IMDS", v6(mapped(IMDS4), TCP, &[], 80), DROP),
         ("v6 v4-mapped other", v6(mapped(OTHER4), TCP, &[], 80), PASS),
-        ("v6 ext headers to IMDS", v6(IMDS6, 0, &hbh_then_srh(&[OTHER6], TCP), 80), DROP),
-        ("v6 ext headers to other", v6(OTHER6, 0, &hbh_then_srh(&[OTHER6], TCP), 80), PASS),
-        ("v6 SRH via IMDS", v6(OTHER6, 0, &hbh_then_srh(&[OTHER6, IMDS6], TCP), 80), DROP),
-        ("v6 fragment to other", v6(OTHER6, 44, &[UDP, 0, 0, 1, 0, 0, 0, 1], 53), PASS),
+        (
+            "v6 ext headers to IMDS",
+            v6(IMDS6, 0, &hbh_then_srh(&[OTHER6], TCP), 80),
+            DROP,
+        ),
+        (
+            "v6 ext headers to other",
+            v6(OTHER6, 0, &hbh_then_srh(&[OTHER6], TCP), 80),
+            PASS,
+        ),
+        (
+            "v6 SRH via IMDS",
+            v6(OTHER6, 0, &hbh_then_srh(&[OTHER6, IMDS6], TCP), 80),
+            DROP,
+        ),
+        (
+            "v6 fragment to other",
+            v6(OTHER6, 44, &[UDP, 0, 0, 1, 0, 0, 0, 1], 53),
+            PASS,
+        ),
         ("v6 loopback", v6(with_last([0; 16], 1), TCP, &[], 80), PASS),
-        ("v4 header only, to IMDS", v4(IMDS4, TCP, &[], 80)[..20].to_vec(), DROP),
-        ("v4 header only, to other", v4(OTHER4, TCP, &[], 80)[..20].to_vec(), PASS),
+        (
+            "v4 header only, to IMDS",
+            v4(IMDS4, TCP, &[], 80)[..20].to_vec(),
+            DROP,
+        ),
+        (
+            "v4 header only, to other",
+            v4(OTHER4, TCP, &[], 80)[..20].to_vec(),
+            PASS,
+        ),
         ("v4 cut inside options", truncated_options(), DROP),
-        ("v6 header only, to IMDS", v6(IMDS6, TCP, &[], 80)[..40].to_vec(), DROP),
-        ("v6 header only, to other", v6(OTHER6, TCP, &[], 80)[..40].to_vec(), PASS),
-        ("v6 cut inside ext header", v6(OTHER6, 0, &hbh_then_srh(&[OTHER6], TCP), 80)[..44].to_vec(), DROP),
-        ("v4 cut before ports", v4(IMDS4, UDP, &[], 53)[..21].to_vec(), DROP),
+        (
+            "v6 header only, to IMDS",
+            v6(IMDS6, TCP, &[], 80)[..40].to_vec(),
+            DROP,
+        ),
+        (
+            "v6 header only, to other",
+            v6(OTHER6, TCP, &[], 80)[..40].to_vec(),
+            PASS,
+        ),
+        (
+            "v6 cut inside ext header",
+            v6(OTHER6, 0, &hbh_then_srh(&[OTHER6], TCP), 80)[..44].to_vec(),
+            DROP,
+        ),
+        (
+            "v4 cut before ports",
+            v4(IMDS4, UDP, &[], 53)[..21].to_vec(),
+            DROP,
+        ),
     ]
 }
 
@@ -160,28 +277,52 @@ fn host_only_cases() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("empty", Vec::new()),
         ("one byte", vec![0x45]),
-        ("v4 truncated header", v4(IMDS4, TCP, &[], 80)[..12].to_vec()),
-        ("v6 truncated header", v6(IMDS6, TCP, &[], 80)[..30].to_vec()),
+        (
+            "v4 truncated header",
+            v4(IMDS4, TCP, &[], 80)[..12].to_vec(),
+        ),
+        (
+            "v6 truncated header",
+            v6(IMDS6, TCP, &[], 80)[..30].to_vec(),
+        ),
     ]
 }
 
-const ARP_REQUEST: [u8; 28] = [0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 169, 254, 169, 254];
+const ARP_REQUEST: [u8; 28] = [
+    0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 169, 254, 169, 254,
+];
 
 #[test]
 fn short_packets_and_non_ip_frames_pass() {
     let set = blocked();
     for (name, packet) in host_only_cases() {
-        assert_eq!(classify_packet(&packet[..], &set[..]), PacketClass::NotIp, "{name}");
+        assert_eq!(
+            classify_packet(&packet[..], &set[..]),
+            PacketClass::NotIp,
+            "{name}"
+        );
     }
-    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else { return };
+    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
     // An ARP request for 169.254.169.254: not IP, not ours to judge.
-    assert_eq!(r.run_ethertype(programs::EGRESS, 0x0806, &ARP_REQUEST, 1).unwrap().verdict, PASS);
-    assert_eq!(classify_packet(&ARP_REQUEST[..], &set[..]), PacketClass::NotIp);
+    assert_eq!(
+        r.run_ethertype(programs::EGRESS, 0x0806, &ARP_REQUEST, 1)
+            .unwrap()
+            .verdict,
+        PASS
+    );
+    assert_eq!(
+        classify_packet(&ARP_REQUEST[..], &set[..]),
+        PacketClass::NotIp
+    );
 }
 
 #[test]
 fn guarded_cgroup_verdicts_match_expectations_and_host_classifier() {
-    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else { return };
+    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
     let set = blocked();
     let mut failures = Vec::new();
     for (name, packet, expected) in cases() {
@@ -191,42 +332,95 @@ fn guarded_cgroup_verdicts_match_expectations_and_host_classifier() {
             PacketClass::Pass(_) | PacketClass::NotIp => PASS,
         };
         if kernel != expected || host != expected {
-            failures.push(format!("{name}: kernel {kernel}, host {host}, expected {expected}"));
+            failures.push(format!(
+                "{name}: kernel {kernel}, host {host}, expected {expected}"
+            ));
         }
     }
-    assert!(failures.is_empty(), "verdict mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "verdict mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn counters_count_each_drop_by_family_and_hook() {
-    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else { return };
+    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
     for _ in 0..3 {
-        assert_eq!(r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1).unwrap().verdict, DROP);
+        assert_eq!(
+            r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1)
+                .unwrap()
+                .verdict,
+            DROP
+        );
     }
-    assert_eq!(r.run(programs::EGRESS, &v6(IMDS6, TCP, &[], 80), 1).unwrap().verdict, DROP);
-    assert_eq!(r.run(programs::EGRESS, &v4(OTHER4, TCP, &[], 80), 1).unwrap().verdict, PASS);
+    assert_eq!(
+        r.run(programs::EGRESS, &v6(IMDS6, TCP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        DROP
+    );
+    assert_eq!(
+        r.run(programs::EGRESS, &v4(OTHER4, TCP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        PASS
+    );
     let counters = r.counters().unwrap();
-    let get = |family| counters.iter().find(|c| c.action == Action::Blocked && c.family == family && c.hook == Hook::Egress).map(|c| c.value);
+    let get = |family| {
+        counters
+            .iter()
+            .find(|c| c.action == Action::Blocked && c.family == family && c.hook == Hook::Egress)
+            .map(|c| c.value)
+    };
     assert_eq!(get(Family::Ipv4), Some(3));
     assert_eq!(get(Family::Ipv6), Some(1));
-    assert_eq!(counters.iter().map(|c| c.value).sum::<u64>(), 4, "{counters:?}");
+    assert_eq!(
+        counters.iter().map(|c| c.value).sum::<u64>(),
+        4,
+        "{counters:?}"
+    );
 }
 
 #[test]
 fn audit_mode_passes_but_counts() {
-    let Some(r) = runner(Mode::Audit, Verdict::Guard, &BTreeMap::new()) else { return };
-    assert_eq!(r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1).unwrap().verdict, PASS);
-    assert_eq!(r.run(programs::EGRESS, &v6(IMDS6, UDP, &[], 80), 1).unwrap().verdict, PASS);
+    let Some(r) = runner(Mode::Audit, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
+    assert_eq!(
+        r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        PASS
+    );
+    assert_eq!(
+        r.run(programs::EGRESS, &v6(IMDS6, UDP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        PASS
+    );
     let counters = r.counters().unwrap();
-    assert!(counters.iter().all(|c| c.action == Action::Audited), "{counters:?}");
+    assert!(
+        counters.iter().all(|c| c.action == Action::Audited),
+        "{counters:?}"
+    );
     assert_eq!(counters.iter().map(|c| c.value).sum::<u64>(), 2);
 }
 
 #[test]
 fn exempt_default_verdict_passes_everything_uncounted() {
-    let Some(r) = runner(Mode::Enforce, Verdict::Exempt, &BTreeMap::new()) else { return };
+    let Some(r) = runner(Mode::Enforce, Verdict::Exempt, &BTreeMap::new()) else {
+        return;
+    };
     for (name, packet, _) in cases() {
-        assert_eq!(r.run(programs::EGRESS, &packet, 1).unwrap().verdict, PASS, "{name}");
+        assert_eq!(
+            r.run(programs::EGRESS, &packet, 1).unwrap().verdict,
+            PASS,
+            "{name}"
+        );
     }
     assert!(r.counters().unwrap().is_empty());
 }
@@ -240,17 +434,43 @@ fn policy_entry_of_an_ancestor_cgroup_overrides_the_default() {
     }
     let own = datalab_guard::cgroups::current_cgroup().expect("own cgroup");
     let own_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&own).unwrap());
-    let exempt = BTreeMap::from([(own_id, PolicyEntry { verdict: Verdict::Exempt as u32, class: 0 })]);
+    let exempt = BTreeMap::from([(
+        own_id,
+        PolicyEntry {
+            verdict: Verdict::Exempt as u32,
+            class: 0,
+        },
+    )]);
     let r = runner(Mode::Enforce, Verdict::Guard, &exempt).unwrap();
-    assert_eq!(r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1).unwrap().verdict, PASS);
-    let guard = BTreeMap::from([(own_id, PolicyEntry { verdict: Verdict::Guard as u32, class: 7 })]);
+    assert_eq!(
+        r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        PASS
+    );
+    let guard = BTreeMap::from([(
+        own_id,
+        PolicyEntry {
+            verdict: Verdict::Guard as u32,
+            class: 7,
+        },
+    )]);
     let r = runner(Mode::Enforce, Verdict::Exempt, &guard).unwrap();
-    assert_eq!(r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1).unwrap().verdict, DROP);
+    assert_eq!(
+        r.run(programs::EGRESS, &v4(IMDS4, TCP, &[], 80), 1)
+            .unwrap()
+            .verdict,
+        DROP
+    );
 }
 
 #[test]
 fn empty_program_is_the_floor_and_passes() {
-    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else { return };
-    let result = r.run(programs::BENCH_EMPTY, &v4(IMDS4, TCP, &[], 80), 1000).unwrap();
+    let Some(r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
+    let result = r
+        .run(programs::BENCH_EMPTY, &v4(IMDS4, TCP, &[], 80), 1000)
+        .unwrap();
     assert_eq!(result.verdict, PASS);
 }

@@ -746,7 +746,9 @@ async fn pod_security_is_reported_and_optionally_labelled() {
         let states = agent.states.snapshot();
         event_count(&server, "PodSecurityTooWeak", "none") == 1
             && event_count(&server, "PodSecurityTooWeak", "weak") == 1
-            && ["none", "weak", "strong"].iter().all(|ns| states.get(*ns).is_some_and(|s| s.psa.is_some()))
+            && ["none", "weak", "strong"]
+                .iter()
+                .all(|ns| states.get(*ns).is_some_and(|s| s.psa.is_some()))
     })
     .await;
     let states = agent.states.snapshot();
@@ -1295,7 +1297,9 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         "takeover took {took:?}"
     );
     // The log line follows the Lease write; give the pipe a moment.
-    eventually_sync("the transition is logged", Duration::from_secs(3), || n2.log_has("became the leader"));
+    eventually_sync("the transition is logged", Duration::from_secs(3), || {
+        n2.log_has("became the leader")
+    });
     server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
     let repaired = eventually_sync("node-2 repairs", Duration::from_secs(5), || {
         policy(&server, "tenant-a").is_some()

@@ -25,16 +25,32 @@ fn sock_create_refuses_raw_inet_sockets_to_guarded_cgroups_only() {
     let bpffs = BpffsDir::new().unwrap();
     let mut runner = TestRunner::new(&bpffs.path().join("r")).unwrap();
     let exempt_id = datalab_guard_tests::cgroup_id(&exempt).unwrap();
-    let policy = BTreeMap::from([(exempt_id, PolicyEntry { verdict: Verdict::Exempt as u32, class: 0 })]);
-    runner.configure(&[], Mode::Enforce, Verdict::Guard, &policy).unwrap();
+    let policy = BTreeMap::from([(
+        exempt_id,
+        PolicyEntry {
+            verdict: Verdict::Exempt as u32,
+            class: 0,
+        },
+    )]);
+    runner
+        .configure(&[], Mode::Enforce, Verdict::Guard, &policy)
+        .unwrap();
 
     // Off in the config: the attached program allows everything.
     let link = runner.attach(programs::SOCK_CREATE, root.path()).unwrap();
-    assert!(lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80).unwrap().ok);
+    assert!(
+        lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80)
+            .unwrap()
+            .ok
+    );
 
     runner.set_deny_raw_sockets(true).unwrap();
     let r = lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80).unwrap();
-    assert!(!r.ok && r.is_eperm(), "guarded raw socket should be refused: {}", r.raw);
+    assert!(
+        !r.ok && r.is_eperm(),
+        "guarded raw socket should be refused: {}",
+        r.raw
+    );
     let r = lab.probe(&exempt, "raw-hdrincl", "192.0.2.1", 80).unwrap();
     assert!(r.ok, "exempt raw socket should work: {}", r.raw);
     // Ordinary sockets are untouched.
@@ -42,12 +58,19 @@ fn sock_create_refuses_raw_inet_sockets_to_guarded_cgroups_only() {
     let counters = runner.counters().unwrap();
     let refused: u64 = counters
         .iter()
-        .filter(|c| c.action == Action::Blocked && c.hook == Hook::SockCreate && c.family == Family::Ipv4)
+        .filter(|c| {
+            c.action == Action::Blocked && c.hook == Hook::SockCreate && c.family == Family::Ipv4
+        })
         .map(|c| c.value)
         .sum();
     assert_eq!(refused, 1, "{counters:?}");
     drop(link);
-    assert!(lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80).unwrap().ok, "detached on drop");
+    assert!(
+        lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80)
+            .unwrap()
+            .ok,
+        "detached on drop"
+    );
 }
 
 /// With `--deny-raw-sockets` the agent either refuses AF_PACKET to guarded processes (BPF LSM
@@ -81,21 +104,42 @@ fn deny_raw_sockets_refuses_af_packet_or_fails_closed() {
     match agent.wait_ready(metrics, Duration::from_secs(20)) {
         Ok(()) => {
             eprintln!("BPF LSM available: exercising AF_PACKET refusal");
-            let r = lab.probe(&guarded, "packet-socket", "169.254.169.254", 80).unwrap();
-            assert!(!r.ok && r.is_eperm(), "AF_PACKET should be refused: {}", r.raw);
-            assert!(lab.probe(&exempt, "packet-socket", "169.254.169.254", 80).unwrap().ok);
+            let r = lab
+                .probe(&guarded, "packet-socket", "169.254.169.254", 80)
+                .unwrap();
+            assert!(
+                !r.ok && r.is_eperm(),
+                "AF_PACKET should be refused: {}",
+                r.raw
+            );
+            assert!(
+                lab.probe(&exempt, "packet-socket", "169.254.169.254", 80)
+                    .unwrap()
+                    .ok
+            );
             let r = lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80).unwrap();
-            assert!(!r.ok && r.is_eperm(), "raw socket should be refused: {}", r.raw);
+            assert!(
+                !r.ok && r.is_eperm(),
+                "raw socket should be refused: {}",
+                r.raw
+            );
         }
         Err(_) => {
             eprintln!("BPF LSM programs refused by this kernel: exercising the fail-closed path");
             let status = agent.wait_exit(Duration::from_secs(5)).unwrap();
             assert!(!status.success());
             let stderr = agent.stderr_lines().join("\n");
-            assert!(stderr.contains("BPF LSM"), "the error must name the missing BPF LSM: {stderr}");
+            assert!(
+                stderr.contains("BPF LSM"),
+                "the error must name the missing BPF LSM: {stderr}"
+            );
             assert!(!pins.exists(), "a failed start must leave nothing pinned");
             // Nothing attached either: the metadata host is still reachable from the tenant.
-            assert!(lab.probe(&guarded, "http", "169.254.169.254", 80).unwrap().ok);
+            assert!(
+                lab.probe(&guarded, "http", "169.254.169.254", 80)
+                    .unwrap()
+                    .ok
+            );
         }
     }
 }

@@ -174,7 +174,10 @@ fn link_debian_toolchain() -> Result<()> {
     let Ok(list) = output(Command::new("rustup").args(["toolchain", "list"])) else {
         // Without rustup the host cargo is Debian's own (`./x` installs it), which has
         // rust-src: aya-build then builds the eBPF programs with it directly.
-        step(&name, "skipped: no rustup; eBPF builds with the current (Debian) toolchain");
+        step(
+            &name,
+            "skipped: no rustup; eBPF builds with the current (Debian) toolchain",
+        );
         return Ok(());
     };
     if !list.status.success() {

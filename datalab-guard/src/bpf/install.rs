@@ -69,7 +69,13 @@ pub struct Installed {
 
 /// The programs an install attaches, in attach order.
 pub fn wanted_programs(config: &GuardConfig) -> Vec<&'static str> {
-    let mut wanted = vec![programs::CONNECT4, programs::CONNECT6, programs::SENDMSG4, programs::SENDMSG6, programs::EGRESS];
+    let mut wanted = vec![
+        programs::CONNECT4,
+        programs::CONNECT6,
+        programs::SENDMSG4,
+        programs::SENDMSG6,
+        programs::EGRESS,
+    ];
     if config.deny_raw_sockets != 0 {
         wanted.push(programs::SOCK_CREATE);
         wanted.push(programs::PACKET_SOCKET);
@@ -81,7 +87,11 @@ pub fn install(req: InstallRequest) -> anyhow::Result<Installed> {
     let layout = &req.layout;
     layout.create_dirs()?;
     let pinned_before = layout.exists();
-    let previous = if pinned_before { Some(GuardMaps::from_pins(layout)?.meta()?) } else { None };
+    let previous = if pinned_before {
+        Some(GuardMaps::from_pins(layout)?.meta()?)
+    } else {
+        None
+    };
     if let Some(meta) = &previous {
         refuse_foreign_root(meta, &req.root)?;
     }
@@ -102,7 +112,9 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         .load(OBJECT)
         .context("cannot load the eBPF object")?;
     let mut maps = GuardMaps::from_ebpf(&mut ebpf)?;
-    let events = ebpf.take_map(names::EVENTS).ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
+    let events = ebpf
+        .take_map(names::EVENTS)
+        .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
     let events = RingBuf::try_from(events).context(names::EVENTS)?;
 
     // 1. State first.
@@ -124,10 +136,12 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         .copied()
         .filter(|p| !(same_programs && layout.link(p).exists()))
         .collect();
-    let cgroup = File::open(&req.root.path).with_context(|| format!("cannot open cgroup {}", req.root.path.display()))?;
+    let cgroup = File::open(&req.root.path)
+        .with_context(|| format!("cannot open cgroup {}", req.root.path.display()))?;
     let mut fresh_links = Vec::new();
     for program in &to_attach {
-        let link = attach(&mut ebpf, program, &cgroup).with_context(|| format!("cannot attach {program} to {}", req.root.path.display()))?;
+        let link = attach(&mut ebpf, program, &cgroup)
+            .with_context(|| format!("cannot attach {program} to {}", req.root.path.display()))?;
         fresh_links.push((*program, link));
     }
     // Every new link is attached (dropping them now would detach all): pin them.
@@ -138,7 +152,8 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         let next = layout.next_link(program);
         if next.exists() {
             detach_pinned(&layout.link(program))?;
-            std::fs::rename(&next, layout.link(program)).with_context(|| format!("cannot move {} into place", next.display()))?;
+            std::fs::rename(&next, layout.link(program))
+                .with_context(|| format!("cannot move {} into place", next.display()))?;
         }
     }
     for name in layout.pinned_links()? {
@@ -154,11 +169,20 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         Some(h) if h == hash => InstallOutcome::Adopted,
         Some(previous_hash) => InstallOutcome::Upgraded { previous_hash },
     };
-    Ok(Installed { maps, events, outcome, links: wanted.iter().map(|s| s.to_string()).collect(), _ebpf: ebpf })
+    Ok(Installed {
+        maps,
+        events,
+        outcome,
+        links: wanted.iter().map(|s| s.to_string()).collect(),
+        _ebpf: ebpf,
+    })
 }
 
 /// One bpffs directory serves one attach root; a second root needs its own `--bpffs`.
-fn refuse_foreign_root(meta: &datalab_guard_common::InstallMeta, root: &CgroupDir) -> anyhow::Result<()> {
+fn refuse_foreign_root(
+    meta: &datalab_guard_common::InstallMeta,
+    root: &CgroupDir,
+) -> anyhow::Result<()> {
     if meta.complete == 0 || meta.root_cgroup_id == root.id {
         return Ok(());
     }
@@ -177,7 +201,9 @@ fn refuse_foreign_root(meta: &datalab_guard_common::InstallMeta, root: &CgroupDi
 
 /// Loads program `name` of `ebpf` and attaches it to `cgroup` as a bpf_link.
 pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
-    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     // bpf_link attachments to cgroups are always multi-attach; the kernel rejects any
     // attach flag on BPF_LINK_CREATE, so "Single" (no flag) is the correct value here.
     let mode = CgroupAttachMode::Single;
@@ -188,7 +214,8 @@ pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Resu
         prog.take_link(id)?.try_into()?
     } else if name == programs::PACKET_SOCKET {
         let prog: &mut LsmCgroup = program.try_into()?;
-        let btf = Btf::from_sys_fs().context("AF_PACKET denial needs kernel BTF (/sys/kernel/btf/vmlinux)")?;
+        let btf = Btf::from_sys_fs()
+            .context("AF_PACKET denial needs kernel BTF (/sys/kernel/btf/vmlinux)")?;
         prog.load("socket_post_create", &btf).context(
             "the kernel refused the BPF LSM program that refuses AF_PACKET sockets (--deny-raw-sockets needs the BPF LSM: `bpf` in the lsm= boot parameter, and a kernel policy that allows LSM programs)",
         )?;
@@ -213,7 +240,11 @@ pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Resu
 fn pin_all(layout: &PinLayout, links: Vec<(&str, FdLink)>) -> anyhow::Result<()> {
     let mut pinned: Vec<PinnedLink> = Vec::new();
     for (program, link) in links {
-        let target = if layout.link(program).exists() { layout.next_link(program) } else { layout.link(program) };
+        let target = if layout.link(program).exists() {
+            layout.next_link(program)
+        } else {
+            layout.link(program)
+        };
         if target.exists() {
             // A leftover `-next` from an interrupted upgrade.
             detach_pinned(&target)?;
@@ -224,7 +255,9 @@ fn pin_all(layout: &PinLayout, links: Vec<(&str, FdLink)>) -> anyhow::Result<()>
                 for p in pinned {
                     let _ = p.unpin();
                 }
-                return Err(anyhow::Error::new(e).context(format!("cannot pin link {}", target.display())));
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot pin link {}", target.display()))
+                );
             }
         }
     }
@@ -235,11 +268,13 @@ fn pin_all(layout: &PinLayout, links: Vec<(&str, FdLink)>) -> anyhow::Result<()>
 fn detach_pinned(path: &std::path::Path) -> anyhow::Result<()> {
     match PinnedLink::from_pin(path) {
         Ok(link) => {
-            link.unpin().with_context(|| format!("cannot unpin {}", path.display()))?;
+            link.unpin()
+                .with_context(|| format!("cannot unpin {}", path.display()))?;
         }
         Err(_) if path.exists() => {
             // Not a link (stray file): remove it so the directory is ours again.
-            std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
         }
         Err(_) => {}
     }
@@ -264,7 +299,11 @@ pub fn remove_all_pins(layout: &PinLayout) -> Vec<PathBuf> {
             removed.push(path);
         }
     }
-    for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_path_buf()] {
+    for dir in [
+        layout.links_dir(),
+        layout.maps_dir(),
+        layout.root().to_path_buf(),
+    ] {
         let _ = std::fs::remove_dir(dir);
     }
     removed

@@ -45,7 +45,10 @@ pub struct Changes {
 impl GuardMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<GuardMaps> {
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        };
         GuardMaps::from_parts(
             take(names::POLICY)?,
             take(names::BLOCKED_V4)?,
@@ -61,8 +64,10 @@ impl GuardMaps {
     pub fn from_pins(layout: &PinLayout) -> anyhow::Result<GuardMaps> {
         let open = |name: &str| -> anyhow::Result<Map> {
             let path = layout.map(name);
-            let data = MapData::from_pin(&path).with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            Map::from_map_data(data).with_context(|| format!("unexpected map type at {}", path.display()))
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+            Map::from_map_data(data)
+                .with_context(|| format!("unexpected map type at {}", path.display()))
         };
         GuardMaps::from_parts(
             open(names::POLICY)?,
@@ -75,7 +80,15 @@ impl GuardMaps {
         )
     }
 
-    fn from_parts(policy: Map, v4: Map, v6: Map, config: Map, counters: Map, stats: Map, meta: Map) -> anyhow::Result<GuardMaps> {
+    fn from_parts(
+        policy: Map,
+        v4: Map,
+        v6: Map,
+        config: Map,
+        counters: Map,
+        stats: Map,
+        meta: Map,
+    ) -> anyhow::Result<GuardMaps> {
         Ok(GuardMaps {
             policy: HashMap::try_from(policy).context(names::POLICY)?,
             blocked_v4: LpmTrie::try_from(v4).context(names::BLOCKED_V4)?,
@@ -93,7 +106,11 @@ impl GuardMaps {
 
     /// Writes the config with prefilter bitmaps computed from `blocked`. Call after the
     /// tries hold every CIDR in `blocked`, so the prefilter never hides a trie entry.
-    pub fn write_config(&mut self, mut config: GuardConfig, blocked: &[Cidr]) -> anyhow::Result<()> {
+    pub fn write_config(
+        &mut self,
+        mut config: GuardConfig,
+        blocked: &[Cidr],
+    ) -> anyhow::Result<()> {
         let (v4, v6) = prefilter(blocked.iter());
         config.v4_first_octet = v4;
         config.v6_first_octet = v6;
@@ -133,15 +150,25 @@ impl GuardMaps {
                 continue;
             }
             match *cidr {
-                Cidr::V4 { addr, prefix } => self.blocked_v4.insert(&Key::new(prefix.into(), addr), rule as u32, 0)?,
-                Cidr::V6 { addr, prefix } => self.blocked_v6.insert(&Key::new(prefix.into(), addr), rule as u32, 0)?,
+                Cidr::V4 { addr, prefix } => {
+                    self.blocked_v4
+                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?
+                }
+                Cidr::V6 { addr, prefix } => {
+                    self.blocked_v6
+                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?
+                }
             }
             changes.added += 1;
         }
         for cidr in current.difference(&wanted) {
             match *cidr {
-                Cidr::V4 { addr, prefix } => self.blocked_v4.remove(&Key::new(prefix.into(), addr))?,
-                Cidr::V6 { addr, prefix } => self.blocked_v6.remove(&Key::new(prefix.into(), addr))?,
+                Cidr::V4 { addr, prefix } => {
+                    self.blocked_v4.remove(&Key::new(prefix.into(), addr))?
+                }
+                Cidr::V6 { addr, prefix } => {
+                    self.blocked_v6.remove(&Key::new(prefix.into(), addr))?
+                }
             }
             changes.removed += 1;
         }
@@ -159,7 +186,10 @@ impl GuardMaps {
     }
 
     /// Makes POLICY hold exactly `desired`: new and changed entries first, stale ones last.
-    pub fn reconcile_policy(&mut self, desired: &BTreeMap<u64, PolicyEntry>) -> anyhow::Result<Changes> {
+    pub fn reconcile_policy(
+        &mut self,
+        desired: &BTreeMap<u64, PolicyEntry>,
+    ) -> anyhow::Result<Changes> {
         let current = self.policy()?;
         let mut changes = Changes::default();
         for (id, entry) in desired {
@@ -205,7 +235,10 @@ impl GuardMaps {
     }
 
     /// Non-zero counters of the given classes, summed over CPUs.
-    pub fn counters(&self, classes: impl IntoIterator<Item = u32>) -> anyhow::Result<Vec<CounterValue>> {
+    pub fn counters(
+        &self,
+        classes: impl IntoIterator<Item = u32>,
+    ) -> anyhow::Result<Vec<CounterValue>> {
         let mut out = Vec::new();
         for class in classes {
             for slot in 0..SLOTS_PER_CLASS {
@@ -216,7 +249,13 @@ impl GuardMaps {
                     continue;
                 }
                 if let Some((action, family, hook)) = slot_labels(slot) {
-                    out.push(CounterValue { class, action, family, hook, value });
+                    out.push(CounterValue {
+                        class,
+                        action,
+                        family,
+                        hook,
+                        value,
+                    });
                 }
             }
         }
@@ -239,7 +278,12 @@ impl GuardMaps {
 }
 
 /// Builds an [`InstallMeta`] for a root path.
-pub fn meta_for(object_hash: u64, root_cgroup_id: u64, root_path: &str, complete: bool) -> InstallMeta {
+pub fn meta_for(
+    object_hash: u64,
+    root_cgroup_id: u64,
+    root_path: &str,
+    complete: bool,
+) -> InstallMeta {
     let mut path = [0u8; 256];
     let bytes = root_path.as_bytes();
     let len = bytes.len().min(path.len());

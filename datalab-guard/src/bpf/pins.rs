@@ -81,7 +81,8 @@ impl PinLayout {
         let parent = self.root.parent().unwrap_or(Path::new("/"));
         ensure_on_bpffs(parent)?;
         for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         Ok(())
     }
@@ -140,10 +141,17 @@ fn mount_bpffs(target: &Path) -> anyhow::Result<()> {
     let fstype = c"bpf";
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target_c.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("cannot mount bpffs at {}", target.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot mount bpffs at {}", target.display()));
     }
     Ok(())
 }

@@ -13,10 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
-    cidr::Cidr,
-    counters::Stat,
-    maps::programs,
-    GuardConfig, Mode, PolicyEntry, Verdict,
+    cidr::Cidr, counters::Stat, maps::programs, GuardConfig, Mode, PolicyEntry, Verdict,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -52,7 +49,8 @@ impl TestRunner {
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
         Ok(TestRunner { ebpf, maps, layout })
     }
@@ -60,7 +58,13 @@ impl TestRunner {
     /// Configures the guard: blocked CIDRs, mode, default verdict, and policy entries.
     /// `root_level` 0 makes the walk start at the cgroup2 root, so an entry for the
     /// calling thread's cgroup (or any ancestor) applies.
-    pub fn configure(&mut self, blocked: &[Cidr], mode: Mode, default_verdict: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> anyhow::Result<()> {
+    pub fn configure(
+        &mut self,
+        blocked: &[Cidr],
+        mode: Mode,
+        default_verdict: Verdict,
+        policy: &BTreeMap<u64, PolicyEntry>,
+    ) -> anyhow::Result<()> {
         let mut config = GuardConfig::zeroed();
         config.mode = mode as u32;
         config.default_verdict = default_verdict as u32;
@@ -86,7 +90,13 @@ impl TestRunner {
     }
 
     /// Like [`TestRunner::run`] with an explicit ethertype (e.g. 0x0806 for ARP).
-    pub fn run_ethertype(&self, program: &str, ethertype: u16, l3_packet: &[u8], repeat: u32) -> anyhow::Result<RunResult> {
+    pub fn run_ethertype(
+        &self,
+        program: &str,
+        ethertype: u16,
+        l3_packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<RunResult> {
         let mut frame = Vec::with_capacity(14 + l3_packet.len());
         frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
         frame.extend_from_slice(&ethertype.to_be_bytes());
@@ -97,9 +107,16 @@ impl TestRunner {
             .ok_or_else(|| anyhow!("program {program} missing"))?
             .try_into()?;
         let result = prog
-            .test_run(TestRunOptions { data_in: Some(&frame), repeat: repeat.max(1), ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
-        Ok(RunResult { verdict: result.return_value, per_run: result.duration })
+        Ok(RunResult {
+            verdict: result.return_value,
+            per_run: result.duration,
+        })
     }
 
     /// Turns the raw-socket refusal on or off in the config map.
@@ -111,8 +128,13 @@ impl TestRunner {
 
     /// Attaches one of the socket programs (not the egress one, which stays unattached for
     /// test runs) to `cgroup`; it detaches when the returned link is dropped.
-    pub fn attach(&mut self, program: &str, cgroup: &std::path::Path) -> anyhow::Result<aya::programs::links::FdLink> {
-        let file = std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+    pub fn attach(
+        &mut self,
+        program: &str,
+        cgroup: &std::path::Path,
+    ) -> anyhow::Result<aya::programs::links::FdLink> {
+        let file =
+            std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
         super::install::attach(&mut self.ebpf, program, &file)
     }
 

@@ -21,9 +21,11 @@ pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
                 .await
                 .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?
         }
-        None => Config::infer()
-            .await
-            .map_err(|e| bad_input(format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}")))?,
+        None => Config::infer().await.map_err(|e| {
+            bad_input(format!(
+                "no Kubernetes configuration (in-cluster or kubeconfig): {e}"
+            ))
+        })?,
     };
     Client::try_from(config).context("cannot build the Kubernetes client")
 }

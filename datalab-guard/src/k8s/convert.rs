@@ -19,12 +19,19 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let status = pod.status.as_ref();
     let mut containers = Vec::new();
     if let Some(status) = status {
-        for list in [&status.container_statuses, &status.init_container_statuses, &status.ephemeral_container_statuses]
-            .into_iter()
-            .flatten()
+        for list in [
+            &status.container_statuses,
+            &status.init_container_statuses,
+            &status.ephemeral_container_statuses,
+        ]
+        .into_iter()
+        .flatten()
         {
             for c in list {
-                containers.push(ContainerInfo { name: c.name.clone(), container_id: c.container_id.clone() });
+                containers.push(ContainerInfo {
+                    name: c.name.clone(),
+                    container_id: c.container_id.clone(),
+                });
             }
         }
     }
@@ -65,9 +72,13 @@ pub fn slim_pod(pod: &mut Pod) {
         status.conditions = None;
         status.pod_ips = None;
         status.host_ips = None;
-        for list in [&mut status.container_statuses, &mut status.init_container_statuses, &mut status.ephemeral_container_statuses]
-            .into_iter()
-            .flatten()
+        for list in [
+            &mut status.container_statuses,
+            &mut status.init_container_statuses,
+            &mut status.ephemeral_container_statuses,
+        ]
+        .into_iter()
+        .flatten()
         {
             for c in list.iter_mut() {
                 c.image = String::new();

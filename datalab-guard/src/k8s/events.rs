@@ -39,7 +39,10 @@ pub struct PodEvents {
 
 impl PodEvents {
     pub fn new(client: Client, node: &str, per_minute: u32) -> PodEvents {
-        let reporter = Reporter { controller: super::client::MANAGER.into(), instance: Some(node.to_owned()) };
+        let reporter = Reporter {
+            controller: super::client::MANAGER.into(),
+            instance: Some(node.to_owned()),
+        };
         let per_minute = per_minute.max(1);
         PodEvents {
             recorder: Recorder::new(client, reporter),
@@ -55,7 +58,10 @@ impl PodEvents {
             // More pods than a node can hold: someone is churning; keep memory bounded.
             self.pods.clear();
         }
-        let state = self.pods.entry(attempt.uid.clone()).or_insert(PodState { last_sent: None, pending: 0 });
+        let state = self.pods.entry(attempt.uid.clone()).or_insert(PodState {
+            last_sent: None,
+            pending: 0,
+        });
         state.pending += 1;
         let due = state.last_sent.is_none_or(|t| t.elapsed() >= self.interval);
         if !due {
@@ -65,11 +71,18 @@ impl PodEvents {
         state.pending = 0;
         state.last_sent = Some(Instant::now());
         let (reason, verb) = if attempt.audited {
-            ("MetadataAccessAudited", "would have been blocked (audit mode)")
+            (
+                "MetadataAccessAudited",
+                "would have been blocked (audit mode)",
+            )
         } else {
             ("MetadataAccessBlocked", "blocked")
         };
-        let container = attempt.container.as_deref().map(|c| format!(" from container {c}")).unwrap_or_default();
+        let container = attempt
+            .container
+            .as_deref()
+            .map(|c| format!(" from container {c}"))
+            .unwrap_or_default();
         let note = format!(
             "datalab-guard {verb} {count} attempt(s) to reach the instance metadata endpoint {}{container} since the last event",
             attempt.destination
@@ -107,10 +120,20 @@ impl PodEvents {
 pub async fn publish_cni_changes(
     client: Client,
     node: String,
-    mut changes: tokio::sync::mpsc::Receiver<(String, Option<super::state::CniState>, super::state::CniState)>,
+    mut changes: tokio::sync::mpsc::Receiver<(
+        String,
+        Option<super::state::CniState>,
+        super::state::CniState,
+    )>,
 ) {
     use super::state::CniState;
-    let recorder = Recorder::new(client, Reporter { controller: super::client::MANAGER.into(), instance: Some(node.clone()) });
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: super::client::MANAGER.into(),
+            instance: Some(node.clone()),
+        },
+    );
     while let Some((namespace, old, new)) = changes.recv().await {
         let (type_, reason) = match new {
             CniState::NotEnforced => (EventType::Warning, "NetworkPolicyNotEnforced"),
@@ -121,7 +144,11 @@ pub async fn publish_cni_changes(
             "probe from node {node}: CNI enforcement {} (was {}){}",
             new.as_str(),
             old.map_or("unknown", |o| o.as_str()),
-            if new == CniState::NotEnforced { "; the eBPF guard is the only line of defence for this namespace" } else { "" }
+            if new == CniState::NotEnforced {
+                "; the eBPF guard is the only line of defence for this namespace"
+            } else {
+                ""
+            }
         );
         let reference = ObjectReference {
             api_version: Some("v1".into()),
@@ -129,7 +156,13 @@ pub async fn publish_cni_changes(
             name: Some(namespace.clone()),
             ..ObjectReference::default()
         };
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: "ProbeCniEnforcement".into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "ProbeCniEnforcement".into(),
+            secondary: None,
+        };
         if let Err(e) = recorder.publish(&event, &reference).await {
             tracing::warn!(namespace, error = %e, "cannot publish the CNI enforcement Event");
         }

@@ -26,7 +26,13 @@ pub enum PolicyState {
 }
 
 impl PolicyState {
-    pub const ALL: [PolicyState; 5] = [PolicyState::Ok, PolicyState::Missing, PolicyState::Drifted, PolicyState::Repaired, PolicyState::Bypassed];
+    pub const ALL: [PolicyState; 5] = [
+        PolicyState::Ok,
+        PolicyState::Missing,
+        PolicyState::Drifted,
+        PolicyState::Repaired,
+        PolicyState::Bypassed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,7 +55,11 @@ pub enum CniState {
 }
 
 impl CniState {
-    pub const ALL: [CniState; 3] = [CniState::Enforced, CniState::NotEnforced, CniState::Inconclusive];
+    pub const ALL: [CniState; 3] = [
+        CniState::Enforced,
+        CniState::NotEnforced,
+        CniState::Inconclusive,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,7 +101,10 @@ impl NamespaceStates {
 
     /// Drops namespaces that are no longer environments.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.0.write().expect("namespace states lock").retain(|ns, _| keep(ns));
+        self.0
+            .write()
+            .expect("namespace states lock")
+            .retain(|ns, _| keep(ns));
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, NamespaceStatus> {

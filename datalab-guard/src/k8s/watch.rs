@@ -46,9 +46,19 @@ impl ClusterView {
             .default_backoff()
             .modify(slim_namespace)
             .reflect(ns_writer);
-        tokio::spawn(drive("namespaces", ns_stream, changed.clone(), errors.clone()));
+        tokio::spawn(drive(
+            "namespaces",
+            ns_stream,
+            changed.clone(),
+            errors.clone(),
+        ));
 
-        ClusterView { pods, namespaces, changed, errors }
+        ClusterView {
+            pods,
+            namespaces,
+            changed,
+            errors,
+        }
     }
 
     /// Resolves once both initial lists are complete.
@@ -68,7 +78,11 @@ impl ClusterView {
     }
 
     pub fn pods(&self) -> Vec<PodInfo> {
-        self.pods.state().iter().filter_map(|p| pod_info(p)).collect()
+        self.pods
+            .state()
+            .iter()
+            .filter_map(|p| pod_info(p))
+            .collect()
     }
 
     /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
@@ -76,7 +90,12 @@ impl ClusterView {
         self.pods
             .state()
             .iter()
-            .filter_map(|p| Some((p.metadata.uid.clone()?, p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?)))
+            .filter_map(|p| {
+                Some((
+                    p.metadata.uid.clone()?,
+                    p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
+                ))
+            })
             .collect()
     }
 
@@ -87,7 +106,11 @@ impl ClusterView {
             .iter()
             .filter_map(|p| {
                 let uid = p.metadata.uid.as_deref()?;
-                let mirror = p.metadata.annotations.as_ref()?.get(crate::podcgroup::MIRROR_POD_ANNOTATION)?;
+                let mirror = p
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get(crate::podcgroup::MIRROR_POD_ANNOTATION)?;
                 let cgroup_uid = crate::podcgroup::cgroup_pod_uid(uid, Some(mirror));
                 (cgroup_uid != uid).then(|| (uid.to_owned(), cgroup_uid.to_owned()))
             })
@@ -104,8 +127,12 @@ impl ClusterView {
     }
 }
 
-async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>, errors: Arc<std::sync::atomic::AtomicU64>)
-where
+async fn drive<S, K>(
+    what: &'static str,
+    stream: S,
+    changed: Arc<Notify>,
+    errors: Arc<std::sync::atomic::AtomicU64>,
+) where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);

@@ -60,8 +60,12 @@ fn pod_dir(root: &Path, n: u32) -> PathBuf {
     let u = uid(n).replace('-', "_");
     match qos(n) {
         "Guaranteed" => root.join(format!("kubepods-pod{u}.slice")),
-        "Burstable" => root.join("kubepods-burstable.slice").join(format!("kubepods-burstable-pod{u}.slice")),
-        _ => root.join("kubepods-besteffort.slice").join(format!("kubepods-besteffort-pod{u}.slice")),
+        "Burstable" => root
+            .join("kubepods-burstable.slice")
+            .join(format!("kubepods-burstable-pod{u}.slice")),
+        _ => root
+            .join("kubepods-besteffort.slice")
+            .join(format!("kubepods-besteffort-pod{u}.slice")),
     }
 }
 
@@ -159,14 +163,19 @@ fn main() -> Result<()> {
         ],
         &[("DATALAB_GUARD_LOG", "warn")],
     )?;
-    agent.wait_ready(metrics, Duration::from_secs(300)).context("agent ready")?;
+    agent
+        .wait_ready(metrics, Duration::from_secs(300))
+        .context("agent ready")?;
     let ready_s = spawn.elapsed().as_secs_f64();
     let (rss_ready, hwm_ready) = rss_kib(agent.pid())?;
     let layout = PinLayout::new(&pins);
     let maps = GuardMaps::from_pins(&layout)?;
     let entries_ready = maps.policy()?.len();
     if entries_ready < args.pods as usize {
-        bail!("only {entries_ready} of {} pods have an entry at ready", args.pods);
+        bail!(
+            "only {entries_ready} of {} pods have an entry at ready",
+            args.pods
+        );
     }
 
     // Churn: every 1/rate s announce a new pod, then create its cgroup; delete an old one.
