@@ -691,16 +691,9 @@ mod tests {
             eprintln!("skipped: needs root (loads eBPF programs)");
             return;
         }
-        let bpffs_mounted = crate::cgroups::parse_mountinfo(
-            &std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
-        )
-        .iter()
-        .any(|m| m.fstype == "bpf" && m.mount_point == std::path::Path::new("/sys/fs/bpf"));
-        if !bpffs_mounted {
-            eprintln!("skipped: no bpffs at /sys/fs/bpf");
-            return;
-        }
-        let dir = PathBuf::from(format!("/sys/fs/bpf/dg-audit-test-{}", std::process::id()));
+        // A private bpffs: never the system's /sys/fs/bpf; unmounting releases every pin.
+        let bpffs = crate::bpf::testrun::PrivateBpffs::mount("dg-audit-test").unwrap();
+        let dir = bpffs.path().join("runner");
         let mut runner = TestRunner::new(&dir).unwrap();
         let blocked = [parse_cidr("169.254.169.254").unwrap()];
         runner

@@ -18,8 +18,8 @@
 //!   parsing its result into [`ProbeResult`].
 //! - [`agent`]: [`Agent`], the real `datalab-guard` binary as a child process, with its audit
 //!   lines captured and a tiny loopback-only HTTP client for `/readyz` and `/metrics`.
-//! - [`bpffs`]: [`BpffsDir`], a private directory under `/sys/fs/bpf` whose pins are removed
-//!   on drop.
+//! - [`bpffs`]: [`BpffsDir`], a private bpf filesystem (never the system's `/sys/fs/bpf`),
+//!   unmounted with all its pins on drop.
 //! - [`mountinfo`]: parsing `/proc/self/mountinfo` (cgroup2 and bpffs are found, never
 //!   hard-coded: our machines run cgroup v2 in hybrid mode, Kubernetes nodes in pure mode).
 //! - [`names`]: unique per-instance names (`<prefix>-<pid>-<counter>`) so parallel tests never
@@ -44,7 +44,7 @@ use std::io::Write as _;
 
 pub use agent::{free_loopback_addr, http_get, Agent, HttpResponse};
 pub use apiserver::{FakeApiServer, PodBuilder, RequestLog};
-pub use bpffs::{ensure_bpffs_mounted, BpffsDir};
+pub use bpffs::BpffsDir;
 pub use cgroup::{cgroup2_root, cgroup_id, TestCgroup};
 pub use lab::{Lab, PacketCounters};
 pub use names::{cleanup_stale, DEFAULT_PREFIX};

@@ -1,12 +1,8 @@
 //! BPF_PROG_TEST_RUN tests of the egress program on crafted packets: the kernel's verdict,
 //! the in-kernel counters, and agreement with the host classifier on the same bytes.
-//! Needs root (loads programs, pins maps under /sys/fs/bpf).
+//! Needs root (loads programs, pins maps in a private bpffs).
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::collections::BTreeMap;
 
 use datalab_guard::bpf::testrun::TestRunner;
 use datalab_guard_common::{
@@ -15,6 +11,7 @@ use datalab_guard_common::{
     maps::programs,
     Action, Family, Hook, Mode, PolicyEntry, Verdict,
 };
+use datalab_guard_tests::BpffsDir;
 
 const IMDS4: [u8; 4] = [169, 254, 169, 254];
 const IMDS6: [u8; 16] = [
@@ -40,23 +37,31 @@ fn blocked() -> Vec<Cidr> {
     ]
 }
 
-fn runner_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    PathBuf::from(format!(
-        "/sys/fs/bpf/dg-packets-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ))
+/// A test runner whose maps live in a private bpffs (fields drop in order: pins, mount).
+struct Runner {
+    runner: TestRunner,
+    _bpffs: BpffsDir,
 }
 
-fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> Option<TestRunner> {
+impl std::ops::Deref for Runner {
+    type Target = TestRunner;
+    fn deref(&self) -> &TestRunner {
+        &self.runner
+    }
+}
+
+fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> Option<Runner> {
     if !datalab_guard_tests::require_root() {
         return None;
     }
-    let mut r = TestRunner::new(&runner_dir()).expect("load programs (verifier)");
+    let bpffs = BpffsDir::new().expect("private bpffs");
+    let mut r = TestRunner::new(&bpffs.path().join("runner")).expect("load programs (verifier)");
     r.configure(&blocked(), mode, default, policy)
         .expect("configure maps");
-    Some(r)
+    Some(Runner {
+        runner: r,
+        _bpffs: bpffs,
+    })
 }
 
 fn v4(dst: [u8; 4], proto: u8, options: &[u8], dport: u16) -> Vec<u8> {

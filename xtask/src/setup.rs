@@ -8,7 +8,7 @@
 //!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
-//! 4. bpffs mounted at /sys/fs/bpf.
+//! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
 //!
 //! With `DATALAB_GUARD_BPF_TOOLCHAIN` set (a developer's own nightly with `rust-src`), the
 //! Debian toolchain packages and the rustup link are skipped.
@@ -55,7 +55,6 @@ pub fn run_all() -> Result<()> {
         ),
         None => link_debian_toolchain()?,
     }
-    bpffs()?;
     match util::have("kubectl") {
         true => step("kubectl (optional, client only)", "already present"),
         false => step(
@@ -195,24 +194,5 @@ fn link_debian_toolchain() -> Result<()> {
     }
     run(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))?;
     step(&name, "done");
-    Ok(())
-}
-
-fn bpffs() -> Result<()> {
-    let name = "bpffs at /sys/fs/bpf";
-    let mounts = datalab_guard_tests::mountinfo::read()?;
-    if datalab_guard_tests::mountinfo::is_mounted(&mounts, Path::new("/sys/fs/bpf"), "bpf") {
-        step(name, "already present");
-        return Ok(());
-    }
-    if !util::is_root() {
-        step(
-            name,
-            "not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)",
-        );
-        return Ok(());
-    }
-    datalab_guard_tests::ensure_bpffs_mounted()?;
-    step(name, "done");
     Ok(())
 }

@@ -153,3 +153,52 @@ impl Drop for TestRunner {
         super::install::remove_all_pins(&self.layout);
     }
 }
+
+/// A bpf filesystem of its own for a test or benchmark run, mounted on a fresh directory
+/// under the temp dir and unmounted (releasing every pin in it) on drop, so the system's
+/// `/sys/fs/bpf` is never touched.
+pub struct PrivateBpffs {
+    path: std::path::PathBuf,
+}
+
+impl PrivateBpffs {
+    pub fn mount(prefix: &str) -> anyhow::Result<PrivateBpffs> {
+        use std::os::unix::ffi::OsStrExt as _;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let target = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: valid NUL-terminated strings; data is null.
+        if unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            let err = std::io::Error::last_os_error();
+            let _ = std::fs::remove_dir(&path);
+            return Err(err).with_context(|| format!("mount -t bpf bpf {}", path.display()));
+        }
+        Ok(PrivateBpffs { path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt as _;
+        if let Ok(target) = std::ffi::CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
