@@ -516,7 +516,15 @@ fn node_bad_input_exits_2() {
     if !require_root() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("dg-node-bad-{}", std::process::id()));
+    /// Removes the scratch directory also when an assertion fails.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(std::env::temp_dir().join(format!("dg-node-bad-{}", std::process::id())));
+    let dir = scratch.0.clone();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("bad.yaml"), "modee: audit\n").unwrap();
     std::fs::write(dir.join("kubeconfig"), "this is: [not a kubeconfig").unwrap();
@@ -567,5 +575,4 @@ fn node_bad_input_exits_2() {
         );
         assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

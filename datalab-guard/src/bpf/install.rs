@@ -165,7 +165,6 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
 
     let outcome = match previous_hash {
         None => InstallOutcome::Fresh,
-        Some(h) if h == hash && to_attach.is_empty() => InstallOutcome::Adopted,
         Some(h) if h == hash => InstallOutcome::Adopted,
         Some(previous_hash) => InstallOutcome::Upgraded { previous_hash },
     };
