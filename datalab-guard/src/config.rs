@@ -14,7 +14,13 @@
 //!
 //! # Reload
 //! [`Config::load`] is all this module offers: the caller decides when to re-read (SIGHUP),
-//! and keeps the old config when the new file does not load.
+//! and keeps the old config when the new file does not load. Each load logs (warn) the
+//! exemptions the file makes dead ([`Config::shadowed_exemptions`]), once per load.
+//!
+//! # The policy core's config
+//! The verdict rules live in the `datalab-guard-policy` crate, which knows nothing of this
+//! file: [`Config::policy_config`] hands it the part it reads as a plain
+//! [`PolicyConfig`].
 
 use std::{
     env, fmt, fs,
@@ -24,12 +30,13 @@ use std::{
 };
 
 use datalab_guard_common::{cidr::Cidr, Mode, Verdict};
+use datalab_guard_policy::{
+    selector::{validate_dns1123_label, validate_dns1123_subdomain, LabelSelector},
+    shadowed_exemptions, PodExemption, PolicyConfig, Reason,
+};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{
-    blocklist::{self, BlocklistError, Preset},
-    policy::selector::{validate_dns1123_label, validate_dns1123_subdomain, LabelSelector},
-};
+use crate::blocklist::{self, BlocklistError, Preset};
 
 /// The environment variable holding the agent's own namespace (downward API), used when
 /// `leaderElection.namespace` is not set.
@@ -107,7 +114,7 @@ pub struct Environments {
 }
 
 /// Exemptions apply only to pods in non-environment namespaces: environment membership
-/// always wins (see `policy`).
+/// always wins (see `datalab_guard_policy`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Exemptions {
@@ -383,7 +390,55 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_yaml_str(&text, path)
+        let config = Config::from_yaml_str(&text, path)?;
+        for warning in config.shadowed_exemptions() {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
+        Ok(config)
+    }
+
+    /// The policy core's view of this config. `own_pod_uid` is the agent's own pod (from
+    /// the downward API; empty or absent: none), which is always exempt.
+    pub fn policy_config(&self, own_pod_uid: Option<String>) -> PolicyConfig {
+        PolicyConfig {
+            environment_selector: self.environments.namespace_selector.clone(),
+            exempt_namespaces: self.exemptions.namespaces.iter().cloned().collect(),
+            exempt_namespace_selectors: self.exemptions.namespace_selectors.clone(),
+            exempt_pod_selectors: self
+                .exemptions
+                .pod_selectors
+                .iter()
+                .map(|rule| PodExemption {
+                    namespace: rule.namespace.clone(),
+                    selector: rule.selector.clone(),
+                })
+                .collect(),
+            non_environment_verdict: self.non_environment_verdict,
+            own_pod_uid: None,
+        }
+        .with_own_pod_uid(own_pod_uid)
+    }
+
+    /// One line per exemption that can never exempt a pod because every namespace it could
+    /// match is an environment (where environment membership wins), naming the key. Not an
+    /// error: the verdicts are safe, but the operator meant something else.
+    pub fn shadowed_exemptions(&self) -> Vec<String> {
+        shadowed_exemptions(&self.policy_config(None))
+            .into_iter()
+            .map(|dead| {
+                let key = match dead.kind {
+                    Reason::ExemptNamespace => "exemptions.namespaces",
+                    Reason::ExemptNamespaceSelector => "exemptions.namespaceSelectors",
+                    Reason::ExemptPodSelector => "exemptions.podSelectors",
+                    other => other.as_str(),
+                };
+                format!(
+                    "{key}: exemption {:?} never applies: every namespace it matches is an environment (environments.namespaceSelector {:?}), where no exemption applies",
+                    dead.rule,
+                    self.environments.namespace_selector.to_string()
+                )
+            })
+            .collect()
     }
 
     /// Parses and validates YAML text; `origin` names the file in errors. An empty document
@@ -1396,5 +1451,102 @@ leaderElection:
         assert_eq!(w.len(), 2);
         assert!(w[0].contains("fail-open"));
         assert!(w[1].contains("every namespace is an environment"));
+    }
+
+    /// The file's exemptions reach the policy core unchanged, and the policy core applies
+    /// them (one pod per rule kind).
+    #[test]
+    fn policy_config_carries_every_policy_key() {
+        let config = parse(
+            r#"
+environments:
+  namespaceSelector: "tier=tenant"
+exemptions:
+  namespaces: [kube-system]
+  namespaceSelectors: ["platform=true"]
+  podSelectors:
+    - selector: app=aws-node
+    - namespace: storage
+      selector: role=csi
+nonEnvironmentVerdict: guard
+"#,
+        )
+        .unwrap();
+        let cfg = config.policy_config(Some("uid-agent".into()));
+        assert_eq!(cfg.environment_selector.to_string(), "tier=tenant");
+        assert_eq!(
+            cfg.exempt_namespaces.iter().collect::<Vec<_>>(),
+            ["kube-system"]
+        );
+        assert_eq!(
+            cfg.exempt_namespace_selectors[0].to_string(),
+            "platform=true"
+        );
+        assert_eq!(
+            cfg.exempt_pod_selectors,
+            vec![
+                PodExemption {
+                    namespace: None,
+                    selector: "app=aws-node".parse().unwrap(),
+                },
+                PodExemption {
+                    namespace: Some("storage".into()),
+                    selector: "role=csi".parse().unwrap(),
+                },
+            ]
+        );
+        assert_eq!(cfg.non_environment_verdict, Verdict::Guard);
+        assert_eq!(cfg.own_pod_uid.as_deref(), Some("uid-agent"));
+        // An empty downward-API value is no UID at all.
+        assert_eq!(config.policy_config(Some(String::new())).own_pod_uid, None);
+        assert_eq!(config.policy_config(None).own_pod_uid, None);
+    }
+
+    #[test]
+    fn dead_exemptions_are_reported_with_their_key() {
+        assert_eq!(
+            Config::default().shadowed_exemptions(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            parse(EXAMPLE).unwrap().shadowed_exemptions(),
+            Vec::<String>::new()
+        );
+        let config = parse(
+            r#"
+environments:
+  namespaceSelector: "team"
+exemptions:
+  namespaces: [kube-system]
+  namespaceSelectors: ["team=platform", "platform=true"]
+  podSelectors:
+    - selector: app=aws-node
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.shadowed_exemptions(),
+            vec![
+                "exemptions.namespaceSelectors: exemption \"team=platform\" never applies: every namespace it matches is an environment (environments.namespaceSelector \"team\"), where no exemption applies"
+            ]
+        );
+        // Every namespace an environment: every exemption is dead, each named once.
+        let everything = parse(
+            r#"
+environments:
+  namespaceSelector: ""
+exemptions:
+  namespaces: [kube-system]
+  podSelectors:
+    - namespace: storage
+      selector: role=csi
+"#,
+        )
+        .unwrap()
+        .shadowed_exemptions();
+        assert_eq!(everything.len(), 2, "{everything:?}");
+        assert!(everything[0].starts_with("exemptions.namespaces: exemption \"kube-system\""));
+        assert!(everything[1]
+            .starts_with("exemptions.podSelectors: exemption \"role=csi in namespace storage\""));
     }
 }

@@ -23,7 +23,6 @@ pub mod metrics;
 pub mod node;
 
 pub mod podcgroup;
-pub mod policy;
 pub mod runtime;
 pub mod status;
 pub mod uninstall;

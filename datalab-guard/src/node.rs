@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 use datalab_guard_common::{counters::Stat, GuardConfig, Mode, Verdict};
+use datalab_guard_policy::{self as policy, NamespaceClasses, PodInfo, PolicyConfig};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -35,7 +36,6 @@ use crate::{
     },
     metrics::{CounterSample, Snapshot},
     podcgroup::{self, CgroupDriver, QosClass},
-    policy::{self, NamespaceClasses, PodInfo, PolicyConfig},
 };
 
 /// Minimum time between two full reconciles (watch bursts are coalesced).
@@ -439,7 +439,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let mut core = Core {
         root: plan.root.clone(),
         driver: plan.driver,
-        policy: PolicyConfig::new(&plan.config, plan.own_pod_uid.clone()),
+        policy: plan.config.policy_config(plan.own_pod_uid.clone()),
         classes: NamespaceClasses::new(),
         attribution: attribution.clone(),
         gauges: gauges.clone(),
@@ -572,7 +572,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 match load_config(plan.config_path.as_deref(), shared) {
                     Ok(new_config) => {
-                        core.policy = PolicyConfig::new(&new_config, plan.own_pod_uid.clone());
+                        core.policy = new_config.policy_config(plan.own_pod_uid.clone());
                         baseline.reload(&new_config);
                         let blocked = new_config.blocklist();
                         if let Some(maps) = maps_slot.lock().expect("maps lock").as_mut() {

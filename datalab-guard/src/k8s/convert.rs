@@ -2,9 +2,8 @@
 //! and the cgroup resolver need. Never fails: a field the API server left out becomes
 //! `None`/empty, which the policy treats conservatively.
 
+use datalab_guard_policy::{ContainerInfo, NamespaceInfo, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-
-use crate::policy::{ContainerInfo, NamespaceInfo, PodInfo};
 
 pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
     Some(NamespaceInfo {

@@ -21,11 +21,13 @@
 //! - `PodSecurityTooWeak` Events (once per change of the label) and, with
 //!   `podSecurity.setLabel`, an apply of the two labels we own on the namespace;
 //! - `MetadataBypassPolicy` Events (once per change of the offending set) for tenant policies
-//!   that reopen a blocked destination; they are reported, never touched.
+//!   that reopen a blocked destination ([`holepunch`] finds them); they are reported, never
+//!   touched.
 //!
 //! The entry point for the node agent is [`spawn`]; see its docs for the wiring.
 
 pub mod desired;
+mod holepunch;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,6 +36,7 @@ use std::{
 };
 
 use datalab_guard_common::cidr::Cidr;
+use datalab_guard_policy::PolicyConfig;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, ObjectReference},
@@ -61,10 +64,7 @@ use super::{
     psa,
     state::{NamespaceStates, PolicyState, PsaState},
 };
-use crate::{
-    config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
-    policy::PolicyConfig,
-};
+use crate::config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig};
 
 /// How long a repaired policy keeps the state `repaired` once it is right again, so that
 /// the `networkpolicy_state` metric shows the repair to a Prometheus scraping every minute.
@@ -94,7 +94,7 @@ struct Settings {
 impl Settings {
     fn new(config: &Config) -> Settings {
         Settings {
-            policy: PolicyConfig::new(config, None),
+            policy: config.policy_config(None),
             network_policy: config.network_policy.clone(),
             pod_security: config.pod_security.clone(),
             blocked: config.blocklist(),
@@ -742,7 +742,7 @@ fn bypasses(
     blocked: &[Cidr],
     our_name: &str,
 ) -> (Vec<String>, Vec<String>) {
-    let found = crate::policy::holepunch::find_bypasses(policies, blocked, our_name);
+    let found = holepunch::find_bypasses(policies, blocked, our_name);
     let names: BTreeSet<String> = found.iter().map(|b| b.policy.clone()).collect();
     let details = found
         .iter()

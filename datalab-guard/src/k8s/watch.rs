@@ -6,6 +6,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use datalab_guard_policy::{NamespaceInfo, PodInfo};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
@@ -18,7 +19,6 @@ use kube::{
 use tokio::sync::Notify;
 
 use super::convert::{namespace_info, pod_info, slim_namespace, slim_pod};
-use crate::policy::{NamespaceInfo, PodInfo};
 
 pub struct ClusterView {
     pods: Store<Pod>,

@@ -7,9 +7,10 @@
 //! silently reopens them for the pods it selects. [`find_bypasses`] finds such rules.
 //!
 //! Pure: API objects in, findings out; no client, no I/O. It reads `k8s-openapi`'s
-//! `NetworkPolicy` as plain data (the brief's interface), which is the one place the policy
-//! core sees an API type: translating the whole NetworkPolicy schema into a local mirror would
-//! only add a place to get it wrong.
+//! `NetworkPolicy` as plain data (the brief's interface), so it lives here, next to the
+//! provisioning that reports what it finds, and not in the kube-free `datalab-guard-policy`
+//! crate: translating the whole NetworkPolicy schema into a local mirror would only add a
+//! place to get it wrong.
 //!
 //! # The rules
 //! A policy is considered when:

@@ -1,9 +1,24 @@
-//! The policy core: pods + namespaces + config in, verdicts and the desired POLICY map out.
+//! The policy core of datalab-guard: pods + namespaces + config in, a verdict per pod and
+//! the desired POLICY map (cgroup id → entry) out.
 //!
-//! Pure by design (like linkerd's policy-controller core): plain types only, no Kubernetes
-//! client or object types, no aya, no I/O, no clock. The `k8s` module turns API objects into
-//! [`PodInfo`]/[`NamespaceInfo`]; the `cgroups` module supplies cgroup ids; the `bpf` module
-//! writes what [`desired_entries`] returns.
+//! # What this crate owns
+//! - the verdict rules ([`verdict`], [`Decision`], [`Reason`]) and the desired entries with
+//!   their pod counts ([`desired_entries`], [`Summary`]);
+//! - the plain config they read ([`PolicyConfig`]), which the agent builds from its config
+//!   file, and the check for exemptions that config makes dead ([`shadowed_exemptions`]);
+//! - the namespace counter classes of the in-kernel counters ([`classes`]);
+//! - Kubernetes label selectors: grammar, validation, matching ([`selector`]).
+//!
+//! # Why it is a crate of its own, and pure
+//! Like linkerd2's policy-controller `core`, this is where the decisions live, so it has to
+//! be the easiest code to read and to test: plain types, no Kubernetes client or object
+//! types, no aya, no tokio, no I/O, no clock, no `unsafe`. Its Cargo.toml is what enforces
+//! that, not this comment: kube, k8s-openapi, aya and tokio are not dependencies, so no
+//! change can quietly import them. Everything around it belongs to the agent
+//! (`datalab-guard`): its `k8s` module turns API objects into [`PodInfo`]/[`NamespaceInfo`],
+//! its `cgroups` module supplies cgroup ids, its `bpf` module writes what
+//! [`desired_entries`] returns, and its `config` module converts the config file into a
+//! [`PolicyConfig`]. The agent depends on this crate, never the other way round.
 //!
 //! # The rules, in order ([`verdict`])
 //! 1. The agent's own pod is exempt ([`Reason::OwnPod`]).
@@ -14,7 +29,8 @@
 //!    exemption applies**: not a listed namespace name, not a namespace selector, not a pod
 //!    selector. Environment membership always wins, so a tenant cannot exempt itself by
 //!    labelling its pods, and an operator's exemption cannot accidentally open a tenant
-//!    namespace ([`shadowed_exemption`] reports such a dead exemption so it can be logged).
+//!    namespace ([`shadowed_exemptions`] finds exemptions the config makes dead this way,
+//!    so the agent can say so when it loads the config).
 //! 4. A pod in any other namespace is exempt when an exemption matches (namespace name,
 //!    namespace selector, pod selector — checked in that order, the first match is the
 //!    reason), and otherwise gets `nonEnvironmentVerdict` ([`Reason::NonEnvironmentDefault`]).
@@ -24,8 +40,8 @@
 #![forbid(unsafe_code)]
 
 pub mod classes;
-pub mod holepunch;
 pub mod selector;
+mod shadow;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,8 +53,12 @@ use datalab_guard_common::{PolicyEntry, Verdict};
 pub use self::{
     classes::{NamespaceClasses, UNCLASSIFIED},
     selector::{LabelSelector, Operator, Requirement, SelectorError},
+    shadow::{shadowed_exemptions, ShadowedExemption},
 };
-use crate::config::{Config, ExemptPodSelector};
+
+/// The label the API server puts on every namespace (since Kubernetes 1.21), with the
+/// namespace's name as value: what an exemption by name is known to match.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What the policy needs to know about a namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,28 +97,38 @@ impl PodInfo {
     }
 }
 
-/// The part of the config the verdict depends on, plus who the agent itself is.
+/// The part of the config the verdict depends on, plus who the agent itself is. Plain data:
+/// the agent builds it from its config file (`Config::policy_config`), tests write it out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyConfig {
+    /// Namespaces whose labels match are environments (`environments.namespaceSelector`).
     pub environment_selector: LabelSelector,
+    /// Exempt namespaces, by name (`exemptions.namespaces`).
     pub exempt_namespaces: BTreeSet<String>,
+    /// Exempt namespaces, by label (`exemptions.namespaceSelectors`).
     pub exempt_namespace_selectors: Vec<LabelSelector>,
-    pub exempt_pod_selectors: Vec<ExemptPodSelector>,
+    /// Exempt pods, by label (`exemptions.podSelectors`).
+    pub exempt_pod_selectors: Vec<PodExemption>,
+    /// Verdict for pods outside environments that no exemption matches.
     pub non_environment_verdict: Verdict,
-    /// UID of the agent's own pod (from the downward API), always exempt.
+    /// UID of the agent's own pod (from the downward API), always exempt. An empty UID
+    /// matches nothing ([`PolicyConfig::with_own_pod_uid`] drops it, [`verdict`] ignores it).
     pub own_pod_uid: Option<String>,
 }
 
+/// One pod exemption rule: pods whose labels match `selector`, in `namespace` only or (when
+/// `None`) in every non-environment namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodExemption {
+    pub namespace: Option<String>,
+    pub selector: LabelSelector,
+}
+
 impl PolicyConfig {
-    pub fn new(config: &Config, own_pod_uid: Option<String>) -> PolicyConfig {
-        PolicyConfig {
-            environment_selector: config.environments.namespace_selector.clone(),
-            exempt_namespaces: config.exemptions.namespaces.iter().cloned().collect(),
-            exempt_namespace_selectors: config.exemptions.namespace_selectors.clone(),
-            exempt_pod_selectors: config.exemptions.pod_selectors.clone(),
-            non_environment_verdict: config.non_environment_verdict,
-            own_pod_uid: own_pod_uid.filter(|uid| !uid.is_empty()),
-        }
+    /// Sets the agent's own pod UID; an empty one (downward API not wired) means none.
+    pub fn with_own_pod_uid(mut self, own_pod_uid: Option<String>) -> PolicyConfig {
+        self.own_pod_uid = own_pod_uid.filter(|uid| !uid.is_empty());
+        self
     }
 
     /// Whether the namespace is an environment (tenant) namespace.
@@ -164,7 +194,11 @@ impl Decision {
 /// The verdict for one pod (see the module docs for the rules). `ns` is the pod's namespace
 /// as currently known, `None` when the namespace cache has not seen it.
 pub fn verdict(pod: &PodInfo, ns: Option<&NamespaceInfo>, cfg: &PolicyConfig) -> Decision {
-    if cfg.own_pod_uid.as_deref().is_some_and(|own| own == pod.uid) {
+    if cfg
+        .own_pod_uid
+        .as_deref()
+        .is_some_and(|own| !own.is_empty() && own == pod.uid)
+    {
         return Decision::exempt(Reason::OwnPod);
     }
     let Some(ns) = ns else {
@@ -180,17 +214,6 @@ pub fn verdict(pod: &PodInfo, ns: Option<&NamespaceInfo>, cfg: &PolicyConfig) ->
             reason: Reason::NonEnvironmentDefault,
         },
     }
-}
-
-/// For a pod in an environment namespace: the exemption that would have matched had the
-/// namespace not been an environment (which the verdict ignores). Worth a warning: the
-/// operator configured an exemption that cannot take effect, or a tenant labelled its pods to
-/// match one. `None` for pods outside environment namespaces.
-pub fn shadowed_exemption(pod: &PodInfo, ns: &NamespaceInfo, cfg: &PolicyConfig) -> Option<Reason> {
-    if !cfg.is_environment(ns) {
-        return None;
-    }
-    matching_exemption(pod, ns, cfg)
 }
 
 fn matching_exemption(pod: &PodInfo, ns: &NamespaceInfo, cfg: &PolicyConfig) -> Option<Reason> {
@@ -312,23 +335,33 @@ mod tests {
         }
     }
 
-    /// Exempts kube-system by name, namespaces labelled `platform=true`, and pods labelled
-    /// `app=aws-node` (anywhere) or `role=csi` (in storage only).
+    fn sel(text: &str) -> LabelSelector {
+        LabelSelector::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Environments are namespaces labelled `datalab.io/environment=true` (the agent's
+    /// default). Exempts kube-system and tenant-a by name, namespaces labelled
+    /// `platform=true`, and pods labelled `app=aws-node` (anywhere) or `role=csi` (in
+    /// storage only).
     fn cfg_with_exemptions() -> PolicyConfig {
-        let config = Config::from_yaml_str(
-            r#"
-exemptions:
-  namespaces: [kube-system, tenant-a]
-  namespaceSelectors: ["platform=true"]
-  podSelectors:
-    - selector: app=aws-node
-    - namespace: storage
-      selector: role=csi
-"#,
-            std::path::Path::new("test.yaml"),
-        )
-        .unwrap();
-        PolicyConfig::new(&config, Some("uid-guard".into()))
+        PolicyConfig {
+            environment_selector: sel("datalab.io/environment=true"),
+            exempt_namespaces: ["kube-system", "tenant-a"].map(String::from).into(),
+            exempt_namespace_selectors: vec![sel("platform=true")],
+            exempt_pod_selectors: vec![
+                PodExemption {
+                    namespace: None,
+                    selector: sel("app=aws-node"),
+                },
+                PodExemption {
+                    namespace: Some("storage".into()),
+                    selector: sel("role=csi"),
+                },
+            ],
+            non_environment_verdict: Verdict::Exempt,
+            own_pod_uid: None,
+        }
+        .with_own_pod_uid(Some("uid-guard".into()))
     }
 
     fn decide(p: &PodInfo, n: Option<&NamespaceInfo>, cfg: &PolicyConfig) -> (Verdict, Reason) {
@@ -371,10 +404,6 @@ exemptions:
             decide(&p, Some(&n), &cfg),
             (Verdict::Guard, Reason::EnvironmentNamespace)
         );
-        assert_eq!(
-            shadowed_exemption(&p, &n, &cfg),
-            Some(Reason::ExemptPodSelector)
-        );
     }
 
     #[test]
@@ -389,10 +418,6 @@ exemptions:
             decide(&p, Some(&n), &cfg),
             (Verdict::Guard, Reason::EnvironmentNamespace)
         );
-        assert_eq!(
-            shadowed_exemption(&p, &n, &cfg),
-            Some(Reason::ExemptNamespaceSelector)
-        );
     }
 
     /// Documented: listing an environment namespace among exempt names has no effect.
@@ -405,17 +430,6 @@ exemptions:
             decide(&p, Some(&n), &cfg),
             (Verdict::Guard, Reason::EnvironmentNamespace)
         );
-        assert_eq!(
-            shadowed_exemption(&p, &n, &cfg),
-            Some(Reason::ExemptNamespace)
-        );
-        // Without the exemption there is nothing to report.
-        let other = env_ns("tenant-c");
-        assert_eq!(
-            shadowed_exemption(&pod("tenant-c", "x", &[]), &other, &cfg),
-            None
-        );
-        assert_eq!(shadowed_exemption(&p, &ns("kube-system", &[]), &cfg), None);
     }
 
     #[test]
@@ -444,14 +458,19 @@ exemptions:
             (Verdict::Exempt, Reason::OwnPod)
         );
         // An empty own UID matches nothing (not even pods with an empty UID).
-        let nobody = PolicyConfig::new(&Config::default(), Some(String::new()));
+        let nobody = cfg.clone().with_own_pod_uid(Some(String::new()));
         assert_eq!(nobody.own_pod_uid, None);
+        // Also when written into the field directly.
+        let mut blank_uid = cfg.clone();
+        blank_uid.own_pod_uid = Some(String::new());
         let mut blank = pod("x", "y", &[]);
         blank.uid.clear();
-        assert_eq!(
-            decide(&blank, None, &nobody),
-            (Verdict::Guard, Reason::NamespaceUnknown)
-        );
+        for cfg in [&nobody, &blank_uid] {
+            assert_eq!(
+                decide(&blank, None, cfg),
+                (Verdict::Guard, Reason::NamespaceUnknown)
+            );
+        }
     }
 
     #[test]
@@ -516,10 +535,6 @@ exemptions:
                 &strict
             ),
             (Verdict::Exempt, Reason::ExemptPodSelector)
-        );
-        assert_eq!(
-            shadowed_exemption(&pod("kube-system", "x", &[]), &kube_system, &cfg),
-            None
         );
     }
 
