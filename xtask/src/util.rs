@@ -80,3 +80,14 @@ pub fn have(program: &str) -> bool {
         .status()
         .is_ok()
 }
+
+/// True if `cargo <name>` is an installed subcommand (`cargo-<name>` answers `--version`).
+pub fn have_cargo_subcommand(name: &str) -> bool {
+    cargo_cmd()
+        .args([name, "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
