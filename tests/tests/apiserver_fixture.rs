@@ -1309,13 +1309,18 @@ async fn watch_timeout_ends_the_stream() {
 /// shows the fixture in a plain sync test.
 #[test]
 fn kubectl_as_another_field_manager() {
-    let kubectl = datalab_guard_tests::process::tool("kubectl".as_ref());
-    if !kubectl.is_absolute() {
+    // `cargo xtask test` sets KUBECTL to the pinned kubectl its manifests step installs.
+    let kubectl = std::env::var_os("KUBECTL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| datalab_guard_tests::process::tool("kubectl".as_ref()));
+    if !kubectl.is_absolute() || !kubectl.exists() {
         if std::env::var(datalab_guard_tests::ALLOW_SKIP_ENV).as_deref() == Ok("1") {
             let _ = std::io::stderr()
                 .write_all(b"SKIPPED: needs kubectl (kubectl_as_another_field_manager)\n");
             return;
         }
+        panic!("kubectl (client only) not found: run `cargo xtask manifests` (it installs the pinned one) and set KUBECTL, or run through `cargo xtask test`");
+    }
         panic!("kubectl (client only) is expected on our machines; install it or set DATALAB_GUARD_ALLOW_SKIP=1");
     }
     let server = FakeApiServer::start();

@@ -5,10 +5,12 @@
 //! - `demo`:  local mode end to end in a sandboxed network lab.
 //! - `bench`: benchmarks.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
+//! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 
 mod artifacts;
 mod bench;
 mod demo;
+mod lint;
 mod manifests;
 mod setup;
 mod test;
@@ -32,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Install the eBPF toolchain (Debian Rust + rust-src, LLVM 22, bpf-linker) and the test
-    /// tools; mount bpffs. Idempotent.
+    /// tools. Idempotent.
     Setup,
     /// Run setup, build, and run all tests (needs root; skipped tests fail the run).
     Test(test::TestArgs),
@@ -43,6 +45,9 @@ enum Cmd {
     /// Render deploy/ (base, components, overlays) and validate it: schemas, RBAC against
     /// deploy/api-calls.yaml, the DaemonSet's security settings.
     Manifests,
+    /// rustfmt check, clippy with warnings denied (host workspace and the eBPF crate),
+    /// the policy core's dependency purity, and cargo-deny (licences, bans, sources).
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Manifests => manifests::run_all(),
+        Cmd::Lint => lint::run_all(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

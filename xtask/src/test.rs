@@ -76,6 +76,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         for (var, path) in bins.kit_env() {
             cmd.env(var, path);
         }
+        // The pinned kubectl from the manifests step, never whatever is on PATH.
+        cmd.env("KUBECTL", crate::manifests::kubectl());
         // Never let a developer's opt-in skip leak into the real run.
         cmd.env_remove(datalab_guard_tests::ALLOW_SKIP_ENV);
         skipped.extend(run_scanning(&mut cmd)?);

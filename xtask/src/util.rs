@@ -70,13 +70,13 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
         .with_context(|| format!("cannot run `{line}`"))
 }
 
-/// True if `program` can be started (found on PATH and executable).
-pub fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
+/// True if `cargo <name>` is an installed subcommand (`cargo-<name>` answers `--version`).
+pub fn have_cargo_subcommand(name: &str) -> bool {
+    cargo_cmd()
+        .args([name, "--version"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok()
+        .is_ok_and(|s| s.success())
 }
