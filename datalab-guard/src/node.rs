@@ -523,10 +523,10 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         plan.node.clone(),
         cni_rx,
     ));
-    let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
+    let probe_task = tokio::spawn(crate::probe::run_probe_loop(
         plan.config.probe.clone(),
-        PathBuf::from(crate::cniprobe::SELF_NETNS),
-        crate::cniprobe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
+        PathBuf::from(crate::probe::SELF_NETNS),
+        crate::probe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
         move |namespace: &str,
@@ -911,7 +911,7 @@ fn probe_targets(
         let namespaces = view.namespaces();
         let ips = view.pod_ips();
         let by_ip: Vec<(PathBuf, Vec<std::net::IpAddr>)> =
-            crate::cniprobe::netns_addresses(&netns_dir).unwrap_or_default();
+            crate::probe::netns_addresses(&netns_dir).unwrap_or_default();
         let mut chosen: BTreeMap<String, PathBuf> = BTreeMap::new();
         for pod in view.pods() {
             if chosen.contains_key(&pod.namespace)
@@ -940,7 +940,7 @@ fn probe_targets(
                 ]
                 .into_iter()
                 .find_map(|qos| {
-                    crate::cniprobe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(
+                    crate::probe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(
                         &resolver.root,
                         resolver.driver,
                         qos,
