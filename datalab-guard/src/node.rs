@@ -523,10 +523,13 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         plan.node.clone(),
         cni_rx,
     ));
+    // The probe re-reads its settings from this channel; SIGHUP sends the reloaded ones.
+    let (probe_settings, probe_settings_rx) = tokio::sync::watch::channel(
+        crate::probe::ProbeSettings::from_config(&plan.config, &plan.blocked),
+    );
     let probe_task = tokio::spawn(crate::probe::run_probe_loop(
-        plan.config.probe.clone(),
+        probe_settings_rx,
         PathBuf::from(crate::probe::SELF_NETNS),
-        crate::probe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
         move |namespace: &str,
@@ -575,6 +578,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                         core.policy = PolicyConfig::new(&new_config, plan.own_pod_uid.clone());
                         baseline.reload(&new_config);
                         let blocked = new_config.blocklist();
+                        probe_settings.send_replace(crate::probe::ProbeSettings::from_config(&new_config, &blocked));
                         if let Some(maps) = maps_slot.lock().expect("maps lock").as_mut() {
                             let mut gc = guard_config(&new_config);
                             gc.root_level = plan.root.level;

@@ -27,7 +27,7 @@ use std::{
 use datalab_guard::{
     config::{HumanDuration, ProbeConfig},
     k8s::state::{CniState, NamespaceStates},
-    probe::{self, ProbeOutcome, ProbeResult},
+    probe::{self, ProbeOutcome, ProbeResult, ProbeSettings},
 };
 use datalab_guard_tests::{
     bins, cleanup_stale, names,
@@ -591,9 +591,8 @@ async fn probe_loop_tracks_enforcement_changes() {
     let task = {
         let (listed, changes) = (listed.clone(), changes.clone());
         tokio::spawn(probe::run_probe_loop(
-            config,
+            tokio::sync::watch::channel(ProbeSettings::new(&config, targets())).1,
             t.node_netns(),
-            targets(),
             move || listed.lock().unwrap().clone(),
             states.clone(),
             move |ns: &str, old, new| changes.lock().unwrap().push((ns.to_owned(), old, new)),
@@ -655,9 +654,8 @@ async fn probe_loop_marks_everything_inconclusive_when_the_node_cannot_reach_met
         port: 80,
     };
     let task = tokio::spawn(probe::run_probe_loop(
-        config,
+        tokio::sync::watch::channel(ProbeSettings::new(&config, targets())).1,
         t.node_netns(),
-        targets(),
         move || pods.clone(),
         states.clone(),
         |_: &str, _, _| {},
