@@ -13,7 +13,6 @@ pub mod cgroups;
 pub mod cgroupwatch;
 pub mod check;
 pub mod cli;
-pub mod cniprobe;
 pub mod config;
 pub mod http;
 pub mod input;
@@ -23,6 +22,7 @@ pub mod metrics;
 pub mod node;
 
 pub mod podcgroup;
+pub mod probe;
 pub mod runtime;
 pub mod status;
 pub mod uninstall;

@@ -523,10 +523,13 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         plan.node.clone(),
         cni_rx,
     ));
-    let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
-        plan.config.probe.clone(),
-        PathBuf::from(crate::cniprobe::SELF_NETNS),
-        crate::cniprobe::targets_from_blocked(&plan.blocked, plan.config.probe.port),
+    // The probe re-reads its settings from this channel; SIGHUP sends the reloaded ones.
+    let (probe_settings, probe_settings_rx) = tokio::sync::watch::channel(
+        crate::probe::ProbeSettings::from_config(&plan.config, &plan.blocked),
+    );
+    let probe_task = tokio::spawn(crate::probe::run_probe_loop(
+        probe_settings_rx,
+        PathBuf::from(crate::probe::SELF_NETNS),
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
         move |namespace: &str,
@@ -575,6 +578,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
                         core.policy = new_config.policy_config(plan.own_pod_uid.clone());
                         baseline.reload(&new_config);
                         let blocked = new_config.blocklist();
+                        probe_settings.send_replace(crate::probe::ProbeSettings::from_config(&new_config, &blocked));
                         if let Some(maps) = maps_slot.lock().expect("maps lock").as_mut() {
                             let mut gc = guard_config(&new_config);
                             gc.root_level = plan.root.level;
@@ -911,7 +915,7 @@ fn probe_targets(
         let namespaces = view.namespaces();
         let ips = view.pod_ips();
         let by_ip: Vec<(PathBuf, Vec<std::net::IpAddr>)> =
-            crate::cniprobe::netns_addresses(&netns_dir).unwrap_or_default();
+            crate::probe::netns_addresses(&netns_dir).unwrap_or_default();
         let mut chosen: BTreeMap<String, PathBuf> = BTreeMap::new();
         for pod in view.pods() {
             if chosen.contains_key(&pod.namespace)
@@ -940,7 +944,7 @@ fn probe_targets(
                 ]
                 .into_iter()
                 .find_map(|qos| {
-                    crate::cniprobe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(
+                    crate::probe::netns_of_cgroup(&podcgroup::pod_cgroup_dir(
                         &resolver.root,
                         resolver.driver,
                         qos,

@@ -1,4 +1,4 @@
-//! Privileged tests of the CNI enforcement probe (`datalab_guard::cniprobe`) in a three-host
+//! Privileged tests of the CNI enforcement probe (`datalab_guard::probe`) in a three-host
 //! network made of namespaces this test creates:
 //!
 //! ```text
@@ -25,9 +25,9 @@ use std::{
 };
 
 use datalab_guard::{
-    cniprobe::{self, ProbeOutcome, ProbeResult},
     config::{HumanDuration, ProbeConfig},
     k8s::state::{CniState, NamespaceStates},
+    probe::{self, ProbeOutcome, ProbeResult, ProbeSettings},
 };
 use datalab_guard_tests::{
     bins, cleanup_stale, names,
@@ -347,18 +347,18 @@ fn results(outcomes: &[ProbeOutcome]) -> Vec<ProbeResult> {
 
 /// Probes the node (control) and the pod namespace, checking that outcomes come in target
 /// order, and classifies.
-fn probe(
+fn probe_node_and_pod(
     t: &Topology,
     pod_netns: &Path,
     timeout: Duration,
 ) -> (Vec<ProbeOutcome>, Vec<ProbeOutcome>, CniState) {
-    let node = cniprobe::probe_in_netns(&t.node_netns(), &targets(), timeout);
-    let pod = cniprobe::probe_in_netns(pod_netns, &targets(), timeout);
+    let node = probe::probe_in_netns(&t.node_netns(), &targets(), timeout);
+    let pod = probe::probe_in_netns(pod_netns, &targets(), timeout);
     for outcomes in [&node, &pod] {
         let order: Vec<SocketAddr> = outcomes.iter().map(|o| o.target).collect();
         assert_eq!(order, targets());
     }
-    let state = cniprobe::classify(&node, &pod);
+    let state = probe::classify(&node, &pod);
     (node, pod, state)
 }
 
@@ -377,7 +377,7 @@ fn cni_ignoring_the_policy_is_not_enforced() {
     }
     let mut t = Topology::new(true);
     t.start_imds();
-    let (node, pod, state) = probe(&t, &t.pod_netns(), Duration::from_secs(2));
+    let (node, pod, state) = probe_node_and_pod(&t, &t.pod_netns(), Duration::from_secs(2));
     assert_eq!(results(&node), [ProbeResult::Connected; 2], "{node:?}");
     assert_eq!(results(&pod), [ProbeResult::Connected; 2], "{pod:?}");
     assert_eq!(state, CniState::NotEnforced);
@@ -409,7 +409,7 @@ fn cni_dropping_metadata_traffic_is_enforced() {
     t.enforce_by_drop();
     let timeout = Duration::from_millis(500);
     let started = Instant::now();
-    let (node, pod, state) = probe(&t, &t.pod_netns(), timeout);
+    let (node, pod, state) = probe_node_and_pod(&t, &t.pod_netns(), timeout);
     assert_eq!(results(&node), [ProbeResult::Connected; 2], "{node:?}");
     assert_eq!(results(&pod), [ProbeResult::TimedOut; 2], "{pod:?}");
     assert_eq!(state, CniState::Enforced);
@@ -438,7 +438,7 @@ fn cni_rejecting_metadata_traffic_is_enforced() {
     // the connecting thread still holds its socket, where TCP keeps it as a soft error only;
     // the one answering the SYN retransmitted after 1 s ends the connect. So the timeout must
     // exceed 1 s to see the refusal (with a shorter one it is a timeout: enforced all the same).
-    let (node, pod, state) = probe(&t, &t.pod_netns(), Duration::from_secs(2));
+    let (node, pod, state) = probe_node_and_pod(&t, &t.pod_netns(), Duration::from_secs(2));
     assert_eq!(results(&node), [ProbeResult::Connected; 2], "{node:?}");
     assert_eq!(
         results(&pod),
@@ -449,7 +449,7 @@ fn cni_rejecting_metadata_traffic_is_enforced() {
         "{pod:?}"
     );
     assert_eq!(state, CniState::Enforced);
-    let quick = cniprobe::probe_in_netns(
+    let quick = probe::probe_in_netns(
         &t.pod_netns(),
         &[v4_target(), v6_target()],
         Duration::from_millis(300),
@@ -469,7 +469,7 @@ fn no_metadata_host_is_inconclusive() {
         return;
     }
     let t = Topology::new(false);
-    let (node, pod, state) = probe(&t, &t.pod_netns(), Duration::from_millis(500));
+    let (node, pod, state) = probe_node_and_pod(&t, &t.pod_netns(), Duration::from_millis(500));
     // The node has no route there; the pod's packets die at the node.
     assert!(
         node.iter().all(|o| o.result != ProbeResult::Connected),
@@ -490,7 +490,7 @@ fn metadata_host_without_a_server_is_inconclusive() {
     // The host is there but nothing listens: the node is refused, so nothing can be judged
     // even though the pod is refused too.
     let t = Topology::new(true);
-    let (node, _pod, state) = probe(&t, &t.pod_netns(), Duration::from_secs(2));
+    let (node, _pod, state) = probe_node_and_pod(&t, &t.pod_netns(), Duration::from_secs(2));
     assert_eq!(
         results(&node),
         [ProbeResult::Refused(libc::ECONNREFUSED); 2],
@@ -514,18 +514,18 @@ fn probe_enters_a_pod_process_namespace_found_through_its_cgroup() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let sleeper = KillOnDrop(cmd.spawn().expect("starting the sleeper"));
-    let netns = cniprobe::netns_of_cgroup(cg.path()).expect("a process in the pod cgroup");
+    let netns = probe::netns_of_cgroup(cg.path()).expect("a process in the pod cgroup");
     assert_eq!(
         netns,
         PathBuf::from(format!("/proc/{}/ns/net", sleeper.0.id()))
     );
-    assert_eq!(cniprobe::netns_of_cgroup(&cg.child("empty").unwrap()), None);
+    assert_eq!(probe::netns_of_cgroup(&cg.child("empty").unwrap()), None);
 
-    let (_, pod, state) = probe(&t, &netns, Duration::from_millis(500));
+    let (_, pod, state) = probe_node_and_pod(&t, &netns, Duration::from_millis(500));
     assert_eq!(results(&pod), [ProbeResult::Connected; 2], "{pod:?}");
     assert_eq!(state, CniState::NotEnforced);
     t.enforce_by_drop();
-    let (_, pod, state) = probe(&t, &netns, Duration::from_millis(500));
+    let (_, pod, state) = probe_node_and_pod(&t, &netns, Duration::from_millis(500));
     assert_eq!(results(&pod), [ProbeResult::TimedOut; 2], "{pod:?}");
     assert_eq!(state, CniState::Enforced);
 }
@@ -545,8 +545,7 @@ fn named_namespaces_are_found_by_address() {
         return;
     }
     let t = Topology::new(true);
-    let index =
-        cniprobe::netns_addresses(Path::new(datalab_guard_tests::process::NETNS_DIR)).unwrap();
+    let index = probe::netns_addresses(Path::new(datalab_guard_tests::process::NETNS_DIR)).unwrap();
     let pod_ip: IpAddr = POD_V4.parse().unwrap();
     let with_pod_ip: Vec<&PathBuf> = index
         .iter()
@@ -566,7 +565,7 @@ fn named_namespaces_are_found_by_address() {
         node_addrs.contains(&"169.254.0.1".parse().unwrap()),
         "{node_addrs:?}"
     );
-    assert!(cniprobe::netns_addresses(Path::new("/nonexistent-netns-dir")).is_err());
+    assert!(probe::netns_addresses(Path::new("/nonexistent-netns-dir")).is_err());
 }
 
 #[tokio::test]
@@ -591,10 +590,9 @@ async fn probe_loop_tracks_enforcement_changes() {
     };
     let task = {
         let (listed, changes) = (listed.clone(), changes.clone());
-        tokio::spawn(cniprobe::run_probe_loop(
-            config,
+        tokio::spawn(probe::run_probe_loop(
+            tokio::sync::watch::channel(ProbeSettings::new(&config, targets())).1,
             t.node_netns(),
-            targets(),
             move || listed.lock().unwrap().clone(),
             states.clone(),
             move |ns: &str, old, new| changes.lock().unwrap().push((ns.to_owned(), old, new)),
@@ -655,10 +653,9 @@ async fn probe_loop_marks_everything_inconclusive_when_the_node_cannot_reach_met
         timeout: HumanDuration::from_millis(300),
         port: 80,
     };
-    let task = tokio::spawn(cniprobe::run_probe_loop(
-        config,
+    let task = tokio::spawn(probe::run_probe_loop(
+        tokio::sync::watch::channel(ProbeSettings::new(&config, targets())).1,
         t.node_netns(),
-        targets(),
         move || pods.clone(),
         states.clone(),
         |_: &str, _, _| {},
