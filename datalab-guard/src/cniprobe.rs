@@ -93,8 +93,8 @@ use futures::StreamExt as _;
 use tokio::sync::watch;
 
 use crate::{
+    baseline_state::{CniState, NamespaceStates},
     config::ProbeConfig,
-    k8s::state::{CniState, NamespaceStates},
 };
 
 /// The agent's own network namespace: the control of every round.

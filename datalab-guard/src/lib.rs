@@ -7,13 +7,12 @@
 //! export counters and health; `check`, `status`, `uninstall` and `local` are the commands.
 
 pub mod audit;
+pub mod baseline_state;
 pub mod blocklist;
 pub mod bpf;
 pub mod cgroups;
-pub mod cgroupwatch;
-pub mod check;
-pub mod cli;
 pub mod cniprobe;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod input;
@@ -21,12 +20,8 @@ pub mod k8s;
 pub mod local;
 pub mod metrics;
 pub mod node;
-
-pub mod podcgroup;
 pub mod policy;
 pub mod runtime;
-pub mod status;
-pub mod uninstall;
 
 /// Version reported by `--version` and the `build_info` metric.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

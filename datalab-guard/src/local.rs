@@ -20,7 +20,7 @@ use crate::{
     audit, blocklist,
     bpf::{self, GuardMaps, InstallOutcome, InstallRequest, PinLayout},
     cgroups::{self, CgroupDir},
-    cli::{LocalArgs, ModeArg, Shared},
+    commands::{check, LocalArgs, ModeArg, Shared},
     http,
     input::bad_input,
     metrics::{CounterSample, Snapshot},
@@ -65,11 +65,11 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
         exempt.push(sub.path);
     }
     if args.deny_raw_sockets
-        && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false)
+        && check::bpf_lsm_active(check::active_lsms().as_deref()) == Some(false)
     {
         return Err(bad_input(format!(
             "--deny-raw-sockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
-            crate::check::active_lsms().unwrap_or_default()
+            check::active_lsms().unwrap_or_default()
         )));
     }
     let metrics_addr = match shared.metrics_addr {

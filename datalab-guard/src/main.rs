@@ -1,9 +1,9 @@
 use clap::Parser as _;
-use datalab_guard::{cli, input};
+use datalab_guard::{commands, input};
 
 fn main() {
-    let args = cli::Cli::parse();
-    if let Err(err) = cli::run(args) {
+    let args = commands::Cli::parse();
+    if let Err(err) = commands::run(args) {
         // One line: the whole cause chain, outermost first.
         // One line, whatever the causes print: an operator greps for it, and a multi-line
         // parser diagnostic (YAML, kubeconfig) would be cut apart by log collectors.

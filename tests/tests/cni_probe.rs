@@ -27,7 +27,7 @@ use std::{
 use datalab_guard::{
     cniprobe::{self, ProbeOutcome, ProbeResult},
     config::{HumanDuration, ProbeConfig},
-    k8s::state::{CniState, NamespaceStates},
+    baseline_state::{CniState, NamespaceStates},
 };
 use datalab_guard_tests::{
     bins, cleanup_stale, names,

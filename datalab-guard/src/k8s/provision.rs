@@ -59,9 +59,9 @@ use super::{
     convert::namespace_info,
     leader::{self, Elector, LeaseSettings},
     psa,
-    state::{NamespaceStates, PolicyState, PsaState},
 };
 use crate::{
+    baseline_state::{NamespaceStates, PolicyState, PsaState},
     config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
     policy::PolicyConfig,
 };
@@ -123,9 +123,9 @@ pub struct BaselineHandle {
 ///   `policy`, `bypassed_by` and `psa` fields of environment namespaces and drops the
 ///   namespaces that are no longer environments.
 ///
-/// Node agent wiring (`node.rs`, after the client exists):
+/// Node agent wiring (`node/`, after the client exists):
 /// ```ignore
-/// let states = k8s::state::NamespaceStates::default();
+/// let states = datalab_guard::baseline_state::NamespaceStates::default();
 /// let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, states.clone());
 /// // SIGHUP, once the new config is accepted:   baseline.reload(&new_config);
 /// // on SIGTERM/SIGINT, before returning:       baseline.shutdown().await;

@@ -13,7 +13,7 @@ use crate::{
         install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout,
     },
     cgroups,
-    cli::{OutputFormat, Shared},
+    commands::{OutputFormat, Shared},
 };
 
 pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,7 @@
 //! cgroup v2 filesystem facts: where the unified hierarchy is mounted, what a cgroup
-//! directory's id (inode) and level (depth) are, and where this process lives.
+//! directory's id (inode) and level (depth) are, and where this process lives. Below it,
+//! [`pod`] knows how the kubelet names pod and container cgroups, and [`watch`] follows
+//! them appearing and going.
 //!
 //! The mount is never assumed: a Kubernetes node usually has pure v2 at `/sys/fs/cgroup`,
 //! a hybrid host has it at `/sys/fs/cgroup/unified`, so it is read from
@@ -9,6 +11,9 @@
 //! and `bpf_get_current_ancestor_cgroup_id` index by. That holds when the agent runs in the
 //! host's cgroup namespace (a private cgroup namespace shows paths relative to its own root,
 //! and every level here would then be short by that root's depth).
+
+pub mod pod;
+pub mod watch;
 
 use std::{
     collections::VecDeque,

@@ -23,8 +23,8 @@ use crate::{
     audit,
     bpf::{self, GuardMaps, InstallOutcome, InstallRequest, PinLayout},
     cgroups::{self, CgroupDir},
-    cgroupwatch::{CgroupEvent, CgroupWatcher, WatchConfig},
-    cli::{ModeArg, NodeArgs, Shared},
+    cgroups::watch::{CgroupEvent, CgroupWatcher, WatchConfig},
+    commands::{ModeArg, NodeArgs, Shared},
     config::Config,
     http,
     input::bad_input,
@@ -34,7 +34,7 @@ use crate::{
         ClusterView,
     },
     metrics::{CounterSample, Snapshot},
-    podcgroup::{self, CgroupDriver, QosClass},
+    cgroups::pod::{self as podcgroup, CgroupDriver, QosClass},
     policy::{self, NamespaceClasses, PodInfo, PolicyConfig},
 };
 
@@ -98,7 +98,7 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
     };
     if config.deny_raw_sockets
-        && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false)
+        && crate::commands::check::bpf_lsm_active(crate::commands::check::active_lsms().as_deref()) == Some(false)
     {
         return Err(bad_input("denyRawSockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active; add `bpf` to the lsm= kernel parameter"));
     }
@@ -410,7 +410,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let attribution = Arc::new(RwLock::new(Attribution::default()));
     let gauges = Arc::new(Mutex::new(Gauges::default()));
     let classes_view: Arc<RwLock<BTreeMap<u32, String>>> = Arc::new(RwLock::new(BTreeMap::new()));
-    let states_for_metrics = crate::k8s::state::NamespaceStates::default();
+    let states_for_metrics = crate::baseline_state::NamespaceStates::default();
     let state = Arc::new(http::HttpState::new(snapshot_fn(
         maps_slot.clone(),
         gauges.clone(),
@@ -515,8 +515,8 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     // and reported with an Event on the namespace.
     let (cni_tx, cni_rx) = mpsc::channel::<(
         String,
-        Option<crate::k8s::state::CniState>,
-        crate::k8s::state::CniState,
+        Option<crate::baseline_state::CniState>,
+        crate::baseline_state::CniState,
     )>(64);
     let cni_events_task = tokio::spawn(k8s::events::publish_cni_changes(
         client.clone(),
@@ -530,8 +530,8 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         probe_targets(view.clone(), core_snapshot(&core), plan.netns_dir.clone()),
         namespace_states.clone(),
         move |namespace: &str,
-              old: Option<crate::k8s::state::CniState>,
-              new: crate::k8s::state::CniState| {
+              old: Option<crate::baseline_state::CniState>,
+              new: crate::baseline_state::CniState| {
             tracing::warn!(
                 namespace,
                 old = old.map(|o| o.as_str()),
@@ -807,7 +807,7 @@ fn snapshot_fn(
     maps: Arc<Mutex<Option<GuardMaps>>>,
     gauges: Arc<Mutex<Gauges>>,
     classes: Arc<RwLock<BTreeMap<u32, String>>>,
-    states: crate::k8s::state::NamespaceStates,
+    states: crate::baseline_state::NamespaceStates,
 ) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
     Arc::new(move || {
         let slot = maps
@@ -962,7 +962,7 @@ fn probe_targets(
 fn write_state_file(
     path: &Path,
     node: &str,
-    states: &BTreeMap<String, crate::k8s::state::NamespaceStatus>,
+    states: &BTreeMap<String, crate::baseline_state::NamespaceStatus>,
     pods: &[serde_json::Value],
     classes: &BTreeMap<u32, String>,
 ) {

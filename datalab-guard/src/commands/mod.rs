@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{blocklist::Preset, check, local, node, status, uninstall};
+use crate::{blocklist::Preset, local, node};
+
+pub mod check;
+pub mod status;
+pub mod uninstall;
 
 /// Default bpffs directory holding the pinned maps and links.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/datalab-guard";
