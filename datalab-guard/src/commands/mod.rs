@@ -1,13 +1,17 @@
-//! The command line (DESIGN.md "Interfaces"). Parsing errors are clap's (exit 2); every
-//! other check of the operator's input happens in the command before the kernel is touched.
+//! The command line (DESIGN.md "Interfaces"): the options every command shares, and one
+//! module per command that owns its arguments, checks them (bad input: exit code 2, before
+//! the kernel is touched) and runs. Parsing errors are clap's (exit 2); `main` dispatches.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use datalab_guard_common::Mode;
 
-use crate::{blocklist::Preset, local, node};
+use crate::blocklist::Preset;
 
 pub mod check;
+pub mod local;
+pub mod node;
 pub mod status;
 pub mod uninstall;
 
@@ -55,82 +59,24 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The mode to enforce when no config file says otherwise.
-    pub fn mode_or_default(&self) -> ModeArg {
-        self.mode.unwrap_or(ModeArg::Enforce)
-    }
-
-    /// Whether `--mode` was given (it then overrides the config file).
-    pub fn mode_explicit(&self) -> bool {
-        self.mode.is_some()
+    /// `--mode`, when given (in node mode it overrides the config file).
+    pub fn mode(&self) -> Option<Mode> {
+        self.mode.map(Mode::from)
     }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// The Kubernetes DaemonSet agent: guards the pods of environment namespaces on this node.
-    Node(NodeArgs),
+    Node(node::NodeArgs),
     /// Guard every process under a cgroup, without Kubernetes.
-    Local(LocalArgs),
+    Local(local::LocalArgs),
     /// Show what is enforced now, read from the pinned state.
-    Status(StatusArgs),
+    Status(status::StatusArgs),
     /// Preflight: kernel, BTF, cgroup v2, bpffs, capabilities.
     Check,
     /// Detach the programs and remove every pin this tool made.
     Uninstall,
-}
-
-#[derive(Args, Debug)]
-pub struct LocalArgs {
-    /// The cgroup (v2 directory) whose whole subtree is guarded.
-    #[arg(long, value_name = "DIR")]
-    pub cgroup: PathBuf,
-    /// A sub-cgroup of --cgroup whose processes may reach blocked destinations (repeatable).
-    #[arg(long, value_name = "DIR")]
-    pub exempt: Vec<PathBuf>,
-    /// Refuse AF_PACKET and SOCK_RAW sockets to guarded processes (cgroup_skb cannot see
-    /// AF_PACKET traffic).
-    #[arg(long)]
-    pub deny_raw_sockets: bool,
-    /// Audit events per guarded cgroup per second; further attempts are still counted.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    pub audit_rate: u32,
-}
-
-#[derive(Args, Debug)]
-pub struct NodeArgs {
-    /// This node's name (the downward API's spec.nodeName).
-    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
-    pub node_name: Option<String>,
-    /// Config file (YAML; every key optional, unknown keys are errors). SIGHUP reloads it.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else in-cluster].
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The pods' cgroup root (e.g. /sys/fs/cgroup/kubepods.slice) [default: detected].
-    #[arg(long, value_name = "DIR")]
-    pub cgroup_root: Option<PathBuf>,
-    /// Where the container runtime keeps pod network namespaces (the host's /run/netns,
-    /// mounted read-only), for the CNI enforcement probe.
-    #[arg(long, value_name = "DIR", default_value = "/run/netns")]
-    pub netns_dir: PathBuf,
-    /// Where the agent writes the per-namespace state `status` shows.
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
-    pub state_file: PathBuf,
-}
-
-/// The node agent's state file (policy, Pod Security and CNI state per environment).
-pub const DEFAULT_STATE_FILE: &str = "/run/datalab-guard/state.json";
-
-#[derive(Args, Debug)]
-pub struct StatusArgs {
-    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
-    pub output: OutputFormat,
-    /// The node agent's state file (per environment namespace: NetworkPolicy, Pod Security,
-    /// CNI enforcement); shown when present.
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
-    pub state_file: PathBuf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,43 +85,28 @@ pub enum ModeArg {
     Audit,
 }
 
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Mode {
+        match mode {
+            ModeArg::Enforce => Mode::Enforce,
+            ModeArg::Audit => Mode::Audit,
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Text,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
-
-/// Runs the parsed command.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.shared.log_format);
-    match cli.command {
-        Command::Node(args) => node::run(&cli.shared, &args),
-        Command::Local(args) => local::run(&cli.shared, &args),
-        Command::Status(args) => status::run(&cli.shared, args.output, &args.state_file),
-        Command::Check => {
-            let lines = check::run(&cli.shared.bpffs);
-            if check::print(&lines) {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("preflight failed"))
-            }
-        }
-        Command::Uninstall => uninstall::run(&cli.shared.bpffs),
-    }
-}
-
-fn init_logging(format: LogFormat) {
+/// Operational logs on stderr, filtered by `DATALAB_GUARD_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter =
         EnvFilter::try_from_env("DATALAB_GUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // Ignore a second initialisation (tests call run() more than once).
+    // A second initialisation (a test that runs two commands) keeps the first.
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.with_target(false).try_init(),
