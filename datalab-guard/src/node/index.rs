@@ -15,6 +15,7 @@ use datalab_guard_common::{PolicyEntry, Verdict};
 use super::{
     audit_sink::{CgroupOwners, PodRef},
     context::Gauges,
+    probe_targets::PodCgroupResolver,
     state_file::PodRow,
 };
 use crate::{
@@ -82,8 +83,13 @@ impl PodIndex {
         &self.root
     }
 
-    pub fn driver(&self) -> CgroupDriver {
-        self.driver
+    /// What the CNI probe's target selection needs (a copy: it runs on its own task).
+    pub fn resolver(&self) -> PodCgroupResolver {
+        PodCgroupResolver {
+            root: self.root.path.clone(),
+            driver: self.driver,
+            policy: std::sync::Arc::new(self.policy.clone()),
+        }
     }
 
     /// Computes everything the kernel and the agent's views need from the caches and the

@@ -21,16 +21,14 @@ pub mod state_file;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use tokio::{sync::mpsc, task::JoinHandle};
 
-use self::{
-    context::Context, index::PodIndex, probe_targets::PodCgroupResolver, reconcile::Reconciler,
-    state_file::StateFileWriter,
-};
+use self::{context::Context, index::PodIndex, reconcile::Reconciler, state_file::StateFileWriter};
 use crate::{
     bpf::{PinLayout, Session, StartRequest},
     cgroups::{
         pod::CgroupDriver,
-        watch::{CgroupWatcher, WatchConfig},
+        watch::{CgroupEvent, CgroupWatcher, WatchConfig},
         CgroupDir,
     },
     config::{Config, ConfigSource},
@@ -71,11 +69,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let http_state = Arc::new(http::HttpState::new(ctx.snapshot_fn()));
     http_state.set_ready(false, "waiting for the first full sync with the API server");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let http_task = tokio::spawn(http::serve_listener(
+    let mut tasks = Tasks::default();
+    tasks.wait.push(tokio::spawn(http::serve_listener(
         listener,
         http_state.clone(),
         shutdown_rx.clone(),
-    ));
+    )));
     for warning in plan.config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -90,8 +89,8 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     }
     let policy = PolicyConfig::new(&plan.config, plan.own_pod_uid.clone());
     let mut index = PodIndex::new(plan.root.clone(), plan.driver, policy);
-    let layout = PinLayout::new(&plan.bpffs);
     let desired = index.desired(&view, Default::default());
+    let layout = PinLayout::new(&plan.bpffs);
     let (session, events) = Session::start(StartRequest {
         layout: layout.clone(),
         root: plan.root.clone(),
@@ -99,7 +98,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         blocked: plan.config.blocklist(),
         verdicts: desired.verdicts.clone(),
     })?;
-    let (audit_task, events_task) = audit_sink::spawn(
+    let (audit, pod_events) = audit_sink::spawn(
         &ctx,
         &plan.config.audit,
         events,
@@ -107,29 +106,22 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     );
     *ctx.session.lock().expect("session lock") = Some(session);
-
+    tasks.wait.push(audit);
+    tasks.abort.extend(pod_events);
     let baseline = k8s::provision::spawn(
-        client.clone(),
+        client,
         &plan.config,
         &plan.node,
         ctx.namespace_states.clone(),
     );
-    let resolver = PodCgroupResolver {
-        root: plan.root.path.clone(),
-        driver: plan.driver,
-        policy: Arc::new(index.policy.clone()),
-    };
-    let probe_tasks = probe_targets::spawn(
+    tasks.abort.extend(probe_targets::spawn(
         &ctx,
         &plan.config,
-        resolver,
+        index.resolver(),
         plan.netns_dir.clone(),
-        shutdown_rx.clone(),
-    );
-    let mut watch_config = WatchConfig::new(&plan.root.path, plan.driver);
-    watch_config.rescan_interval = plan.config.rescan_interval.as_std();
-    let (_watcher, cgroup_events) =
-        CgroupWatcher::spawn(watch_config).context("cannot watch the pods' cgroup directories")?;
+        shutdown_rx,
+    ));
+    let cgroup_events = watch_cgroups(&plan)?;
 
     let mut reconciler = Reconciler {
         ctx,
@@ -152,12 +144,35 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         layout.root().display()
     );
     let _ = shutdown_tx.send(true);
-    probe_tasks.iter().for_each(|task| task.abort());
-    for task in [http_task, audit_task] {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    if let Some(task) = events_task {
-        task.abort();
-    }
+    tasks.stop().await;
     Ok(())
+}
+
+/// Pod cgroup directories appearing and going, plus the periodic rescan.
+fn watch_cgroups(plan: &Plan) -> anyhow::Result<mpsc::Receiver<CgroupEvent>> {
+    let mut config = WatchConfig::new(&plan.root.path, plan.driver);
+    config.rescan_interval = plan.config.rescan_interval.as_std();
+    let (_watcher, events) =
+        CgroupWatcher::spawn(config).context("cannot watch the pods' cgroup directories")?;
+    Ok(events)
+}
+
+/// The agent's background tasks, for an orderly exit.
+#[derive(Default)]
+struct Tasks {
+    /// Stop at the shutdown signal; given a moment to finish (flush audit lines).
+    wait: Vec<JoinHandle<()>>,
+    /// Hold nothing worth finishing.
+    abort: Vec<JoinHandle<()>>,
+}
+
+impl Tasks {
+    async fn stop(self) {
+        for task in self.abort {
+            task.abort();
+        }
+        for task in self.wait {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
 }
