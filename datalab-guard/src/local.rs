@@ -149,13 +149,13 @@ async fn reconcile_loop(
                     added = changes.added,
                     updated = changes.updated,
                     removed = changes.removed,
-                    "policy reconciled"
+                    "verdict map reconciled"
                 );
                 state.set_ready(true, "programs attached and maps current");
             }
             Ok(_) => state.set_ready(true, "programs attached and maps current"),
             Err(e) => {
-                tracing::error!(error = %e, "cannot reconcile the policy map");
+                tracing::error!(error = %e, "cannot reconcile the verdict map");
                 state.set_ready(false, "policy map not reconciled");
             }
         }
