@@ -21,6 +21,14 @@ impl Verdict {
             Verdict::Guard
         }
     }
+
+    /// The verdict as config files, `status` and the state file spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Guard => "guard",
+            Verdict::Exempt => "exempt",
+        }
+    }
 }
 
 /// Whether a guarded attempt is dropped or only reported.
@@ -39,6 +47,14 @@ impl Mode {
             Mode::Audit
         } else {
             Mode::Enforce
+        }
+    }
+
+    /// The mode as `--mode`, config files and `status` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
         }
     }
 }

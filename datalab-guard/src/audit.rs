@@ -277,23 +277,11 @@ pub fn decode(bytes: &[u8]) -> Option<AuditEvent> {
 
 /// Reads events from the EVENTS ring buffer until `shutdown` turns true (or its sender is
 /// dropped), passing each to `sink` in order; then drains what is left, so nothing already
-/// committed is lost on a clean stop. Malformed records are skipped (and logged once); use
-/// [`consume_with_stats`] to count them for the metrics.
+/// committed is lost on a clean stop. Received and malformed records are counted in `stats`
+/// (the metrics report them); malformed ones are skipped and logged once.
 ///
 /// `sink` runs on this task: keep it short (format and write a line).
 pub async fn consume<F>(
-    ring: RingBuf<MapData>,
-    sink: F,
-    shutdown: watch::Receiver<bool>,
-) -> io::Result<()>
-where
-    F: FnMut(AuditEvent) + Send,
-{
-    consume_with_stats(ring, sink, Arc::default(), shutdown).await
-}
-
-/// [`consume`], counting received and malformed records in `stats`.
-pub async fn consume_with_stats<F>(
     ring: RingBuf<MapData>,
     mut sink: F,
     stats: Arc<ConsumerStats>,
@@ -332,19 +320,24 @@ fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl FnMut(AuditEvent), stats: 
         let event = decode(&item);
         // Release the record (advance the consumer position) before running the sink.
         drop(item);
-        match event {
-            Some(event) => {
-                stats.received.fetch_add(1, Ordering::Relaxed);
-                sink(event);
-            }
-            None => {
-                if stats.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(
-                        expected = size_of::<AuditEvent>(),
-                        "skipping ring buffer records of the wrong size: the loaded eBPF \
-                         programs do not match this agent"
-                    );
-                }
+        deliver(event, sink, stats);
+    }
+}
+
+/// Hands a decoded record to the sink, or counts it as malformed (`None`).
+fn deliver(event: Option<AuditEvent>, sink: &mut impl FnMut(AuditEvent), stats: &ConsumerStats) {
+    match event {
+        Some(event) => {
+            stats.received.fetch_add(1, Ordering::Relaxed);
+            sink(event);
+        }
+        None => {
+            if stats.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    expected = size_of::<AuditEvent>(),
+                    "skipping ring buffer records of the wrong size: the loaded eBPF \
+                     programs do not match this agent"
+                );
             }
         }
     }
@@ -655,16 +648,21 @@ mod tests {
         assert!((c.unix_ns(now_boot) - now_wall).abs() < 1_000_000_000);
     }
 
+    fn event_bytes(e: &AuditEvent) -> Vec<u8> {
+        // SAFETY: viewing a plain-integer repr(C) struct as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const AuditEvent).cast::<u8>(),
+                size_of::<AuditEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
     #[test]
     fn decode_checks_the_length() {
         let e = connect_v4();
-        // SAFETY: viewing a plain-integer repr(C) struct as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&e as *const AuditEvent).cast::<u8>(),
-                size_of::<AuditEvent>(),
-            )
-        };
+        let bytes = &event_bytes(&e)[..];
         assert_eq!(decode(bytes), Some(e));
         // Unaligned start.
         let mut shifted = vec![0u8; bytes.len() + 1];
@@ -676,10 +674,10 @@ mod tests {
     }
 
     /// The real path: the egress program (audit mode, under BPF_PROG_TEST_RUN) writes to
-    /// the EVENTS ring buffer, and [`consume_with_stats`] reads it through AsyncFd.
+    /// the EVENTS ring buffer, and [`consume`] reads it through AsyncFd.
     #[tokio::test]
     async fn consumes_events_from_the_real_ring_buffer() {
-        use std::{collections::BTreeMap, path::PathBuf, sync::Mutex, time::Duration};
+        use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
         use aya::maps::Map;
         use datalab_guard_common::{maps, Mode, Verdict};
@@ -706,7 +704,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stats = Arc::new(ConsumerStats::default());
         let (stop, stopped) = watch::channel(false);
-        let consumer = tokio::spawn(consume_with_stats(
+        let consumer = tokio::spawn(consume(
             ring,
             {
                 let seen = Arc::clone(&seen);
@@ -747,6 +745,19 @@ mod tests {
         assert!(r.get("pid").is_none());
         drop(runner);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_records_are_counted_and_skipped() {
+        let stats = ConsumerStats::default();
+        let mut seen = Vec::new();
+        let bytes = event_bytes(&connect_v4());
+        for record in [&bytes[..], &bytes[..3], &[][..], &bytes[..]] {
+            deliver(decode(record), &mut |e| seen.push(e), &stats);
+        }
+        assert_eq!(seen.len(), 2);
+        assert_eq!(stats.received.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -36,7 +36,11 @@ use datalab_guard_policy::{
 };
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::blocklist::{self, BlocklistError, Preset};
+use crate::{
+    blocklist::{self, BlocklistError, Preset},
+    bpf::DatapathSettings,
+    cgroups::pod::CgroupDriver,
+};
 
 /// The environment variable holding the agent's own namespace (downward API), used when
 /// `leaderElection.namespace` is not set.
@@ -71,6 +75,31 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+/// Where the node agent's config comes from: the file (read again on SIGHUP) and the
+/// command-line overrides, applied on top of every read.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    /// `--block`: added to the file's `blocked.cidrs`.
+    pub blocks: Vec<String>,
+    /// `--preset`: added to the file's `blocked.presets`.
+    pub presets: Vec<Preset>,
+    /// `--mode`: replaces the file's `mode`.
+    pub mode: Option<Mode>,
+}
+
+impl ConfigSource {
+    /// The file (defaults when there is none) with the overrides applied.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        config.merge_cli(&self.blocks, &self.presets, self.mode)?;
+        Ok(config)
+    }
 }
 
 /// The whole file. Field docs say what each setting does; the YAML keys are camelCase.
@@ -235,8 +264,10 @@ pub struct AuditConfig {
 pub struct CgroupConfig {
     /// The pods' cgroup root, where the programs attach.
     pub root: CgroupRoot,
-    /// The kubelet's cgroup driver (decides pod cgroup names).
-    pub driver: CgroupDriver,
+    /// The kubelet's cgroup driver (decides pod cgroup names); `None` is `auto`: told from
+    /// the root's name.
+    #[serde(with = "driver_name")]
+    pub driver: Option<CgroupDriver>,
 }
 
 /// `root: auto` or an absolute path.
@@ -255,14 +286,6 @@ impl CgroupConfig {
             CgroupRoot::Path(p) => Some(p),
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupDriver {
-    Auto,
-    Systemd,
-    Cgroupfs,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,7 +385,7 @@ impl Default for CgroupConfig {
     fn default() -> Self {
         CgroupConfig {
             root: CgroupRoot::Auto,
-            driver: CgroupDriver::Auto,
+            driver: None,
         }
     }
 }
@@ -563,6 +586,16 @@ impl Config {
         let texts: Vec<String> = self.blocked.cidrs.iter().map(blocklist::describe).collect();
         blocklist::build_blocklist(&texts, &self.blocked.presets)
             .expect("CIDRs were validated when loaded and describe() output parses")
+    }
+
+    /// The datapath settings this config asks for.
+    pub fn datapath(&self) -> DatapathSettings {
+        DatapathSettings {
+            mode: self.mode,
+            unknown_cgroup_verdict: self.unknown_cgroup_verdict,
+            deny_raw_sockets: self.deny_raw_sockets,
+            audit_events_per_second: self.audit.events_per_second,
+        }
     }
 
     /// Settings that weaken the guard, as lines to log at start (and on reload).
@@ -846,24 +879,41 @@ where
     deserializer.deserialize_str(Visitor { expecting, parse })
 }
 
-mod verdict_name {
+/// `auto` (`None`) or the kubelet's spelling of a driver.
+mod driver_name {
+    use serde::{Deserializer, Serializer};
+
+    use super::CgroupDriver;
+
+    pub fn serialize<S: Serializer>(d: &Option<CgroupDriver>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(d.map_or("auto", CgroupDriver::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CgroupDriver>, D::Error> {
+        super::parse_str(d, "auto, systemd or cgroupfs", |text| match text {
+            "auto" => Ok(None),
+            other => other.parse::<CgroupDriver>().map(Some).map_err(|_| {
+                format!("unknown cgroup driver {other:?} (expected auto, systemd or cgroupfs)")
+            }),
+        })
+    }
+}
+
+/// Verdicts as config files and the node's state file spell them.
+pub(crate) mod verdict_name {
     use datalab_guard_common::Verdict;
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Verdict, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match v {
-            Verdict::Guard => "guard",
-            Verdict::Exempt => "exempt",
-        })
+        s.serialize_str(v.name())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Verdict, D::Error> {
-        super::parse_str(d, "guard or exempt", |text| match text {
-            "guard" => Ok(Verdict::Guard),
-            "exempt" => Ok(Verdict::Exempt),
-            _ => Err(format!(
-                "unknown verdict {text:?}, expected guard or exempt"
-            )),
+        super::parse_str(d, "guard or exempt", |text| {
+            [Verdict::Guard, Verdict::Exempt]
+                .into_iter()
+                .find(|v| v.name() == text)
+                .ok_or_else(|| format!("unknown verdict {text:?}, expected guard or exempt"))
         })
     }
 }
@@ -873,17 +923,15 @@ mod mode_name {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(m: &Mode, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match m {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        })
+        s.serialize_str(m.name())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
-        super::parse_str(d, "enforce or audit", |text| match text {
-            "enforce" => Ok(Mode::Enforce),
-            "audit" => Ok(Mode::Audit),
-            _ => Err(format!("unknown mode {text:?}, expected enforce or audit")),
+        super::parse_str(d, "enforce or audit", |text| {
+            [Mode::Enforce, Mode::Audit]
+                .into_iter()
+                .find(|m| m.name() == text)
+                .ok_or_else(|| format!("unknown mode {text:?}, expected enforce or audit"))
         })
     }
 }
@@ -1054,7 +1102,7 @@ mod tests {
         assert!(c.audit.kubernetes_events);
         assert_eq!(c.audit.events_per_pod_per_minute, 1);
         assert_eq!(c.cgroup.root, CgroupRoot::Auto);
-        assert_eq!(c.cgroup.driver, CgroupDriver::Auto);
+        assert_eq!(c.cgroup.driver, None);
         assert_eq!(c.rescan_interval.as_std(), Duration::from_secs(10));
         assert_eq!(c.leader_election.lease_name, "datalab-guard-leader");
         assert_eq!(c.leader_election.namespace, None);
@@ -1192,6 +1240,7 @@ leaderElection:
             c.cgroup.root,
             CgroupRoot::Path("/sys/fs/cgroup/kubepods.slice".into())
         );
+        assert_eq!(c.cgroup.driver, Some(CgroupDriver::Systemd));
         assert_eq!(c.probe.interval.as_std(), Duration::from_secs(90));
         assert_eq!(c.warnings().len(), 2);
         let texts: Vec<String> = c.blocklist().iter().map(blocklist::describe).collect();

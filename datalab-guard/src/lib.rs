@@ -1,18 +1,33 @@
 //! datalab-guard: keeps tenant workloads away from cloud instance metadata endpoints with
 //! cgroup eBPF programs attached once at a cgroup root and driven by pinned maps.
 //!
-//! Module map (see DESIGN.md): `bpf` loads, attaches, pins and reads the kernel side;
-//! `blocklist` turns `--block`/`--preset` into CIDRs; `cgroups` knows the cgroup v2
-//! filesystem; `audit` turns ring-buffer events into JSON lines; `metrics` and `http`
-//! export counters and health; `check`, `status`, `uninstall` and `local` are the commands.
+//! How data flows through the modules (see DESIGN.md):
+//!
+//! ```text
+//! commands/      flags and config checked (bad input: exit 2), then one of:
+//!   local        a cgroup and its exempt sub-cgroups ──────────────────────┐
+//!   node/        k8s (API caches) → datalab_guard_policy (verdicts) → node::index        │
+//!                (pods ↔ cgroups/ pod cgroups) ───────────────────────────┤
+//!                                                                         ▼
+//! bpf::session   verdict map + blocked set + config → kernel programs (bpf/)
+//!                                                                         │
+//! kernel         attempts → counters and the audit ring buffer ────────────┤
+//!                                                                         ▼
+//! audit          ring buffer → JSON lines (node::audit_sink: + pod, Events)
+//! metrics, http  counters and health; node::state_file and status: on-call view
+//! ```
+//!
+//! Beside the flow: `blocklist` (CIDRs and presets), `config` (the node config file),
+//! `baseline_state` (each environment namespace's NetworkPolicy / Pod Security / CNI state,
+//! shared by `k8s::provision`, `probe` (the CNI enforcement probe), the metrics and the state file), `runtime`
+//! (tokio and signals), `input` (what counts as bad input).
 
 pub mod audit;
+pub mod baseline_state;
 pub mod blocklist;
 pub mod bpf;
 pub mod cgroups;
-pub mod cgroupwatch;
-pub mod check;
-pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod input;
@@ -20,12 +35,8 @@ pub mod k8s;
 pub mod local;
 pub mod metrics;
 pub mod node;
-
-pub mod podcgroup;
 pub mod probe;
 pub mod runtime;
-pub mod status;
-pub mod uninstall;
 
 /// Version reported by `--version` and the `build_info` metric.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -2,8 +2,8 @@
 //! cgroup's subtree except exempted sub-cgroups (e.g. `user.slice` on a shared JupyterHub
 //! VM), and is the basis of the demo and the end-to-end tests.
 //!
-//! Order: validate all input (exit 2, kernel untouched) → bind the metrics port → fill the
-//! maps and attach (or adopt) → ready → serve metrics, stream audit lines, keep the exempt
+//! Order: `commands::local` validates all input (exit 2, kernel untouched) → bind the
+//! metrics port → fill the maps and attach (or adopt) → ready → serve metrics, stream audit lines, keep the exempt
 //! entries in line with the directories. SIGTERM/SIGINT exit and leave enforcement pinned.
 
 use std::{
@@ -14,89 +14,35 @@ use std::{
     time::Duration,
 };
 
-use datalab_guard_common::{counters::Stat, GuardConfig, Mode, PolicyEntry, Verdict};
+use datalab_guard_common::{cidr::Cidr, PolicyEntry, Verdict};
 
 use crate::{
-    audit, blocklist,
-    bpf::{self, GuardMaps, InstallOutcome, InstallRequest, PinLayout},
+    audit,
+    bpf::{DatapathSettings, PinLayout, Session, StartRequest},
     cgroups::{self, CgroupDir},
-    cli::{LocalArgs, ModeArg, Shared},
     http,
     input::bad_input,
-    metrics::{CounterSample, Snapshot},
+    metrics::SnapshotFn,
 };
 
-/// Default metrics address in local mode: loopback only.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
 /// How often the exempt directories are re-read (a recreated directory has a new id).
-const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+const EXEMPT_RESCAN_EVERY: Duration = Duration::from_secs(2);
 /// Bound on the cgroup-id → path cache used to attribute audit lines.
 const PATH_CACHE_MAX: usize = 4096;
 
-/// The validated input of a local run.
-struct Plan {
-    root: CgroupDir,
-    exempt: Vec<PathBuf>,
-    blocked: Vec<datalab_guard_common::cidr::Cidr>,
-    config: GuardConfig,
-    metrics_addr: SocketAddr,
+/// The validated input of a local run (see `commands::local`).
+pub struct Plan {
+    pub bpffs: PathBuf,
+    pub root: CgroupDir,
+    pub exempt: Vec<PathBuf>,
+    pub blocked: Vec<Cidr>,
+    pub settings: DatapathSettings,
+    pub metrics_addr: SocketAddr,
 }
 
-pub fn run(shared: &Shared, args: &LocalArgs) -> anyhow::Result<()> {
-    let plan = validate(shared, args)?;
-    crate::runtime::build()?.block_on(serve(shared, plan))
-}
-
-fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
-    let blocked = blocklist::build_blocklist(&shared.block, &shared.preset).map_err(bad_input)?;
-    let root = cgroups::validate_cgroup_dir(&args.cgroup)
-        .map_err(|e| bad_input(format!("--cgroup: {e}")))?;
-    let mut exempt = Vec::new();
-    for dir in &args.exempt {
-        let sub =
-            cgroups::validate_cgroup_dir(dir).map_err(|e| bad_input(format!("--exempt: {e}")))?;
-        if !cgroups::is_within(&sub, &root) {
-            return Err(bad_input(format!(
-                "--exempt {} is not inside --cgroup {}",
-                dir.display(),
-                root.path.display()
-            )));
-        }
-        exempt.push(sub.path);
-    }
-    if args.deny_raw_sockets
-        && crate::check::bpf_lsm_active(crate::check::active_lsms().as_deref()) == Some(false)
-    {
-        return Err(bad_input(format!(
-            "--deny-raw-sockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
-            crate::check::active_lsms().unwrap_or_default()
-        )));
-    }
-    let metrics_addr = match shared.metrics_addr {
-        Some(addr) => addr,
-        None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
-    };
-    let mut config = GuardConfig::zeroed();
-    config.mode = match shared.mode_or_default() {
-        ModeArg::Enforce => Mode::Enforce as u32,
-        ModeArg::Audit => Mode::Audit as u32,
-    };
-    config.default_verdict = Verdict::Guard as u32;
-    config.deny_raw_sockets = u32::from(args.deny_raw_sockets);
-    config.events_per_window = args.audit_rate;
-    config.window_ms = 1000;
-    Ok(Plan {
-        root,
-        exempt,
-        blocked,
-        config,
-        metrics_addr,
-    })
-}
-
-/// The POLICY entries local mode wants: the root guarded, each exempt directory exempt.
+/// The verdict-map entries local mode wants: the root guarded, each exempt directory exempt.
 /// Directories that vanished are skipped (their processes are gone with them).
-fn desired_policy(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyEntry> {
+fn desired_verdicts(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyEntry> {
     let mut policy = BTreeMap::new();
     policy.insert(
         root.id,
@@ -124,37 +70,22 @@ fn desired_policy(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyE
     policy
 }
 
-async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
+/// Binds the metrics port, installs, and serves until SIGTERM/SIGINT.
+pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     // Bind before touching the kernel: a taken port is bad input, not a half install.
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
     let mut termination = crate::runtime::Termination::new()?;
-    let layout = PinLayout::new(&shared.bpffs);
-    let installed = bpf::install(InstallRequest {
+    let layout = PinLayout::new(&plan.bpffs);
+    let (session, events) = Session::start(StartRequest {
         layout: layout.clone(),
         root: plan.root.clone(),
-        config: plan.config,
+        settings: plan.settings,
         blocked: plan.blocked.clone(),
-        policy: desired_policy(&plan.root, &plan.exempt),
+        verdicts: desired_verdicts(&plan.root, &plan.exempt),
     })?;
-    let outcome = match installed.outcome {
-        InstallOutcome::Fresh => "attached".to_owned(),
-        InstallOutcome::Adopted => "adopted existing pins".to_owned(),
-        InstallOutcome::Upgraded { previous_hash } => {
-            format!("upgraded programs {previous_hash:016x}")
-        }
-    };
-    tracing::info!(
-        root = %plan.root.path.display(),
-        bpffs = %layout.root().display(),
-        mode = ?shared.mode_or_default(),
-        blocked = %plan.blocked.iter().map(blocklist::describe).collect::<Vec<_>>().join(","),
-        links = %installed.links.join(","),
-        "guard {outcome}"
-    );
-
-    let bpf::Installed { maps, events, .. } = installed;
-    let maps = Arc::new(Mutex::new(maps));
-    let state = Arc::new(http::HttpState::new(snapshot_fn(maps.clone())));
+    let audit_stats = session.audit_stats();
+    let session = Arc::new(Mutex::new(session));
+    let state = Arc::new(http::HttpState::new(snapshot_fn(session.clone())));
     state.set_ready(true, "programs attached and maps current");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -165,11 +96,12 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     ));
     let audit_task = tokio::spawn(stream_audit(
         events,
+        audit_stats,
         plan.root.path.clone(),
         shutdown_rx.clone(),
     ));
     let reconcile_task = tokio::spawn(reconcile_loop(
-        maps.clone(),
+        session,
         plan.root.clone(),
         plan.exempt.clone(),
         state.clone(),
@@ -188,7 +120,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
 /// Keeps POLICY equal to the directories' current ids; reports not-ready while the root is
 /// gone or the maps cannot be written.
 async fn reconcile_loop(
-    maps: Arc<Mutex<GuardMaps>>,
+    session: Arc<Mutex<Session>>,
     root: CgroupDir,
     exempt: Vec<PathBuf>,
     state: Arc<http::HttpState>,
@@ -196,7 +128,7 @@ async fn reconcile_loop(
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {},
+            _ = tokio::time::sleep(EXEMPT_RESCAN_EVERY) => {},
             _ = shutdown.changed() => return,
         }
         let root_alive = cgroups::validate_cgroup_dir(&root.path)
@@ -206,24 +138,24 @@ async fn reconcile_loop(
             state.set_ready(false, "the guarded cgroup is gone");
             continue;
         }
-        let desired = desired_policy(&root, &exempt);
-        let result = maps
+        let desired = desired_verdicts(&root, &exempt);
+        let result = session
             .lock()
-            .map_err(|_| anyhow::anyhow!("maps lock poisoned"))
-            .and_then(|mut m| m.reconcile_policy(&desired));
+            .map_err(|_| anyhow::anyhow!("session lock poisoned"))
+            .and_then(|mut s| s.maps_mut().reconcile_policy(&desired));
         match result {
             Ok(changes) if changes != Default::default() => {
                 tracing::info!(
                     added = changes.added,
                     updated = changes.updated,
                     removed = changes.removed,
-                    "policy reconciled"
+                    "verdict map reconciled"
                 );
                 state.set_ready(true, "programs attached and maps current");
             }
             Ok(_) => state.set_ready(true, "programs attached and maps current"),
             Err(e) => {
-                tracing::error!(error = %e, "cannot reconcile the policy map");
+                tracing::error!(error = %e, "cannot reconcile the verdict map");
                 state.set_ready(false, "policy map not reconciled");
             }
         }
@@ -234,6 +166,7 @@ async fn reconcile_loop(
 /// cgroup (relative to the cgroup2 mount) the attempt came from.
 async fn stream_audit(
     events: aya::maps::RingBuf<aya::maps::MapData>,
+    stats: Arc<audit::ConsumerStats>,
     root: PathBuf,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -259,42 +192,17 @@ async fn stream_audit(
         };
         audit::write_line(&audit::record(&event, &clock, &who));
     };
-    if let Err(e) = audit::consume(events, sink, shutdown).await {
+    if let Err(e) = audit::consume(events, sink, stats, shutdown).await {
         tracing::error!(error = %e, "audit stream stopped");
     }
 }
 
-/// The metrics snapshot: in-kernel counters (class 0 in local mode) and statistics.
-fn snapshot_fn(
-    maps: Arc<Mutex<GuardMaps>>,
-) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
+/// The metrics snapshot: in-kernel counters (class 0: local mode has no namespaces).
+fn snapshot_fn(session: Arc<Mutex<Session>>) -> SnapshotFn {
     Arc::new(move || {
-        let maps = maps
+        session
             .lock()
-            .map_err(|_| anyhow::anyhow!("maps lock poisoned"))?;
-        let counters = maps
-            .counters([0])?
-            .into_iter()
-            .map(|c| CounterSample {
-                action: c.action,
-                family: c.family,
-                hook: c.hook,
-                namespace: String::new(),
-                value: c.value,
-            })
-            .collect();
-        let policy = maps.policy()?;
-        Ok(Snapshot {
-            counters,
-            events_lost: maps.stat(Stat::EventsLost)?,
-            events_suppressed: maps.stat(Stat::EventsSuppressed)?,
-            events_malformed: 0,
-            guarded: None,
-            exempt: None,
-            unknown_cgroups: None,
-            policy_entries: policy.len() as u64,
-            policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
-            namespaces: Vec::new(),
-        })
+            .map_err(|_| anyhow::anyhow!("session lock poisoned"))?
+            .snapshot(&BTreeMap::new())
     })
 }

@@ -1,12 +1,26 @@
+//! The `datalab-guard` binary: parse, start logging, run the command, and turn an error into
+//! one line on stderr and an exit code (2 for bad input, 1 otherwise).
+
 use clap::Parser as _;
-use datalab_guard::{cli, input};
+use datalab_guard::{
+    commands::{self, check, local, node, status, uninstall, Cli, Command},
+    input,
+};
 
 fn main() {
-    let args = cli::Cli::parse();
-    if let Err(err) = cli::run(args) {
-        // One line: the whole cause chain, outermost first.
+    let Cli { command, shared } = Cli::parse();
+    commands::init_logging(shared.log_format);
+    let result = match command {
+        Command::Node(args) => node::run(&shared, &args),
+        Command::Local(args) => local::run(&shared, &args),
+        Command::Status(args) => status::run(&shared, &args),
+        Command::Check => check::run(&shared),
+        Command::Uninstall => uninstall::run(&shared),
+    };
+    if let Err(err) = result {
         // One line, whatever the causes print: an operator greps for it, and a multi-line
-        // parser diagnostic (YAML, kubeconfig) would be cut apart by log collectors.
+        // parser diagnostic (YAML, kubeconfig) would be cut apart by log collectors. The
+        // whole cause chain, outermost first.
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
         let line = chain
             .join(": ")

@@ -38,6 +38,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::baseline_state::{CniState, PolicyState};
+
 /// Summed in-kernel counter of one (action, family, hook, namespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CounterSample {
@@ -70,17 +72,14 @@ pub struct Snapshot {
     pub namespaces: Vec<NamespaceSample>,
 }
 
-/// One environment namespace's baseline state (`None`: not checked yet, no series).
+/// One environment namespace's baseline state (`None`: not checked yet, no series). The
+/// `state` label values are [`PolicyState::as_str`] and [`CniState::as_str`] over `ALL`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceSample {
     pub namespace: String,
-    pub policy: Option<&'static str>,
-    pub cni: Option<&'static str>,
+    pub policy: Option<PolicyState>,
+    pub cni: Option<CniState>,
 }
-
-/// The values `networkpolicy_state{state}` and `cni_enforcement{state}` take.
-pub const POLICY_STATES: [&str; 5] = ["ok", "missing", "drifted", "repaired", "bypassed"];
-pub const CNI_STATES: [&str; 3] = ["enforced", "not_enforced", "inconclusive"];
 
 /// Produces a [`Snapshot`]; called on every scrape, from a blocking thread.
 pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
@@ -244,19 +243,19 @@ impl Collector for GuardCollector {
                 &mut encoder,
                 "networkpolicy_state",
                 HELP_POLICY_STATE,
-                &POLICY_STATES,
+                &PolicyState::ALL.map(PolicyState::as_str),
                 s.namespaces
                     .iter()
-                    .filter_map(|n| Some((n.namespace.as_str(), n.policy?))),
+                    .filter_map(|n| Some((n.namespace.as_str(), n.policy?.as_str()))),
             )?;
             encode_states(
                 &mut encoder,
                 "cni_enforcement",
                 HELP_CNI,
-                &CNI_STATES,
+                &CniState::ALL.map(CniState::as_str),
                 s.namespaces
                     .iter()
-                    .filter_map(|n| Some((n.namespace.as_str(), n.cni?))),
+                    .filter_map(|n| Some((n.namespace.as_str(), n.cni?.as_str()))),
             )?;
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
@@ -498,12 +497,12 @@ mod tests {
         s.namespaces = vec![
             NamespaceSample {
                 namespace: "env-a".into(),
-                policy: Some("bypassed"),
-                cni: Some("enforced"),
+                policy: Some(PolicyState::Bypassed),
+                cni: Some(CniState::Enforced),
             },
             NamespaceSample {
                 namespace: "env-b".into(),
-                policy: Some("ok"),
+                policy: Some(PolicyState::Ok),
                 cni: None,
             },
         ];

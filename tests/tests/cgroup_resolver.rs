@@ -1,4 +1,4 @@
-//! Privileged tests of the cgroup resolver (`podcgroup`) and watcher (`cgroupwatch`) on fake
+//! Privileged tests of the cgroup resolver (`cgroups::pod`) and watcher (`cgroups::watch`) on fake
 //! kubelet trees: real cgroup2 directories, laid out the way the kubelet and the container
 //! runtimes name them, inside a [`TestCgroup`] (removed with everything in it on drop).
 //!
@@ -12,13 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datalab_guard::{
-    cgroups,
-    cgroupwatch::{CgroupEvent, CgroupWatcher, WatchConfig, WatcherThread},
-    podcgroup::{
+use datalab_guard::cgroups::{
+    self,
+    pod::{
         detect_driver, detect_pods_root, pod_cgroup_dir, qos_cgroup_dir, scan_pods, CgroupDriver,
         ContainerDirKind, DiscoveredPod, PodCgroupError, QosClass, Runtime,
     },
+    watch::{CgroupEvent, CgroupWatcher, WatchConfig, WatcherThread},
 };
 use datalab_guard_tests::{cgroup_id, require_root, TestCgroup};
 

@@ -26,7 +26,7 @@ use std::{
 
 use datalab_guard::{
     config::{HumanDuration, ProbeConfig},
-    k8s::state::{CniState, NamespaceStates},
+    baseline_state::{CniState, NamespaceStates},
     probe::{self, ProbeOutcome, ProbeResult, ProbeSettings},
 };
 use datalab_guard_tests::{

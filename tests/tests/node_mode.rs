@@ -78,6 +78,16 @@ impl Node {
     }
 
     fn start(&mut self) {
+        self.spawn();
+        self.agent
+            .as_mut()
+            .expect("agent")
+            .wait_ready(self.metrics, Duration::from_secs(30))
+            .expect("agent ready");
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    fn spawn(&mut self) {
         let args = [
             "node".to_owned(),
             "--node-name".into(),
@@ -95,11 +105,29 @@ impl Node {
             "--state-file".into(),
             self.dir.join("state.json").display().to_string(),
         ];
-        let mut agent = Agent::spawn(&args).expect("spawn agent");
-        agent
-            .wait_ready(self.metrics, Duration::from_secs(30))
-            .expect("agent ready");
-        self.agent = Some(agent);
+        self.agent = Some(Agent::spawn(&args).expect("spawn agent"));
+    }
+
+    fn sighup(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.agent().pid() as i32, libc::SIGHUP) },
+            0
+        );
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = Agent::run(&[
+            "status",
+            "--output",
+            "json",
+            "--bpffs",
+            &self.pins().display().to_string(),
+            "--state-file",
+            &self.dir.join("state.json").display().to_string(),
+        ])
+        .unwrap();
+        serde_json::from_slice(&out.stdout).expect("status json")
     }
 
     fn agent(&self) -> &Agent {
@@ -574,5 +602,117 @@ fn node_bad_input_exits_2() {
             "{name}: one line: {stderr}"
         );
         assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
+    }
+}
+
+/// A SIGHUP that arrives while the agent still waits for its first sync (here: an API
+/// server that answers slowly) must not kill it; the agent then starts normally.
+#[test]
+fn sighup_during_startup_does_not_kill_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    let (ua, ca) = (uid(21), container_id(21));
+    node.announce("tenant-a", "notebook", "Burstable", &ua, &ca, false);
+    let tenant = node.make_cgroups("Burstable", &ua, &ca);
+    node.api.set_latency(Duration::from_secs(2));
+    node.spawn();
+    // /healthz answers once the agent serves HTTP, which it does before the first sync.
+    eventually("agent serves /healthz", Duration::from_secs(10), || {
+        datalab_guard_tests::http_get(node.metrics, "/healthz", Duration::from_millis(200))
+            .is_ok_and(|r| r.status == 200)
+    });
+    let readyz = datalab_guard_tests::http_get(node.metrics, "/readyz", Duration::from_secs(1))
+        .expect("readyz");
+    assert_eq!(readyz.status, 503, "still waiting for the sync when the SIGHUP is sent");
+    node.sighup();
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = node.agent.as_mut().unwrap();
+    assert!(
+        agent.try_status().is_none(),
+        "SIGHUP during start-up killed the agent; stderr:\n{}",
+        agent.stderr_lines().join("\n")
+    );
+    node.api.set_latency(Duration::ZERO);
+    let metrics = node.metrics;
+    node.agent
+        .as_mut()
+        .unwrap()
+        .wait_ready(metrics, Duration::from_secs(30))
+        .expect("ready after the delayed sync");
+    assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm());
+}
+
+/// SIGHUP turning `denyRawSockets` on attaches the socket programs only after the BPF LSM
+/// check and only all together. Where the kernel refuses BPF LSM programs (this machine),
+/// the reload is rejected as a whole: old config, old links, still enforcing.
+#[test]
+fn sighup_deny_raw_sockets_attaches_the_socket_programs_or_is_rejected() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    let (ua, ca) = (uid(31), container_id(31));
+    node.announce("tenant-a", "notebook", "Burstable", &ua, &ca, false);
+    let tenant = node.make_cgroups("Burstable", &ua, &ca);
+    node.start();
+    let links = |report: &serde_json::Value| -> Vec<(String, bool)> {
+        report["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l["program"].as_str().unwrap().to_owned(), l["pinned"] == true))
+            .collect()
+    };
+    let before = node.status_json();
+    assert_eq!(before["deny_raw_sockets"], false);
+    assert_eq!(links(&before).len(), 5, "{before}");
+
+    let config = node.dir.join("config.yaml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}denyRawSockets: true\nmode: audit\n")).unwrap();
+    node.sighup();
+    let outcome = |agent: &Agent| {
+        let stderr = agent.stderr_lines().join("\n");
+        if stderr.contains("socket programs attached") {
+            Some(true)
+        } else if stderr.contains("rejected by the datapath") {
+            Some(false)
+        } else {
+            None
+        }
+    };
+    eventually("reload outcome logged", Duration::from_secs(10), || {
+        outcome(node.agent()).is_some()
+    });
+    let after = node.status_json();
+    assert_eq!(after["enforcing"], true, "{after}");
+    assert!(links(&after).iter().all(|(_, pinned)| *pinned), "{after}");
+    if outcome(node.agent()) == Some(true) {
+        eprintln!("BPF LSM available: socket programs attached on reload");
+        assert_eq!(after["deny_raw_sockets"], true);
+        assert_eq!(after["mode"], "audit");
+        assert_eq!(links(&after).len(), 7, "{after}");
+        std::fs::write(&config, &original).unwrap();
+        node.sighup();
+        eventually("socket programs detached", Duration::from_secs(10), || {
+            let report = node.status_json();
+            report["deny_raw_sockets"] == false
+                && links(&report).len() == 5
+                && !node.pins().join("links/dg_sock_create").exists()
+        });
+    } else {
+        eprintln!("BPF LSM programs refused by this kernel: the reload must be rejected whole");
+        let stderr = node.agent().stderr_lines().join("\n");
+        assert!(stderr.contains("BPF LSM"), "the error names the BPF LSM: {stderr}");
+        assert_eq!(after["deny_raw_sockets"], false, "{after}");
+        assert_eq!(after["mode"], "enforce", "the rest of the reload is rejected too");
+        assert_eq!(links(&after), links(&before));
+        let pinned = std::fs::read_dir(node.pins().join("links"))
+            .unwrap()
+            .count();
+        assert_eq!(pinned, 5, "nothing half-attached");
+        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "still enforcing");
     }
 }

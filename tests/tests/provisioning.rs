@@ -22,11 +22,11 @@ use std::{
 };
 
 use datalab_guard::{
+    baseline_state::{NamespaceStates, PolicyState},
     config::Config,
     k8s::{
         leader::{Elector, LeaseSettings},
         provision::{self, BaselineHandle},
-        state::{NamespaceStates, PolicyState},
     },
 };
 use datalab_guard_tests::{

@@ -143,3 +143,79 @@ fn deny_raw_sockets_refuses_af_packet_or_fails_closed() {
         }
     }
 }
+
+/// The reload path's attach: socket programs attached to a running install later, pinned
+/// (so `status` and the next agent see them), and all or none: with the BPF LSM refused,
+/// asking for both leaves neither attached.
+#[test]
+fn socket_programs_attach_to_a_running_install_all_or_none() {
+    use datalab_guard::bpf::{
+        install::{attach_pinned, detach_pinned_links, SOCKET_PROGRAMS},
+        GuardMaps, PinLayout,
+    };
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    lab.start_fake_imds().unwrap();
+    let root = TestCgroup::new().unwrap();
+    let guarded = root.child("tenant").unwrap();
+    let bpffs = BpffsDir::new().unwrap();
+    let pins = bpffs.path().join("guard");
+    let metrics = free_loopback_addr().unwrap();
+    let args = [
+        "local".to_owned(),
+        "--cgroup".into(),
+        root.path().display().to_string(),
+        "--bpffs".into(),
+        pins.display().to_string(),
+        "--metrics-addr".into(),
+        metrics.to_string(),
+    ];
+    let mut agent = Agent::spawn(&args).unwrap();
+    agent.wait_ready(metrics, Duration::from_secs(20)).unwrap();
+    let layout = PinLayout::new(&pins);
+    let root_dir = datalab_guard::cgroups::validate_cgroup_dir(root.path()).unwrap();
+    let raw_ok = || {
+        lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80)
+            .unwrap()
+            .ok
+    };
+
+    // Both programs: where the kernel refuses the LSM one, nothing stays attached.
+    match attach_pinned(&layout, &root_dir, &SOCKET_PROGRAMS) {
+        Ok(()) => {
+            eprintln!("BPF LSM available: both socket programs attached");
+            assert!(SOCKET_PROGRAMS.iter().all(|p| layout.link(p).exists()));
+            detach_pinned_links(&layout, &SOCKET_PROGRAMS).unwrap();
+        }
+        Err(e) => {
+            eprintln!("BPF LSM refused ({e:#}): checking nothing is half-attached");
+            assert!(
+                SOCKET_PROGRAMS.iter().all(|p| !layout.link(p).exists()),
+                "no link pinned after a failed attach"
+            );
+        }
+    }
+    let mut maps = GuardMaps::from_pins(&layout).unwrap();
+    let mut config = maps.config().unwrap();
+    config.deny_raw_sockets = 1;
+    maps.config_set(config).unwrap();
+    assert!(raw_ok(), "no sock_create attached: raw sockets still work");
+
+    // sock_create alone attaches here: pinned, enforcing, and gone again when detached.
+    attach_pinned(&layout, &root_dir, &[programs::SOCK_CREATE]).unwrap();
+    assert!(layout.link(programs::SOCK_CREATE).exists());
+    let r = lab.probe(&guarded, "raw-hdrincl", "192.0.2.1", 80).unwrap();
+    assert!(!r.ok && r.is_eperm(), "raw socket refused: {}", r.raw);
+    // Attaching again is a no-op (already pinned), not a second link.
+    attach_pinned(&layout, &root_dir, &[programs::SOCK_CREATE]).unwrap();
+    detach_pinned_links(&layout, &[programs::SOCK_CREATE]).unwrap();
+    assert!(!layout.link(programs::SOCK_CREATE).exists());
+    assert!(raw_ok(), "detached: raw sockets work again");
+
+    agent.sigterm().unwrap();
+    agent.wait_exit(Duration::from_secs(10)).unwrap();
+    let out = Agent::run(&["uninstall", "--bpffs", &pins.display().to_string()]).unwrap();
+    assert!(out.status.success());
+}

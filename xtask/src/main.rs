@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Install the eBPF toolchain (Debian Rust + rust-src, LLVM 22, bpf-linker) and the test
-    /// tools. Idempotent.
+    /// tools. Idempotent. (bpffs is not mounted: tests use private mounts.)
     Setup,
     /// Run setup, build, and run all tests (needs root; skipped tests fail the run).
     Test(test::TestArgs),

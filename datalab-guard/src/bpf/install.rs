@@ -67,6 +67,10 @@ pub struct Installed {
     _ebpf: Ebpf,
 }
 
+/// The programs that refuse raw and packet sockets, attached only while the config denies
+/// them (`deny_raw_sockets`); attached and detached together.
+pub const SOCKET_PROGRAMS: [&str; 2] = [programs::SOCK_CREATE, programs::PACKET_SOCKET];
+
 /// The programs an install attaches, in attach order.
 pub fn wanted_programs(config: &GuardConfig) -> Vec<&'static str> {
     let mut wanted = vec![
@@ -77,8 +81,7 @@ pub fn wanted_programs(config: &GuardConfig) -> Vec<&'static str> {
         programs::EGRESS,
     ];
     if config.deny_raw_sockets != 0 {
-        wanted.push(programs::SOCK_CREATE);
-        wanted.push(programs::PACKET_SOCKET);
+        wanted.extend(SOCKET_PROGRAMS);
     }
     wanted
 }
@@ -175,6 +178,41 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         links: wanted.iter().map(|s| s.to_string()).collect(),
         _ebpf: ebpf,
     })
+}
+
+/// Attaches `names` (those not pinned yet) to an installed root and pins their links, all or
+/// none: an attach or pin that fails drops the links made so far, which detaches them. The
+/// maps are the pinned ones (the loader reuses pins), so the programs see the live state.
+pub fn attach_pinned(layout: &PinLayout, root: &CgroupDir, names: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| !layout.link(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .load(OBJECT)
+        .context("cannot load the eBPF object")?;
+    let cgroup = File::open(&root.path)
+        .with_context(|| format!("cannot open cgroup {}", root.path.display()))?;
+    let mut links = Vec::new();
+    for program in missing {
+        let link = attach(&mut ebpf, program, &cgroup)
+            .with_context(|| format!("cannot attach {program} to {}", root.path.display()))?;
+        links.push((program, link));
+    }
+    pin_all(layout, links)
+}
+
+/// Detaches the pinned links of `names` (those pinned).
+pub fn detach_pinned_links(layout: &PinLayout, names: &[&str]) -> anyhow::Result<()> {
+    for program in names {
+        detach_pinned(&layout.link(program))?;
+    }
+    Ok(())
 }
 
 /// One bpffs directory serves one attach root; a second root needs its own `--bpffs`.

@@ -52,7 +52,7 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
 pub fn slim_pod(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     if let Some(annotations) = pod.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| k == crate::podcgroup::MIRROR_POD_ANNOTATION);
+        annotations.retain(|k, _| k == crate::cgroups::pod::MIRROR_POD_ANNOTATION);
         if annotations.is_empty() {
             pod.metadata.annotations = None;
         }

@@ -122,11 +122,11 @@ pub async fn publish_cni_changes(
     node: String,
     mut changes: tokio::sync::mpsc::Receiver<(
         String,
-        Option<super::state::CniState>,
-        super::state::CniState,
+        Option<crate::baseline_state::CniState>,
+        crate::baseline_state::CniState,
     )>,
 ) {
-    use super::state::CniState;
+    use crate::baseline_state::CniState;
     let recorder = Recorder::new(
         client,
         Reporter {

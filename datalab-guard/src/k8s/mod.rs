@@ -8,7 +8,6 @@ pub mod events;
 pub mod leader;
 pub mod provision;
 pub mod psa;
-pub mod state;
 pub mod watch;
 
 pub use client::connect;

@@ -62,9 +62,11 @@ use super::{
     convert::namespace_info,
     leader::{self, Elector, LeaseSettings},
     psa,
-    state::{NamespaceStates, PolicyState, PsaState},
 };
-use crate::config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig};
+use crate::{
+    baseline_state::{NamespaceStates, PolicyState, PsaState},
+    config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
+};
 
 /// How long a repaired policy keeps the state `repaired` once it is right again, so that
 /// the `networkpolicy_state` metric shows the repair to a Prometheus scraping every minute.
@@ -123,9 +125,9 @@ pub struct BaselineHandle {
 ///   `policy`, `bypassed_by` and `psa` fields of environment namespaces and drops the
 ///   namespaces that are no longer environments.
 ///
-/// Node agent wiring (`node.rs`, after the client exists):
+/// Node agent wiring (`node/`, after the client exists):
 /// ```ignore
-/// let states = k8s::state::NamespaceStates::default();
+/// let states = datalab_guard::baseline_state::NamespaceStates::default();
 /// let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, states.clone());
 /// // SIGHUP, once the new config is accepted:   baseline.reload(&new_config);
 /// // on SIGTERM/SIGINT, before returning:       baseline.shutdown().await;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::state::PsaState;
+use crate::baseline_state::PsaState;
 use crate::config::PodSecurityLevel;
 
 /// The label Pod Security Admission enforces.

@@ -110,8 +110,8 @@ impl ClusterView {
                     .metadata
                     .annotations
                     .as_ref()?
-                    .get(crate::podcgroup::MIRROR_POD_ANNOTATION)?;
-                let cgroup_uid = crate::podcgroup::cgroup_pod_uid(uid, Some(mirror));
+                    .get(crate::cgroups::pod::MIRROR_POD_ANNOTATION)?;
+                let cgroup_uid = crate::cgroups::pod::cgroup_pod_uid(uid, Some(mirror));
                 (cgroup_uid != uid).then(|| (uid.to_owned(), cgroup_uid.to_owned()))
             })
             .collect()

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, net::SocketAddr};
 
 use super::attempt::{ProbeOutcome, ProbeResult};
-use crate::k8s::state::CniState;
+use crate::baseline_state::CniState;
 
 /// The verdict for one namespace, from the control's outcomes (`host`) and the pod's.
 ///

@@ -83,7 +83,7 @@ pub use self::{
     round::{probe_once, PARALLEL_NAMESPACES},
     settings::{targets_from_blocked, ProbeSettings},
 };
-use crate::k8s::state::{CniState, NamespaceStates};
+use crate::baseline_state::{CniState, NamespaceStates};
 
 /// The agent's own network namespace: the control of every round.
 pub const SELF_NETNS: &str = "/proc/self/ns/net";

@@ -15,7 +15,7 @@ use super::{
     attempt::{probe_in_netns, ProbeOutcome, ProbeResult},
     classify::classify,
 };
-use crate::k8s::state::{CniState, NamespaceStates};
+use crate::baseline_state::{CniState, NamespaceStates};
 
 /// Namespaces probed at the same time (each takes one blocking thread for up to one timeout).
 pub const PARALLEL_NAMESPACES: usize = 4;

@@ -1,6 +1,8 @@
-//! What the agent knows about each environment namespace's baseline, shared by the
-//! provisioning controller (leader), the CNI probe (every node), the metrics and `status`.
-//! Plain data: writers replace entries, readers snapshot.
+//! What the agent knows about each environment namespace's baseline (its allow-web-egress
+//! NetworkPolicy, Pod Security labels, and whether the CNI enforces the policy), shared by
+//! the provisioning controller (leader), the CNI probe (every node), the metrics and
+//! `status`. Plain data: writers replace entries, readers snapshot. The state names here are
+//! the only spelling: the metrics' `state` labels and the state file both use them.
 
 use std::{
     collections::BTreeMap,
@@ -109,5 +111,26 @@ impl NamespaceStates {
 
     pub fn snapshot(&self) -> BTreeMap<String, NamespaceStatus> {
         self.0.read().expect("namespace states lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_serialized_names() {
+        for state in PolicyState::ALL {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        for state in CniState::ALL {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
     }
 }

@@ -1,52 +1,56 @@
 //! `datalab-guard status`: what is enforced now, read only from the pinned state, so it
 //! answers the same whether or not an agent is running.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
 use aya::programs::links::PinnedLink;
+use clap::{Args, ValueEnum};
 use datalab_guard_common::{counters::Stat, Mode, Verdict};
 use serde_json::json;
 
+use super::Shared;
 use crate::{
     blocklist::describe,
     bpf::{
         install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout,
     },
     cgroups,
-    cli::{OutputFormat, Shared},
+    node::state_file::{StateFile, DEFAULT_STATE_FILE, STALE_AFTER},
 };
 
-pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::Result<()> {
+/// Bound on the cgroup directories visited to name the verdict map's entries.
+const MAX_CGROUP_WALK: usize = 200_000;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// The node agent's state file (per environment namespace: NetworkPolicy, Pod Security,
+    /// CNI enforcement); shown when present.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+pub fn run(shared: &Shared, args: &StatusArgs) -> anyhow::Result<()> {
     let layout = PinLayout::new(&shared.bpffs);
     let mut report = collect(&layout)?;
     // Node mode: the agent's view of each environment namespace's baseline.
-    if let Ok(text) = std::fs::read_to_string(state_file) {
-        if let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) {
-            // Exact in-kernel totals per environment namespace (its counter class).
-            if layout.exists() {
-                if let (Ok(maps), Some(classes)) = (
-                    GuardMaps::from_pins(&layout),
-                    state["counter_classes"].as_object(),
-                ) {
-                    let ids: Vec<(u32, String)> = classes
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned())))
-                        .collect();
-                    if let Ok(values) = maps.counters(ids.iter().map(|(id, _)| *id)) {
-                        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
-                        for v in values {
-                            if let Some((_, ns)) = ids.iter().find(|(id, _)| *id == v.class) {
-                                *totals.entry(ns.clone()).or_insert(0) += v.value;
-                            }
-                        }
-                        report["namespace_attempts"] = json!(totals);
-                    }
-                }
-            }
-            report["environments"] = state;
-        }
+    match StateFile::read(&args.state_file) {
+        Ok(Some(state)) => add_state_file(&mut report, &layout, &state, SystemTime::now()),
+        Ok(None) => {}
+        Err(e) => report["state_file_error"] = json!(format!("{e:#}")),
     }
-    match output {
+    match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Text => print_text(&report),
     }
@@ -55,6 +59,33 @@ pub fn run(shared: &Shared, output: OutputFormat, state_file: &Path) -> anyhow::
     } else {
         Err(anyhow::anyhow!("not enforcing (see above)"))
     }
+}
+
+/// Adds the state file (as `environments`), its age, and the exact in-kernel totals per
+/// environment namespace (its counter class).
+fn add_state_file(
+    report: &mut serde_json::Value,
+    layout: &PinLayout,
+    state: &StateFile,
+    now: SystemTime,
+) {
+    if layout.exists() {
+        if let Ok(maps) = GuardMaps::from_pins(layout) {
+            let classes = &state.counter_classes;
+            if let Ok(values) = maps.counters(classes.keys().copied()) {
+                let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+                for v in values {
+                    if let Some(ns) = classes.get(&v.class) {
+                        *totals.entry(ns).or_insert(0) += v.value;
+                    }
+                }
+                report["namespace_attempts"] = json!(totals);
+            }
+        }
+    }
+    report["state_file_age_seconds"] = json!(state.age_secs(now));
+    report["state_file_stale"] = json!(state.is_stale(now));
+    report["environments"] = serde_json::to_value(state).unwrap_or_default();
 }
 
 /// The status as JSON (the text form is rendered from it).
@@ -79,19 +110,22 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
     let root_alive = std::fs::metadata(&root)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id)
         .unwrap_or(false);
+    let verdicts = maps.policy()?;
+    let ids: HashSet<u64> = verdicts.keys().copied().collect();
+    // One walk for every entry: at 10 000 pods a walk per entry would be quadratic.
+    let paths = cgroups::paths_by_id(Path::new(&root), &ids, MAX_CGROUP_WALK);
     let mount = cgroups::cgroup2_mount().ok();
-    let policy: Vec<_> = maps
-        .policy()?
+    let policy: Vec<_> = verdicts
         .into_iter()
         .map(|(id, entry)| {
-            let path = cgroups::find_by_id(Path::new(&root), id, 100_000).map(|p| match &mount {
-                Some(m) => format!("/{}", p.strip_prefix(m).unwrap_or(&p).display()),
+            let path = paths.get(&id).map(|p| match &mount {
+                Some(m) => format!("/{}", p.strip_prefix(m).unwrap_or(p).display()),
                 None => p.display().to_string(),
             });
             json!({
                 "cgroup_id": id,
                 "cgroup": path,
-                "verdict": verdict_name(Verdict::from_raw(entry.verdict)),
+                "verdict": Verdict::from_raw(entry.verdict).name(),
                 "class": entry.class,
             })
         })
@@ -109,8 +143,8 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
         "root": root,
         "root_cgroup_id": meta.root_cgroup_id,
         "root_exists": root_alive,
-        "mode": match Mode::from_raw(config.mode) { Mode::Enforce => "enforce", Mode::Audit => "audit" },
-        "default_verdict": verdict_name(Verdict::from_raw(config.default_verdict)),
+        "mode": Mode::from_raw(config.mode).name(),
+        "default_verdict": Verdict::from_raw(config.default_verdict).name(),
         "deny_raw_sockets": config.deny_raw_sockets != 0,
         "programs_hash": format!("{:016x}", meta.object_hash),
         "programs_match_this_binary": meta.object_hash == object_hash(),
@@ -124,19 +158,24 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Guard => "guard",
-        Verdict::Exempt => "exempt",
-    }
+/// A JSON value as text: strings without quotes.
+fn s(v: &serde_json::Value) -> String {
+    v.as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn print_text(r: &serde_json::Value) {
-    let s = |v: &serde_json::Value| {
-        v.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| v.to_string())
-    };
+    print_install(r);
+    if let Some(error) = r["state_file_error"].as_str() {
+        println!("  ! cannot read the node agent's state file: {error}");
+    }
+    print_environments(r);
+    print_pods(r);
+}
+
+/// The pinned state: headline, config, links, verdict map, counters.
+fn print_install(r: &serde_json::Value) {
     if r["installed"] != json!(true) {
         println!("NOT INSTALLED  nothing pinned under {}", s(&r["bpffs"]));
         return;
@@ -220,8 +259,22 @@ fn print_text(r: &serde_json::Value) {
         "  audit events lost: {}  suppressed by rate limit: {}",
         r["audit_events_lost"], r["audit_events_suppressed"]
     );
+}
+
+/// The state file's environment namespaces, with its age (and a warning when stale).
+fn print_environments(r: &serde_json::Value) {
     if let Some(namespaces) = r["environments"]["namespaces"].as_object() {
-        println!("  environments (node {}):", s(&r["environments"]["node"]));
+        let age = r["state_file_age_seconds"].as_u64().unwrap_or(0);
+        println!(
+            "  environments (node {}, state written {age}s ago):",
+            s(&r["environments"]["node"])
+        );
+        if r["state_file_stale"] == json!(true) {
+            println!(
+                "  ! the state file is older than {}s: the node agent is not running or cannot write it; what follows may be out of date",
+                STALE_AFTER.as_secs()
+            );
+        }
         println!(
             "    {:<32} {:<10} {:<12} CNI",
             "NAMESPACE", "POLICY", "POD SECURITY"
@@ -251,6 +304,10 @@ fn print_text(r: &serde_json::Value) {
             );
         }
     }
+}
+
+/// The state file's pods: attempts first, then guarded before exempt.
+fn print_pods(r: &serde_json::Value) {
     if let Some(pods) = r["environments"]["pods"].as_array() {
         let guarded = pods
             .iter()

@@ -1,5 +1,7 @@
 //! cgroup v2 filesystem facts: where the unified hierarchy is mounted, what a cgroup
-//! directory's id (inode) and level (depth) are, and where this process lives.
+//! directory's id (inode) and level (depth) are, and where this process lives. Below it,
+//! [`pod`] knows how the kubelet names pod and container cgroups, and [`watch`] follows
+//! them appearing and going.
 //!
 //! The mount is never assumed: a Kubernetes node usually has pure v2 at `/sys/fs/cgroup`,
 //! a hybrid host has it at `/sys/fs/cgroup/unified`, so it is read from
@@ -10,8 +12,11 @@
 //! host's cgroup namespace (a private cgroup namespace shows paths relative to its own root,
 //! and every level here would then be short by that root's depth).
 
+pub mod pod;
+pub mod watch;
+
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, HashSet, VecDeque},
     ffi::CString,
     fs, io,
     os::unix::{ffi::OsStrExt, fs::DirEntryExt, fs::MetadataExt},
@@ -238,15 +243,29 @@ pub fn is_within(child: &CgroupDir, parent: &CgroupDir) -> bool {
 /// `max_entries` directories breadth first. Unreadable or vanishing directories (cgroups
 /// are removed concurrently) are skipped.
 pub fn find_by_id(root: &Path, id: u64, max_entries: usize) -> Option<PathBuf> {
-    if max_entries == 0 {
-        return None;
+    paths_by_id(root, &HashSet::from([id]), max_entries).remove(&id)
+}
+
+/// The directories under `root` (inclusive) of the cgroup ids in `ids`, in one breadth-first
+/// walk that stops once all are found or `max_entries` directories were visited. Ids not
+/// found are absent from the result.
+pub fn paths_by_id(root: &Path, ids: &HashSet<u64>, max_entries: usize) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
+    if max_entries == 0 || ids.is_empty() {
+        return found;
     }
-    if fs::metadata(root).ok()?.ino() == id {
-        return Some(root.to_path_buf());
+    let Ok(meta) = fs::metadata(root) else {
+        return found;
+    };
+    if ids.contains(&meta.ino()) {
+        found.insert(meta.ino(), root.to_path_buf());
     }
     let mut visited = 1usize;
     let mut queue = VecDeque::from([root.to_path_buf()]);
     while let Some(dir) = queue.pop_front() {
+        if found.len() == ids.len() {
+            break;
+        }
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };
@@ -256,16 +275,16 @@ pub fn find_by_id(root: &Path, id: u64, max_entries: usize) -> Option<PathBuf> {
                 continue;
             }
             if visited >= max_entries {
-                return None;
+                return found;
             }
             visited += 1;
-            if entry.ino() == id {
-                return Some(entry.path());
+            if ids.contains(&entry.ino()) {
+                found.insert(entry.ino(), entry.path());
             }
             queue.push_back(entry.path());
         }
     }
-    None
+    found
 }
 
 /// The cgroup v2 path of this process relative to the hierarchy root, from

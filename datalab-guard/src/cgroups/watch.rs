@@ -44,12 +44,13 @@ use futures::StreamExt as _;
 use inotify::{EventMask, EventOwned, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    cgroups::{self, CgroupError},
-    podcgroup::{
+use crate::cgroups::{
+    self,
+    pod::{
         parse_container_dir_name, parse_pod_dir_name, parse_qos_dir_name, pod_cgroup_dir,
         qos_cgroup_dir, scan_pods, CgroupDriver, DiscoveredPod, QosClass,
     },
+    CgroupError,
 };
 
 /// How often the full rescan runs unless configured otherwise.
@@ -78,7 +79,7 @@ pub enum CgroupEvent {
 /// What to watch and how.
 #[derive(Clone, Debug)]
 pub struct WatchConfig {
-    /// The pods' root (e.g. from [`crate::podcgroup::detect_pods_root`]).
+    /// The pods' root (e.g. from [`crate::cgroups::pod::detect_pods_root`]).
     pub root: PathBuf,
     pub driver: CgroupDriver,
     /// Period of the full rescan (at least [`MIN_RESCAN_INTERVAL`]; shorter is raised).

@@ -3,9 +3,11 @@
 
 use std::path::Path;
 
+use super::Shared;
 use crate::bpf::{install::remove_all_pins, PinLayout};
 
-pub fn run(bpffs: &Path) -> anyhow::Result<()> {
+pub fn run(shared: &Shared) -> anyhow::Result<()> {
+    let bpffs: &Path = &shared.bpffs;
     let layout = PinLayout::new(bpffs);
     if !layout.root().exists() {
         println!("nothing installed under {}", bpffs.display());

@@ -9,7 +9,11 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use crate::cgroups::{self, MountEntry};
+use super::Shared;
+use crate::{
+    bpf::lsm::{active_lsms, bpf_lsm_active, LSM_LIST},
+    cgroups::{self, MountEntry},
+};
 
 /// Outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +71,17 @@ pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_BPF: u32 = 39;
 
+/// The command: prints every check; fails (exit 1) when one fails.
+pub fn run(shared: &Shared) -> anyhow::Result<()> {
+    if print(&checks(&shared.bpffs)) {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("preflight failed"))
+    }
+}
+
 /// Runs every check; `bpffs` is the `--bpffs` directory (it may not exist yet).
-pub fn run(bpffs: &Path) -> Vec<CheckLine> {
+pub fn checks(bpffs: &Path) -> Vec<CheckLine> {
     let read = |path: &str| fs::read_to_string(path).ok();
     let mountinfo = read("/proc/self/mountinfo").unwrap_or_default();
     let mounts = cgroups::parse_mountinfo(&mountinfo);
@@ -89,21 +102,6 @@ pub fn run(bpffs: &Path) -> Vec<CheckLine> {
     ));
     lines.push(check_bpf_lsm(active_lsms().as_deref()));
     lines
-}
-
-/// Where the kernel lists its active LSMs (securityfs).
-const LSM_LIST: &str = "/sys/kernel/security/lsm";
-
-/// The active LSMs, comma separated, when securityfs is mounted.
-pub fn active_lsms() -> Option<String> {
-    fs::read_to_string(LSM_LIST)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-/// `Some(true)` when the BPF LSM is active, `None` when it cannot be told.
-pub fn bpf_lsm_active(lsms: Option<&str>) -> Option<bool> {
-    lsms.map(|list| list.split(',').any(|l| l.trim() == "bpf"))
 }
 
 /// The BPF LSM is what lets `--deny-raw-sockets` refuse AF_PACKET sockets.
@@ -552,7 +550,7 @@ mod tests {
 
     #[test]
     fn run_on_this_machine_reports_every_check() {
-        let lines = run(Path::new("/sys/fs/bpf/datalab-guard"));
+        let lines = checks(Path::new("/sys/fs/bpf/datalab-guard"));
         // kernel, BTF, cgroup2, bpffs, three capabilities, JIT, unprivileged BPF, BPF LSM.
         assert_eq!(lines.len(), 10, "{lines:#?}");
         assert!(lines[0].message.starts_with("kernel "));

@@ -1,0 +1,115 @@
+//! `datalab-guard node`: its arguments and their checks. The config file, kubeconfig,
+//! cgroup root and driver are all validated here (exit 2, nothing touched) before
+//! [`crate::node::serve`] runs.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::Shared;
+use crate::{
+    bpf::lsm,
+    cgroups::{self, pod, pod::CgroupDriver, CgroupDir},
+    config::{Config, ConfigSource},
+    input::bad_input,
+    node::{self, state_file::DEFAULT_STATE_FILE, Plan},
+};
+
+/// Default metrics address in node mode: Prometheus scrapes the pod IP.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Config file (YAML; every key optional, unknown keys are errors). SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The pods' cgroup root (e.g. /sys/fs/cgroup/kubepods.slice) [default: detected].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Where the container runtime keeps pod network namespaces (the host's /run/netns,
+    /// mounted read-only), for the CNI enforcement probe.
+    #[arg(long, value_name = "DIR", default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
+    /// Where the agent writes the per-namespace state `status` shows.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+}
+
+pub fn run(shared: &Shared, args: &NodeArgs) -> anyhow::Result<()> {
+    let plan = validate(shared, args)?;
+    crate::runtime::build()?.block_on(node::serve(plan))
+}
+
+fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| bad_input("the node name is required: --node-name or NODE_NAME"))?;
+    let config_source = ConfigSource {
+        path: args.config.clone(),
+        blocks: shared.block.clone(),
+        presets: shared.preset.clone(),
+        mode: shared.mode(),
+    };
+    let config = config_source
+        .load()
+        .map_err(|e| bad_input(format!("{e:#}")))?;
+    if let Some(path) = &args.kubeconfig {
+        // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
+        kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
+    }
+    let (root, driver) = resolve_root(args.cgroup_root.as_deref(), &config)?;
+    let metrics_addr = match shared.metrics_addr {
+        Some(addr) => addr,
+        None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
+    };
+    if config.deny_raw_sockets {
+        lsm::require_bpf_lsm().map_err(|e| bad_input(format!("denyRawSockets: {e}")))?;
+    }
+    Ok(Plan {
+        node,
+        config_source,
+        config,
+        root,
+        driver,
+        bpffs: shared.bpffs.clone(),
+        metrics_addr,
+        kubeconfig: args.kubeconfig.clone(),
+        own_pod_uid: std::env::var("POD_UID").ok().filter(|s| !s.is_empty()),
+        netns_dir: args.netns_dir.clone(),
+        state_file: args.state_file.clone(),
+    })
+}
+
+/// The pods' cgroup root: `--cgroup-root`, else the config's `cgroup.root`, else detected;
+/// and the driver: the config's `cgroup.driver`, else told from the root's name.
+fn resolve_root(flag: Option<&Path>, config: &Config) -> anyhow::Result<(CgroupDir, CgroupDriver)> {
+    let mount = cgroups::cgroup2_mount().map_err(bad_input)?;
+    let path = match flag
+        .map(Path::to_path_buf)
+        .or_else(|| config.cgroup.root_path().map(Path::to_path_buf))
+    {
+        Some(path) => path,
+        None => pod::detect_pods_root(&mount).map_err(bad_input)?,
+    };
+    let root =
+        cgroups::validate_cgroup_dir(&path).map_err(|e| bad_input(format!("cgroup root: {e}")))?;
+    let driver = match config.cgroup.driver {
+        Some(driver) => driver,
+        None => pod::detect_driver(&root.path).ok_or_else(|| {
+            bad_input(format!(
+                "cannot tell the cgroup driver from {} (expected kubepods, kubepods.slice or *-kubepods.slice); set cgroup.driver",
+                root.path.display()
+            ))
+        })?,
+    };
+    Ok((root, driver))
+}

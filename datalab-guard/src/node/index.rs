@@ -1,0 +1,374 @@
+//! The pod index: this node's pods (from the API caches) matched to their cgroup
+//! directories (from the filesystem and the watcher), and from those the verdict-map entries
+//! the kernel should hold, the cgroup owners the audit stream names, the pod gauges and the
+//! state file's rows. The policy decides each verdict; this module only gathers the inputs
+//! and keeps the lookups cheap (10 000 pods must not mean 30 000 stats per reconcile).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+use datalab_guard_common::{PolicyEntry, Verdict};
+use datalab_guard_policy::{
+    self as policy, NamespaceClasses, NamespaceInfo, PodInfo, PolicyConfig,
+};
+
+use super::{
+    audit_sink::{CgroupOwners, PodRef},
+    context::Gauges,
+    probe_targets::PodCgroupResolver,
+    state_file::PodRow,
+};
+use crate::{
+    cgroups::{
+        self,
+        pod::{self as podcgroup, CgroupDriver, QosClass},
+        watch::CgroupEvent,
+        CgroupDir,
+    },
+    k8s::ClusterView,
+};
+
+/// What one reconcile computed.
+pub struct Desired {
+    /// cgroup id → entry: what the verdict map must hold.
+    pub verdicts: BTreeMap<u64, PolicyEntry>,
+    pub owners: CgroupOwners,
+    pub gauges: Gauges,
+    /// One row per pod for the state file (attempt counts are added by the caller).
+    pub rows: Vec<PodRow>,
+}
+
+/// A pod with its namespace and (once the kubelet made it) its cgroup id.
+type Resolved<'a> = (&'a PodInfo, Option<&'a NamespaceInfo>, Option<u64>);
+
+pub struct PodIndex {
+    root: CgroupDir,
+    driver: CgroupDriver,
+    pub policy: PolicyConfig,
+    /// Namespace → counter class (bounded; see `policy::classes`).
+    pub classes: NamespaceClasses,
+    /// API uid → the uid the kubelet named the cgroup with (differs for static pods).
+    cgroup_uids: HashMap<String, String>,
+    /// API uid → the pod's cgroup directory, once the kubelet has made it.
+    dirs: HashMap<String, CgroupDir>,
+    /// Pod directories (ids) that gained a child since the last container scan.
+    container_scan: HashSet<u64>,
+    /// Pod uids of the cgroup directories the watcher has seen.
+    discovered: HashSet<String>,
+    /// cgroup uid → pod, as of the last reconcile (for the new-cgroup fast path).
+    by_uid: HashMap<String, PodInfo>,
+}
+
+impl PodIndex {
+    /// Starts from a scan of the pods' root (what exists before the watcher runs).
+    pub fn new(root: CgroupDir, driver: CgroupDriver, policy: PolicyConfig) -> PodIndex {
+        let discovered = podcgroup::scan_pods(&root.path, driver)
+            .map(|found| found.into_iter().map(|d| d.uid).collect())
+            .unwrap_or_default();
+        PodIndex {
+            root,
+            driver,
+            policy,
+            classes: NamespaceClasses::new(),
+            cgroup_uids: HashMap::new(),
+            dirs: HashMap::new(),
+            container_scan: HashSet::new(),
+            discovered,
+            by_uid: HashMap::new(),
+        }
+    }
+
+    pub fn root(&self) -> &CgroupDir {
+        &self.root
+    }
+
+    /// What the CNI probe's target selection needs (a copy: it runs on its own task).
+    pub fn resolver(&self) -> PodCgroupResolver {
+        PodCgroupResolver {
+            root: self.root.path.clone(),
+            driver: self.driver,
+            policy: std::sync::Arc::new(self.policy.clone()),
+        }
+    }
+
+    /// Computes everything the kernel and the agent's views need from the caches and the
+    /// cgroup tree. `previous` are the owners of the last reconcile: container entries of
+    /// pods whose directories did not change are kept rather than read again.
+    pub fn desired(&mut self, view: &ClusterView, previous: CgroupOwners) -> Desired {
+        let pods = view.pods();
+        let namespaces = view.namespaces();
+        self.cgroup_uids = view.cgroup_uids();
+        self.free_classes_of_former_environments(&namespaces);
+        let newly_resolved = self.resolve_dirs(&pods);
+        let resolved: Vec<Resolved> = pods
+            .iter()
+            .map(|pod| {
+                let dir = self.dirs.get(&pod.uid).map(|d| d.id);
+                (pod, namespaces.get(&pod.namespace), dir)
+            })
+            .collect();
+        let (verdicts, summary) =
+            policy::desired_entries(resolved.iter().copied(), &self.policy, &mut self.classes);
+        let rows = self.rows(&resolved);
+        let mut owners = CgroupOwners {
+            pods: self.pod_owners(&pods),
+            containers: HashMap::new(),
+        };
+        owners.containers = self.container_owners(&pods, newly_resolved, previous, &owners);
+        let gauges = Gauges {
+            guarded: summary.guarded as u64,
+            exempt: summary.exempt as u64,
+            unknown: self.unknown_cgroups(&pods),
+        };
+        self.by_uid = pods
+            .iter()
+            .map(|p| (self.cgroup_uid(p).to_owned(), p.clone()))
+            .collect();
+        Desired {
+            verdicts,
+            owners,
+            gauges,
+            rows,
+        }
+    }
+
+    /// Namespaces that left the environment set give their counter class back.
+    fn free_classes_of_former_environments(
+        &mut self,
+        namespaces: &BTreeMap<String, NamespaceInfo>,
+    ) {
+        let policy = &self.policy;
+        self.classes.retain(|name| {
+            namespaces
+                .get(name)
+                .is_some_and(|ns| policy.is_environment(ns))
+        });
+    }
+
+    /// Drops directories of pods that are gone and looks up those not found yet (inotify
+    /// removals invalidate the rest). Returns the ids found now.
+    fn resolve_dirs(&mut self, pods: &[PodInfo]) -> Vec<u64> {
+        let live: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        self.dirs.retain(|uid, _| live.contains(uid.as_str()));
+        let mut newly_resolved = Vec::new();
+        for pod in pods {
+            if !self.dirs.contains_key(&pod.uid) {
+                if let Some(dir) = self.pod_dir(pod) {
+                    newly_resolved.push(dir.id);
+                    self.dirs.insert(pod.uid.clone(), dir);
+                }
+            }
+        }
+        newly_resolved
+    }
+
+    fn rows(&self, resolved: &[Resolved]) -> Vec<PodRow> {
+        resolved
+            .iter()
+            .map(|(pod, ns, id)| {
+                let decision = policy::verdict(pod, *ns, &self.policy);
+                PodRow {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    uid: pod.uid.clone(),
+                    verdict: decision.verdict,
+                    reason: decision.reason.as_str().to_owned(),
+                    cgroup_id: *id,
+                    audited_attempts: 0,
+                }
+            })
+            .collect()
+    }
+
+    fn pod_owners(&self, pods: &[PodInfo]) -> HashMap<u64, PodRef> {
+        pods.iter()
+            .filter_map(|pod| {
+                let dir = self.dirs.get(&pod.uid)?;
+                Some((
+                    dir.id,
+                    PodRef {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        uid: pod.uid.clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Container sub-cgroups, for naming containers in audit lines: scanned for pods seen
+    /// for the first time and pods whose directory gained a child since; kept for the rest.
+    fn container_owners(
+        &mut self,
+        pods: &[PodInfo],
+        newly_resolved: Vec<u64>,
+        previous: CgroupOwners,
+        owners: &CgroupOwners,
+    ) -> HashMap<u64, (u64, String)> {
+        let rescan: HashSet<u64> = newly_resolved
+            .into_iter()
+            .chain(self.container_scan.drain())
+            .collect();
+        let mut containers: HashMap<u64, (u64, String)> = previous
+            .containers
+            .into_iter()
+            .filter(|(_, (pod, _))| owners.pods.contains_key(pod) && !rescan.contains(pod))
+            .collect();
+        for pod in pods {
+            let Some(dir) = self.dirs.get(&pod.uid) else {
+                continue;
+            };
+            if rescan.contains(&dir.id) {
+                scan_containers(pod, dir, &mut containers);
+            }
+        }
+        containers
+    }
+
+    /// Pod cgroups with no pod behind them, from the watcher's last full scan.
+    fn unknown_cgroups(&self, pods: &[PodInfo]) -> u64 {
+        let known: HashSet<&str> = pods
+            .iter()
+            .flat_map(|p| [p.uid.as_str(), self.cgroup_uid(p)])
+            .collect();
+        self.discovered
+            .iter()
+            .filter(|uid| !known.contains(uid.as_str()))
+            .count() as u64
+    }
+
+    /// The uid the kubelet names the pod's cgroup with.
+    fn cgroup_uid<'a>(&'a self, pod: &'a PodInfo) -> &'a str {
+        self.cgroup_uids
+            .get(&pod.uid)
+            .map_or(pod.uid.as_str(), String::as_str)
+    }
+
+    /// A watcher event: keeps the caches in line with the cgroup tree.
+    pub fn observe(&mut self, event: &CgroupEvent) {
+        match event {
+            CgroupEvent::Created(path) => {
+                if let Some(parent) = path
+                    .parent()
+                    .and_then(|p| cgroups::validate_cgroup_dir(p).ok())
+                {
+                    if self.dirs.values().any(|d| d.id == parent.id) {
+                        self.container_scan.insert(parent.id);
+                    }
+                }
+                if let Some(uid) = pod_uid_of(path) {
+                    self.discovered.insert(uid);
+                }
+            }
+            CgroupEvent::Removed(path) => {
+                self.dirs.retain(|_, d| d.path != *path);
+                if let Some(uid) = pod_uid_of(path) {
+                    self.discovered.remove(&uid);
+                }
+            }
+            CgroupEvent::Rescan(found) => {
+                self.discovered = found.iter().map(|d| d.uid.clone()).collect();
+                let by_path: HashSet<&Path> = found.iter().map(|d| d.dir.path.as_path()).collect();
+                self.dirs.retain(|_, d| by_path.contains(d.path.as_path()));
+            }
+        }
+    }
+
+    /// A pod cgroup just appeared: if the API already told us about the pod, its entry now
+    /// rather than at the next reconcile, so its containers start under the right verdict.
+    pub fn new_pod_cgroup(
+        &mut self,
+        view: &ClusterView,
+        path: &Path,
+    ) -> Option<(u64, PolicyEntry)> {
+        let uid = pod_uid_of(path)?;
+        if !self.by_uid.contains_key(&uid) {
+            // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
+            let cgroup_uids = view.cgroup_uids();
+            self.by_uid = view
+                .pods()
+                .into_iter()
+                .map(|p| {
+                    (
+                        cgroup_uids
+                            .get(&p.uid)
+                            .cloned()
+                            .unwrap_or_else(|| p.uid.clone()),
+                        p,
+                    )
+                })
+                .collect();
+        }
+        let pod = self.by_uid.get(&uid)?.clone();
+        let namespaces = view.namespaces();
+        let decision = policy::verdict(&pod, namespaces.get(&pod.namespace), &self.policy);
+        let dir = cgroups::validate_cgroup_dir(path).ok()?;
+        let class = if decision.verdict == Verdict::Guard {
+            self.classes.class_of(&pod.namespace)
+        } else {
+            0
+        };
+        let entry = PolicyEntry {
+            verdict: decision.verdict as u32,
+            class,
+        };
+        let id = dir.id;
+        self.dirs.insert(pod.uid.clone(), dir);
+        Some((id, entry))
+    }
+
+    /// The pod's cgroup directory, if the kubelet has created it. The QoS class decides the
+    /// parent; when the API has not reported it yet every class is tried.
+    fn pod_dir(&self, pod: &PodInfo) -> Option<CgroupDir> {
+        let classes: Vec<QosClass> = match pod
+            .qos_class
+            .as_deref()
+            .and_then(|q| q.parse::<QosClass>().ok())
+        {
+            Some(q) => vec![q],
+            None => QosClass::ALL.to_vec(),
+        };
+        // Static pods' cgroups carry the config hash (the mirror annotation), not the API uid.
+        let uid = self.cgroup_uid(pod);
+        classes.into_iter().find_map(|qos| {
+            let path = podcgroup::pod_cgroup_dir(&self.root.path, self.driver, qos, uid);
+            cgroups::validate_cgroup_dir(&path).ok()
+        })
+    }
+}
+
+/// The pod uid in a pod cgroup directory's name.
+fn pod_uid_of(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_string_lossy();
+    podcgroup::parse_pod_dir_name(&name).map(|(_, uid)| uid)
+}
+
+/// Adds the container cgroups under a pod's directory whose ids the pod's status names.
+fn scan_containers(pod: &PodInfo, dir: &CgroupDir, containers: &mut HashMap<u64, (u64, String)>) {
+    let names: HashMap<String, String> = pod
+        .containers
+        .iter()
+        .filter_map(|c| {
+            let (_, id) = podcgroup::container_id_from_status(c.container_id.as_deref()?)?;
+            Some((id.to_owned(), c.name.clone()))
+        })
+        .collect();
+    let Ok(children) = std::fs::read_dir(&dir.path) else {
+        return;
+    };
+    for child in children.flatten() {
+        let name = child.file_name().to_string_lossy().into_owned();
+        let Some(parsed) = podcgroup::parse_container_dir_name(&name) else {
+            continue;
+        };
+        let Some(container) = names.get(&parsed.id) else {
+            continue;
+        };
+        if let Ok(meta) = child.metadata() {
+            containers.insert(meta.ino(), (dir.id, container.clone()));
+        }
+    }
+}

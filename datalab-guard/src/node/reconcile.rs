@@ -1,0 +1,222 @@
+//! The node agent's reconcile loop: on a watch event, a cgroup appearing or going, the
+//! periodic tick or a SIGHUP, bring the verdict map in line with the caches (coalesced to
+//! one reconcile per [`RECONCILE_MIN_INTERVAL`]), publish the views the metrics and the
+//! audit stream read, and write the state file.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use super::{
+    context::Context,
+    index::{Desired, PodIndex},
+    state_file::{unix_secs, StateFile, StateFileWriter},
+};
+use crate::{
+    cgroups::watch::CgroupEvent,
+    config::ConfigSource,
+    http::HttpState,
+    k8s::provision::BaselineHandle,
+    probe::ProbeSettings,
+    runtime::{Hangup, Termination},
+};
+
+/// Minimum time between two full reconciles: with thousands of pods a burst of watch
+/// events must not queue reconciles; new pod cgroups take the fast path meanwhile.
+pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_millis(200);
+/// A reconcile (and a state file write) at least this often, events or not.
+pub const PERIODIC_RECONCILE: Duration = Duration::from_secs(5);
+
+const READY: &str = "programs attached and maps hold the current verdicts";
+
+/// The loop's state besides the shared [`Context`].
+pub struct Reconciler {
+    pub ctx: Arc<Context>,
+    pub http: Arc<HttpState>,
+    pub index: PodIndex,
+    /// Re-read on SIGHUP.
+    pub config_source: ConfigSource,
+    /// This agent's own pod (always exempt).
+    pub own_pod_uid: Option<String>,
+    /// Cluster-wide baseline work (leader only); told about reloads.
+    pub baseline: BaselineHandle,
+    /// The CNI probe's settings; a reload sends the new ones (next probe round).
+    pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
+    pub state_file: StateFileWriter,
+}
+
+/// Why the loop woke up.
+enum Wake {
+    Reconcile,
+    Dirty,
+    Stop,
+}
+
+impl Reconciler {
+    /// Runs until SIGTERM/SIGINT; returns the baseline handle to shut down.
+    pub async fn run(
+        mut self,
+        mut cgroup_events: mpsc::Receiver<CgroupEvent>,
+        hangup: &mut Hangup,
+        termination: &mut Termination,
+    ) -> BaselineHandle {
+        let changed = self.ctx.view.changed();
+        let mut last_reconcile = Instant::now();
+        let mut dirty = false;
+        loop {
+            let debounce =
+                tokio::time::sleep_until((last_reconcile + RECONCILE_MIN_INTERVAL).into());
+            let wake = tokio::select! {
+                _ = changed.notified() => Wake::Dirty,
+                Some(event) = cgroup_events.recv() => {
+                    self.on_cgroup_event(&event);
+                    Wake::Dirty
+                },
+                _ = debounce, if dirty => Wake::Reconcile,
+                _ = hangup.received() => {
+                    self.reload();
+                    Wake::Reconcile
+                },
+                _ = tokio::time::sleep(PERIODIC_RECONCILE) => Wake::Reconcile,
+                _ = termination.terminated() => Wake::Stop,
+            };
+            match wake {
+                Wake::Dirty => dirty = true,
+                Wake::Stop => return self.baseline,
+                Wake::Reconcile => {
+                    dirty = false;
+                    last_reconcile = Instant::now();
+                    self.reconcile();
+                }
+            }
+        }
+    }
+
+    /// One full reconcile: compute, write the map, publish, write the state file.
+    pub fn reconcile(&mut self) {
+        let previous = std::mem::take(&mut *self.ctx.owners.write().expect("owners lock"));
+        let desired = self.index.desired(&self.ctx.view, previous);
+        self.apply_and_publish(desired);
+    }
+
+    /// Writes the map (a no-op right after an install that wrote the same entries), then
+    /// publishes the owners, gauges and classes and writes the state file.
+    pub fn apply_and_publish(&mut self, desired: Desired) {
+        self.apply(&desired);
+        let Desired {
+            owners,
+            gauges,
+            rows,
+            ..
+        } = desired;
+        *self.ctx.owners.write().expect("owners lock") = owners;
+        *self.ctx.gauges.lock().expect("gauges lock") = gauges;
+        *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
+        self.write_state(rows);
+    }
+
+    /// Writes the verdict map and reports readiness accordingly.
+    fn apply(&self, desired: &Desired) {
+        let result = {
+            let mut slot = self.ctx.session.lock().expect("session lock");
+            let session = slot
+                .as_mut()
+                .expect("the session is installed before the loop");
+            session.maps_mut().reconcile_policy(&desired.verdicts)
+        };
+        match result {
+            Ok(changes) => {
+                if changes != Default::default() {
+                    tracing::info!(
+                        added = changes.added,
+                        updated = changes.updated,
+                        removed = changes.removed,
+                        entries = desired.verdicts.len(),
+                        "verdict map reconciled"
+                    );
+                }
+                self.http.set_ready(true, READY);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reconcile the verdict map");
+                self.http.set_ready(false, "verdict map not reconciled");
+            }
+        }
+    }
+
+    /// Drops namespaces that are no longer environments from the baseline states and writes
+    /// the state file with each pod's attempt count.
+    fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
+        let namespaces = self.ctx.view.namespaces();
+        let policy = &self.index.policy;
+        self.ctx
+            .namespace_states
+            .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+        {
+            let mut counts = self.ctx.attempts_by_pod.lock().expect("attempts lock");
+            let live: HashSet<&str> = rows.iter().map(|r| r.uid.as_str()).collect();
+            counts.retain(|uid, _| live.contains(uid.as_str()));
+            for row in &mut rows {
+                row.audited_attempts = counts.get(&row.uid).copied().unwrap_or(0);
+            }
+        }
+        self.state_file.write(&StateFile {
+            node: self.ctx.node.clone(),
+            written_unix: unix_secs(std::time::SystemTime::now()),
+            namespaces: self.ctx.namespace_states.snapshot(),
+            pods: rows,
+            counter_classes: self.index.classes.snapshot(),
+        });
+    }
+
+    fn on_cgroup_event(&mut self, event: &CgroupEvent) {
+        self.index.observe(event);
+        if let CgroupEvent::Created(path) = event {
+            self.fast_path(path);
+        }
+    }
+
+    /// A new pod cgroup of a pod the API already announced gets its entry at once.
+    fn fast_path(&mut self, path: &Path) {
+        let Some((id, entry)) = self.index.new_pod_cgroup(&self.ctx.view, path) else {
+            return;
+        };
+        if let Some(session) = self.ctx.session.lock().expect("session lock").as_mut() {
+            if let Err(e) = session.maps_mut().set_policy(id, entry) {
+                tracing::warn!(error = %e, "cannot write the new pod's entry");
+            }
+        }
+    }
+
+    /// SIGHUP: read the config again and apply it, the datapath first. A config that does
+    /// not load, or that the kernel side refuses (e.g. `denyRawSockets` without the BPF
+    /// LSM), is rejected as a whole and the previous one stays in force.
+    fn reload(&mut self) {
+        let config = match self.config_source.load() {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reloaded configuration rejected; keeping the previous one");
+                return;
+            }
+        };
+        if let Some(session) = self.ctx.session.lock().expect("session lock").as_mut() {
+            if let Err(e) = session.reload(config.datapath(), &config.blocklist()) {
+                tracing::error!(error = %format!("{e:#}"), "reloaded configuration rejected by the datapath; keeping the previous one");
+                return;
+            }
+        }
+        self.index.policy = config.policy_config(self.own_pod_uid.clone());
+        self.baseline.reload(&config);
+        self.probe_settings
+            .send_replace(ProbeSettings::from_config(&config, &config.blocklist()));
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        tracing::info!("configuration reloaded (SIGHUP)");
+    }
+}

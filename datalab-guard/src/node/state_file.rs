@@ -1,0 +1,216 @@
+//! The node agent's state file: what `status` shows beyond the pins (per environment
+//! namespace: NetworkPolicy, Pod Security, CNI enforcement; per pod: verdict, reason,
+//! audited attempts; the counter classes' namespaces). The agent writes it after every
+//! reconcile; `status` reads it with the same types.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use datalab_guard_common::Verdict;
+use serde::{Deserialize, Serialize};
+
+use crate::baseline_state::NamespaceStatus;
+
+/// Where the agent writes it and `status` reads it.
+pub const DEFAULT_STATE_FILE: &str = "/run/datalab-guard/state.json";
+
+/// A file older than this is shown as stale: the agent rewrites it at least every
+/// [`crate::node::reconcile::PERIODIC_RECONCILE`] (5 s), so a minute without a write means
+/// the agent is stuck, gone, or cannot write.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// The node the agent runs on.
+    pub node: String,
+    /// When it was written (seconds since the epoch).
+    pub written_unix: u64,
+    /// Environment namespaces' baseline state.
+    pub namespaces: BTreeMap<String, NamespaceStatus>,
+    /// This node's pods, as of the write.
+    pub pods: Vec<PodRow>,
+    /// Counter class → namespace: which in-kernel counters are whose.
+    pub counter_classes: BTreeMap<u32, String>,
+}
+
+/// One pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRow {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    #[serde(with = "crate::config::verdict_name")]
+    pub verdict: Verdict,
+    /// Why the verdict (the policy's reason name, e.g. `environment_namespace`).
+    pub reason: String,
+    /// The pod's cgroup, `None` while the kubelet has not made it.
+    pub cgroup_id: Option<u64>,
+    /// Audit records attributed to the pod (after the in-kernel rate limit, so a floor;
+    /// exact totals are per namespace in the counters).
+    #[serde(default)]
+    pub audited_attempts: u64,
+}
+
+impl StateFile {
+    /// Reads it; `Ok(None)` when there is none (not a node, or no agent has run).
+    pub fn read(path: &Path) -> anyhow::Result<Option<StateFile>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow::Error::new(e).context(path.display().to_string())),
+        };
+        let state = serde_json::from_str(&text)
+            .map_err(|e| anyhow::Error::new(e).context(path.display().to_string()))?;
+        Ok(Some(state))
+    }
+
+    /// Seconds since it was written (0 if written "in the future": clocks differ).
+    pub fn age_secs(&self, now: SystemTime) -> u64 {
+        unix_secs(now).saturating_sub(self.written_unix)
+    }
+
+    pub fn is_stale(&self, now: SystemTime) -> bool {
+        self.age_secs(now) > STALE_AFTER.as_secs()
+    }
+}
+
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Writes the file atomically (write, then rename) and logs failures at warn, once per
+/// streak of failures (and once when writing works again).
+pub struct StateFileWriter {
+    path: PathBuf,
+    failing: bool,
+}
+
+impl StateFileWriter {
+    pub fn new(path: PathBuf) -> StateFileWriter {
+        StateFileWriter {
+            path,
+            failing: false,
+        }
+    }
+
+    pub fn write(&mut self, state: &StateFile) {
+        match write_atomically(&self.path, state) {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(path = %self.path.display(), "state file written again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write the state file; `status` shows stale data until this clears");
+            }
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "state file still not writable")
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &Path, state: &StateFile) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::baseline_state::{CniState, PolicyState};
+
+    fn sample() -> StateFile {
+        StateFile {
+            node: "node-1".into(),
+            written_unix: 1_700_000_000,
+            namespaces: BTreeMap::from([(
+                "tenant-a".to_owned(),
+                NamespaceStatus {
+                    policy: Some(PolicyState::Ok),
+                    cni: Some(CniState::Enforced),
+                    ..Default::default()
+                },
+            )]),
+            pods: vec![PodRow {
+                namespace: "tenant-a".into(),
+                pod: "nb".into(),
+                uid: "u1".into(),
+                verdict: Verdict::Guard,
+                reason: "environment_namespace".into(),
+                cgroup_id: Some(42),
+                audited_attempts: 3,
+            }],
+            counter_classes: BTreeMap::from([(1, "tenant-a".to_owned())]),
+        }
+    }
+
+    #[test]
+    fn writes_and_reads_back_the_same_state() {
+        let dir = std::env::temp_dir().join(format!("dg-state-{}", std::process::id()));
+        let path = dir.join("state.json");
+        let mut writer = StateFileWriter::new(path.clone());
+        writer.write(&sample());
+        let back = StateFile::read(&path).unwrap().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn keeps_the_json_shape_status_and_operators_read() {
+        let json = serde_json::to_value(sample()).unwrap();
+        assert_eq!(json["pods"][0]["verdict"], "guard");
+        assert_eq!(json["pods"][0]["cgroup_id"], 42);
+        assert_eq!(json["counter_classes"]["1"], "tenant-a");
+        assert_eq!(json["namespaces"]["tenant-a"]["cni"], "enforced");
+    }
+
+    #[test]
+    fn a_missing_file_is_none_and_a_broken_one_an_error() {
+        assert!(StateFile::read(Path::new("/nonexistent/dg/state.json"))
+            .unwrap()
+            .is_none());
+        let path = std::env::temp_dir().join(format!("dg-state-bad-{}.json", std::process::id()));
+        std::fs::write(&path, "{not json").unwrap();
+        let err = StateFile::read(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(format!("{err:#}").contains("dg-state-bad"), "{err:#}");
+    }
+
+    #[test]
+    fn age_and_staleness_follow_the_written_time() {
+        let state = sample();
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(state.age_secs(at(1_700_000_010)), 10);
+        assert!(!state.is_stale(at(1_700_000_060)));
+        assert!(state.is_stale(at(1_700_000_061)));
+        assert_eq!(state.age_secs(at(1_600_000_000)), 0);
+    }
+
+    #[test]
+    fn write_failures_are_reported_once_per_streak() {
+        // A path under a regular file cannot be created.
+        let file = std::env::temp_dir().join(format!("dg-state-file-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        let mut writer = StateFileWriter::new(file.join("state.json"));
+        writer.write(&sample());
+        assert!(writer.failing);
+        writer.path = std::env::temp_dir().join(format!("dg-state-ok-{}.json", std::process::id()));
+        writer.write(&sample());
+        assert!(!writer.failing);
+        std::fs::remove_file(&writer.path).unwrap();
+        std::fs::remove_file(&file).unwrap();
+    }
+}
