@@ -10,11 +10,15 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
+    maps::RingBuf,
     programs::{CgroupSkb, Program, TestRun, TestRunOptions},
     Btf, Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
-    cidr::Cidr, counters::Stat, maps::programs, GuardConfig, Mode, PolicyEntry, Verdict,
+    cidr::Cidr,
+    counters::Stat,
+    maps::{self as names, programs},
+    AuditEvent, GuardConfig, Mode, PolicyEntry, Verdict,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -118,6 +122,33 @@ impl TestRunner {
             verdict: result.return_value,
             per_run: result.duration,
         })
+    }
+
+    /// Sets the audit rate limit: `events_per_window` events per cgroup per `window_ms`
+    /// (`configure` sets a limit no test reaches).
+    pub fn set_audit_rate(&mut self, events_per_window: u32, window_ms: u32) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.events_per_window = events_per_window;
+        config.window_ms = window_ms;
+        self.maps.config_set(config)
+    }
+
+    /// Takes every audit event waiting in the EVENTS ring buffer (nothing else drains it
+    /// under test-run), oldest first.
+    pub fn take_audit_events(&mut self) -> anyhow::Result<Vec<AuditEvent>> {
+        let map = self
+            .ebpf
+            .map_mut(names::EVENTS)
+            .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
+        let mut ring = RingBuf::try_from(map)?;
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(
+                crate::audit::decode(&item)
+                    .ok_or_else(|| anyhow!("a ring buffer record of {} bytes", item.len()))?,
+            );
+        }
+        Ok(events)
     }
 
     /// Turns the raw-socket refusal on or off in the config map.
