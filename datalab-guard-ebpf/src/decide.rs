@@ -102,7 +102,7 @@ pub fn refuse_raw_socket(family: Family, proto: u8, sock_type: u8) -> bool {
 
 #[inline(always)]
 fn policy_entry(id: u64) -> Option<PolicyEntry> {
-    unsafe { POLICY.get(&id) }.copied()
+    unsafe { POLICY.get(id) }.copied()
 }
 
 /// Counts and reports an attempt that reaches a blocked destination; returns `true` when it
@@ -145,13 +145,13 @@ pub fn bump_stat(stat: Stat) {
 /// Races between CPUs can let a few extra events through; the counters stay exact.
 #[inline(always)]
 fn admit(cfg: &GuardConfig, key: u64, now: u64) -> Admission {
-    let state = match RATE.get_ptr_mut(&key) {
+    let state = match RATE.get_ptr_mut(key) {
         Some(state) => state,
         None => {
             // Insert and look up again rather than deciding on a local copy: one copy of
             // the decision in the program keeps the verifier's work down.
-            let _ = RATE.insert(&key, &ratelimit::fresh(now), 0);
-            match RATE.get_ptr_mut(&key) {
+            let _ = RATE.insert(key, ratelimit::fresh(now), 0);
+            match RATE.get_ptr_mut(key) {
                 Some(state) => state,
                 // The LRU map always makes room; should it not, send rather than lose.
                 None => {
