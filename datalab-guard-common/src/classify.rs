@@ -31,11 +31,14 @@ pub trait BlockedSet {
 pub enum Reason {
     /// The destination address is in the blocked set.
     Destination = 0,
-    /// A source-route option or routing header names a blocked address.
+    /// An IPv4 source-route option (LSRR/SSRR) or an IPv6 routing header with segments
+    /// left: refused whatever addresses it lists, blocked or not.
     SourceRoute = 1,
-    /// Options or extension headers could not be walked within bounds (raw sockets only).
+    /// Options or extension headers could not be walked within bounds (only hand-built
+    /// packets, from raw sockets, look like that).
     Unparseable = 2,
-    /// A raw or packet socket refused by `sock_create`.
+    /// A raw IP socket refused by `sock_create` or a packet socket refused by
+    /// `packet_socket` (the BPF LSM program).
     RawSocket = 3,
 }
 
@@ -495,13 +498,20 @@ mod tests {
     }
 
     #[test]
-    fn source_route_options_are_followed() {
+    fn source_route_options_are_refused_whatever_they_list() {
         let set = defaults();
         // NOP, LSRR with two hops, the second one IMDS.
         let opts = [1, IPOPT_LSRR, 11, 4, 192, 0, 2, 1, 169, 254, 169, 254];
         let mut padded = [0u8; 12];
         padded[..11].copy_from_slice(&opts[..11]);
         let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &padded, 80);
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::SourceRoute)
+        ));
+        // SSRR through unblocked hops only: refused all the same.
+        let ssrr = [IPOPT_SSRR, 7, 4, 192, 0, 2, 9, 0];
+        let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &ssrr, 80);
         assert!(matches!(
             classify_packet(&p[..], &set[..]),
             PacketClass::Blocked(_, Reason::SourceRoute)

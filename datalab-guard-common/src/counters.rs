@@ -46,7 +46,17 @@ pub enum Stat {
     SlowPathPassed = 2,
 }
 
-pub const STAT_ENTRIES: u32 = 4;
+impl Stat {
+    pub const COUNT: usize = 3;
+    pub const ALL: [Stat; Stat::COUNT] = [
+        Stat::EventsLost,
+        Stat::EventsSuppressed,
+        Stat::SlowPathPassed,
+    ];
+}
+
+/// Entries of the STATS array: one per [`Stat`].
+pub const STAT_ENTRIES: u32 = Stat::COUNT as u32;
 
 #[cfg(test)]
 mod tests {
@@ -69,6 +79,19 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn every_stat_has_its_own_slot_in_the_array() {
+        for (i, stat) in Stat::ALL.into_iter().enumerate() {
+            assert_eq!(stat as usize, i, "Stat::ALL in index order");
+            // Exhaustive: a new variant does not compile until it is placed here and in ALL.
+            let listed = match stat {
+                Stat::EventsLost | Stat::EventsSuppressed | Stat::SlowPathPassed => true,
+            };
+            assert!(listed);
+        }
+        assert_eq!(STAT_ENTRIES as usize, Stat::ALL.len());
     }
 
     #[test]

@@ -44,8 +44,11 @@ pub mod programs {
     pub const SENDMSG4: &str = "dg_sendmsg4";
     pub const SENDMSG6: &str = "dg_sendmsg6";
     pub const SOCK_CREATE: &str = "dg_sock_create";
-    /// BPF LSM (lsm_cgroup/socket_create): AF_PACKET refusal.
+    /// BPF LSM (lsm_cgroup/socket_post_create): AF_PACKET refusal.
     pub const PACKET_SOCKET: &str = "dg_packet_socket";
+    /// The LSM hook [`PACKET_SOCKET`] is written for (its `#[lsm_cgroup(hook = ...)]`);
+    /// loading an lsm_cgroup program names it again.
+    pub const PACKET_SOCKET_LSM_HOOK: &str = "socket_post_create";
     /// Never attached: the floor that `bench` compares the guard against.
     pub const BENCH_EMPTY: &str = "dg_bench_empty";
 }

@@ -66,6 +66,8 @@ pub enum Hook {
     Egress = 0,
     Connect = 1,
     Sendmsg = 2,
+    /// Socket creation: raw IP sockets (`cgroup/sock_create`) and packet sockets (the BPF
+    /// LSM program on `socket_post_create`) share this label.
     SockCreate = 3,
 }
 
@@ -94,7 +96,8 @@ impl Hook {
 pub enum Family {
     Ipv4 = 0,
     Ipv6 = 1,
-    /// AF_PACKET sockets refused by `sock_create`.
+    /// AF_PACKET sockets, refused by `packet_socket` (the BPF LSM program; counted under
+    /// the `sock_create` hook).
     Packet = 2,
 }
 
@@ -161,7 +164,8 @@ pub struct GuardConfig {
     pub mode: u32,
     /// cgroup level (depth below the cgroup2 mount) of the attach root.
     pub root_level: u32,
-    /// Non-zero: `sock_create` refuses AF_PACKET and SOCK_RAW to guarded cgroups.
+    /// Non-zero: guarded cgroups are refused SOCK_RAW IPv4/IPv6 sockets (`sock_create`)
+    /// and AF_PACKET sockets (`packet_socket`, BPF LSM), where those programs are attached.
     pub deny_raw_sockets: u32,
     /// Audit events allowed per cgroup per window; further ones are counted as suppressed.
     pub events_per_window: u32,
@@ -220,7 +224,7 @@ pub struct AuditEvent {
     pub family: u8,
     pub proto: u8,
     pub action: u8,
-    /// Socket type for sock_create events (SOCK_RAW = 3), else 0.
+    /// Socket type for raw and packet socket events (SOCK_RAW = 3), else 0.
     pub sock_type: u8,
     /// [`crate::classify::Reason`] as u8.
     pub reason: u8,
@@ -255,7 +259,6 @@ pub mod abi {
     pub const AF_INET6: u32 = 10;
     pub const AF_PACKET: u32 = 17;
     pub const SOCK_RAW: u32 = 3;
-    pub const EPERM: i32 = 1;
 }
 
 #[cfg(feature = "user")]

@@ -106,7 +106,7 @@ proptest! {
     fn plain_v6_packets_match_std(net in any::<u128>(), prefix in 0u8..=128, noise in any::<u128>(), flip in 0u32..=128, next in prop_oneof![Just(6u8), Just(17), Just(58), Just(132), Just(59)]) {
         let dst = if flip == 128 { noise } else { net ^ (noise & ((1u128 << flip) - 1)) };
         let set = [Cidr::v6(net.to_be_bytes(), prefix).unwrap()];
-        let mut p = vec![0u8; 48];
+        let mut p = [0u8; 48];
         p[0] = 0x60;
         p[6] = next;
         p[24..40].copy_from_slice(&dst.to_be_bytes());

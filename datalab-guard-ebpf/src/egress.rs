@@ -4,10 +4,9 @@
 //! test in the CONFIG map (an inlined array lookup) prove the packet cannot be blocked.
 //! Only packets that might be get the full classifier, the trie lookups and the policy.
 
-use aya_ebpf::{
-    helpers::generated::bpf_skb_ancestor_cgroup_id, helpers::generated::bpf_skb_cgroup_id,
-    macros::cgroup_skb, programs::SkBuffContext,
-};
+use core::mem;
+
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use datalab_guard_common::{
     classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass},
     counters::Stat,
@@ -15,7 +14,7 @@ use datalab_guard_common::{
 };
 
 use crate::{
-    decide::{bump_stat, judge, resolve, Attempted, Origin},
+    decide::{bump_stat, refuse_for_skb, Attempted},
     maps::{config, Tries, CONFIG},
 };
 
@@ -33,32 +32,25 @@ pub fn dg_egress(ctx: SkBuffContext) -> i32 {
 /// `true` when the packet provably reaches no blocked destination.
 #[inline(always)]
 fn fast_path(ctx: &SkBuffContext) -> bool {
-    let skb = ctx.skb.skb;
-    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
-    // Bounds are checked with offsets of 20 and 40 only: a `data + 1 > end` test is turned
-    // by LLVM into `data >= end`, which the verifier does not accept as a range proof.
-    let (first, next, dst_first) = if data + 40 <= end {
-        let first = unsafe { *(data as *const u8) };
+    // Whole fixed headers, not single bytes: a `data + 1 > end` bounds test is turned by
+    // LLVM into `data >= end`, which the verifier does not accept as a range proof.
+    let (first, next, dst_first) = if let Some(h) = ptr_at::<[u8; 40]>(ctx, 0) {
+        // Long enough for an IPv6 header (or an IPv4 one with what follows).
+        let first = unsafe { (*h)[0] };
         if first >> 4 == 6 {
-            unsafe {
-                (
-                    first,
-                    *((data + 6) as *const u8),
-                    *((data + 24) as *const u8),
-                )
-            }
+            (first, unsafe { (*h)[6] }, unsafe { (*h)[24] })
         } else {
-            (first, 0, unsafe { *((data + 16) as *const u8) })
+            (first, 0, unsafe { (*h)[16] })
         }
-    } else if data + 20 <= end {
-        let first = unsafe { *(data as *const u8) };
+    } else if let Some(h) = ptr_at::<[u8; 20]>(ctx, 0) {
+        let first = unsafe { (*h)[0] };
         if first >> 4 == 6 {
             return false;
         }
-        (first, 0, unsafe { *((data + 16) as *const u8) })
+        (first, 0, unsafe { (*h)[16] })
     } else {
         return false;
     };
@@ -69,6 +61,20 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
         &cfg.v4_first_octet,
         &cfg.v6_first_octet,
     )
+}
+
+/// A `T` at `offset` from the start of the packet (its IP header) by direct packet access,
+/// or `None` when the packet is shorter: the one bounds-checked way the fast path reads the
+/// packet. Dereferencing the pointer is safe for the verifier and for us: the range was
+/// just proven to lie inside the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
+    let skb = ctx.skb.skb;
+    let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
 }
 
 struct SkbBytes<'a>(&'a SkBuffContext);
@@ -89,15 +95,6 @@ fn slow_path(ctx: &SkBuffContext) -> i32 {
             return PASS;
         }
     };
-    let cfg: GuardConfig = config();
-    let skb = ctx.skb.skb;
-    let resolved = resolve(&cfg, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level as i32)
-    });
-    let origin = Origin {
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-        task_known: false,
-    };
     let attempted = Attempted {
         hook: Hook::Egress,
         family: if attempt.ipv6 {
@@ -111,7 +108,8 @@ fn slow_path(ctx: &SkBuffContext) -> i32 {
         dst: attempt.dst,
         reason,
     };
-    if judge(&cfg, &resolved, origin, &attempted) {
+    let cfg: GuardConfig = config();
+    if refuse_for_skb(&cfg, ctx.skb.skb, &attempted) {
         DROP
     } else {
         PASS

@@ -1,19 +1,12 @@
-//! `lsm_cgroup/socket_post_create` (attached only with `--deny-raw-sockets`): refuses AF_PACKET
-//! sockets to guarded cgroups. AF_PACKET frames bypass the IP stack, so neither cgroup_skb
-//! nor the socket-address hooks ever see them, and `cgroup/sock_create` only runs for
-//! AF_INET/AF_INET6. This needs the BPF LSM (`bpf` in the kernel's `lsm=` list).
+//! `lsm_cgroup/socket_post_create` (attached only with `--deny-raw-sockets`): refuses
+//! AF_PACKET sockets to guarded cgroups. AF_PACKET frames bypass the IP stack, so neither
+//! cgroup_skb nor the socket-address hooks ever see them, and `cgroup/sock_create` only runs
+//! for AF_INET/AF_INET6. This needs the BPF LSM (`bpf` in the kernel's `lsm=` list).
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
-    macros::lsm_cgroup,
-    programs::LsmContext,
-};
-use datalab_guard_common::{abi, classify::Reason, Family, Hook};
+use aya_ebpf::{macros::lsm_cgroup, programs::LsmContext};
+use datalab_guard_common::{abi, Family};
 
-use crate::{
-    decide::{judge, resolve, Attempted, Origin},
-    maps::config,
-};
+use crate::decide::refuse_raw_socket;
 
 /// lsm_cgroup programs return 1 to allow and 0 to deny (the kernel turns it into EPERM).
 const ALLOW: i32 = 1;
@@ -31,28 +24,9 @@ pub fn dg_packet_socket(ctx: LsmContext) -> i32 {
     if kern != 0 || family as u32 != abi::AF_PACKET {
         return ALLOW;
     }
-    let cfg = config();
-    if cfg.deny_raw_sockets == 0 {
-        return ALLOW;
-    }
-    let resolved = resolve(&cfg, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level as i32)
-    });
-    let origin = Origin {
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        task_known: true,
-    };
-    let attempted = Attempted {
-        hook: Hook::SockCreate,
-        family: Family::Packet,
-        // The protocol of a packet socket is an ethertype in network order; keep its low byte.
-        proto: u16::from_be(protocol as u16) as u8,
-        sock_type: sock_type as u8,
-        dport: 0,
-        dst: [0; 16],
-        reason: Reason::RawSocket,
-    };
-    if judge(&cfg, &resolved, origin, &attempted) {
+    // The protocol of a packet socket is an ethertype in network order; keep its low byte.
+    let proto = u16::from_be(protocol as u16) as u8;
+    if refuse_raw_socket(Family::Packet, proto, sock_type as u8) {
         DENY
     } else {
         ALLOW

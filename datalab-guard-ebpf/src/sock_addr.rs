@@ -2,18 +2,14 @@
 //! blocked `connect()` or `sendto()` fails at once with EPERM instead of hanging on dropped
 //! SYNs, and the audit record names the task.
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use datalab_guard_common::{
     classify::{v4_blocked, v6_blocked, Reason},
     Family, Hook,
 };
 
 use crate::{
-    decide::{judge, resolve, Attempted, Origin},
+    decide::{refuse_for_current_task, Attempted},
     maps::{config, keep_meta, Tries},
 };
 
@@ -51,7 +47,7 @@ fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     }
     let mut dst = [0u8; 16];
     dst[..4].copy_from_slice(&ip);
-    decide(ctx, hook, Family::Ipv4, dst)
+    check_destination(ctx, hook, Family::Ipv4, dst)
 }
 
 #[inline(always)]
@@ -74,20 +70,12 @@ fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if !v6_blocked(&Tries, ip) {
         return ALLOW;
     }
-    decide(ctx, hook, Family::Ipv6, ip)
+    check_destination(ctx, hook, Family::Ipv6, ip)
 }
 
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i32 {
-    let cfg = config();
+fn check_destination(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i32 {
     let sa = ctx.sock_addr;
-    let resolved = resolve(&cfg, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level as i32)
-    });
-    let origin = Origin {
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        task_known: true,
-    };
     let port = unsafe { (*sa).user_port } as u16;
     let attempted = Attempted {
         hook,
@@ -98,7 +86,7 @@ fn decide(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i
         dst,
         reason: Reason::Destination,
     };
-    if judge(&cfg, &resolved, origin, &attempted) {
+    if refuse_for_current_task(&config(), &attempted) {
         DENY
     } else {
         ALLOW

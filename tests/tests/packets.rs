@@ -8,6 +8,7 @@ use datalab_guard::bpf::testrun::TestRunner;
 use datalab_guard_common::{
     cidr::Cidr,
     classify::{classify_packet, PacketClass},
+    counters::Stat,
     maps::programs,
     Action, Family, Hook, Mode, PolicyEntry, Verdict,
 };
@@ -47,6 +48,12 @@ impl std::ops::Deref for Runner {
     type Target = TestRunner;
     fn deref(&self) -> &TestRunner {
         &self.runner
+    }
+}
+
+impl std::ops::DerefMut for Runner {
+    fn deref_mut(&mut self) -> &mut TestRunner {
+        &mut self.runner
     }
 }
 
@@ -128,6 +135,8 @@ fn hbh_then_srh(segments: &[[u8; 16]], final_next: u8) -> Vec<u8> {
 fn cases() -> Vec<(&'static str, Vec<u8>, u32)> {
     let lsrr_via_imds = [1, 0x83, 11, 4, 192, 0, 2, 9, 169, 254, 169, 254, 0, 0, 0, 0];
     let record_route = [7, 7, 4, 169, 254, 169, 254, 0];
+    // Source routing is refused whatever it lists, not only when it lists IMDS.
+    let ssrr_via_other = [0x89, 7, 4, 192, 0, 2, 9, 0];
     vec![
         ("v4 tcp to IMDS", v4(IMDS4, TCP, &[], 80), DROP),
         ("v4 udp to IMDS", v4(IMDS4, UDP, &[], 53), DROP),
@@ -171,6 +180,11 @@ fn cases() -> Vec<(&'static str, Vec<u8>, u32)> {
         (
             "v4 LSRR via IMDS",
             v4(OTHER4, TCP, &lsrr_via_imds, 80),
+            DROP,
+        ),
+        (
+            "v4 SSRR via other",
+            v4(OTHER4, TCP, &ssrr_via_other, 80),
             DROP,
         ),
         (
@@ -478,4 +492,45 @@ fn empty_program_is_the_floor_and_passes() {
         .run(programs::BENCH_EMPTY, &v4(IMDS4, TCP, &[], 80), 1000)
         .unwrap();
     assert_eq!(result.verdict, PASS);
+}
+
+/// The in-kernel audit rate limit at a rate a test can reach: 2 events per window. Ten
+/// blocked packets in one window (one BPF_PROG_TEST_RUN call of ten runs, microseconds
+/// long) give exactly 2 events and 8 suppressed; all ten are dropped and counted. After the
+/// window, the next event carries the 8 it stood for.
+#[test]
+fn audit_rate_limit_sends_two_events_per_window_and_counts_the_rest() {
+    let Some(mut r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
+    let window_ms = 400;
+    r.set_audit_rate(2, window_ms).unwrap();
+    let blocked = v4(IMDS4, TCP, &[], 80);
+    let started = std::time::Instant::now();
+    assert_eq!(r.run(programs::EGRESS, &blocked, 10).unwrap().verdict, DROP);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(u64::from(window_ms) / 2),
+        "ten runs took {:?}: too slow to fall into one window",
+        started.elapsed()
+    );
+    assert_eq!(r.stat(Stat::EventsSuppressed).unwrap(), 8);
+    assert_eq!(r.stat(Stat::EventsLost).unwrap(), 0);
+    let counted: u64 = r.counters().unwrap().iter().map(|c| c.value).sum();
+    assert_eq!(counted, 10, "counters count before the rate limit");
+    let events = r.take_audit_events().unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e.suppressed == 0), "{events:?}");
+    assert!(events.iter().all(|e| e.dst[..4] == IMDS4 && e.dport == 80));
+
+    // The next window: the first event reports the eight suppressed in the last one.
+    std::thread::sleep(std::time::Duration::from_millis(u64::from(window_ms) + 100));
+    assert_eq!(r.run(programs::EGRESS, &blocked, 1).unwrap().verdict, DROP);
+    let events = r.take_audit_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].suppressed, 8);
+    assert_eq!(
+        r.stat(Stat::EventsSuppressed).unwrap(),
+        8,
+        "a stat, never reset"
+    );
 }

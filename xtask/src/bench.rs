@@ -22,6 +22,7 @@ mod report;
 mod stats;
 mod testrun;
 mod throughput;
+pub mod verifier;
 
 use std::{path::PathBuf, time::Instant};
 

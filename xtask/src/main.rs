@@ -4,6 +4,7 @@
 //! - `test`:  setup, then build and run every test as root; fails on any skipped test.
 //! - `demo`:  local mode end to end in a sandboxed network lab.
 //! - `bench`: benchmarks.
+//! - `verifier`: record (or `--check`) each eBPF program's verified instruction count.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 
@@ -42,6 +43,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Run the benchmarks.
     Bench(bench::BenchArgs),
+    /// Record each eBPF program's verified instruction count in bench-results/verifier.md,
+    /// or with --check fail when one grew more than 20 % over that record (needs root).
+    Verifier(bench::verifier::VerifierArgs),
     /// Render deploy/ (base, components, overlays) and validate it: schemas, RBAC against
     /// deploy/api-calls.yaml, the DaemonSet's security settings.
     Manifests,
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Verifier(args) => bench::verifier::run(args),
         Cmd::Manifests => manifests::run_all(),
         Cmd::Lint => lint::run_all(),
     };

@@ -1,5 +1,6 @@
 //! Running the egress program on crafted packets with BPF_PROG_TEST_RUN, without attaching
-//! anything: for the packet tests and `cargo xtask bench`.
+//! anything: for the packet tests and `cargo xtask bench`; and loading every program once to
+//! read how many instructions the verifier processed (`cargo xtask verifier`).
 //!
 //! The maps are pinned by name (the object says so), so a runner pins them in its own
 //! bpffs directory and removes them on drop. Under test-run the packet's socket is a dummy
@@ -9,11 +10,15 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    programs::{CgroupSkb, TestRun, TestRunOptions},
-    Ebpf, EbpfLoader,
+    maps::RingBuf,
+    programs::{CgroupSkb, Program, TestRun, TestRunOptions},
+    Btf, Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
-    cidr::Cidr, counters::Stat, maps::programs, GuardConfig, Mode, PolicyEntry, Verdict,
+    cidr::Cidr,
+    counters::Stat,
+    maps::{self as names, programs},
+    AuditEvent, GuardConfig, Mode, PolicyEntry, Verdict,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -119,6 +124,33 @@ impl TestRunner {
         })
     }
 
+    /// Sets the audit rate limit: `events_per_window` events per cgroup per `window_ms`
+    /// (`configure` sets a limit no test reaches).
+    pub fn set_audit_rate(&mut self, events_per_window: u32, window_ms: u32) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.events_per_window = events_per_window;
+        config.window_ms = window_ms;
+        self.maps.config_set(config)
+    }
+
+    /// Takes every audit event waiting in the EVENTS ring buffer (nothing else drains it
+    /// under test-run), oldest first.
+    pub fn take_audit_events(&mut self) -> anyhow::Result<Vec<AuditEvent>> {
+        let map = self
+            .ebpf
+            .map_mut(names::EVENTS)
+            .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
+        let mut ring = RingBuf::try_from(map)?;
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(
+                crate::audit::decode(&item)
+                    .ok_or_else(|| anyhow!("a ring buffer record of {} bytes", item.len()))?,
+            );
+        }
+        Ok(events)
+    }
+
     /// Turns the raw-socket refusal on or off in the config map.
     pub fn set_deny_raw_sockets(&mut self, deny: bool) -> anyhow::Result<()> {
         let mut config = self.maps.config()?;
@@ -152,6 +184,71 @@ impl Drop for TestRunner {
     fn drop(&mut self) {
         super::install::remove_all_pins(&self.layout);
     }
+}
+
+/// What the verifier said about one program of the object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedProgram {
+    /// The program's name in the object (see `datalab_guard_common::maps::programs`).
+    pub name: String,
+    /// Instructions the verifier processed (`verified_insns`), or why there is no count:
+    /// the kernel refused the program (the BPF LSM one where the LSM is off) or is older
+    /// than 5.16, which does not report the count.
+    pub verified: Result<u32, String>,
+}
+
+/// Loads every program of the object (maps pinned under `bpffs_dir`, which must not exist
+/// yet and is emptied again before returning; nothing is attached) and reads the verifier's
+/// instruction count of each, sorted by name.
+pub fn verified_instruction_counts(
+    bpffs_dir: &std::path::Path,
+) -> anyhow::Result<Vec<VerifiedProgram>> {
+    let layout = PinLayout::new(bpffs_dir);
+    layout.create_dirs()?;
+    let result = load_and_count(&layout);
+    super::install::remove_all_pins(&layout);
+    result
+}
+
+fn load_and_count(layout: &PinLayout) -> anyhow::Result<Vec<VerifiedProgram>> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .load(OBJECT)
+        .context("cannot load the eBPF object")?;
+    let mut out = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        let verified = load_program(program)
+            .and_then(|()| {
+                program
+                    .info()
+                    .context("BPF_OBJ_GET_INFO_BY_FD")?
+                    .verified_instruction_count()
+                    .ok_or_else(|| anyhow!("the kernel does not report verified_insns (< 5.16)"))
+            })
+            .map_err(|e| format!("{e:#}"));
+        out.push(VerifiedProgram {
+            name: name.to_string(),
+            verified,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Loads (verifies) one program of a type the object contains.
+fn load_program(program: &mut Program) -> anyhow::Result<()> {
+    match program {
+        Program::CgroupSkb(p) => p.load()?,
+        Program::CgroupSockAddr(p) => p.load()?,
+        Program::CgroupSock(p) => p.load()?,
+        Program::LsmCgroup(p) => {
+            let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
+            p.load(programs::PACKET_SOCKET_LSM_HOOK, &btf)
+                .context("the kernel refused the BPF LSM program")?
+        }
+        _ => anyhow::bail!("a program type the guard's object should not contain"),
+    }
+    Ok(())
 }
 
 /// A bpf filesystem of its own for a test or benchmark run, mounted on a fresh directory

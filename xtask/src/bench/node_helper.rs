@@ -72,7 +72,7 @@ fn pod_dir(root: &Path, n: u32) -> PathBuf {
 fn namespace(n: u32) -> String {
     // One in ten namespaces is a system namespace (exempt); the rest are environments.
     let ns = n % NAMESPACES;
-    if ns % 10 == 0 {
+    if ns.is_multiple_of(10) {
         format!("system-{ns}")
     } else {
         format!("env-{ns}")

@@ -22,7 +22,8 @@ use crate::{
 const HELPER: &str = "xtask-bench-testrun";
 
 /// Builds, in one cargo invocation, the binaries the sandbox kit runs (the agent, the probe,
-/// the fake metadata server) and the test-run helper (feature `xtask/bench-testrun`). One
+/// the fake metadata server) and the test-run and verifier helpers (feature
+/// `xtask/bench-testrun`). One
 /// invocation, so the agent's library is compiled once, with one feature set; the xtask
 /// binary that is running is left alone.
 pub fn build_all() -> Result<Bins> {
@@ -31,7 +32,13 @@ pub fn build_all() -> Result<Bins> {
     for p in ["datalab-guard", "datalab-guard-tests", "xtask"] {
         cmd.args(["-p", p]);
     }
-    for b in ["datalab-guard", "dg-probe", "dg-fake-imds", HELPER] {
+    for b in [
+        "datalab-guard",
+        "dg-probe",
+        "dg-fake-imds",
+        HELPER,
+        super::verifier::HELPER,
+    ] {
         cmd.args(["--bin", b]);
     }
     cmd.args(["--features", "xtask/bench-testrun"]);

@@ -1,0 +1,352 @@
+//! `cargo xtask verifier`: how many instructions the kernel's verifier processes to accept
+//! each eBPF program, recorded per kernel in `bench-results/verifier.md` (like Cilium's
+//! verifier complexity baselines), so a change that pushes the verifier shows up in review.
+//!
+//! - `cargo xtask verifier` measures on this kernel and rewrites the record (with kernel,
+//!   commit and date).
+//! - `cargo xtask verifier --check` ([`check`]) measures and compares with the record: it
+//!   fails when a program's count grows more than [`GROWTH_LIMIT`] over it, when a program the
+//!   record has a count for is refused now, or when a program is missing from the record.
+//!
+//! The counts come from `xtask-verifier` ([`HELPER`]), which loads the real object (nothing
+//! attached) with its maps pinned in a private bpffs. Needs root.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use datalab_guard_tests::BpffsDir;
+use serde_json::Value;
+
+use super::{report::Machine, testrun, PREFIX};
+use crate::util::{self, show};
+
+/// The helper binary (feature `xtask/bench-testrun`) that loads the object and reads the counts.
+pub const HELPER: &str = "xtask-verifier";
+
+/// A count may grow by this fraction of the recorded one before `--check` fails.
+pub const GROWTH_LIMIT: f64 = 0.20;
+
+/// Options of `cargo xtask verifier`.
+#[derive(Debug, clap::Args)]
+pub struct VerifierArgs {
+    /// Compare with the record instead of rewriting it; fail on growth over 20 %.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Runs `cargo xtask verifier [--check]`.
+pub fn run(args: &VerifierArgs) -> Result<()> {
+    if args.check {
+        check()
+    } else {
+        record()
+    }
+}
+
+/// The record's path in the workspace.
+pub fn record_path() -> PathBuf {
+    util::workspace_root()
+        .join("bench-results")
+        .join("verifier.md")
+}
+
+/// Measures on this kernel and rewrites `bench-results/verifier.md`.
+pub fn record() -> Result<()> {
+    let measured = measure()?;
+    let machine = Machine::collect();
+    let text = markdown(&machine, &measured);
+    print!("{text}");
+    let path = record_path();
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    println!("saved {}", path.display());
+    Ok(())
+}
+
+/// Measures on this kernel and compares with `bench-results/verifier.md`; an error lists
+/// every program that grew too much, is refused now, or has no record. For `cargo xtask
+/// lint` and CI (needs root and the eBPF toolchain, like the privileged tests).
+pub fn check() -> Result<()> {
+    let path = record_path();
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (record one with `cargo xtask verifier`)",
+            path.display()
+        )
+    })?;
+    let recorded = parse_record(&text)?;
+    let measured = measure()?;
+    let kernel = Machine::collect().kernel;
+    if recorded.kernel != kernel {
+        println!(
+            "verifier: note: the record is from kernel {}, this is {kernel}; counts differ \
+             between kernels, so a failure here may be the kernel, not the change",
+            recorded.kernel
+        );
+    }
+    let problems = compare(&recorded.programs, &measured);
+    for (name, count) in &measured {
+        let was = recorded.programs.iter().find(|(n, _)| n == name);
+        println!(
+            "verifier: {name}: {} (recorded {})",
+            show_count(count),
+            was.map_or("nothing".to_string(), |(_, c)| show_count(c))
+        );
+    }
+    if !problems.is_empty() {
+        bail!(
+            "verifier complexity check failed against {}:\n  {}\n(if the growth is intended, \
+             re-record with `cargo xtask verifier` and commit the file)",
+            path.display(),
+            problems.join("\n  ")
+        );
+    }
+    println!(
+        "verifier: every program within {:.0} % of the record",
+        GROWTH_LIMIT * 100.0
+    );
+    Ok(())
+}
+
+/// One program's verified instruction count, or why the kernel gave none.
+type Count = Result<u32, String>;
+
+fn show_count(c: &Count) -> String {
+    match c {
+        Ok(n) => n.to_string(),
+        Err(why) => format!("refused: {why}"),
+    }
+}
+
+/// Builds the helper and runs it against a private bpffs.
+fn measure() -> Result<Vec<(String, Count)>> {
+    if !util::is_root() {
+        bail!(
+            "cargo xtask verifier must run as root: it loads the BPF programs (re-run as root, \
+             e.g. `sudo -E cargo xtask verifier`)"
+        );
+    }
+    let bins = testrun::build_all()?;
+    let helper = bins.get(HELPER)?;
+    let dir = BpffsDir::with_prefix(PREFIX)?;
+    run_helper(helper, &dir.path().join("verifier"))
+}
+
+fn run_helper(helper: &Path, bpffs: &Path) -> Result<Vec<(String, Count)>> {
+    let mut cmd = Command::new(helper);
+    cmd.arg("--bpffs")
+        .arg(bpffs)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let line = show(&cmd);
+    println!("$ {line}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed: {}", out.status);
+    }
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{HELPER} printed something other than its JSON document"))?;
+    parse_helper(&doc)
+}
+
+fn parse_helper(doc: &Value) -> Result<Vec<(String, Count)>> {
+    let programs = doc["programs"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no `programs` in {doc}"))?;
+    programs
+        .iter()
+        .map(|p| {
+            let name = p["name"]
+                .as_str()
+                .ok_or_else(|| anyhow!("program without a name: {p}"))?;
+            let count = match (p["verified_insns"].as_u64(), p["refused"].as_str()) {
+                (Some(n), _) => Ok(u32::try_from(n)?),
+                (None, Some(why)) => Err(why.to_string()),
+                (None, None) => bail!("program {name} with neither a count nor a reason: {p}"),
+            };
+            Ok((name.to_string(), count))
+        })
+        .collect()
+}
+
+fn markdown(machine: &Machine, measured: &[(String, Count)]) -> String {
+    let mut s = String::from("# Verified instruction counts\n\n");
+    s.push_str(
+        "Instructions the kernel's verifier processed to accept each eBPF program \
+         (`verified_insns` of BPF_OBJ_GET_INFO_BY_FD), loaded unattached from the object the \
+         agent embeds. Written by `cargo xtask verifier` (as root); `cargo xtask verifier \
+         --check` fails when a program's count grows more than 20 % over this record. Counts \
+         depend on the kernel: re-record when the reference kernel changes.\n\n",
+    );
+    s.push_str(&format!(
+        "- kernel: {}\n- commit: `{}`{}\n- date: {}\n\n",
+        machine.kernel,
+        machine.commit,
+        if machine.dirty {
+            " with uncommitted changes"
+        } else {
+            ""
+        },
+        machine.date
+    ));
+    s.push_str("| program | verified instructions |\n|---|---:|\n");
+    for (name, count) in measured {
+        let cell = show_count(count).replace('|', "/").replace('\n', " ");
+        s.push_str(&format!("| {name} | {cell} |\n"));
+    }
+    s
+}
+
+/// What `bench-results/verifier.md` says.
+#[derive(Debug, PartialEq)]
+struct Record {
+    kernel: String,
+    programs: Vec<(String, Count)>,
+}
+
+fn parse_record(text: &str) -> Result<Record> {
+    let kernel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("- kernel: "))
+        .ok_or_else(|| anyhow!("the verifier record has no `- kernel:` line"))?
+        .trim()
+        .to_string();
+    let mut programs = Vec::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        let [name, cell] = cells[..] else { continue };
+        if !name.starts_with("dg_") {
+            continue;
+        }
+        let count = match cell.strip_prefix("refused: ") {
+            Some(why) => Err(why.to_string()),
+            None => Ok(cell
+                .parse::<u32>()
+                .with_context(|| format!("the verifier record's count for {name}: `{cell}`"))?),
+        };
+        programs.push((name.to_string(), count));
+    }
+    if programs.is_empty() {
+        bail!("the verifier record lists no programs");
+    }
+    Ok(Record { kernel, programs })
+}
+
+/// Every way `measured` falls short of `recorded`, one line each.
+fn compare(recorded: &[(String, Count)], measured: &[(String, Count)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, now) in measured {
+        let Some((_, was)) = recorded.iter().find(|(n, _)| n == name) else {
+            problems.push(format!("{name}: not in the record ({})", show_count(now)));
+            continue;
+        };
+        match (was, now) {
+            (Ok(was), Ok(now)) => {
+                let limit = f64::from(*was) * (1.0 + GROWTH_LIMIT);
+                if f64::from(*now) > limit {
+                    problems.push(format!(
+                        "{name}: {now} instructions, {:+.0} % over the recorded {was}",
+                        (f64::from(*now) / f64::from(*was) - 1.0) * 100.0
+                    ));
+                }
+            }
+            (Ok(was), Err(why)) => problems.push(format!(
+                "{name}: refused now ({why}), recorded at {was} instructions"
+            )),
+            // Refused before: whatever happens now is no regression.
+            (Err(_), _) => {}
+        }
+    }
+    for (name, _) in recorded {
+        if !measured.iter().any(|(n, _)| n == name) {
+            problems.push(format!("{name}: in the record but no longer in the object"));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> Machine {
+        let mut m = Machine::collect();
+        m.kernel = "6.18.0-test".into();
+        m.commit = "abc1234".into();
+        m.dirty = false;
+        m
+    }
+
+    fn measured() -> Vec<(String, Count)> {
+        vec![
+            ("dg_egress".into(), Ok(1000)),
+            (
+                "dg_packet_socket".into(),
+                Err("the kernel | refused\nit".into()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_record_reads_back_what_was_written() {
+        let text = markdown(&machine(), &measured());
+        let record = parse_record(&text).unwrap();
+        assert_eq!(record.kernel, "6.18.0-test");
+        assert_eq!(
+            record.programs,
+            vec![
+                ("dg_egress".to_string(), Ok(1000)),
+                (
+                    "dg_packet_socket".to_string(),
+                    Err("the kernel / refused it".into())
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn growth_past_the_limit_fails_and_within_it_passes() {
+        let recorded = measured();
+        let mut now = measured();
+        now[0].1 = Ok(1200);
+        assert!(
+            compare(&recorded, &now).is_empty(),
+            "20 % exactly is allowed"
+        );
+        now[0].1 = Ok(1201);
+        let problems = compare(&recorded, &now);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("dg_egress: 1201"), "{problems:?}");
+        now[0].1 = Ok(10);
+        assert!(compare(&recorded, &now).is_empty(), "shrinking is fine");
+    }
+
+    #[test]
+    fn refusals_new_and_vanished_programs_fail() {
+        let recorded = measured();
+        let now = vec![
+            ("dg_egress".to_string(), Err("verifier said no".to_string())),
+            ("dg_new".to_string(), Ok(5)),
+        ];
+        let problems = compare(&recorded, &now);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("refused now"));
+        assert!(problems[1].starts_with("dg_new: not in the record"));
+        assert!(problems[2].starts_with("dg_packet_socket: in the record but no longer"));
+        // A program refused in the record and accepted now is no regression.
+        let now = vec![
+            ("dg_egress".to_string(), Ok(900)),
+            ("dg_packet_socket".to_string(), Ok(5000)),
+        ];
+        assert!(compare(&recorded, &now).is_empty());
+    }
+}
