@@ -30,7 +30,7 @@ use crate::{
     input::bad_input,
     k8s::{
         self,
-        events::{PodAttempt, PodEvents},
+        events::{EventBudget, PodAttempt, PodEvents},
         ClusterView,
     },
     metrics::{CounterSample, Snapshot},
@@ -498,12 +498,15 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
         attempts_by_pod.clone(),
         shutdown_rx.clone(),
     ));
+    // One budget for every Event this node writes (pods and namespaces).
+    let event_budget = EventBudget::per_minute(plan.config.audit.events_per_minute_per_node);
     let events_task = if plan.config.audit.kubernetes_events {
-        Some(tokio::spawn(publish_events(
+        Some(tokio::spawn(k8s::events::publish_pod_events(
             PodEvents::new(
                 client.clone(),
                 &plan.node,
                 plan.config.audit.events_per_pod_per_minute,
+                event_budget.clone(),
             ),
             attempt_rx,
         )))
@@ -521,6 +524,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let cni_events_task = tokio::spawn(k8s::events::publish_cni_changes(
         client.clone(),
         plan.node.clone(),
+        event_budget,
         cni_rx,
     ));
     let probe_task = tokio::spawn(crate::cniprobe::run_probe_loop(
@@ -793,12 +797,6 @@ async fn stream_audit(
     };
     if let Err(e) = audit::consume(events, sink, shutdown).await {
         tracing::error!(error = %e, "audit stream stopped");
-    }
-}
-
-async fn publish_events(mut publisher: PodEvents, mut attempts: mpsc::Receiver<PodAttempt>) {
-    while let Some(attempt) = attempts.recv().await {
-        publisher.record(attempt).await;
     }
 }
 
