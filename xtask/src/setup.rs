@@ -5,7 +5,8 @@
 //! and why). Steps:
 //! 1. Debian packages: Debian's Rust 1.96 with library sources (rustup here has no
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
-//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
+//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab, faketime
+//!    (libfaketime) for the leader-election clock-skew test.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
@@ -34,7 +35,14 @@ const LLVM: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
 ];
-const TEST_TOOLS: &[&str] = &["iproute2", "nftables", "iperf3", "iputils-ping", "curl"];
+const TEST_TOOLS: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "iputils-ping",
+    "curl",
+    "faketime",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn step(name: &str, outcome: &str) {
