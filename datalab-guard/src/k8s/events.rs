@@ -9,7 +9,9 @@
 //! - all of them within one per-node budget, [`EventBudget`] (`audit.eventsPerMinutePerNode`):
 //!   a storm of attempts from many pods costs the API server at most that many writes a
 //!   minute from this node. Attempts that find the budget spent are not lost: they stay
-//!   counted for the pod and go out with its next Event.
+//!   counted for the pod and go out with its next Event; when tokens come back, pods that
+//!   have waited longest (never reported first) are served first ([`PodEvents::flush`],
+//!   every [`FLUSH_EVERY`]).
 //!
 //! Memory is bounded: per-pod state is dropped when it has nothing to report and has been
 //! idle for [`POD_IDLE_TTL`], and, past [`MAX_PODS`] pods (churn), the longest idle go first.
@@ -308,6 +310,10 @@ pub struct PodEvents {
     interval: Duration,
     pods: HashMap<String, PodState>,
     max_pods: usize,
+    /// The budget ran out with pods waiting: until a flush has served them (longest
+    /// waiting first), new attempts only count, so that a pod that already had its Event
+    /// does not take the token a waiting pod is owed.
+    starved: bool,
 }
 
 impl PodEvents {
@@ -327,6 +333,7 @@ impl PodEvents {
             interval: Duration::from_secs(60) / per_pod_per_minute.max(1),
             pods: HashMap::new(),
             max_pods: MAX_PODS,
+            starved: false,
         }
     }
 
@@ -359,16 +366,16 @@ impl PodEvents {
         state.latest = attempt;
         state.pending += 1;
         state.last_seen = now;
-        self.publish_if_due(&uid, now).await;
+        if !self.starved {
+            self.starved = !self.publish_if_due(&uid, now).await;
+        }
     }
 
     /// Publishes what waits (pods whose interval has passed, those who waited longest
     /// first, as far as the budget allows) and drops idle state.
     pub async fn flush(&mut self) {
         let now = Instant::now();
-        self.pods.retain(|_, s| {
-            s.pending > 0 || now.saturating_duration_since(s.last_seen) < POD_IDLE_TTL
-        });
+        drop_idle(&mut self.pods, now);
         let mut due: Vec<(Option<Instant>, String)> = self
             .pods
             .iter()
@@ -376,8 +383,10 @@ impl PodEvents {
             .map(|(uid, s)| (s.last_sent, uid.clone()))
             .collect();
         due.sort();
+        self.starved = false;
         for (_, uid) in due {
             if !self.publish_if_due(&uid, now).await {
+                self.starved = true;
                 break;
             }
         }
@@ -455,34 +464,45 @@ impl PodEvents {
         self.writer.create(&regarding, report).await
     }
 
-    /// Makes room: first state with nothing to report, then the longest idle, a quarter of
-    /// the map at a time so that churn does not pay this on every new pod.
+    /// Makes room for a new pod; see [`make_room`].
     fn evict(&mut self, now: Instant) {
-        self.pods.retain(|_, s| {
-            s.pending > 0 || now.saturating_duration_since(s.last_seen) < POD_IDLE_TTL
-        });
-        if self.pods.len() < self.max_pods {
-            return;
+        let (dropped, lost) = make_room(&mut self.pods, self.max_pods, now);
+        if dropped > 0 {
+            tracing::debug!(
+                dropped_pods = dropped,
+                unreported_attempts = lost,
+                "pod Event state full; dropped the longest idle pods"
+            );
         }
-        let mut by_age: Vec<(Instant, String)> = self
-            .pods
-            .iter()
-            .map(|(uid, s)| (s.last_seen, uid.clone()))
-            .collect();
-        by_age.sort();
-        let drop = (self.max_pods / 4).max(1);
-        let mut lost = 0;
-        for (_, uid) in by_age.into_iter().take(drop) {
-            if let Some(s) = self.pods.remove(&uid) {
-                lost += s.pending;
-            }
-        }
-        tracing::debug!(
-            dropped_pods = drop,
-            unreported_attempts = lost,
-            "pod Event state full; dropped the longest idle pods"
-        );
     }
+}
+
+/// Drops the state of pods with nothing to report, idle for [`POD_IDLE_TTL`].
+fn drop_idle(pods: &mut HashMap<String, PodState>, now: Instant) {
+    pods.retain(|_, s| s.pending > 0 || now.saturating_duration_since(s.last_seen) < POD_IDLE_TTL);
+}
+
+/// Below `max` pods again: idle state first, then the longest idle pods, a quarter of `max`
+/// at a time so that churn does not pay a sort for every new pod. Returns (pods dropped
+/// for room, their attempts never reported).
+fn make_room(pods: &mut HashMap<String, PodState>, max: usize, now: Instant) -> (usize, u64) {
+    drop_idle(pods, now);
+    if pods.len() < max {
+        return (0, 0);
+    }
+    let mut by_age: Vec<(Instant, String)> = pods
+        .iter()
+        .map(|(uid, s)| (s.last_seen, uid.clone()))
+        .collect();
+    by_age.sort();
+    let mut lost = 0;
+    let drop = (max / 4).max(1);
+    for (_, uid) in by_age.into_iter().take(drop) {
+        if let Some(s) = pods.remove(&uid) {
+            lost += s.pending;
+        }
+    }
+    (drop, lost)
 }
 
 /// The note of a pod's Event: the latest attempt, how many since the last Event, and the
@@ -607,6 +627,56 @@ mod tests {
         let one = EventBudget::new(0, Duration::from_secs(60));
         assert!(one.try_take_at(at(0)));
         assert!(!one.try_take_at(at(1)));
+    }
+
+    fn pod(uid: &str, pending: u64, last_seen: Instant) -> (String, PodState) {
+        (
+            uid.to_owned(),
+            PodState {
+                latest: PodAttempt {
+                    namespace: "t".into(),
+                    pod: uid.into(),
+                    uid: uid.into(),
+                    container: None,
+                    destination: "169.254.169.254:80".into(),
+                    audited: false,
+                },
+                pending,
+                reported: 0,
+                event: None,
+                last_sent: None,
+                last_seen,
+            },
+        )
+    }
+
+    #[test]
+    fn pod_state_is_dropped_when_idle_and_bounded_under_churn() {
+        let t0 = Instant::now();
+        let later = t0 + POD_IDLE_TTL;
+        // Idle with nothing to report: dropped after the TTL, not before; with attempts
+        // waiting: kept (they go out with the next flush).
+        let mut pods: HashMap<_, _> = [
+            pod("idle", 0, t0),
+            pod("waiting", 3, t0),
+            pod("recent", 0, later - Duration::from_secs(1)),
+        ]
+        .into();
+        drop_idle(&mut pods, later - Duration::from_secs(1));
+        assert_eq!(pods.len(), 3);
+        drop_idle(&mut pods, later);
+        let mut left: Vec<_> = pods.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["recent", "waiting"]);
+
+        // Full of busy pods: the longest idle quarter goes, whatever it had pending.
+        let mut pods: HashMap<_, _> = (0..8)
+            .map(|i| pod(&format!("p{i}"), 1, t0 + Duration::from_secs(i)))
+            .collect();
+        assert_eq!(make_room(&mut pods, 8, t0 + Duration::from_secs(8)), (2, 2));
+        assert_eq!(pods.len(), 6);
+        assert!(!pods.contains_key("p0") && !pods.contains_key("p1"));
+        assert_eq!(make_room(&mut pods, 8, t0), (0, 0), "room enough");
     }
 
     #[test]
