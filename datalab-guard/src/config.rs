@@ -257,7 +257,14 @@ pub struct AuditConfig {
     pub kubernetes_events: bool,
     /// At most this many Events per pod per minute.
     pub events_per_pod_per_minute: u32,
+    /// At most this many Event writes per minute from one node, all pods and namespaces
+    /// together (1 to [`MAX_EVENTS_PER_MINUTE_PER_NODE`]); attempts beyond it are counted
+    /// into the pod's next Event.
+    pub events_per_minute_per_node: u32,
 }
+
+/// Upper bound of `audit.eventsPerMinutePerNode` (the budget keeps one timestamp per write).
+pub const MAX_EVENTS_PER_MINUTE_PER_NODE: u32 = 6000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -377,6 +384,7 @@ impl Default for AuditConfig {
             events_per_second: 5,
             kubernetes_events: true,
             events_per_pod_per_minute: 1,
+            events_per_minute_per_node: 30,
         }
     }
 }
@@ -525,6 +533,15 @@ impl Config {
         }
         if p.port == 0 {
             return Err(("probe.port", "must be between 1 and 65535".into()));
+        }
+        let per_node = self.audit.events_per_minute_per_node;
+        if !(1..=MAX_EVENTS_PER_MINUTE_PER_NODE).contains(&per_node) {
+            return Err((
+                "audit.eventsPerMinutePerNode",
+                format!(
+                    "{per_node} must be between 1 and {MAX_EVENTS_PER_MINUTE_PER_NODE} (audit.kubernetesEvents: false turns pod Events off)"
+                ),
+            ));
         }
         // client-go's leader election rules (leaderelection.NewLeaderElector).
         let le = &self.leader_election;
@@ -1101,6 +1118,7 @@ mod tests {
         assert_eq!(c.audit.events_per_second, 5);
         assert!(c.audit.kubernetes_events);
         assert_eq!(c.audit.events_per_pod_per_minute, 1);
+        assert_eq!(c.audit.events_per_minute_per_node, 30);
         assert_eq!(c.cgroup.root, CgroupRoot::Auto);
         assert_eq!(c.cgroup.driver, None);
         assert_eq!(c.rescan_interval.as_std(), Duration::from_secs(10));
@@ -1216,6 +1234,7 @@ audit:
   eventsPerSecond: 0
   kubernetesEvents: false
   eventsPerPodPerMinute: 10
+  eventsPerMinutePerNode: 120
 cgroup:
   root: /sys/fs/cgroup/kubepods.slice
   driver: systemd
@@ -1317,6 +1336,14 @@ leaderElection:
             ("cgroup:\n  driver: cgroupv2\n", &["cgroup.driver", "cgroupv2"]),
             ("probe:\n  port: 70000\n", &["probe.port"]),
             ("audit:\n  eventsPerSecond: -1\n", &["audit.eventsPerSecond"]),
+            (
+                "audit:\n  eventsPerMinutePerNode: 0\n",
+                &["audit.eventsPerMinutePerNode", "between 1 and 6000"],
+            ),
+            (
+                "audit:\n  eventsPerMinutePerNode: 6001\n",
+                &["audit.eventsPerMinutePerNode"],
+            ),
             ("leaderElection:\n  namespace: \"\"\n", &["leaderElection.namespace"]),
             ("denyRawSockets: yes\n", &["denyRawSockets"]),
             ("probe: [1]\n", &["probe"]),

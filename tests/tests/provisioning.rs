@@ -33,7 +33,10 @@ use datalab_guard_tests::{
     apiserver::{Kind, RequestLog},
     free_loopback_addr, require_root, Agent, BpffsDir, FakeApiServer, TestCgroup,
 };
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy,
+    jiff::{SignedDuration, Timestamp},
+};
 use kube::{
     api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
@@ -52,6 +55,11 @@ const ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
 /// Short lease settings: leaseDuration 3s, renewDeadline 2s, retryPeriod 500ms.
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RETRY_PERIOD: Duration = Duration::from_millis(500);
+/// A crashed leader is replaced within leaseDuration + 2.4 × retryPeriod of its last renewal
+/// (client-go semantics: a standby counts the lease from when it *saw* the last renewal, up
+/// to one jittered look — at most 2.2 × retryPeriod — after it was written, and wakes at most
+/// 0.2 × retryPeriod after that expiry), plus a margin for the requests.
+const TAKEOVER_WITHIN: Duration = Duration::from_millis(3_000 + 1_200 + 400);
 /// Appended to every config a test agent runs with (see `BinNode::start`).
 const NO_PROBE: &str = "probe:\n  enabled: false\n";
 
@@ -102,6 +110,9 @@ fn ip_blocks(p: &Value) -> Vec<(String, Vec<String>)> {
     for rule in p["spec"]["egress"].as_array().into_iter().flatten() {
         for peer in rule["to"].as_array().into_iter().flatten() {
             let block = &peer["ipBlock"];
+            if !block.is_object() {
+                continue;
+            }
             let except = block["except"]
                 .as_array()
                 .into_iter()
@@ -115,6 +126,16 @@ fn ip_blocks(p: &Value) -> Vec<(String, Vec<String>)> {
         }
     }
     out
+}
+
+/// Whether the policy has the in-cluster rule: egress to every pod in every namespace, on
+/// all ports, as a rule of its own.
+fn has_in_cluster_rule(p: &Value) -> bool {
+    p["spec"]["egress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|rule| *rule == json!({"to": [{"namespaceSelector": {}}]}))
 }
 
 fn owners(obj: &Value, field: &str) -> Vec<String> {
@@ -321,7 +342,7 @@ async fn leader_election_elects_one_and_hands_over() {
     assert_eq!(lease["spec"]["leaseDurationSeconds"], 3);
 
     // A crash (no release): the standby waits for the lease to expire, then takes it within
-    // leaseDuration + retryPeriod of the last renewal.
+    // TAKEOVER_WITHIN of the last renewal.
     let t0 = Instant::now();
     drop(leader);
     let took = eventually(
@@ -335,11 +356,7 @@ async fn leader_election_elects_one_and_hands_over() {
         took >= LEASE_DURATION - RETRY_PERIOD - Duration::from_millis(200),
         "took over before the lease expired: {took:?}"
     );
-    assert!(
-        t0.elapsed() <= LEASE_DURATION + RETRY_PERIOD + Duration::from_millis(300),
-        "took {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() <= TAKEOVER_WITHIN, "took {:?}", t0.elapsed());
     assert_eq!(
         server.get(Kind::Lease, Some(LEASE_NS), LEASE).unwrap()["spec"]["leaseTransitions"],
         2
@@ -440,6 +457,8 @@ async fn provisions_repairs_and_removes_only_its_own_policy() {
             vec!["169.254.169.254/32".to_owned()]
         )]
     );
+    assert!(has_in_cluster_rule(&p), "{p}");
+    assert_eq!(p["spec"]["egress"].as_array().unwrap().len(), 2);
     assert_eq!(
         p["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         MANAGER
@@ -676,6 +695,7 @@ async fn except_lists_follow_the_blocked_set_and_the_stack() {
             ),
         ]
     );
+    assert!(has_in_cluster_rule(&policy(&server, "tenant-a").unwrap()));
     agent.stop().await;
 
     // dualStack: false — IPv4 only; the running policy is updated (not a repair).
@@ -691,9 +711,16 @@ async fn except_lists_follow_the_blocked_set_and_the_stack() {
     })
     .await;
     assert_eq!(
-        ip_blocks(&policy(&server, "tenant-a").unwrap())[0].0,
-        "0.0.0.0/0"
+        ip_blocks(&policy(&server, "tenant-a").unwrap())[0],
+        (
+            "0.0.0.0/0".to_owned(),
+            vec![
+                "100.100.100.200/32".to_owned(),
+                "169.254.169.254/32".to_owned()
+            ]
+        )
     );
+    assert!(has_in_cluster_rule(&policy(&server, "tenant-a").unwrap()));
     agent.stop().await;
 
     // auto: IPv4-only Nodes → IPv4 rule; a dual-stack Node → the IPv6 rule too.
@@ -891,6 +918,23 @@ async fn bypassing_policies_are_reported_and_left_alone() {
     })
     .await;
 
+    // Our own policy, in-cluster rule included, is not a bypass — and not only because the
+    // detector skips our name: a tenant's copy of it under another name passes too.
+    let ours = policy(&server, "tenant-a").unwrap();
+    assert!(has_in_cluster_rule(&ours));
+    let copy: NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "copy-of-baseline", "namespace": "tenant-a"},
+        "spec": ours["spec"],
+    }))
+    .unwrap();
+    create_foreign(&kubectl, &copy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.policy_state("tenant-a"), Some(PolicyState::Ok));
+    assert!(agent.states.snapshot()["tenant-a"].bypassed_by.is_empty());
+    assert_eq!(event_count(&server, "MetadataBypassPolicy", "tenant-a"), 0);
+
     // A policy that stays clear of metadata is fine.
     create_foreign(&kubectl, &tenant_policy("tenant-a", "to-10", "10.0.0.0/8")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -920,6 +964,9 @@ async fn bypassing_policies_are_reported_and_left_alone() {
         .find(|e| e["reason"] == "MetadataBypassPolicy")
         .unwrap();
     assert!(ev["note"].as_str().unwrap().contains("internet"), "{ev}");
+    // In the namespace concerned, where its tenants see it (not in `default`).
+    assert_eq!(ev["metadata"]["namespace"], "tenant-a", "{ev}");
+    assert_eq!(ev["regarding"]["kind"], "Namespace", "{ev}");
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         event_count(&server, "MetadataBypassPolicy", "tenant-a"),
@@ -1045,6 +1092,71 @@ struct BinNode {
     root: PathBuf,
 }
 
+/// How to run one candidate process.
+#[derive(Clone, Debug)]
+struct Launch<'a> {
+    name: &'a str,
+    /// With the fixture's token (see the module docs for who-wrote-what).
+    token: bool,
+    /// libfaketime offset of the process's wall clock (`+10m`, `-10m`); its monotonic clock
+    /// stays true (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as on a node whose NTP is off.
+    skew: Option<&'a str>,
+}
+
+impl<'a> Launch<'a> {
+    fn new(name: &'a str, token: bool) -> Launch<'a> {
+        Launch {
+            name,
+            token,
+            skew: None,
+        }
+    }
+
+    fn skewed(self, offset: &'a str) -> Launch<'a> {
+        Launch {
+            skew: Some(offset),
+            ..self
+        }
+    }
+}
+
+/// Debian's libfaketime (package `faketime`, installed by `cargo xtask setup`).
+fn faketime_lib() -> PathBuf {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("libfaketime not found in {candidates:?}: run `cargo xtask setup` (Debian package faketime)")
+        })
+}
+
+/// The command line of the process under test: today the node agent runs the leader
+/// election. When the `controller` command takes it over, this is the one place to change
+/// (its flags are a subset: --kubeconfig, --config, --metrics-addr).
+fn candidate_args(node: &BinNode, kubeconfig: &Path, config: &Path) -> Vec<String> {
+    vec![
+        "node".to_owned(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--cgroup-root".into(),
+        node.root.display().to_string(),
+        "--bpffs".into(),
+        node.bpffs.path().join("guard").display().to_string(),
+        "--metrics-addr".into(),
+        node.metrics.to_string(),
+    ]
+}
+
 impl BinNode {
     fn start(
         server: &FakeApiServer,
@@ -1053,6 +1165,11 @@ impl BinNode {
         token: bool,
         config_yaml: &str,
     ) -> BinNode {
+        BinNode::launch(server, dir, &Launch::new(name, token), config_yaml)
+    }
+
+    fn launch(server: &FakeApiServer, dir: &Path, how: &Launch, config_yaml: &str) -> BinNode {
+        let name = how.name;
         let cgroup = TestCgroup::new().expect("cgroup");
         let root = cgroup.path().join("kubepods.slice");
         for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
@@ -1061,7 +1178,7 @@ impl BinNode {
         let kubeconfig = dir.join(format!("kubeconfig-{name}"));
         std::fs::write(
             &kubeconfig,
-            if token {
+            if how.token {
                 server.kubeconfig_yaml()
             } else {
                 tokenless_kubeconfig(server)
@@ -1081,32 +1198,33 @@ impl BinNode {
             _cgroup: cgroup,
             root,
         };
-        let args = [
-            "node".to_owned(),
-            "--node-name".into(),
-            name.into(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-            "--cgroup-root".into(),
-            node.root.display().to_string(),
-            "--bpffs".into(),
-            node.bpffs.path().join("guard").display().to_string(),
-            "--metrics-addr".into(),
-            node.metrics.to_string(),
-        ];
-        let mut agent = Agent::spawn_with(
-            &Agent::bin().expect("agent binary"),
-            &args,
-            &[("POD_NAME", ""), ("POD_NAMESPACE", "")],
-        )
-        .expect("spawn agent");
+        let args = candidate_args(&node, &kubeconfig, &config);
+        let preload = how.skew.map(|_| faketime_lib().display().to_string());
+        let mut env = vec![("POD_NAME", ""), ("POD_NAMESPACE", "")];
+        if let (Some(offset), Some(lib)) = (how.skew, preload.as_deref()) {
+            env.extend([
+                ("LD_PRELOAD", lib),
+                ("FAKETIME", offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ]);
+        }
+        let mut agent = Agent::spawn_with(&Agent::bin().expect("agent binary"), &args, &env)
+            .expect("spawn agent");
         agent
             .wait_ready(node.metrics, Duration::from_secs(30))
             .expect("agent ready");
         node.agent = Some(agent);
         node
+    }
+
+    /// How far the process's wall clock is from ours, read from the timestamp of its first
+    /// log line (proof that a skew took effect).
+    fn clock_offset(&self) -> Option<SignedDuration> {
+        let lines = self.agent.as_ref()?.stderr_lines();
+        let first = lines.first()?;
+        let plain = strip_ansi(first);
+        let stamp: Timestamp = plain.split_whitespace().next()?.parse().ok()?;
+        Some(stamp.duration_since(Timestamp::now()))
     }
 
     fn agent(&mut self) -> &mut Agent {
@@ -1137,6 +1255,24 @@ impl Drop for BinNode {
         // The agent goes first (its cgroup and pins are removed after it).
         self.agent.take();
     }
+}
+
+/// `line` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct TempDir(PathBuf);
@@ -1202,6 +1338,7 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
             vec!["169.254.169.254/32".to_owned()]
         )]
     );
+    assert!(has_in_cluster_rule(&policy(&server, "tenant-b").unwrap()));
 
     // Repair after delete and after a foreign edit; a tenant policy next to ours untouched.
     let own = rt.block_on(create_foreign(
@@ -1285,17 +1422,14 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         "node-1 provisioned, repaired and removed: {leader_np_writes} writes"
     );
 
-    // kill -9 the leader: node-2 takes over within leaseDuration + retryPeriod, then repairs.
+    // kill -9 the leader: node-2 takes over within TAKEOVER_WITHIN, then repairs.
     n1.agent().kill9().unwrap();
     let t0 = Instant::now();
     let took = eventually_sync("node-2 takes over", Duration::from_secs(8), || {
         lease_holder(&server).as_deref() == Some("node-2")
     });
     eprintln!("leader killed -> node-2 holds the lease after {took:?}");
-    assert!(
-        took <= LEASE_DURATION + RETRY_PERIOD + Duration::from_millis(300),
-        "takeover took {took:?}"
-    );
+    assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
     // The log line follows the Lease write; give the pipe a moment.
     eventually_sync("the transition is logged", Duration::from_secs(3), || {
         n2.log_has("became the leader")
@@ -1312,6 +1446,150 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         events_by(&server, "NetworkPolicyRepaired", "node-2") >= 1
     });
     assert!(n2.agent().try_status().is_none(), "node-2 still running");
+}
+
+/// Watches the Lease for `how_long`: it must stay with `holder` after `transitions`
+/// transitions the whole time.
+fn lease_stays(server: &FakeApiServer, holder: &str, transitions: i64, how_long: Duration) {
+    let start = Instant::now();
+    let mut renewals = std::collections::BTreeSet::new();
+    while start.elapsed() < how_long {
+        let lease = server
+            .get(Kind::Lease, Some(LEASE_NS), LEASE)
+            .expect("lease");
+        let spec = &lease["spec"];
+        assert_eq!(
+            (
+                spec["holderIdentity"].as_str(),
+                spec["leaseTransitions"].as_i64()
+            ),
+            (Some(holder), Some(transitions)),
+            "the lease changed hands after {:?}: {spec}",
+            start.elapsed()
+        );
+        renewals.insert(spec["renewTime"].to_string());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // The holder kept renewing all along (so the others had a live record to watch).
+    let expected = (how_long.as_millis() / RETRY_PERIOD.as_millis()) as usize / 2;
+    assert!(
+        renewals.len() >= expected,
+        "{holder} renewed only {} times in {how_long:?}",
+        renewals.len()
+    );
+}
+
+/// Lease writes (create, update, patch, delete) in the request log, from the agent with the
+/// token (`true`) or the one without.
+fn lease_writes(server: &FakeApiServer, token: bool) -> Vec<RequestLog> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.bearer_token.is_some() == token
+                && r.resource.as_deref() == Some("leases")
+                && is_write(r)
+        })
+        .collect()
+}
+
+fn lease_renew_time(server: &FakeApiServer) -> Timestamp {
+    server
+        .get(Kind::Lease, Some(LEASE_NS), LEASE)
+        .expect("lease")["spec"]["renewTime"]
+        .as_str()
+        .expect("renewTime")
+        .parse()
+        .expect("renewTime parses")
+}
+
+fn minutes_between(offset: SignedDuration, low: i64, high: i64) -> bool {
+    offset >= SignedDuration::from_mins(low) && offset <= SignedDuration::from_mins(high)
+}
+
+/// Candidates whose wall clocks are 10 minutes off, against one fixture: expiry is judged
+/// by each candidate's own observation of the Lease, so a skewed leader keeps it, a skewed
+/// standby does not steal it, and each still takes over a dead leader's lease in time.
+#[test]
+fn skewed_clocks_neither_steal_nor_lose_the_lease() {
+    if !require_root() {
+        return;
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new("skew");
+    let cfg = bin_config("");
+    let hold = LEASE_DURATION * 4;
+
+    // A leader whose clock is 10 minutes behind: the renewTime it writes looks long expired
+    // to everyone else.
+    let mut n1 = BinNode::launch(
+        &server,
+        &dir.0,
+        &Launch::new("node-1", true).skewed("-10m"),
+        &cfg,
+    );
+    eventually_sync("node-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("node-1")
+    });
+    let behind = lease_renew_time(&server).duration_since(Timestamp::now());
+    assert!(
+        minutes_between(behind, -11, -9),
+        "node-1's renewTime is {behind:?} from now: is libfaketime in effect?"
+    );
+    // A healthy standby does not take it from the skewed leader.
+    let n2 = BinNode::start(&server, &dir.0, "node-2", false, &cfg);
+    lease_stays(&server, "node-1", 0, hold);
+    let stolen = lease_writes(&server, false);
+    assert!(stolen.is_empty(), "node-2 wrote the Lease: {stolen:?}");
+    assert!(n2.log_has("standing by"), "node-2 saw the leader");
+
+    // kill -9: the healthy standby takes over in time.
+    n1.agent().kill9().unwrap();
+    let took = eventually_sync("node-2 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("node-2")
+    });
+    eprintln!("skewed leader killed -> node-2 leads after {took:?}");
+    assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
+    drop(n1);
+
+    // A standby whose clock is 10 minutes ahead: node-2's renewTime looks 10 minutes old to
+    // it. It gets the token now that node-1 (which had it) is gone.
+    server.clear_requests();
+    let mut n3 = BinNode::launch(
+        &server,
+        &dir.0,
+        &Launch::new("node-3", true).skewed("+10m"),
+        &cfg,
+    );
+    let ahead = n3.clock_offset().expect("node-3 logged a timestamp");
+    assert!(
+        minutes_between(ahead, 9, 11),
+        "node-3's clock is {ahead:?} from ours: is libfaketime in effect?"
+    );
+    lease_stays(&server, "node-2", 1, hold);
+    let stolen = lease_writes(&server, true);
+    assert!(stolen.is_empty(), "node-3 wrote the Lease: {stolen:?}");
+    // Only Lease reads from node-3, and it did read.
+    assert!(server.requests().iter().any(|r| r.bearer_token.is_some()
+        && r.resource.as_deref() == Some("leases")
+        && r.verb == "get"));
+
+    // kill -9 the healthy leader: the skewed standby takes over in time (neither at once nor
+    // ten minutes late), and keeps it.
+    let mut n2 = n2;
+    n2.agent().kill9().unwrap();
+    let took = eventually_sync("node-3 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("node-3")
+    });
+    eprintln!("healthy leader killed -> skewed node-3 leads after {took:?}");
+    assert!(
+        took >= LEASE_DURATION - RETRY_PERIOD - Duration::from_millis(200),
+        "node-3 took over before the lease expired: {took:?}"
+    );
+    assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
+    lease_stays(&server, "node-3", 2, LEASE_DURATION * 2);
+    assert!(n3.agent().try_status().is_none(), "node-3 still running");
 }
 
 #[test]
@@ -1388,6 +1666,7 @@ fn dual_stack_and_pod_security_through_the_binary() {
             ("::/0".to_owned(), vec!["fd00:ec2::254/128".to_owned()])
         ]
     );
+    assert!(has_in_cluster_rule(&policy(&server, "tenant-a").unwrap()));
     eventually_sync("PSA reported", Duration::from_secs(5), || {
         event_count(&server, "PodSecurityTooWeak", "tenant-a") == 1
     });

@@ -5,7 +5,8 @@
 //! and why). Steps:
 //! 1. Debian packages: Debian's Rust 1.96 with library sources (rustup here has no
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
-//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
+//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab, faketime
+//!    (libfaketime) for the leader-election clock-skew test.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `cargo-deny` for the lint gate's licence, ban and source checks.
 //! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
@@ -40,7 +41,7 @@ const LLVM: &[&str] = &[
 ];
 /// The lab's tools, and Python with venv for the manifests step's pinned kubectl and
 /// kubernetes-validate (from PyPI: Debian's own kubectl is too old). A plain Debian 12 has
-/// none of these.
+/// none of these; faketime runs a candidate with a skewed clock in the leader-election tests.
 const TEST_TOOLS: &[&str] = &[
     "iproute2",
     "nftables",
@@ -49,6 +50,7 @@ const TEST_TOOLS: &[&str] = &[
     "curl",
     "python3",
     "python3-venv",
+    "faketime",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).

@@ -803,8 +803,9 @@ fn policy_reference(p: &NetworkPolicy) -> ObjectReference {
     }
 }
 
-/// A Warning Event on the namespace (published in `default`, as for any cluster-scoped
-/// object). Events are a courtesy: a failure is logged, never retried.
+/// A Warning Event on the namespace, in that namespace (see
+/// [`super::events::namespace_reference`]). Events are a courtesy: a failure is logged,
+/// never retried.
 async fn publish(
     recorder: &Recorder,
     ns: &Namespace,
@@ -813,13 +814,7 @@ async fn publish(
     note: String,
     related: Option<ObjectReference>,
 ) {
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Namespace".into()),
-        name: ns.metadata.name.clone(),
-        uid: ns.metadata.uid.clone(),
-        ..ObjectReference::default()
-    };
+    let reference = super::events::namespace_object_reference(ns);
     // The API server caps notes at 1 kB.
     let mut note = note;
     if note.len() > 1000 {

@@ -16,7 +16,7 @@ use super::context::Context;
 use crate::{
     audit::{self, ConsumerStats},
     config::AuditConfig,
-    k8s::events::{PodAttempt, PodEvents},
+    k8s::events::{publish_pod_events, PodAttempt, PodEvents},
 };
 
 /// Attempts waiting for the Event publisher; beyond this they are dropped (not the lines).
@@ -75,8 +75,9 @@ pub fn spawn(
             ctx.client.clone(),
             &ctx.node,
             config.events_per_pod_per_minute,
+            ctx.event_budget.clone(),
         );
-        tokio::spawn(publish_events(publisher, attempt_rx))
+        tokio::spawn(publish_pod_events(publisher, attempt_rx))
     });
     (audit_task, events_task)
 }
@@ -121,13 +122,6 @@ async fn stream_audit(
     };
     if let Err(e) = audit::consume(events, sink, stats, shutdown).await {
         tracing::error!(error = %e, "audit stream stopped");
-    }
-}
-
-/// Turns attributed attempts into pod Events (rate limited by the publisher).
-async fn publish_events(mut publisher: PodEvents, mut attempts: mpsc::Receiver<PodAttempt>) {
-    while let Some(attempt) = attempts.recv().await {
-        publisher.record(attempt).await;
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 use crate::{
     baseline_state::NamespaceStates,
     bpf::{session, Session},
-    k8s::ClusterView,
+    k8s::{events::EventBudget, ClusterView},
     metrics::{NamespaceSample, Snapshot, SnapshotFn},
     node::audit_sink::CgroupOwners,
 };
@@ -48,10 +48,18 @@ pub struct Context {
     pub namespace_states: NamespaceStates,
     /// Pod uid → audit records attributed to it (state file), pruned to live pods.
     pub attempts_by_pod: Mutex<HashMap<String, u64>>,
+    /// Every Event this node writes (pod and namespace) spends from this one budget
+    /// (`audit.eventsPerMinutePerNode`), so an attack cannot turn into an API write storm.
+    pub event_budget: EventBudget,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, node: String, view: Arc<ClusterView>) -> Context {
+    pub fn new(
+        client: kube::Client,
+        node: String,
+        view: Arc<ClusterView>,
+        event_budget: EventBudget,
+    ) -> Context {
         Context {
             client,
             node,
@@ -62,6 +70,7 @@ impl Context {
             classes: RwLock::new(BTreeMap::new()),
             namespace_states: NamespaceStates::default(),
             attempts_by_pod: Mutex::new(HashMap::new()),
+            event_budget,
         }
     }
 

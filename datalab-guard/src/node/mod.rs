@@ -65,6 +65,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         client.clone(),
         plan.node.clone(),
         view.clone(),
+        k8s::events::EventBudget::per_minute(plan.config.audit.events_per_minute_per_node),
     ));
     let http_state = Arc::new(http::HttpState::new(ctx.snapshot_fn()));
     http_state.set_ready(false, "waiting for the first full sync with the API server");

@@ -38,6 +38,7 @@ pub fn spawn(
     let events_task = tokio::spawn(k8s::events::publish_cni_changes(
         ctx.client.clone(),
         ctx.node.clone(),
+        ctx.event_budget.clone(),
         cni_rx,
     ));
     let on_change = move |namespace: &str, old: Option<CniState>, new: CniState| {

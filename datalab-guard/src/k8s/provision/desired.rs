@@ -13,7 +13,16 @@
 //!   - to:
 //!     - ipBlock: {cidr: 0.0.0.0/0, except: [<blocked IPv4 CIDRs>]}
 //!     - ipBlock: {cidr: ::/0, except: [<blocked IPv6 CIDRs>]}   # dual-stack only
+//!   - to:
+//!     - namespaceSelector: {}  # every pod in every namespace
 //! ```
+//!
+//! The second rule is what makes the policy mean "all egress except the blocked set" on every
+//! CNI: several dataplanes (Cilium and those built on it, and others, see `deploy/README.md`)
+//! do not match traffic to in-cluster endpoints against `ipBlock` CIDRs, so with `ipBlock`
+//! peers alone tenants would lose cluster DNS and pod-to-pod egress. No pod holds a
+//! metadata address, so the rule opens nothing that the `except` lists close, and the bypass
+//! detector does not count pod-selecting peers as reopening anything.
 //!
 //! Comparison is semantic: except lists, rules and peers in any order, defaults spelled or
 //! not (`policyTypes` absent, `ingress: []` vs absent, `protocol: TCP`), CIDRs in any valid
@@ -73,6 +82,17 @@ fn ip_peer(cidr: &str, except: Vec<String>) -> NetworkPolicyPeer {
     }
 }
 
+/// The in-cluster rule: egress to every pod in every namespace.
+fn all_pods_rule() -> NetworkPolicyEgressRule {
+    NetworkPolicyEgressRule {
+        ports: None,
+        to: Some(vec![NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            ..NetworkPolicyPeer::default()
+        }]),
+    }
+}
+
 /// The policy we apply in `namespace`.
 pub fn desired_policy(
     namespace: &str,
@@ -99,10 +119,13 @@ pub fn desired_policy(
             pod_selector: Some(LabelSelector::default()),
             policy_types: Some(vec!["Egress".to_owned()]),
             ingress: Some(Vec::new()),
-            egress: Some(vec![NetworkPolicyEgressRule {
-                ports: None,
-                to: Some(to),
-            }]),
+            egress: Some(vec![
+                NetworkPolicyEgressRule {
+                    ports: None,
+                    to: Some(to),
+                },
+                all_pods_rule(),
+            ]),
         }),
     }
 }
@@ -461,6 +484,57 @@ mod tests {
         assert_eq!(v["spec"]["podSelector"], json!({}));
         assert_eq!(v["spec"]["ingress"], json!([]));
         assert!(v["spec"]["egress"][0].get("ports").is_none(), "all ports");
+        // The in-cluster rule, exactly as the API sees it: every pod in every namespace, all
+        // ports.
+        assert_eq!(
+            v["spec"]["egress"][1],
+            json!({"to": [{"namespaceSelector": {}}]})
+        );
+        assert_eq!(v["spec"]["egress"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_in_cluster_rule_is_part_of_the_desired_policy() {
+        for dual in [false, true] {
+            let d = desired_policy("t", "allow-web-egress", &default_blocked(), dual);
+            // Applied as is: ok. Without the in-cluster rule (a policy applied by an older
+            // version of ours): an update of our own, not a repair.
+            assert_eq!(observe(Some(&applied(&d)), &d, true), Observed::Ok);
+            let mut old = applied(&d);
+            old.spec
+                .as_mut()
+                .unwrap()
+                .egress
+                .as_mut()
+                .unwrap()
+                .truncate(1);
+            let observed = observe(Some(&old), &d, true);
+            assert_eq!(observed, Observed::Drifted(vec![Drift::Spec("egress")]));
+            assert!(observed.is_our_own_change());
+            // Narrowed by someone else to the own namespace (no namespaceSelector): drift.
+            let mut narrowed = applied(&d);
+            narrowed.spec.as_mut().unwrap().egress.as_mut().unwrap()[1] = NetworkPolicyEgressRule {
+                ports: None,
+                to: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(LabelSelector::default()),
+                    ..Default::default()
+                }]),
+            };
+            assert!(matches!(
+                observe(Some(&narrowed), &d, true),
+                Observed::Drifted(_)
+            ));
+            // Merged into the ipBlock rule as a third peer: other rules, reported (the
+            // comparison is by rule, as for a split).
+            let mut merged = applied(&d);
+            let egress = merged.spec.as_mut().unwrap().egress.as_mut().unwrap();
+            let all = egress.pop().unwrap().to.unwrap();
+            egress[0].to.as_mut().unwrap().extend(all);
+            assert!(matches!(
+                observe(Some(&merged), &d, true),
+                Observed::Drifted(_)
+            ));
+        }
     }
 
     #[test]
