@@ -69,7 +69,7 @@ pub fn mask<const N: usize>(mut addr: [u8; N], prefix: u8) -> [u8; N] {
 /// Sets, in a 256-bit bitmap, every first byte that addresses in `addr/prefix` can have.
 pub fn mark_first_byte(bitmap: &mut [u32; 8], first: u8, prefix: u8) {
     let span: u32 = if prefix >= 8 { 1 } else { 1 << (8 - prefix) };
-    let start = (first as u32) & !(span - 1);
+    let start = u32::from(first) & !(span - 1);
     for b in start..start + span {
         bitmap[(b / 32) as usize] |= 1 << (b % 32);
     }

@@ -33,7 +33,7 @@ pub const fn fresh(now_ns: u64) -> RateState {
 /// (no limit), `events_per_window` 0 suppresses every event.
 #[inline(always)]
 pub fn admit(cfg: &GuardConfig, state: &mut RateState, now_ns: u64) -> Admission {
-    let window_ns = (cfg.window_ms as u64) * 1_000_000;
+    let window_ns = u64::from(cfg.window_ms) * 1_000_000;
     if now_ns.wrapping_sub(state.window_start_ns) >= window_ns {
         state.window_start_ns = now_ns;
         state.emitted = 0;

@@ -14,7 +14,7 @@ fn std_v4_contains(net: Ipv4Addr, prefix: u8, ip: Ipv4Addr) -> bool {
     let mask = if prefix == 0 {
         0
     } else {
-        u32::MAX << (32 - prefix as u32)
+        u32::MAX << (32 - u32::from(prefix))
     };
     (u32::from(net) & mask) == (u32::from(ip) & mask)
 }
@@ -23,7 +23,7 @@ fn std_v6_contains(net: Ipv6Addr, prefix: u8, ip: Ipv6Addr) -> bool {
     let mask = if prefix == 0 {
         0
     } else {
-        u128::MAX << (128 - prefix as u32)
+        u128::MAX << (128 - u32::from(prefix))
     };
     (u128::from(net) & mask) == (u128::from(ip) & mask)
 }

@@ -461,7 +461,7 @@ mod tests {
         let nobody = cfg.clone().with_own_pod_uid(Some(String::new()));
         assert_eq!(nobody.own_pod_uid, None);
         // Also when written into the field directly.
-        let mut blank_uid = cfg.clone();
+        let mut blank_uid = cfg;
         blank_uid.own_pod_uid = Some(String::new());
         let mut blank = pod("x", "y", &[]);
         blank.uid.clear();
@@ -518,7 +518,7 @@ mod tests {
             (Verdict::Exempt, Reason::NonEnvironmentDefault)
         );
         // Default exempt anyway; with guard as the default the difference shows.
-        let mut strict = cfg.clone();
+        let mut strict = cfg;
         strict.non_environment_verdict = Verdict::Guard;
         assert_eq!(
             decide(

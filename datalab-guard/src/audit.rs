@@ -652,7 +652,7 @@ mod tests {
         // SAFETY: viewing a plain-integer repr(C) struct as bytes.
         unsafe {
             std::slice::from_raw_parts(
-                (e as *const AuditEvent).cast::<u8>(),
+                std::ptr::from_ref::<AuditEvent>(e).cast::<u8>(),
                 size_of::<AuditEvent>(),
             )
         }

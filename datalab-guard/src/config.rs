@@ -1423,7 +1423,7 @@ leaderElection:
     #[test]
     fn load_reads_files_and_names_them_in_errors() {
         let dir =
-            std::env::temp_dir().join(format!("datalab-guard-config-test-{}", std::process::id()));
+            env::temp_dir().join(format!("datalab-guard-config-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.yaml");
         fs::write(&good, "mode: audit\n").unwrap();

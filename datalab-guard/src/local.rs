@@ -63,7 +63,7 @@ fn desired_verdicts(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, Polic
                 );
             }
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "exempt cgroup unavailable; its processes would be guarded")
+                tracing::warn!(dir = %dir.display(), error = %e, "exempt cgroup unavailable; its processes would be guarded");
             }
         }
     }
@@ -132,8 +132,7 @@ async fn reconcile_loop(
             _ = shutdown.changed() => return,
         }
         let root_alive = cgroups::validate_cgroup_dir(&root.path)
-            .map(|d| d.id == root.id)
-            .unwrap_or(false);
+            .is_ok_and(|d| d.id == root.id);
         if !root_alive {
             state.set_ready(false, "the guarded cgroup is gone");
             continue;

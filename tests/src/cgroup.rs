@@ -112,7 +112,7 @@ fn subtree(dir: &Path) -> Vec<PathBuf> {
     while i < out.len() {
         if let Ok(entries) = fs::read_dir(&out[i]) {
             for e in entries.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
                     out.push(e.path());
                 }
             }

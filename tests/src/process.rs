@@ -50,8 +50,7 @@ pub fn tool(name: &OsStr) -> PathBuf {
         .find(|p| {
             use std::os::unix::fs::PermissionsExt as _;
             p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
         .unwrap_or_else(|| PathBuf::from(name))
 }

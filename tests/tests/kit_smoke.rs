@@ -162,7 +162,7 @@ fn process_spawned_into_a_cgroup_is_listed_and_killed_on_drop() {
         )),
         "{procs}"
     );
-    let (top, sub) = (cg.path().to_path_buf(), child_dir.clone());
+    let (top, sub) = (cg.path().to_path_buf(), child_dir);
     drop(cg);
     let status = child.wait().unwrap();
     assert!(

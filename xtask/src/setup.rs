@@ -82,8 +82,7 @@ fn dpkg_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${db:Status-Status}", pkg])
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "installed")
-        .unwrap_or(false)
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "installed")
 }
 
 fn apt_packages(debian_rust: bool) -> Result<()> {
@@ -183,7 +182,7 @@ fn bpf_linker() -> Result<()> {
 
 fn cargo_deny() -> Result<()> {
     let name = format!("cargo-deny {CARGO_DENY_VERSION}");
-    let present = util::output(Command::new(util::cargo()).args(["deny", "--version"]))
+    let present = output(Command::new(util::cargo()).args(["deny", "--version"]))
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());

@@ -225,8 +225,7 @@ fn refuse_foreign_root(
     }
     let recorded = meta_root_path(meta);
     let recorded_alive = std::fs::metadata(&recorded)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id)
-        .unwrap_or(false);
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id);
     if recorded_alive {
         return Err(bad_input(format!(
             "the pins under this --bpffs directory already guard {recorded}; run `datalab-guard uninstall` first or use another --bpffs"

@@ -152,11 +152,11 @@ impl GuardMaps {
             match *cidr {
                 Cidr::V4 { addr, prefix } => {
                     self.blocked_v4
-                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?
+                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?;
                 }
                 Cidr::V6 { addr, prefix } => {
                     self.blocked_v6
-                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?
+                        .insert(&Key::new(prefix.into(), addr), rule as u32, 0)?;
                 }
             }
             changes.added += 1;
@@ -164,10 +164,10 @@ impl GuardMaps {
         for cidr in current.difference(&wanted) {
             match *cidr {
                 Cidr::V4 { addr, prefix } => {
-                    self.blocked_v4.remove(&Key::new(prefix.into(), addr))?
+                    self.blocked_v4.remove(&Key::new(prefix.into(), addr))?;
                 }
                 Cidr::V6 { addr, prefix } => {
-                    self.blocked_v6.remove(&Key::new(prefix.into(), addr))?
+                    self.blocked_v6.remove(&Key::new(prefix.into(), addr))?;
                 }
             }
             changes.removed += 1;
@@ -293,8 +293,7 @@ pub fn meta_for(
         root_cgroup_id,
         attached_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+            .map_or(0, |d| d.as_secs()),
         root_path_len: len as u32,
         complete: u32::from(complete),
         root_path: path,

@@ -244,7 +244,7 @@ fn load_program(program: &mut Program) -> anyhow::Result<()> {
         Program::LsmCgroup(p) => {
             let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
             p.load(programs::PACKET_SOCKET_LSM_HOOK, &btf)
-                .context("the kernel refused the BPF LSM program")?
+                .context("the kernel refused the BPF LSM program")?;
         }
         _ => anyhow::bail!("a program type the guard's object should not contain"),
     }

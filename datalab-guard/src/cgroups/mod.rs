@@ -92,9 +92,9 @@ fn unescape_octal(field: &str) -> String {
                 .iter()
                 .all(|b| (b'0'..=b'7').contains(b))
         {
-            let value = (bytes[i + 1] - b'0') as u32 * 64
-                + (bytes[i + 2] - b'0') as u32 * 8
-                + (bytes[i + 3] - b'0') as u32;
+            let value = u32::from(bytes[i + 1] - b'0') * 64
+                + u32::from(bytes[i + 2] - b'0') * 8
+                + u32::from(bytes[i + 3] - b'0');
             if let Ok(byte) = u8::try_from(value) {
                 out.push(byte);
                 i += 4;
@@ -443,7 +443,7 @@ garbage line
         if dir.level > 0 {
             assert!(is_within(&dir, &root));
         }
-        assert_eq!(find_by_id(&mount, dir.id, 1_000_000), Some(current.clone()));
+        assert_eq!(find_by_id(&mount, dir.id, 1_000_000), Some(current));
         assert_eq!(find_by_id(&mount, root.id, 1), Some(mount.clone()));
     }
 

@@ -825,7 +825,7 @@ mod tests {
         );
         assert_eq!(
             parse_pod_dir_name(&format!("pod{UID}")),
-            Some((None, uid.clone()))
+            Some((None, uid))
         );
         assert_eq!(
             parse_pod_dir_name("pod6d9e3f3c1a0b4c4d8e7f6a5b4c3d2e1f"),

@@ -217,7 +217,7 @@ impl CgroupWatcher {
 
     /// Runs until the receiver is dropped.
     pub async fn run(self) {
-        self.run_until(std::future::pending()).await
+        self.run_until(std::future::pending()).await;
     }
 
     /// Runs until `shutdown` completes or the receiver is dropped.
@@ -743,7 +743,7 @@ mod tests {
         let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
         match more {
             Ok(Some(Ok(ev))) => {
-                eprintln!("rmdir of a watched cgroup delivered {:?} to it", ev.mask)
+                eprintln!("rmdir of a watched cgroup delivered {:?} to it", ev.mask);
             }
             _ => eprintln!("rmdir of a watched cgroup delivered nothing to its own watch"),
         }

@@ -108,8 +108,7 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
         links.push(json!({ "program": program, "pinned": attached }));
     }
     let root_alive = std::fs::metadata(&root)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id)
-        .unwrap_or(false);
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id);
     let verdicts = maps.policy()?;
     let ids: HashSet<u64> = verdicts.keys().copied().collect();
     // One walk for every entry: at 10 000 pods a walk per entry would be quadratic.
@@ -160,9 +159,7 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
 
 /// A JSON value as text: strings without quotes.
 fn s(v: &serde_json::Value) -> String {
-    v.as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| v.to_string())
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
 }
 
 fn print_text(r: &serde_json::Value) {
@@ -252,7 +249,7 @@ fn print_install(r: &serde_json::Value) {
             s(&c["action"]),
             s(&c["family"]),
             s(&c["hook"]),
-            c["count"].to_string()
+            c["count"]
         );
     }
     println!(

@@ -560,14 +560,14 @@ impl Campaign {
         let name = self.settings.name.clone();
         match tokio::time::timeout(self.settings.renew_deadline, self.release()).await {
             Ok(Ok(true)) => {
-                tracing::info!(lease = %name, "leader election: released the lease on shutdown")
+                tracing::info!(lease = %name, "leader election: released the lease on shutdown");
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => {
-                tracing::warn!(lease = %name, error = %e, "leader election: cannot release the lease; it expires by itself")
+                tracing::warn!(lease = %name, error = %e, "leader election: cannot release the lease; it expires by itself");
             }
             Err(_) => {
-                tracing::warn!(lease = %name, "leader election: releasing the lease timed out; it expires by itself")
+                tracing::warn!(lease = %name, "leader election: releasing the lease timed out; it expires by itself");
             }
         }
     }
@@ -602,8 +602,7 @@ fn jittered(base: Duration, factor: f64) -> Duration {
     // No RNG dependency for this: the clock's nanoseconds are random enough to spread peers.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     base + base.mul_f64(factor * f64::from(nanos % 1000) / 1000.0)
 }
 

@@ -443,7 +443,7 @@ impl Reconciler {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(clippy::too_many_arguments)]
     async fn reconcile_policy(
         &mut self,
         s: &Settings,
@@ -655,7 +655,7 @@ impl Reconciler {
                     mem.psa_pending_until = Some(Instant::now() + WRITE_SETTLE);
                 }
                 Err(e) => {
-                    tracing::warn!(namespace = %name, error = %e, "cannot set the Pod Security label; retrying")
+                    tracing::warn!(namespace = %name, error = %e, "cannot set the Pod Security label; retrying");
                 }
             }
         }
@@ -702,14 +702,14 @@ impl Reconciler {
         });
         match api.delete(&name, &params).await {
             Ok(_) => {
-                tracing::info!(namespace, policy = %name, "namespace is no longer an environment: NetworkPolicy removed")
+                tracing::info!(namespace, policy = %name, "namespace is no longer an environment: NetworkPolicy removed");
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::debug!(namespace, policy = %name, "policy changed since it was read; looking again");
             }
             Err(e) => {
-                tracing::warn!(namespace, policy = %name, error = %e, "cannot remove the NetworkPolicy; retrying")
+                tracing::warn!(namespace, policy = %name, error = %e, "cannot remove the NetworkPolicy; retrying");
             }
         }
     }

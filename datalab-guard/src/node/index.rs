@@ -316,7 +316,7 @@ impl PodIndex {
             class,
         };
         let id = dir.id;
-        self.dirs.insert(pod.uid.clone(), dir);
+        self.dirs.insert(pod.uid, dir);
         Some((id, entry))
     }
 

@@ -32,7 +32,7 @@ pub fn spawn(
     settings: watch::Receiver<ProbeSettings>,
     resolver: PodCgroupResolver,
     netns_dir: PathBuf,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> [JoinHandle<()>; 2] {
     let (cni_tx, cni_rx) = mpsc::channel::<(String, Option<CniState>, CniState)>(64);
     let events_task = tokio::spawn(k8s::events::publish_cni_changes(

@@ -81,8 +81,7 @@ impl StateFile {
 
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Writes the file atomically (write, then rename) and logs failures at warn, once per
@@ -112,7 +111,7 @@ impl StateFileWriter {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot write the state file; `status` shows stale data until this clears");
             }
             Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "state file still not writable")
+                tracing::debug!(path = %self.path.display(), error = %e, "state file still not writable");
             }
         }
     }

@@ -117,7 +117,7 @@ mod tests {
         states.update("provisioned-only", |s| s.psa = None);
         let mut changes: Vec<(String, Option<CniState>, CniState)> = Vec::new();
         let mut record = |ns: &str, old: Option<CniState>, new: CniState| {
-            changes.push((ns.to_owned(), old, new))
+            changes.push((ns.to_owned(), old, new));
         };
         let round1: BTreeMap<String, CniState> = [
             ("a".to_owned(), CniState::Enforced),

@@ -546,13 +546,13 @@ mod tests {
                          "spec": {"podSelector": {}, "egress": []}, "status": {"x": 1}});
         let fields = field_set(&obj);
         assert_eq!(fields.len(), 4);
-        let mut o = obj.clone();
+        let mut o = obj;
         let e = ManagedEntry {
             manager: "m".into(),
             operation: "Apply".into(),
             api_version: "v1".into(),
             time: "t".into(),
-            fields: fields.clone(),
+            fields: fields,
         };
         write_managed(&mut o, std::slice::from_ref(&e));
         assert_eq!(read_managed(&o), vec![e]);

@@ -39,7 +39,7 @@ fn groups() -> BTreeSet<&'static str> {
 
 fn group_doc(group: &str) -> Value {
     let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-    json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv})
+    json!({"name": group, "versions": [gv], "preferredVersion": gv})
 }
 
 pub(crate) fn api_group_list() -> Value {

@@ -85,8 +85,7 @@ pub(crate) struct Store {
 pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_secs());
     format_rfc3339(secs)
 }
 
@@ -115,8 +114,7 @@ pub(crate) fn format_rfc3339(secs: u64) -> String {
 fn make_uid(counter: u64) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut x =
         nanos ^ (u64::from(std::process::id()) << 32) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut next = || {
@@ -481,16 +479,16 @@ impl Store {
             }
         }
         if kind.info().has_generation {
-            let gen = old
+            let r#gen = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
                 .unwrap_or(1);
-            let gen = if old.get("spec") != new.get("spec") {
-                gen + 1
+            let r#gen = if old.get("spec") != new.get("spec") {
+                r#gen + 1
             } else {
-                gen
+                r#gen
             };
-            meta_mut(&mut new).insert("generation".into(), json!(gen));
+            meta_mut(&mut new).insert("generation".into(), json!(r#gen));
         }
         if let Some(rv) = old.pointer("/metadata/resourceVersion") {
             meta_mut(&mut new).insert("resourceVersion".into(), rv.clone());
@@ -633,7 +631,7 @@ impl Store {
         Ok(self.commit_update(kind, old, new, w))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(clippy::too_many_arguments)]
     pub fn patch(
         &mut self,
         kind: Kind,
@@ -840,7 +838,7 @@ mod tests {
                           "metadata": {"name": "l", "namespace": "default"},
                           "spec": {"holderIdentity": "a"}});
         let created = s
-            .create(Kind::Lease, "default", body.clone(), &client())
+            .create(Kind::Lease, "default", body, &client())
             .unwrap();
         let rv = s.rv();
         let again = s
@@ -851,7 +849,7 @@ mod tests {
             again["metadata"]["resourceVersion"],
             created["metadata"]["resourceVersion"]
         );
-        let mut stale = created.clone();
+        let mut stale = created;
         stale["spec"]["holderIdentity"] = json!("b");
         s.replace(Kind::Lease, "default", "l", stale.clone(), &client())
             .unwrap();

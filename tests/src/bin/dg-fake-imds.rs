@@ -203,7 +203,7 @@ fn handle_http(mut s: TcpStream) {
 fn serve_udp(sock: UdpSocket) {
     use std::os::fd::AsRawFd as _;
     let fd = sock.as_raw_fd();
-    let v6 = sock.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
     if v6 {
         set_int(
             fd,
@@ -278,7 +278,7 @@ fn serve_udp(sock: UdpSocket) {
         eprintln!(
             "udp {} -> port {}: {n} bytes",
             peer_string(&peer),
-            sock.local_addr().map(|a| a.port()).unwrap_or(0)
+            sock.local_addr().map_or(0, |a| a.port())
         );
         // SAFETY: msg points at valid buffers: the request's peer, payload and control data.
         if unsafe { libc::sendmsg(fd, &raw const msg, 0) } < 0 {
@@ -292,12 +292,12 @@ fn peer_string(ss: &libc::sockaddr_storage) -> String {
     unsafe {
         match i32::from(ss.ss_family) {
             libc::AF_INET => {
-                let sin = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                let sin = &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in>();
                 let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
                 format!("{ip}:{}", u16::from_be(sin.sin_port))
             }
             libc::AF_INET6 => {
-                let sin6 = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                let sin6 = &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in6>();
                 let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
                 format!("[{ip}]:{}", u16::from_be(sin6.sin6_port))
             }

@@ -51,9 +51,7 @@ fn first_line(cmd: &mut Command) -> String {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 impl Machine {
@@ -68,8 +66,7 @@ impl Machine {
             c
         };
         let dirty = output(&mut git(&["status", "--porcelain", "--untracked-files=no"]))
-            .map(|o| o.status.success() && !o.stdout.is_empty())
-            .unwrap_or(false);
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -83,9 +80,7 @@ impl Machine {
             date: first_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
             commit: first_line(&mut git(&["rev-parse", "--short", "HEAD"])),
             dirty,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "?".into()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "?".into(), |s| s.trim().to_string()),
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu,
             loadavg_start: loadavg(),
