@@ -295,6 +295,7 @@ fn snapshot_fn(
             policy_entries: policy.len() as u64,
             policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
             namespaces: Vec::new(),
+            watches: Vec::new(),
         })
     })
 }

@@ -411,11 +411,13 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     let gauges = Arc::new(Mutex::new(Gauges::default()));
     let classes_view: Arc<RwLock<BTreeMap<u32, String>>> = Arc::new(RwLock::new(BTreeMap::new()));
     let states_for_metrics = crate::k8s::state::NamespaceStates::default();
+    let watch_health = k8s::WatchHealth::default();
     let state = Arc::new(http::HttpState::new(snapshot_fn(
         maps_slot.clone(),
         gauges.clone(),
         classes_view.clone(),
         states_for_metrics.clone(),
+        watch_health.clone(),
     )));
     state.set_ready(false, "waiting for the first full sync with the API server");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -426,7 +428,7 @@ async fn serve(shared: &Shared, plan: Plan) -> anyhow::Result<()> {
     ));
 
     let namespace_states = states_for_metrics.clone();
-    let view = Arc::new(ClusterView::start(client.clone(), &plan.node));
+    let view = Arc::new(ClusterView::start(client.clone(), &plan.node, watch_health));
     tracing::info!(node = %plan.node, root = %plan.root.path.display(), "waiting for the first full list of namespaces and pods");
     tokio::select! {
         _ = view.wait_synced() => {},
@@ -808,6 +810,7 @@ fn snapshot_fn(
     gauges: Arc<Mutex<Gauges>>,
     classes: Arc<RwLock<BTreeMap<u32, String>>>,
     states: crate::k8s::state::NamespaceStates,
+    watches: k8s::WatchHealth,
 ) -> Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync> {
     Arc::new(move || {
         let slot = maps
@@ -828,6 +831,7 @@ fn snapshot_fn(
                 policy_entries: 0,
                 policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
                 namespaces: Vec::new(),
+                watches: watches.samples(),
             });
         };
         let names = classes
@@ -865,6 +869,7 @@ fn snapshot_fn(
                     cni: st.cni.map(|c| c.as_str()),
                 })
                 .collect(),
+            watches: watches.samples(),
         })
     })
 }
