@@ -311,7 +311,9 @@ fn encode_watches(encoder: &mut DescriptorEncoder, watches: &[WatchSample]) -> f
         let seconds = w.staleness_ms as f64 / 1000.0;
         ConstGauge::new(seconds).encode(staleness.encode_family(&[("resource", w.resource)])?)?;
     }
-    let counters: [(&str, &str, fn(&WatchSample) -> u64); 2] = [
+    /// (family, help, value of a sample)
+    type WatchCounter = (&'static str, &'static str, fn(&WatchSample) -> u64);
+    let counters: [WatchCounter; 2] = [
         ("watch_relists", HELP_WATCH_RELISTS, |w| w.relists),
         ("watch_errors", HELP_WATCH_ERRORS, |w| w.errors),
     ];

@@ -251,7 +251,7 @@ where
                 match tokio::time::timeout(REQUEST_TIMEOUT, self.api.watch(&params, &rv)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(kube::Error::Api(status))) if is_expired(&status) => {
-                        self.desynced(&Failure::ErrorEvent(status));
+                        self.desynced(&Failure::Api(kube::Error::Api(status)));
                         return Desync { delivered };
                     }
                     Ok(Err(e)) => {
