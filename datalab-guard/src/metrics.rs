@@ -11,6 +11,8 @@
 //! | `datalab_guard_audit_events_dropped_total` | counter | `reason` = `ring_full` \| `rate_limited` \| `malformed` |
 //! | `datalab_guard_guarded_pods`, `_exempt_pods`, `_unknown_cgroups` | gauge (only when known) | |
 //! | `datalab_guard_policy_map_entries`, `_policy_map_capacity` | gauge | |
+//! | `datalab_guard_watch_staleness_seconds` | gauge (node mode) | `resource` = `namespaces` \| `pods` |
+//! | `datalab_guard_watch_relists_total`, `_watch_errors_total` | counter (node mode) | `resource` |
 //! | `datalab_guard_build_info` | info (always 1) | `version` |
 //! | `datalab_guard_scrape_errors_total` | counter | |
 //!
@@ -70,6 +72,19 @@ pub struct Snapshot {
     /// `cni_enforcement` gauges, one series per namespace and possible state (1 for the
     /// current one, 0 for the others), so alerts can match on a state going to 1.
     pub namespaces: Vec<NamespaceSample>,
+    /// The API watches' health (node mode; empty elsewhere: no series).
+    pub watches: Vec<WatchSample>,
+}
+
+/// One API watch's health (see `k8s::informer::WatchStats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchSample {
+    /// `namespaces` or `pods`.
+    pub resource: &'static str,
+    /// Since the watch last delivered an event or a bookmark (or completed a list).
+    pub staleness_ms: u64,
+    pub relists: u64,
+    pub errors: u64,
 }
 
 /// One environment namespace's baseline state (`None`: not checked yet, no series). The
@@ -110,6 +125,14 @@ const HELP_POLICY_STATE: &str = "State of the allow-web-egress NetworkPolicy of 
 const HELP_CNI: &str = "Whether the CNI enforces the namespace's NetworkPolicy, as probed from a \
     pod's network namespace on this node: 1 for the current state (enforced, not_enforced, \
     inconclusive), 0 for the others.";
+const HELP_WATCH_STALENESS: &str = "Seconds since the API watch of this resource last delivered \
+    an event or a bookmark (or completed a list). The API server sends a bookmark about every \
+    minute, so a healthy watch stays below ~60; more means the agent may be missing changes.";
+const HELP_WATCH_RELISTS: &str = "Full lists of this resource after the first one, made when the \
+    API server no longer had the watch's resourceVersion (410 Gone).";
+const HELP_WATCH_ERRORS: &str = "Failed list and watch requests, ERROR events (410 included), \
+    undecodable events and stalled streams of this resource's API watch. Enforcement is \
+    unchanged while they fail.";
 const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
@@ -257,6 +280,7 @@ impl Collector for GuardCollector {
                     .iter()
                     .filter_map(|n| Some((n.namespace.as_str(), n.cni?.as_str()))),
             )?;
+            encode_watches(&mut encoder, &s.watches)?;
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
         let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
@@ -269,6 +293,37 @@ impl Collector for GuardCollector {
             errors.metric_type(),
         )?)
     }
+}
+
+/// The watch health families, one series per resource; nothing without watches.
+fn encode_watches(encoder: &mut DescriptorEncoder, watches: &[WatchSample]) -> fmt::Result {
+    if watches.is_empty() {
+        return Ok(());
+    }
+    let mut staleness = encoder.encode_descriptor(
+        "watch_staleness_seconds",
+        HELP_WATCH_STALENESS,
+        None,
+        MetricType::Gauge,
+    )?;
+    for w in watches {
+        let seconds = w.staleness_ms as f64 / 1000.0;
+        ConstGauge::new(seconds).encode(staleness.encode_family(&[("resource", w.resource)])?)?;
+    }
+    /// (family, help, value of a sample)
+    type WatchCounter = (&'static str, &'static str, fn(&WatchSample) -> u64);
+    let counters: [WatchCounter; 2] = [
+        ("watch_relists", HELP_WATCH_RELISTS, |w| w.relists),
+        ("watch_errors", HELP_WATCH_ERRORS, |w| w.errors),
+    ];
+    for (name, help, value) in counters {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for w in watches {
+            ConstCounter::new(value(w))
+                .encode(family.encode_family(&[("resource", w.resource)])?)?;
+        }
+    }
+    Ok(())
 }
 
 /// One counter family from the samples of `action`, summed per label set (the caller may
@@ -366,6 +421,7 @@ mod tests {
             policy_entries: 14,
             policy_capacity: 65_536,
             namespaces: Vec::new(),
+            watches: Vec::new(),
         }
     }
 
@@ -440,6 +496,60 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn watch_health_has_one_series_per_resource() {
+        let text = exposition(|| {
+            Ok(Snapshot {
+                watches: vec![
+                    WatchSample {
+                        resource: "namespaces",
+                        staleness_ms: 1_500,
+                        relists: 2,
+                        errors: 7,
+                    },
+                    WatchSample {
+                        resource: "pods",
+                        staleness_ms: 61_000,
+                        relists: 0,
+                        errors: 0,
+                    },
+                ],
+                ..Snapshot::default()
+            })
+        });
+        let watch_lines: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("datalab_guard_watch_"))
+            .collect();
+        assert_eq!(
+            watch_lines,
+            [
+                r#"datalab_guard_watch_staleness_seconds{resource="namespaces"} 1.5"#,
+                r#"datalab_guard_watch_staleness_seconds{resource="pods"} 61.0"#,
+                r#"datalab_guard_watch_relists_total{resource="namespaces"} 2"#,
+                r#"datalab_guard_watch_relists_total{resource="pods"} 0"#,
+                r#"datalab_guard_watch_errors_total{resource="namespaces"} 7"#,
+                r#"datalab_guard_watch_errors_total{resource="pods"} 0"#,
+            ]
+        );
+        for (name, ty) in [
+            ("watch_staleness_seconds", "gauge"),
+            ("watch_relists", "counter"),
+            ("watch_errors", "counter"),
+        ] {
+            assert!(
+                text.contains(&format!("# HELP datalab_guard_{name} ")),
+                "{name}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE datalab_guard_{name} {ty}\n")),
+                "{name}"
+            );
+        }
+        // Local mode has no watches: no families at all.
+        assert!(!exposition(|| Ok(snapshot())).contains("watch_"));
     }
 
     #[test]

@@ -1411,3 +1411,257 @@ fn kubectl_as_another_field_manager() {
         .starts_with("kubectl/")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The next item of a watch stream, or None if nothing arrives within `within`.
+async fn next_within(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Namespace>>> + Unpin),
+    within: Duration,
+) -> Option<Option<WatchEvent<Namespace>>> {
+    tokio::time::timeout(within, stream.try_next())
+        .await
+        .ok()
+        .map(|r| r.expect("watch stream item"))
+}
+
+#[tokio::test]
+async fn bookmarks_come_about_once_a_minute_and_watches_end_by_default() {
+    let server = FakeApiServer::start();
+    let api: Api<Namespace> = Api::all(client(&server).await);
+    let rv = server.resource_version().to_string();
+
+    // Default cadence: a quiet watch gets no bookmark within seconds (a real watch cache
+    // sends one about every minute), so a client cannot rely on frequent bookmarks.
+    let mut quiet = api
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    assert!(
+        next_within(&mut quiet, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "no bookmark within 3 s by default"
+    );
+    drop(quiet);
+
+    // Configurable cadence, for tests that need it.
+    server.set_bookmark_interval(Duration::from_millis(200));
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next_within(&mut stream, Duration::from_secs(2)).await {
+        Some(Some(WatchEvent::Bookmark(b))) => assert_eq!(b.metadata.resource_version, rv),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+    drop(stream);
+
+    // Without timeoutSeconds (or with 0) the server still ends the watch, after a time it
+    // picks in its default range. (kube-rs always sends timeoutSeconds, 290 unless set, so
+    // the first form is a raw request.)
+    server.set_default_watch_timeout(Duration::from_secs(1), Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    // Blocking here is fine: the fixture runs on its own runtime.
+    let path = format!("/api/v1/namespaces?watch=true&resourceVersion={rv}");
+    let (status, body) = raw(&server, "GET", &path, "application/json", "");
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        !body.contains("\"type\""),
+        "no events, then the end: {body}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let started = std::time::Instant::now();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(0).disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let end = tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_none(), "no events, then the end: {end:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn dark_server_cuts_watches_and_leaves_requests_unanswered() {
+    let server = FakeApiServer::start();
+    let api: Api<Namespace> = Api::all(client(&server).await);
+    let rv = server.resource_version().to_string();
+    let mut stream = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    eventually(WAIT, "a watch is open", || server.open_watches() == 1).await;
+
+    server.go_dark();
+    assert!(server.is_down());
+    assert_eq!(server.open_watches(), 0);
+    assert!(
+        matches!(next_within(&mut stream, WAIT).await, Some(None)),
+        "the open watch is cut"
+    );
+    // Not refused: the connection opens, the request goes out, and nothing comes back.
+    let held = std::thread::spawn({
+        let addr = server.addr();
+        move || {
+            let mut s = TcpStream::connect(addr).expect("a dark server still accepts");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            write!(
+                s,
+                "GET /api/v1/namespaces HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {FAKE_TOKEN}\r\n\r\n"
+            )
+            .unwrap();
+            let started = std::time::Instant::now();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            (started.elapsed(), out)
+        }
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(2), api.list(&ListParams::default()))
+        .await
+        .is_ok();
+    assert!(!answered, "kube-rs gets no answer while dark");
+
+    server.come_back();
+    assert!(!server.is_down());
+    let (waited, out) = held.join().unwrap();
+    assert!(
+        out.is_empty(),
+        "the held request is cut without an answer: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(
+        waited >= Duration::from_secs(1),
+        "held until come_back: {waited:?}"
+    );
+
+    // Back quietly: a re-watch from the last resourceVersion gets nothing at all.
+    let mut rewatch = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    assert!(
+        next_within(&mut rewatch, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "a quiet reconnect delivers no event"
+    );
+    server.apply_namespace("after-dark", &[]);
+    match next_within(&mut rewatch, WAIT).await {
+        Some(Some(WatchEvent::Added(ns))) => assert_eq!(ns.name_any(), "after-dark"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn restart_loses_history_and_refuses_old_versions_either_way() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("before", &[]);
+    let api: Api<Namespace> = Api::all(client(&server).await);
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut open = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    eventually(WAIT, "a watch is open", || server.open_watches() == 1).await;
+
+    server.restart();
+    assert!(!server.is_down());
+    assert!(
+        matches!(next_within(&mut open, WAIT).await, Some(None)),
+        "a restart ends open watches"
+    );
+    // The default: 200, then ERROR 410 Expired in the stream.
+    let mut stream = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next_within(&mut stream, WAIT).await {
+        Some(Some(WatchEvent::Error(e))) => {
+            assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected ERROR 410, got {other:?}"),
+    }
+    // The other form: HTTP 410 on the watch request.
+    server.set_expired_watch(datalab_guard_tests::apiserver::ExpiredWatch::HttpGone);
+    let status = api_error(
+        api.watch(&WatchParams::default(), &rv)
+            .await
+            .err()
+            .expect("HTTP 410"),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    // Objects survive a restart (they live in etcd).
+    let after = api.list(&ListParams::default()).await.unwrap();
+    assert!(names::<Namespace>(after.items.iter()).contains("before"));
+}
+
+#[tokio::test]
+async fn stalled_watches_go_silent_without_ending() {
+    let server = FakeApiServer::start();
+    server.set_bookmark_interval(Duration::from_millis(100));
+    let api: Api<Namespace> = Api::all(client(&server).await);
+    let rv = server.resource_version().to_string();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    assert!(matches!(
+        next_within(&mut stream, WAIT).await,
+        Some(Some(WatchEvent::Bookmark(_)))
+    ));
+
+    server.stall_watches();
+    // Drain what was in flight, then silence: no bookmark, no event, no end.
+    while let Some(Some(WatchEvent::Bookmark(_))) =
+        next_within(&mut stream, Duration::from_millis(300)).await
+    {}
+    server.apply_namespace("unseen", &[]);
+    assert!(
+        next_within(&mut stream, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "a stalled stream delivers nothing and does not end"
+    );
+    assert_eq!(server.open_watches(), 1);
+
+    // A new watch is served as usual.
+    let mut fresh = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next_within(&mut fresh, WAIT).await {
+        Some(Some(WatchEvent::Added(ns))) => assert_eq!(ns.name_any(), "unseen"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    drop(stream);
+    eventually(
+        WAIT,
+        "the stalled stream ends when the client leaves",
+        || server.open_watches() == 1,
+    )
+    .await;
+}

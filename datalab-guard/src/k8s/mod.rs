@@ -2,13 +2,15 @@
 //! and pods, conversion into the policy core's plain types, and Events on offending pods.
 //! Nothing here decides a verdict (that is `policy`) or touches the kernel (`bpf`).
 
+pub mod backoff;
 pub mod client;
 pub mod convert;
 pub mod events;
+pub mod informer;
 pub mod leader;
 pub mod provision;
 pub mod psa;
 pub mod watch;
 
 pub use client::connect;
-pub use watch::ClusterView;
+pub use watch::{ClusterView, WatchHealth};

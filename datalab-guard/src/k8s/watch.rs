@@ -1,63 +1,95 @@
 //! Node-local caches of the cluster: every Namespace, and the Pods scheduled on this node
-//! (`spec.nodeName` field selector), kept by kube-rs reflectors with managed fields and
-//! other unused parts stripped. Every change pokes a `Notify` so the agent reconciles at
-//! once; watch failures (API server down, 410 Gone, dropped connections) are retried with
-//! backoff and never touch what is enforced.
+//! (`spec.nodeName` field selector), kept in kube-rs reflector stores with managed fields
+//! and other unused parts stripped. Every change pokes a `Notify` so the agent reconciles at
+//! once. The list-and-watch loops ([`super::informer`]) recover from API outages, 410 Gone
+//! and stalled streams within seconds and never touch what is enforced; their health
+//! (staleness, relists, errors) is in [`WatchHealth`].
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use datalab_guard_policy::{NamespaceInfo, PodInfo};
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt as _,
-    },
+    runtime::reflector::{self, Store},
     Api, Client,
 };
 use tokio::sync::Notify;
 
-use super::convert::{namespace_info, pod_info, slim_namespace, slim_pod};
+use super::{
+    convert::{namespace_info, pod_info, slim_namespace, slim_pod},
+    informer::{Informer, WatchStats},
+};
+use crate::metrics::WatchSample;
+
+/// The health of the node's two watches, shared by the [`ClusterView`] and the metrics.
+/// Create it first (the metrics endpoint serves before the first sync) and hand it to
+/// [`ClusterView::start`].
+#[derive(Clone, Debug, Default)]
+pub struct WatchHealth {
+    pub namespaces: Arc<WatchStats>,
+    pub pods: Arc<WatchStats>,
+}
+
+impl WatchHealth {
+    /// One sample per watch (`resource` = `namespaces` | `pods`) for the metrics.
+    pub fn samples(&self) -> Vec<WatchSample> {
+        [("namespaces", &self.namespaces), ("pods", &self.pods)]
+            .into_iter()
+            .map(|(resource, stats)| WatchSample {
+                resource,
+                staleness_ms: u64::try_from(stats.staleness().as_millis()).unwrap_or(u64::MAX),
+                relists: stats.relists(),
+                errors: stats.errors(),
+            })
+            .collect()
+    }
+}
 
 pub struct ClusterView {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     changed: Arc<Notify>,
-    errors: Arc<std::sync::atomic::AtomicU64>,
+    health: WatchHealth,
 }
 
 impl ClusterView {
-    /// Starts the two reflectors on the current tokio runtime.
-    pub fn start(client: Client, node_name: &str) -> ClusterView {
+    /// Starts the two list-and-watch loops on the current tokio runtime.
+    pub fn start(client: Client, node_name: &str, health: WatchHealth) -> ClusterView {
         let changed = Arc::new(Notify::new());
-        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
         let (pods, pod_writer) = reflector::store::<Pod>();
-        let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let pod_stream = watcher(Api::<Pod>::all(client.clone()), pod_config)
-            .default_backoff()
-            .modify(slim_pod)
-            .reflect(pod_writer);
-        tokio::spawn(drive("pods", pod_stream, changed.clone(), errors.clone()));
+        tokio::spawn(
+            Informer::new(
+                "pods",
+                Api::<Pod>::all(client.clone()),
+                Some(format!("spec.nodeName={node_name}")),
+                slim_pod,
+                pod_writer,
+                health.pods.clone(),
+                changed.clone(),
+            )
+            .run(),
+        );
 
         let (namespaces, ns_writer) = reflector::store::<Namespace>();
-        let ns_stream = watcher(Api::<Namespace>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(slim_namespace)
-            .reflect(ns_writer);
-        tokio::spawn(drive(
-            "namespaces",
-            ns_stream,
-            changed.clone(),
-            errors.clone(),
-        ));
+        tokio::spawn(
+            Informer::new(
+                "namespaces",
+                Api::<Namespace>::all(client),
+                None,
+                slim_namespace,
+                ns_writer,
+                health.namespaces.clone(),
+                changed.clone(),
+            )
+            .run(),
+        );
 
         ClusterView {
             pods,
             namespaces,
             changed,
-            errors,
+            health,
         }
     }
 
@@ -72,9 +104,14 @@ impl ClusterView {
         self.changed.clone()
     }
 
-    /// Watch errors so far (API unreachable, 410, 5xx...), for logs and metrics.
+    /// Watch errors so far, both watches (API unreachable, 410, 5xx, stalled streams).
     pub fn watch_errors(&self) -> u64 {
-        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+        self.health.namespaces.errors() + self.health.pods.errors()
+    }
+
+    /// Staleness, relists and errors of each watch.
+    pub fn health(&self) -> &WatchHealth {
+        &self.health
     }
 
     pub fn pods(&self) -> Vec<PodInfo> {
@@ -125,42 +162,4 @@ impl ClusterView {
             .map(|ns| (ns.name.clone(), ns))
             .collect()
     }
-}
-
-async fn drive<S, K>(
-    what: &'static str,
-    stream: S,
-    changed: Arc<Notify>,
-    errors: Arc<std::sync::atomic::AtomicU64>,
-) where
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut failing = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => {
-                if failing {
-                    tracing::info!(what, "watch recovered");
-                    failing = false;
-                }
-                // During a (re)list the store is replaced at InitDone: reconcile then, not on
-                // every InitApply.
-                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                    changed.notify_one();
-                }
-            }
-            Err(e) => {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if !failing {
-                    tracing::warn!(what, error = %e, "watch failed; retrying with backoff, enforcement unchanged");
-                    failing = true;
-                } else {
-                    tracing::debug!(what, error = %e, "watch still failing");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-    tracing::error!(what, "watch stream ended");
 }

@@ -74,11 +74,16 @@ impl Context {
         }
     }
 
-    /// The metrics: the session's counters per namespace class, pod gauges, namespace states.
+    /// The metrics: the session's counters per namespace class, pod gauges, namespace states,
+    /// and the API watches' health (also before the first sync, when it matters most).
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let watches = self.view.health().samples();
         let slot = self.session.lock().map_err(|_| poisoned("session"))?;
         let Some(session) = slot.as_ref() else {
-            return Ok(session::empty_snapshot());
+            return Ok(Snapshot {
+                watches,
+                ..session::empty_snapshot()
+            });
         };
         let classes = self
             .classes
@@ -101,6 +106,7 @@ impl Context {
                 cni: st.cni,
             })
             .collect();
+        snapshot.watches = watches;
         Ok(snapshot)
     }
 

@@ -60,7 +60,11 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let mut termination = Termination::new()?;
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
     let client = k8s::connect(plan.kubeconfig.as_deref()).await?;
-    let view = Arc::new(ClusterView::start(client.clone(), &plan.node));
+    let view = Arc::new(ClusterView::start(
+        client.clone(),
+        &plan.node,
+        k8s::WatchHealth::default(),
+    ));
     let ctx = Arc::new(Context::new(
         client.clone(),
         plan.node.clone(),

@@ -1,5 +1,6 @@
-//! Faults injected at runtime: failed requests and latency. (Closing watches, going down and
-//! compaction act on the server and the store; see [`super::FakeApiServer`].)
+//! Faults injected at runtime: failed requests and latency. (Closing and stalling watches,
+//! going down or dark, restarts and compaction act on the server and the store; see
+//! [`super::FakeApiServer`].)
 
 use std::time::Duration;
 

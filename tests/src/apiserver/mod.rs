@@ -19,9 +19,15 @@
 //!   apiVersion/kind (as on the wire), `labelSelector`, `fieldSelector`, `limit` + `continue`
 //!   (real token format, consistent snapshot at the first page's resourceVersion, 410 when
 //!   compacted), `resourceVersion` + `resourceVersionMatch` (`NotOlderThan`, `Exact`);
-//! - watches: see [`watch`] (history replay, BOOKMARKs, `timeoutSeconds`,
-//!   `sendInitialEvents` streaming lists with the `k8s.io/initial-events-end` bookmark,
-//!   ERROR 410 `Expired` events, selector-driven ADDED/DELETED transitions);
+//! - watches: see [`watch`] (history replay, BOOKMARKs about once a minute, `timeoutSeconds`
+//!   honoured and a random 5–10 min lifetime without it, `sendInitialEvents` streaming lists
+//!   with the `k8s.io/initial-events-end` bookmark, ERROR 410 `Expired` events or an HTTP
+//!   410, selector-driven ADDED/DELETED transitions);
+//! - outages as a real cluster has them: refused connections ([`FakeApiServer::go_down`]),
+//!   a blackholed server that answers nothing ([`FakeApiServer::go_dark`]), a quiet return
+//!   ([`FakeApiServer::come_back`] sends nothing), a restart that loses the watch history
+//!   ([`FakeApiServer::restart`]: every old resourceVersion gets 410), compaction, dropped
+//!   and stalled watch streams, injected error statuses and latency;
 //! - `Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io` (kube-rs metadata watchers);
 //! - optimistic concurrency: a stale `metadata.resourceVersion` in a PUT or patch is a 409,
 //!   an existing name on create is a 409 `AlreadyExists`; no-op writes do not bump the
@@ -86,11 +92,53 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The bearer token in the kubeconfig the fixture writes.
 pub const FAKE_TOKEN: &str = "datalab-guard-fixture-token";
 
-/// The default interval between BOOKMARK events on watches that allow them.
-pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
+/// The default interval between BOOKMARK events on watches that allow them: about a
+/// minute, as a real API server's watch cache sends them.
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long a watch without `timeoutSeconds` (or with 0) lasts: a random time in this
+/// range, as the real API server picks one between `--min-request-timeout` and twice that
+/// (here the 5–10 min client-go asks for, so a test never sees a watch that lasts forever).
+pub const DEFAULT_WATCH_TIMEOUT: (Duration, Duration) =
+    (Duration::from_secs(300), Duration::from_secs(600));
+
+/// How a watch from a resourceVersion older than the history is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExpiredWatch {
+    /// HTTP 200, one ERROR event carrying a 410 `Expired` Status, end of stream: what the
+    /// real API server's watch cache does.
+    #[default]
+    ErrorEvent,
+    /// HTTP 410 `Expired` on the watch request itself (what a watch served from etcd, or an
+    /// aggregated API server, can answer).
+    HttpGone,
+}
 
 pub(crate) struct Settings {
     pub bookmark_interval: Duration,
+    pub default_watch_timeout: (Duration, Duration),
+    pub expired_watch: ExpiredWatch,
+}
+
+impl Settings {
+    /// A watch's lifetime: `requested` if the client asked for one, else a random pick in
+    /// the default range.
+    pub fn watch_timeout(&self, requested: Option<Duration>) -> Duration {
+        if let Some(t) = requested.filter(|t| !t.is_zero()) {
+            return t;
+        }
+        let (min, max) = self.default_watch_timeout;
+        min + (max.saturating_sub(min)).mul_f64(unit_random())
+    }
+}
+
+/// A number in [0, 1): std's randomly keyed SipHash of nothing (no rand crate in the kit).
+pub(crate) fn unit_random() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// State shared by the handle, the accept loops, the connections and the watch tasks.
@@ -100,6 +148,11 @@ pub(crate) struct Shared {
     pub changed: tokio::sync::watch::Sender<u64>,
     /// Bumped by `drop_watches()` and `go_down()`: every open watch ends.
     pub dropper: tokio::sync::watch::Sender<u64>,
+    /// Bumped by `stall_watches()`: every open watch stops sending, without ending.
+    pub staller: tokio::sync::watch::Sender<u64>,
+    /// True while the server is blackholed (`go_dark()`): requests are held unanswered and
+    /// their connections cut when it comes back.
+    pub dark: tokio::sync::watch::Sender<bool>,
     pub faults: Mutex<Faults>,
     pub requests: Mutex<Vec<RequestLog>>,
     pub settings: Mutex<Settings>,
@@ -366,10 +419,14 @@ impl FakeApiServer {
             store: Mutex::new(store),
             changed: tokio::sync::watch::Sender::new(rv),
             dropper: tokio::sync::watch::Sender::new(0),
+            staller: tokio::sync::watch::Sender::new(0),
+            dark: tokio::sync::watch::Sender::new(false),
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             settings: Mutex::new(Settings {
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+                default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
+                expired_watch: ExpiredWatch::default(),
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
@@ -555,9 +612,23 @@ impl FakeApiServer {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Interval between BOOKMARK events, for watches started from now on (default 1 s).
+    /// Interval between BOOKMARK events, for watches started from now on (default
+    /// [`DEFAULT_BOOKMARK_INTERVAL`], about a minute).
     pub fn set_bookmark_interval(&self, interval: Duration) {
         lock(&self.shared.settings).bookmark_interval = interval.max(Duration::from_millis(10));
+    }
+
+    /// The range a watch's lifetime is picked from when the client sends no `timeoutSeconds`
+    /// (or 0), for watches started from now on (default [`DEFAULT_WATCH_TIMEOUT`]). An
+    /// explicit `timeoutSeconds` is always honoured.
+    pub fn set_default_watch_timeout(&self, min: Duration, max: Duration) {
+        lock(&self.shared.settings).default_watch_timeout = (min, max.max(min));
+    }
+
+    /// How watches from an expired resourceVersion are refused from now on (default: an
+    /// ERROR 410 event in a 200 stream).
+    pub fn set_expired_watch(&self, how: ExpiredWatch) {
+        lock(&self.shared.settings).expired_watch = how;
     }
 
     /// How many changes the watch history keeps (default 10 000); older resourceVersions
@@ -572,6 +643,12 @@ impl FakeApiServer {
     /// its watch cache); clients re-watch from their last resourceVersion.
     pub fn drop_watches(&self) {
         self.shared.dropper.send_modify(|g| *g += 1);
+    }
+
+    /// Every open watch stream goes silent (no event, no bookmark) without ending, as when a
+    /// load balancer or NAT in between forgets the flow. New watches are not affected.
+    pub fn stall_watches(&self) {
+        self.shared.staller.send_modify(|g| *g += 1);
     }
 
     /// Answers the next `n` requests (any path) with `status` and a Status body.
@@ -609,8 +686,35 @@ impl FakeApiServer {
         }
     }
 
-    /// The API server is back on the same address, with the same state.
+    /// The API server becomes unreachable the way a network partition does: every open
+    /// watch is cut, then every request (on new or kept-alive connections) is held without
+    /// an answer until [`FakeApiServer::come_back`], which cuts those connections. Clients
+    /// see no refusal, only silence: they must time out by themselves.
+    pub fn go_dark(&self) {
+        self.shared.dark.send_replace(true);
+        self.drop_watches();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.open_watches() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// An API server restart: connections refused for a moment, every watch cut, and the
+    /// watch history lost, so every client re-watching from a resourceVersion it had gets
+    /// 410 Gone and must relist (the new instance's watch cache starts at the current
+    /// resourceVersion). Objects are kept (they live in etcd).
+    pub fn restart(&self) {
+        self.go_down();
+        self.compact();
+        self.come_back();
+    }
+
+    /// The API server is back on the same address, with the same state (after
+    /// [`FakeApiServer::go_down`] or [`FakeApiServer::go_dark`]). Nothing is sent to
+    /// clients because of it: a client that re-watches from its last resourceVersion gets
+    /// no event until something changes (or the next bookmark).
     pub fn come_back(&self) {
+        self.shared.dark.send_replace(false);
         let mut slot = lock(&self.listener);
         if slot.is_some() {
             return;
@@ -621,8 +725,9 @@ impl FakeApiServer {
         *slot = Some(bind_retrying(rt, &self.shared, self.shared.addr()));
     }
 
+    /// Down ([`FakeApiServer::go_down`]) or dark ([`FakeApiServer::go_dark`]).
     pub fn is_down(&self) -> bool {
-        lock(&self.listener).is_none()
+        lock(&self.listener).is_none() || *self.shared.dark.borrow()
     }
 }
 

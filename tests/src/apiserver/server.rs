@@ -1,9 +1,7 @@
 //! The HTTP side: the listener (which can go down and come back on the same port), request
 //! logging, fault injection, routing of API paths, and the handlers of every verb.
 
-use std::{
-    convert::Infallible, net::SocketAddr, panic::AssertUnwindSafe, sync::Arc, time::Duration,
-};
+use std::{net::SocketAddr, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -108,7 +106,16 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let io = TokioIo::new(stream);
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+        async move {
+            if *shared.dark.borrow() {
+                // Blackholed: no answer until the server comes back, then the connection
+                // is cut (an error from the service makes hyper close it unanswered).
+                let mut dark = shared.dark.subscribe();
+                let _ = dark.wait_for(|d| !*d).await;
+                return Err(std::io::Error::other("blackholed request cut"));
+            }
+            Ok::<_, std::io::Error>(handle(shared, req).await)
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)

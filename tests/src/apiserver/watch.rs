@@ -3,11 +3,14 @@
 //! A watch starts after the requested resourceVersion by replaying the change history, or,
 //! without one (or with `0`, or with `sendInitialEvents=true`), with a synthetic ADDED event
 //! per existing object. It then follows new changes, sends a BOOKMARK every bookmark interval
-//! when `allowWatchBookmarks=true`, and ends after `timeoutSeconds`, on `drop_watches()`, or
-//! when the server goes down. A resourceVersion older than the history is answered the way
+//! (about a minute by default, as a real watch cache) when `allowWatchBookmarks=true`, and
+//! ends after `timeoutSeconds` (without it, after a random 5–10 min, as the real server picks
+//! one), on `drop_watches()`, or when the server goes down. `stall_watches()` silences open
+//! streams without ending them. A resourceVersion older than the history is answered the way
 //! a real API server answers it: HTTP 200 and one ERROR event carrying a 410 `Expired`
-//! Status, then the end of the stream. (kube-runtime 5.0 re-lists on that event; an HTTP 410
-//! at watch start would instead make its watcher retry the same resourceVersion forever.)
+//! Status, then the end of the stream; or, with [`super::ExpiredWatch::HttpGone`], an HTTP
+//! 410 on the watch request itself. (kube-runtime 5.0 re-lists on the event, but retries the
+//! same resourceVersion forever on the HTTP 410.)
 
 use std::{
     convert::Infallible,
@@ -146,6 +149,14 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
         ),
     };
 
+    let (interval, timeout, expired_watch) = {
+        let settings = lock(&shared.settings);
+        (
+            settings.bookmark_interval,
+            settings.watch_timeout(req.timeout),
+            settings.expired_watch,
+        )
+    };
     let mut initial: Vec<Bytes> = Vec::new();
     let mut expired = false;
     let mut cursor;
@@ -155,10 +166,11 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
         match requested {
             Some(rv) if !req.send_initial_events => {
                 if rv < store.oldest_rv() {
-                    initial.push(expired_frame(format!(
-                        "too old resource version: {rv} ({})",
-                        store.oldest_rv()
-                    )));
+                    let message = format!("too old resource version: {rv} ({})", store.oldest_rv());
+                    if expired_watch == super::ExpiredWatch::HttpGone {
+                        return Err(ApiError::gone(message));
+                    }
+                    initial.push(expired_frame(message));
                     expired = true;
                 } else if let Some(changes) = store.changes_after(rv) {
                     initial.extend(changes.iter().filter_map(|c| req.convert(c)));
@@ -180,7 +192,7 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
     }
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
-    let interval = lock(&shared.settings).bookmark_interval;
+    let mut stalled = shared.staller.subscribe();
     shared.open_watches.fetch_add(1, Ordering::SeqCst);
     let task_shared = shared.clone();
     tokio::spawn(async move {
@@ -194,13 +206,7 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
         if expired {
             return;
         }
-        let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
-        let until_deadline = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => futures::future::pending::<()>().await,
-            }
-        };
+        let until_deadline = tokio::time::sleep(timeout);
         tokio::pin!(until_deadline);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,6 +218,15 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
                 _ = tx.closed() => break,
                 _ = dropped.changed() => break,
                 _ = &mut until_deadline => break,
+                _ = stalled.changed() => {
+                    // Silent until the client gives up or the server cuts everything (the
+                    // server-side end would never reach the client either).
+                    tokio::select! {
+                        _ = tx.closed() => {}
+                        _ = dropped.changed() => {}
+                    }
+                    break;
+                }
                 r = changed.changed() => {
                     if r.is_err() {
                         break;
