@@ -15,6 +15,7 @@ pub mod check;
 pub mod cli;
 pub mod cniprobe;
 pub mod config;
+pub mod cri;
 pub mod http;
 pub mod input;
 pub mod k8s;
