@@ -5,7 +5,8 @@
 //! and why). Steps:
 //! 1. Debian packages: Debian's Rust 1.96 with library sources (rustup here has no
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
-//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab.
+//!    bpf-linker, iproute2/nftables/iperf3/ping/curl for the test lab, containerd, runc,
+//!    the CNI plugins, busybox-static and umoci for the CRI lab, protoc for the CRI client.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
@@ -35,6 +36,16 @@ const LLVM: &[&str] = &[
     "libzstd-dev",
 ];
 const TEST_TOOLS: &[&str] = &["iproute2", "nftables", "iperf3", "iputils-ping", "curl"];
+/// The real container runtime the CRI tests start (`tests/src/cri_lab`, CRI-LAB.md), and
+/// protoc, which the `k8s-cri` crate's build script runs to generate the agent's CRI client.
+const CRI: &[&str] = &[
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "umoci",
+    "protobuf-compiler",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn step(name: &str, outcome: &str) {
@@ -80,6 +91,7 @@ fn apt_packages(debian_rust: bool) -> Result<()> {
     }
     wanted.extend(LLVM);
     wanted.extend(TEST_TOOLS);
+    wanted.extend(CRI);
     let name = format!("apt packages ({})", wanted.join(" "));
     let missing: Vec<&str> = wanted
         .iter()
