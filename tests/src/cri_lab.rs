@@ -212,8 +212,6 @@ pub struct CriLab {
     rt: tokio::runtime::Runtime,
     /// Set once containerd answers CRI.
     client: Option<RuntimeServiceClient<Channel>>,
-    /// `/run/containerd` did not exist before this lab: remove it (when empty) at the end.
-    made_run_containerd: bool,
     /// How long containerd took to answer CRI after it was started.
     pub startup: Duration,
     /// How long building and importing the image took.
@@ -237,7 +235,11 @@ impl CriLab {
             .enable_all()
             .build()
             .context("building the lab's tokio runtime")?;
-        let made_run_containerd = !Path::new("/run/containerd").exists();
+        // The runtime makes /run/containerd/s (shim sockets) whatever its config says; if
+        // this lab is the one that makes it, the lab removes it again (once empty).
+        if !Path::new(cleanup::RUN_CONTAINERD).exists() {
+            cleanup::record(&dir, "made", cleanup::RUN_CONTAINERD)?;
+        }
         let mut lab = CriLab {
             socket: dir.join("containerd.sock"),
             name,
@@ -246,7 +248,6 @@ impl CriLab {
             containerd: None,
             rt,
             client: None,
-            made_run_containerd,
             startup: Duration::ZERO,
             image_setup: Duration::ZERO,
             done: false,
@@ -543,12 +544,8 @@ impl CriLab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Shims, mounts, netns, cgroups, bridge and the lab directory.
+        // Shims, mounts, netns, cgroups, bridge, /run/containerd and the lab directory.
         problems.extend(cleanup::remove_leftovers(&self.dir));
-        let run = Path::new(cleanup::SHIM_SOCKET_DIR);
-        if self.made_run_containerd && cleanup::remove_dir_if_empty(run) {
-            cleanup::remove_dir_if_empty(run.parent().expect("has a parent"));
-        }
         problems
     }
 

@@ -316,3 +316,122 @@ fn timings_from_run_pod_sandbox_to_resolution() {
     }
     lab.shutdown().expect("CRI lab cleanup");
 }
+
+/// What a lab made outside its directory, to check it is gone afterwards.
+struct Made {
+    bridge: String,
+    dir: PathBuf,
+    netns: PathBuf,
+    pod_cgroup: PathBuf,
+}
+
+impl Made {
+    fn of(lab: &CriLab, pod: &LabPod) -> Made {
+        Made {
+            bridge: lab.bridge().to_owned(),
+            dir: lab.dir().to_owned(),
+            netns: pod.netns.clone().expect("a bridged pod has a netns"),
+            pod_cgroup: lab.pod_cgroup_dir(pod).unwrap(),
+        }
+    }
+
+    fn to_line(&self) -> String {
+        [&self.dir, &self.netns, &self.pod_cgroup]
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain([self.bridge.clone()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn from_line(line: &str) -> Made {
+        let f: Vec<&str> = line.split(' ').collect();
+        Made {
+            dir: f[0].into(),
+            netns: f[1].into(),
+            pod_cgroup: f[2].into(),
+            bridge: f[3].to_owned(),
+        }
+    }
+
+    fn assert_gone(&self) {
+        assert_lab_gone(
+            &self.bridge,
+            &self.dir,
+            &self.netns,
+            &[self.pod_cgroup.clone()],
+        );
+    }
+}
+
+/// A lab with a running container whose test panics leaves nothing behind (Drop).
+#[test]
+fn lab_cleans_up_after_a_panicking_test() {
+    if !require_root() {
+        return;
+    }
+    let made = std::sync::Mutex::new(None);
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| {
+            let lab = CriLab::start().expect("starting the CRI lab");
+            let pod = lab.run_pod(&PodSpec::new("panics", "victim")).unwrap();
+            lab.start_container(&pod, "sleeper", &["/bin/sleep", "3600"])
+                .unwrap();
+            *made.lock().unwrap() = Some(Made::of(&lab, &pod));
+            panic!("deliberate panic with a running pod");
+        })
+        .join()
+    });
+    assert!(outcome.is_err(), "the test thread panicked");
+    made.into_inner()
+        .unwrap()
+        .expect("lab was up")
+        .assert_gone();
+}
+
+/// Env var that turns [`crashed_lab_child`] into the crashing half of
+/// [`crashed_lab_is_removed_by_the_next_lab`]: the file it writes what it made to.
+const CRASH_CHILD_ENV: &str = "DG_CRI_CRASH_CHILD_OUT";
+
+/// Not a test of its own: the child process of [`crashed_lab_is_removed_by_the_next_lab`],
+/// which starts a lab with a running pod and exits without any cleanup, like a test run
+/// killed by a signal or an abort.
+#[test]
+#[ignore = "child process of crashed_lab_is_removed_by_the_next_lab"]
+fn crashed_lab_child() {
+    let out = std::env::var(CRASH_CHILD_ENV).expect("run only by its parent test");
+    let lab = CriLab::start().expect("starting the CRI lab");
+    let pod = lab.run_pod(&PodSpec::new("crashes", "orphan")).unwrap();
+    lab.start_container(&pod, "sleeper", &["/bin/sleep", "3600"])
+        .unwrap();
+    fs::write(out, Made::of(&lab, &pod).to_line()).unwrap();
+    // No Drop, no unwinding: containerd dies with us (parent-death signal), its shim and
+    // the pod's processes, cgroups, netns and bridge stay behind.
+    // SAFETY: _exit ends the process; nothing runs after it.
+    unsafe { libc::_exit(0) };
+}
+
+/// The leftovers of a lab whose process died without cleaning up are removed when the
+/// next lab starts.
+#[test]
+fn crashed_lab_is_removed_by_the_next_lab() {
+    if !require_root() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("dg-cri-crash-{}", std::process::id()));
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crashed_lab_child", "--ignored", "--nocapture"])
+        .env(CRASH_CHILD_ENV, &out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "child: {status}");
+    let made = Made::from_line(&fs::read_to_string(&out).unwrap());
+    fs::remove_file(&out).unwrap();
+    assert!(
+        made.netns.exists() && made.pod_cgroup.exists(),
+        "the crashed lab left its pod behind (else this test proves nothing)"
+    );
+    let next = CriLab::start().expect("starting the next CRI lab");
+    made.assert_gone();
+    next.shutdown().expect("CRI lab cleanup");
+}

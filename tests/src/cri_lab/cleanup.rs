@@ -7,7 +7,7 @@
 //! v1 controllers and the v2 one). The lab records each pod's cgroup parent and netns path
 //! in its state file as it creates them, so that these are removed — and only these — also
 //! after a crashed run (see [`cleanup_stale_labs`]). Shared parents (`kubepods`,
-//! `/run/containerd`) are removed only when empty, so a neighbour's pods are never touched.
+//! `/run/containerd`, when the lab made it) are removed only when empty, so a neighbour's pods are never touched.
 
 use std::{
     ffi::CString,
@@ -23,12 +23,12 @@ use anyhow::{anyhow, Context as _, Result};
 
 use crate::{mountinfo, names};
 
-/// Where the runtime keeps its shim sockets regardless of its config (containerd 1.6).
-pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+/// The runtime keeps its shim sockets in `<this>/s` regardless of its config (containerd 1.6).
+pub const RUN_CONTAINERD: &str = "/run/containerd";
 /// Prefix of every lab's name (directory, bridge); see [`names::unique_name`].
 pub const LAB_PREFIX: &str = "dgc";
-/// The state file in a lab directory: one record per line, `cgroup <parent>` or
-/// `netns <path>`.
+/// The state file in a lab directory: one record per line, `cgroup <parent>`, `netns <path>`
+/// or `made /run/containerd` (the lab created it, so removes it once empty).
 pub const STATE_FILE: &str = "lab-state";
 
 /// Appends a record to the lab's state file (see [`STATE_FILE`]).
@@ -69,12 +69,44 @@ pub fn kill_processes_mentioning(needle: &str) -> Vec<i32> {
         };
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if pid != me && text.contains(needle) {
+            // A killed shim cannot remove its socket: find it first, remove it after.
+            let sockets = shim_sockets_of(pid);
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             killed.push(pid);
+            for s in sockets {
+                let _ = fs::remove_file(s);
+            }
         }
     }
     killed
+}
+
+/// The unix sockets under `/run/containerd/s` that process `pid` holds open (a shim's
+/// listening socket), from its fds' socket inodes and `/proc/net/unix`.
+fn shim_sockets_of(pid: i32) -> Vec<PathBuf> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let shim_dir = Path::new(RUN_CONTAINERD).join("s");
+    // Lines: `Num RefCount Protocol Flags Type St Inode Path`.
+    fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (inode, path) = (f.get(6)?, Path::new(f.get(7)?));
+            (inodes.iter().any(|i| i == inode) && path.starts_with(&shim_dir))
+                .then(|| path.to_owned())
+        })
+        .collect()
 }
 
 /// Detaches (lazily) every mount at or below `dir`, deepest first: the runtime's rootfs
@@ -238,6 +270,12 @@ pub fn remove_leftovers(dir: &Path) -> Vec<String> {
     }
     if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
         note("bridge", delete_link(name));
+    }
+    // Only when empty: a neighbour's runtime may have shims there.
+    for made in records(dir, "made").iter().map(Path::new) {
+        if remove_dir_if_empty(&made.join("s")) {
+            remove_dir_if_empty(made);
+        }
     }
     note(
         "lab directory",
