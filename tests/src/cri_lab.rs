@@ -137,16 +137,21 @@ impl PodSpec {
         }
     }
 
-    fn sandbox_config(&self, log_root: &Path) -> PodSandboxConfig {
-        let mut labels = self.labels.clone();
-        labels.extend([
+    /// The labels the kubelet puts on every sandbox and container of the pod.
+    fn kubelet_labels(&self) -> [(String, String); 3] {
+        [
             ("io.kubernetes.pod.name".to_owned(), self.name.clone()),
             (
                 "io.kubernetes.pod.namespace".to_owned(),
                 self.namespace.clone(),
             ),
             ("io.kubernetes.pod.uid".to_owned(), self.uid.clone()),
-        ]);
+        ]
+    }
+
+    fn sandbox_config(&self, log_root: &Path) -> PodSandboxConfig {
+        let mut labels = self.labels.clone();
+        labels.extend(self.kubelet_labels());
         let network = match self.host_network {
             true => NamespaceMode::Node,
             false => NamespaceMode::Pod,
@@ -185,6 +190,39 @@ impl PodSpec {
             }),
             ..Default::default()
         }
+    }
+
+    /// A container `name` running `argv` (the image's busybox applets) in this pod.
+    fn container_config(&self, name: &str, argv: &[&str]) -> Result<ContainerConfig> {
+        let (command, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
+        let mut labels = HashMap::from(self.kubelet_labels());
+        labels.insert("io.kubernetes.container.name".to_owned(), name.to_owned());
+        Ok(ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.to_owned(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: files::IMAGE.to_owned(),
+                ..Default::default()
+            }),
+            command: vec![(*command).to_owned()],
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            log_path: format!("{name}/0.log"),
+            labels,
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 }
 
@@ -435,42 +473,7 @@ impl CriLab {
 
     /// Creates and starts a container `name` running `argv` in `pod`; returns its id.
     pub fn start_container(&self, pod: &LabPod, name: &str, argv: &[&str]) -> Result<String> {
-        let (command, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
-        let spec = &pod.spec;
-        let config = ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.to_owned(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: files::IMAGE.to_owned(),
-                ..Default::default()
-            }),
-            command: vec![(*command).to_owned()],
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            log_path: format!("{name}/0.log"),
-            labels: HashMap::from([
-                ("io.kubernetes.container.name".to_owned(), name.to_owned()),
-                ("io.kubernetes.pod.name".to_owned(), spec.name.clone()),
-                (
-                    "io.kubernetes.pod.namespace".to_owned(),
-                    spec.namespace.clone(),
-                ),
-                ("io.kubernetes.pod.uid".to_owned(), spec.uid.clone()),
-            ]),
-            linux: Some(LinuxContainerConfig {
-                security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let config = pod.spec.container_config(name, argv)?;
         let mut client = self.client()?;
         let id = self
             .block_on(client.create_container(CreateContainerRequest {

@@ -298,6 +298,7 @@ fn timings_from_run_pod_sandbox_to_resolution() {
         to_answer.push(pod.ran_at.elapsed());
         assert_eq!(info.host_network, spec.host_network);
     }
+    let from_cgroup = from_cgroup_appearing(&lab, &rt, &client);
     for (what, mut v) in [
         ("RunPodSandbox", runs),
         (
@@ -305,6 +306,10 @@ fn timings_from_run_pod_sandbox_to_resolution() {
             to_answer,
         ),
         ("one pod_of_cgroup lookup", lookups),
+        (
+            "pod cgroup appeared -> wait_pod_of_cgroup answered",
+            from_cgroup,
+        ),
     ] {
         v.sort();
         eprintln!(
@@ -315,6 +320,46 @@ fn timings_from_run_pod_sandbox_to_resolution() {
         );
     }
     lab.shutdown().expect("CRI lab cleanup");
+}
+
+/// Time from the pod cgroup's appearance (what the agent's watcher sees) to
+/// `wait_pod_of_cgroup` answering: RunPodSandbox runs on another thread while this one
+/// polls for the directory, as the agent's cgroup watcher would see it.
+fn from_cgroup_appearing(
+    lab: &CriLab,
+    rt: &tokio::runtime::Runtime,
+    client: &RuntimeClient,
+) -> Vec<Duration> {
+    let root = datalab_guard_tests::cgroup2_root().unwrap();
+    (0..4)
+        .map(|i| {
+            let spec = PodSpec::new("timing", &format!("watched-{i}"));
+            let dir = root.join(spec.cgroup_parent().trim_start_matches('/'));
+            std::thread::scope(|s| {
+                let running = s.spawn(|| lab.run_pod(&spec).unwrap());
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !dir.exists() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} never appeared",
+                        dir.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let appeared = Instant::now();
+                let info = rt
+                    .block_on(
+                        client
+                            .wait_pod_of_cgroup(&uid_from_cgroup_dir(&dir), Duration::from_secs(5)),
+                    )
+                    .unwrap()
+                    .expect("resolved within 5 s of the cgroup appearing");
+                let took = appeared.elapsed();
+                assert_eq!(info.id, running.join().unwrap().id);
+                took
+            })
+        })
+        .collect()
 }
 
 /// What a lab made outside its directory, to check it is gone afterwards.
