@@ -404,7 +404,7 @@ impl Made {
             &self.bridge,
             &self.dir,
             &self.netns,
-            &[self.pod_cgroup.clone()],
+            std::slice::from_ref(&self.pod_cgroup),
         );
     }
 }

@@ -193,13 +193,14 @@ fn remove_tree(dir: &Path) -> Result<()> {
         for d in &dirs {
             kill_members(d);
         }
-        let last_error = dirs
-            .iter()
-            .filter_map(|d| match fs::remove_dir(d) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Some((d, e)),
-                _ => None,
-            })
-            .last();
+        // Try every directory (deepest first), remember the last one that would not go.
+        let mut last_error = None;
+        for d in &dirs {
+            match fs::remove_dir(d) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => last_error = Some((d, e)),
+                _ => {}
+            }
+        }
         match last_error {
             None => return Ok(()),
             Some((d, e)) if Instant::now() >= deadline => {
