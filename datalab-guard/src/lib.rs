@@ -29,6 +29,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod commands;
 pub mod config;
+pub mod cri;
 pub mod http;
 pub mod input;
 pub mod k8s;

@@ -24,6 +24,9 @@
 //!   hard-coded: our machines run cgroup v2 in hybrid mode, Kubernetes nodes in pure mode).
 //! - [`names`]: unique per-instance names (`<prefix>-<pid>-<counter>`) so parallel tests never
 //!   collide, and [`cleanup_stale`] for leftovers of crashed runs.
+//! - [`cri_lab`]: [`CriLab`], a private containerd (Debian's containerd + runc + CNI plugins)
+//!   running kubelet-style pod sandboxes through the CRI API, with a busybox image built
+//!   locally (no registry); its pod cgroups, netns and bridge are removed on drop.
 //! - [`bins`]: locating the helper binaries and the agent binary.
 //!
 //! Every resource type removes what it created in `Drop`, which also runs when a test panics.
@@ -34,6 +37,7 @@ pub mod apiserver;
 pub mod bins;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cri_lab;
 pub mod lab;
 pub mod mountinfo;
 pub mod names;
@@ -46,6 +50,7 @@ pub use agent::{free_loopback_addr, http_get, Agent, HttpResponse};
 pub use apiserver::{FakeApiServer, PodBuilder, RequestLog};
 pub use bpffs::BpffsDir;
 pub use cgroup::{cgroup2_root, cgroup_id, TestCgroup};
+pub use cri_lab::{CriLab, LabPod, PodSpec};
 pub use lab::{Lab, PacketCounters};
 pub use names::{cleanup_stale, DEFAULT_PREFIX};
 pub use probe::{probe_in, ProbeResult};

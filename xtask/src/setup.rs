@@ -5,8 +5,9 @@
 //! and why). Steps:
 //! 1. Debian packages: Debian's Rust 1.96 with library sources (rustup here has no
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
-//!    bpf-linker, and iproute2/nftables/iperf3/ping/curl for the test lab, faketime
-//!    (libfaketime) for the leader-election clock-skew test.
+//!    bpf-linker, iproute2/nftables/iperf3/ping/curl for the test lab, faketime
+//!    (libfaketime) for the leader-election clock-skew test, containerd, runc, the CNI
+//!    plugins, busybox-static and umoci for the CRI lab, protoc for the CRI client.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `cargo-deny` for the lint gate's licence, ban and source checks.
 //! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
@@ -52,6 +53,16 @@ const TEST_TOOLS: &[&str] = &[
     "python3-venv",
     "faketime",
 ];
+/// The real container runtime the CRI tests start (`tests/src/cri_lab`, CRI-LAB.md), and
+/// protoc, which the `k8s-cri` crate's build script runs to generate the agent's CRI client.
+const CRI: &[&str] = &[
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "umoci",
+    "protobuf-compiler",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
 const CARGO_DENY_VERSION: &str = "0.20.2";
@@ -92,6 +103,7 @@ fn apt_packages(debian_rust: bool) -> Result<()> {
     }
     wanted.extend(LLVM);
     wanted.extend(TEST_TOOLS);
+    wanted.extend(CRI);
     let name = format!("apt packages ({})", wanted.join(" "));
     let missing: Vec<&str> = wanted
         .iter()
