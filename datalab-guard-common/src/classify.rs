@@ -199,9 +199,8 @@ fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     set: &S,
     first: u8,
 ) -> PacketClass {
-    let hdr = match pkt.read::<20>(0) {
-        Some(h) => h,
-        None => return PacketClass::NotIp,
+    let Some(hdr) = pkt.read::<20>(0) else {
+        return PacketClass::NotIp;
     };
     let dst4 = [hdr[16], hdr[17], hdr[18], hdr[19]];
     let proto = hdr[9];
@@ -271,9 +270,8 @@ fn scan_v4_options<P: PacketBytes + ?Sized>(pkt: &P, header_len: usize) -> Optio
 
 #[inline(always)]
 fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S) -> PacketClass {
-    let hdr = match pkt.read::<40>(0) {
-        Some(h) => h,
-        None => return PacketClass::NotIp,
+    let Some(hdr) = pkt.read::<40>(0) else {
+        return PacketClass::NotIp;
     };
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
@@ -310,15 +308,12 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING | IPPROTO_AH => {
-                let h = match pkt.read::<2>(off) {
-                    Some(h) => h,
-                    None => {
-                        return V6Walk {
-                            proto: next,
-                            dport: 0,
-                            blocked: Some(Reason::Unparseable),
-                        }
-                    }
+                let Some(h) = pkt.read::<2>(off) else {
+                    return V6Walk {
+                        proto: next,
+                        dport: 0,
+                        blocked: Some(Reason::Unparseable),
+                    };
                 };
                 let len = if next == IPPROTO_AH {
                     (h[1] as usize + 2) * 4
@@ -338,15 +333,12 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                 off += len;
             }
             IPPROTO_FRAGMENT => {
-                let h = match pkt.read::<4>(off) {
-                    Some(h) => h,
-                    None => {
-                        return V6Walk {
-                            proto: next,
-                            dport: 0,
-                            blocked: Some(Reason::Unparseable),
-                        }
-                    }
+                let Some(h) = pkt.read::<4>(off) else {
+                    return V6Walk {
+                        proto: next,
+                        dport: 0,
+                        blocked: Some(Reason::Unparseable),
+                    };
                 };
                 let frag_offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                 next = h[0];

@@ -263,12 +263,17 @@ pub mod abi {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    // SAFETY: all of these are #[repr(C)], made of integers and integer arrays only, and
-    // have no padding, so every bit pattern is a valid value.
+    // Each of these is #[repr(C)], made of integers and integer arrays only, and has no
+    // padding (`tests::layouts_have_no_hidden_padding`), so every bit pattern is a valid value.
+    // SAFETY: two u32 fields; see above.
     unsafe impl aya::Pod for super::PolicyEntry {}
+    // SAFETY: two u32 arrays then u32 fields; see above.
     unsafe impl aya::Pod for super::GuardConfig {}
+    // SAFETY: one u64 then two u32; see above.
     unsafe impl aya::Pod for super::RateState {}
+    // SAFETY: u64, u32, u16, u8 and u8 arrays in falling alignment; see above.
     unsafe impl aya::Pod for super::AuditEvent {}
+    // SAFETY: u64, u32 and a byte array; see above.
     unsafe impl aya::Pod for super::InstallMeta {}
 }
 

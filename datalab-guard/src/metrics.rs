@@ -186,7 +186,7 @@ impl GuardCollector {
 
 /// A state-set gauge family: one series per (namespace, state), 1 for the current state.
 fn encode_states<'a>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     states: &[&str],
@@ -210,7 +210,7 @@ fn encode_states<'a>(
 }
 
 impl Collector for GuardCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let snapshot = self.take_snapshot();
         if let Some(s) = &snapshot {
             encode_counters(
@@ -296,7 +296,7 @@ impl Collector for GuardCollector {
 }
 
 /// The watch health families, one series per resource; nothing without watches.
-fn encode_watches(encoder: &mut DescriptorEncoder, watches: &[WatchSample]) -> fmt::Result {
+fn encode_watches(encoder: &mut DescriptorEncoder<'_>, watches: &[WatchSample]) -> fmt::Result {
     if watches.is_empty() {
         return Ok(());
     }
@@ -329,7 +329,7 @@ fn encode_watches(encoder: &mut DescriptorEncoder, watches: &[WatchSample]) -> f
 /// One counter family from the samples of `action`, summed per label set (the caller may
 /// hand several samples for one namespace, e.g. folded classes) and in a stable order.
 fn encode_counters(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     action: Action,

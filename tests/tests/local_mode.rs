@@ -86,7 +86,7 @@ impl Sandbox {
         self.bpffs.path().join("guard")
     }
 
-    fn probe(&self, from: &PathBuf, kind: &str, addr: &str) -> ProbeResult {
+    fn probe(&self, from: &std::path::Path, kind: &str, addr: &str) -> ProbeResult {
         self.lab
             .probe_timeout(from, kind, addr, 80, 1000)
             .unwrap_or_else(|e| panic!("probe {kind} {addr}: {e:#}"))

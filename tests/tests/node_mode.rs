@@ -21,6 +21,7 @@ const IMDS4: &str = "169.254.169.254";
 struct Node {
     agent: Option<Agent>,
     bpffs: BpffsDir,
+    #[expect(dead_code, reason = "held so the test cgroup is removed when the node drops")]
     cgroup: TestCgroup,
     root: PathBuf,
     metrics: std::net::SocketAddr,
@@ -109,8 +110,8 @@ impl Node {
     }
 
     fn sighup(&self) {
-        // SAFETY: kill(2) on our own child's pid.
         assert_eq!(
+            // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(self.agent().pid() as i32, libc::SIGHUP) },
             0
         );
@@ -455,6 +456,7 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     );
     eprintln!("config reload -> allowed after {took:?}");
     std::fs::write(&config, &original).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     eventually("SIGHUP reload restores", Duration::from_secs(1), || {
         node.probe(&tenant, "tcp", IMDS4).is_eperm()

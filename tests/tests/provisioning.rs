@@ -1168,7 +1168,7 @@ impl BinNode {
         BinNode::launch(server, dir, &Launch::new(name, token), config_yaml)
     }
 
-    fn launch(server: &FakeApiServer, dir: &Path, how: &Launch, config_yaml: &str) -> BinNode {
+    fn launch(server: &FakeApiServer, dir: &Path, how: &Launch<'_>, config_yaml: &str) -> BinNode {
         let name = how.name;
         let cgroup = TestCgroup::new().expect("cgroup");
         let root = cgroup.path().join("kubepods.slice");

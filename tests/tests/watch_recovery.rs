@@ -135,7 +135,8 @@ async fn view_recovers_from_a_blackholed_outage_and_an_http_410() {
     // HTTP 410 on the watch request: kube-runtime 5's watcher would retry the expired
     // resourceVersion forever; a blackholed server answers nothing, so every request must
     // time out or be cut by itself.
-    let (took, health) = view_scenario(true, ExpiredWatch::HttpGone).await;
+    // view_scenario already waited for both watches to relist.
+    let (took, _health) = view_scenario(true, ExpiredWatch::HttpGone).await;
     eprintln!("blackholed outage, HTTP 410: relabel seen after {took:?}");
     assert!(took <= BOUND, "relabel took {took:?} (bound {BOUND:?})");
 }

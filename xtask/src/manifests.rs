@@ -575,7 +575,7 @@ fn check_rbac(
     ds: Option<&Value>,
     variant: &Variant,
     calls: &[ApiCall],
-    config: &Effective,
+    config: &Effective<'_>,
     problems: &mut Vec<String>,
 ) -> usize {
     let ds_namespace = ds

@@ -11,6 +11,7 @@
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `cargo-deny` for the lint gate's licence, ban and source checks.
 //! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
+//!
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
 //!
 //! With `DATALAB_GUARD_BPF_TOOLCHAIN` set (a developer's own nightly with `rust-src`), the

@@ -256,7 +256,7 @@ pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Resu
             "the kernel refused the BPF LSM program that refuses AF_PACKET sockets (--deny-raw-sockets needs the BPF LSM: `bpf` in the lsm= boot parameter, and a kernel policy that allows LSM programs)",
         )?;
         let id = prog.attach(cgroup)?;
-        prog.take_link(id)?.try_into()?
+        prog.take_link(id)?.into()
     } else if name == programs::SOCK_CREATE {
         let prog: &mut CgroupSock = program.try_into()?;
         prog.load()?;

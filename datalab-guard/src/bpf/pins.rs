@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 
 /// bpffs magic number (statfs f_type).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -129,10 +129,13 @@ pub fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
+    // SAFETY: libc::statfs is plain integers, for which all-zero bytes are a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is NUL terminated and stat is a valid out pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    // f_type's width and signedness differ between architectures (i64 here: comparing it as
+    // i64 is a trivial cast); the magic fits in 32 bits.
+    rc == 0 && stat.f_type as u64 & 0xffff_ffff == BPF_FS_MAGIC
 }
 
 fn mount_bpffs(target: &Path) -> anyhow::Result<()> {

@@ -215,8 +215,9 @@ fn level_below(path: &Path, mounts: &[MountEntry]) -> Option<u32> {
 fn statfs_type(path: &Path) -> io::Result<u64> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statfs only writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: libc::statfs is plain integers, for which all-zero bytes are a valid value.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs only writes into the zeroed struct we own; the path is NUL-terminated.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -129,8 +129,9 @@ pub fn print(lines: &[CheckLine]) -> bool {
 
 /// `uname -r`.
 fn kernel_release() -> String {
-    // SAFETY: uname fills the zeroed struct we own; its fields are NUL-terminated arrays.
+    // SAFETY: libc::utsname is byte arrays, for which all-zero bytes are a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the zeroed struct we own; its fields are NUL-terminated arrays.
     if unsafe { libc::uname(&mut uts) } != 0 {
         return String::new();
     }

@@ -358,7 +358,7 @@ where
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
-    fn desynced(&mut self, e: &Failure) {
+    fn desynced(&self, e: &Failure) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::info!(what = self.what, error = %e, "resourceVersion expired; relisting now, enforcement unchanged");
     }

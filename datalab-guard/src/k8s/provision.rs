@@ -443,7 +443,10 @@ impl Reconciler {
         }
     }
 
-    #[expect(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the namespace's facts for one round; they are moving into a context type with the controller/ split"
+    )]
     async fn reconcile_policy(
         &mut self,
         s: &Settings,

@@ -103,7 +103,7 @@ impl PodIndex {
         self.cgroup_uids = view.cgroup_uids();
         self.free_classes_of_former_environments(&namespaces);
         let newly_resolved = self.resolve_dirs(&pods);
-        let resolved: Vec<Resolved> = pods
+        let resolved: Vec<Resolved<'_>> = pods
             .iter()
             .map(|pod| {
                 let dir = self.dirs.get(&pod.uid).map(|d| d.id);
@@ -165,7 +165,7 @@ impl PodIndex {
         newly_resolved
     }
 
-    fn rows(&self, resolved: &[Resolved]) -> Vec<PodRow> {
+    fn rows(&self, resolved: &[Resolved<'_>]) -> Vec<PodRow> {
         resolved
             .iter()
             .map(|(pod, ns, id)| {

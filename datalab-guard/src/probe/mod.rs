@@ -304,6 +304,10 @@ mod tests {
 
     /// A lister whose every call is reported on a channel and then held until the test
     /// releases it, so the test knows exactly when a round runs. Lists `pods`.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a test helper's one return value; an alias would only move the tuple"
+    )]
     fn gated_lister(
         pods: Vec<(String, PathBuf)>,
     ) -> (

@@ -51,6 +51,10 @@ pub(crate) struct NetnsThread {
 impl NetnsThread {
     /// Moves this thread into the network namespace `netns` (an open namespace file).
     /// EINVAL if the file is not a network namespace, EPERM without CAP_SYS_ADMIN.
+    #[expect(
+        clippy::unused_self,
+        reason = "the &self is the proof that the caller runs on a thread made for this"
+    )]
     pub(crate) fn enter(&self, netns: &File) -> io::Result<()> {
         nix::sched::setns(netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
     }

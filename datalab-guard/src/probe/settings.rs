@@ -119,13 +119,15 @@ mod tests {
 
     #[test]
     fn settings_follow_the_config_and_its_blocked_set() {
-        let mut config = Config::default();
-        config.probe = ProbeConfig {
-            enabled: true,
-            interval: HumanDuration::from_secs(60),
-            jitter: HumanDuration::from_millis(1500),
-            timeout: HumanDuration::from_millis(700),
-            port: 8080,
+        let mut config = Config {
+            probe: ProbeConfig {
+                enabled: true,
+                interval: HumanDuration::from_secs(60),
+                jitter: HumanDuration::from_millis(1500),
+                timeout: HumanDuration::from_millis(700),
+                port: 8080,
+            },
+            ..Config::default()
         };
         let blocked = vec![
             parse_cidr("169.254.169.254/32").unwrap(),

@@ -552,7 +552,7 @@ mod tests {
             operation: "Apply".into(),
             api_version: "v1".into(),
             time: "t".into(),
-            fields: fields,
+            fields,
         };
         write_managed(&mut o, std::slice::from_ref(&e));
         assert_eq!(read_managed(&o), vec![e]);

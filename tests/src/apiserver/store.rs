@@ -610,7 +610,7 @@ impl Store {
         Self::check_precondition(kind, &old, &body)?;
         meta_mut(&mut body).insert("name".into(), json!(name));
         Self::normalize(kind, ns, &mut body);
-        self.finish_update(kind, &old, body, w)
+        Ok(self.finish_update(kind, &old, body, w))
     }
 
     /// Managed fields of a non-apply update, then the commit.
@@ -620,7 +620,7 @@ impl Store {
         old: &Value,
         mut new: Value,
         w: &Writer<'_>,
-    ) -> Result<Value, ApiError> {
+    ) -> Value {
         apply::record_update(
             Some(old),
             &mut new,
@@ -628,10 +628,13 @@ impl Store {
             kind.api_version(),
             &now_rfc3339(),
         );
-        Ok(self.commit_update(kind, old, new, w))
+        self.commit_update(kind, old, new, w)
     }
 
-    #[expect(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the arguments of one PATCH request, as the handler parsed them"
+    )]
     pub fn patch(
         &mut self,
         kind: Kind,
@@ -701,7 +704,7 @@ impl Store {
         // A resourceVersion in a patch is a precondition, as on the real API server.
         Self::check_precondition(kind, &old, &new)?;
         Self::normalize(kind, ns, &mut new);
-        self.finish_update(kind, &old, new, w).map(|o| (o, false))
+        Ok((self.finish_update(kind, &old, new, w), false))
     }
 
     pub fn delete(
@@ -763,7 +766,7 @@ impl Store {
                     return self.fixture_put(kind, obj);
                 }
                 meta_mut(&mut obj).remove("managedFields");
-                self.finish_update(kind, &old, obj, &w)
+                Ok(self.finish_update(kind, &old, obj, &w))
             }
             None => {
                 meta_mut(&mut obj).remove("managedFields");

@@ -226,6 +226,7 @@ fn serve_udp(sock: UdpSocket) {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
+        // SAFETY: as above, all-zero is a valid msghdr (null pointers, zero lengths).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = (&raw mut peer).cast();
         msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;

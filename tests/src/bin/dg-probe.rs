@@ -221,13 +221,15 @@ fn udp(target: SocketAddr, connected: bool, dl: Deadline) -> Attempt {
         setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     }
     let (sa, len) = sockaddr(&target);
-    // SAFETY (both branches): valid fd, buffer and sockaddr.
     let n = if connected {
+        // SAFETY: valid fd; sa is a sockaddr of length len that outlives the call.
         if unsafe { libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
             return Err(last_fail("connect"));
         }
+        // SAFETY: valid fd; PAYLOAD is a static buffer of the length passed.
         unsafe { libc::send(fd.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len(), 0) }
     } else {
+        // SAFETY: valid fd, static buffer of the length passed, sockaddr of length len.
         unsafe {
             libc::sendto(
                 fd.as_raw_fd(),

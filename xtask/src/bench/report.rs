@@ -255,14 +255,14 @@ impl Report {
 
         s.push_str("## BPF_PROG_TEST_RUN: ns per packet\n\n");
         match &self.testrun {
-            Part::Done(t) => self.testrun_table(&mut s, t),
+            Part::Done(t) => Self::testrun_table(&mut s, t),
             Part::Skipped => s.push_str("Skipped (`--skip-testrun`).\n\n"),
             Part::Failed(e) => s.push_str(&format!("**Failed:** {e}\n\n")),
         }
 
         s.push_str("## TCP throughput over the lab's veth pair (iperf3)\n\n");
         match &self.throughput {
-            Part::Done(t) => self.throughput_table(&mut s, t),
+            Part::Done(t) => Self::throughput_table(&mut s, t),
             Part::Skipped => s.push_str("Skipped (`--skip-throughput`).\n\n"),
             Part::Failed(e) => s.push_str(&format!("**Failed:** {e}\n\n")),
         }
@@ -282,7 +282,7 @@ impl Report {
         s
     }
 
-    fn testrun_table(&self, s: &mut String, t: &TestRunResults) {
+    fn testrun_table(s: &mut String, t: &TestRunResults) {
         s.push_str(&format!(
             "{} alternating rounds × {} runs per case; per round the kernel reports the mean \
              ns per run, truncated to a whole ns. Δ = per-round difference to the empty \
@@ -352,7 +352,7 @@ impl Report {
         s.push('\n');
     }
 
-    fn throughput_table(&self, s: &mut String, t: &ThroughputResults) {
+    fn throughput_table(s: &mut String, t: &ThroughputResults) {
         s.push_str(&format!(
             "One TCP stream from the tenant namespace to `iperf3 -s` on 192.0.2.1 in the \
              metadata host namespace; {} rounds × {} s, the three clients alternating \
