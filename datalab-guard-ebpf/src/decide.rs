@@ -54,10 +54,13 @@ pub struct Attempted {
 pub fn refuse_for_current_task(cfg: &GuardConfig, attempt: &Attempted) -> bool {
     let resolved = resolve(
         cfg,
+        // SAFETY: a BPF helper without pointer arguments; a level past the task's depth
+        // returns 0.
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) },
         policy_entry,
     );
     let origin = Origin {
+        // SAFETY: a BPF helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         task_known: true,
     };
@@ -70,10 +73,13 @@ pub fn refuse_for_current_task(cfg: &GuardConfig, attempt: &Attempted) -> bool {
 pub fn refuse_for_skb(cfg: &GuardConfig, skb: *mut __sk_buff, attempt: &Attempted) -> bool {
     let resolved = resolve(
         cfg,
+        // SAFETY: skb is the context pointer the kernel passed this program; a level past
+        // the socket's cgroup depth returns 0.
         |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) },
         policy_entry,
     );
     let origin = Origin {
+        // SAFETY: skb is the context pointer the kernel passed this program.
         cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
         task_known: false,
     };
@@ -107,6 +113,9 @@ pub fn refuse_raw_socket(family: Family, proto: u8, sock_type: u8) -> bool {
               instructions for the socket programs (cargo xtask verifier)"
 )]
 fn policy_entry(id: u64) -> Option<PolicyEntry> {
+    // SAFETY: the value is copied out at once. The agent replaces entries whole and the
+    // kernel frees a replaced hash map element only after an RCU grace period, so the
+    // reference stays valid for the copy and the copy is the old or the new entry.
     unsafe { POLICY.get(&id) }.copied()
 }
 
@@ -134,7 +143,8 @@ fn judge(cfg: &GuardConfig, resolved: &Resolved, origin: Origin, attempt: &Attem
 #[inline(always)]
 fn bump_counter(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // Per-CPU slot: no other CPU writes it.
+        // SAFETY: slot points into this CPU's slot of a per-CPU array, valid while the program
+        // runs; no other CPU writes it (a program nesting on this CPU could lose a count).
         unsafe { *slot += 1 };
     }
 }
@@ -142,6 +152,7 @@ fn bump_counter(index: u32) {
 #[inline(always)]
 pub fn bump_stat(stat: Stat) {
     if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: as in bump_counter: this CPU's slot of a per-CPU array.
         unsafe { *slot += 1 };
     }
 }
@@ -167,6 +178,8 @@ fn admit(cfg: &GuardConfig, key: u64, now: u64) -> Admission {
             }
         }
     };
+    // SAFETY: state points into a RATE map value, which the kernel keeps alive while this
+    // program runs (RCU); racing CPUs can only let a few extra events through (see above).
     ratelimit::admit(cfg, unsafe { &mut *state }, now)
 }
 
@@ -178,6 +191,7 @@ fn report(
     attempt: &Attempted,
     action: Action,
 ) {
+    // SAFETY: a BPF helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // Limited per policy entry (a pod), or per cgroup where the default verdict applies.
     let key = if resolved.policy_cgroup_id != 0 {

@@ -4,8 +4,6 @@
 //! test in the CONFIG map (an inlined array lookup) prove the packet cannot be blocked.
 //! Only packets that might be get the full classifier, the trie lookups and the policy.
 
-use core::mem;
-
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use datalab_guard_common::{
     classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass},
@@ -39,17 +37,22 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
     // LLVM into `data >= end`, which the verifier does not accept as a range proof.
     let (first, next, dst_first) = if let Some(h) = ptr_at::<[u8; 40]>(ctx, 0) {
         // Long enough for an IPv6 header (or an IPv4 one with what follows).
+        // SAFETY: ptr_at proved that h's 40 bytes lie inside the packet.
         let first = unsafe { (*h)[0] };
         if first >> 4 == 6 {
+            // SAFETY: as above.
             (first, unsafe { (*h)[6] }, unsafe { (*h)[24] })
         } else {
+            // SAFETY: as above.
             (first, 0, unsafe { (*h)[16] })
         }
     } else if let Some(h) = ptr_at::<[u8; 20]>(ctx, 0) {
+        // SAFETY: ptr_at proved that h's 20 bytes lie inside the packet.
         let first = unsafe { (*h)[0] };
         if first >> 4 == 6 {
             return false;
         }
+        // SAFETY: as above.
         (first, 0, unsafe { (*h)[16] })
     } else {
         return false;
@@ -70,8 +73,9 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
 #[inline(always)]
 fn ptr_at<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
     let skb = ctx.skb.skb;
+    // SAFETY: skb is the context pointer the kernel passed this program.
     let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
-    if start + offset + mem::size_of::<T>() > end {
+    if start + offset + size_of::<T>() > end {
         return None;
     }
     Some((start + offset) as *const T)

@@ -33,7 +33,7 @@ pub fn dg_bench_empty(_ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

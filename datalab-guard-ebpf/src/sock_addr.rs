@@ -41,6 +41,7 @@ fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     keep_meta();
     let sa = ctx.sock_addr;
     // user_ip4 holds the address in network byte order: its bytes in memory are the address.
+    // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
     let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
     if !v4_blocked(&Tries, ip) {
         return ALLOW;
@@ -53,6 +54,7 @@ fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
 #[inline(always)]
 fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
     let words = unsafe {
         [
             (*sa).user_ip6[0],
@@ -76,10 +78,12 @@ fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
 #[inline(always)]
 fn check_destination(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
     let port = unsafe { (*sa).user_port } as u16;
     let attempted = Attempted {
         hook,
         family,
+        // SAFETY: as above.
         proto: unsafe { (*sa).protocol } as u8,
         sock_type: 0,
         dport: u16::from_be(port),

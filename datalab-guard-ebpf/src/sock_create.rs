@@ -14,6 +14,7 @@ const DENY: i32 = 0;
 #[cgroup_sock(sock_create)]
 pub fn dg_sock_create(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
+    // SAFETY: sk is the bpf_sock context pointer the kernel passed this program.
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
     let family = match family {
         abi::AF_INET if sock_type == abi::SOCK_RAW => Family::Ipv4,
