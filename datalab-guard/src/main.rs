@@ -1,6 +1,9 @@
 //! The `datalab-guard` binary: parse, start logging, run the command, and turn an error into
 //! one line on stderr and an exit code (2 for bad input, 1 otherwise).
 
+// Functions of at most ~120 lines (clippy.toml), checked by `cargo xtask lint`.
+#![warn(clippy::too_many_lines)]
+
 use clap::Parser as _;
 use datalab_guard::{
     commands::{self, check, local, node, status, uninstall, Cli, Command},

@@ -9,7 +9,9 @@
 //!    (libfaketime) for the leader-election clock-skew test, containerd, runc, the CNI
 //!    plugins, busybox-static and umoci for the CRI lab, protoc for the CRI client.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
-//! 3. `cargo-deny` for the lint gate's licence, ban and source checks.
+//! 3. `cargo-deny` for the lint gate's licence, ban and source checks, and clippy and
+//!    rustfmt for the host toolchain (`rustup component add` when rustup's minimal profile
+//!    left them out).
 //! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
 //!
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
@@ -80,6 +82,7 @@ pub fn run_all() -> Result<()> {
     apt_packages(custom.is_none())?;
     bpf_linker()?;
     cargo_deny()?;
+    host_lint_tools()?;
     match &custom {
         Some(t) => step(
             &format!("rustup toolchain {DEBIAN_TOOLCHAIN}"),
@@ -212,6 +215,24 @@ fn cargo_deny() -> Result<()> {
     ]))
     .context("building cargo-deny")?;
     step(&name, "done");
+    Ok(())
+}
+
+/// `cargo clippy` and `cargo fmt` for the host toolchain, which `cargo xtask lint` runs.
+fn host_lint_tools() -> Result<()> {
+    let name = "clippy and rustfmt (host toolchain)";
+    if util::have_cargo_subcommand("clippy") && util::have_cargo_subcommand("fmt") {
+        step(name, "already present");
+        return Ok(());
+    }
+    if output(Command::new("rustup").arg("--version")).is_err() {
+        bail!(
+            "`cargo clippy` or `cargo fmt` is missing and there is no rustup to add them; \
+             install Debian's rust-web-clippy and rustfmt-web"
+        );
+    }
+    run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    step(name, "done");
     Ok(())
 }
 

@@ -7,7 +7,11 @@
 //! line containing `SKIPPED:` fails the run, so a privileged test can never pass by quietly
 //! doing nothing. Tests run with `--nocapture` for that reason (a skip notice printed by a
 //! passing test would otherwise be swallowed) and with two threads, which the lab handles.
-//! `cargo xtask manifests` runs first (it needs no root).
+//! `cargo xtask manifests` runs first (it needs no root). A full run (no `-p`, no test
+//! arguments: what `./x test` and CI do) also runs the lint gate (`cargo xtask lint`) before
+//! the privileged tests and, once the binaries are built, `cargo xtask verifier --check`
+//! (each program's verified instruction count against `bench-results/verifier.md`); a
+//! filtered run skips both, so iterating on one test stays quick.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -42,6 +46,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
     setup::run_all()?;
     // Not privileged and quick: the manifests under deploy/ (schemas, RBAC, security).
     crate::manifests::run_all()?;
+    let full_run = args.packages.is_empty() && args.test_args.is_empty();
+    if full_run {
+        crate::lint::run_all()?;
+    }
     require_root("cargo xtask test");
     let stale = datalab_guard_tests::cleanup_stale(datalab_guard_tests::DEFAULT_PREFIX)?;
     if stale > 0 {
@@ -49,6 +57,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     let bins = artifacts::build_bins(&[])?;
     bins.get("datalab-guard")?;
+    if full_run {
+        crate::bench::verifier::check()?;
+    }
 
     let mut runs: Vec<Vec<String>> = Vec::new();
     if args.packages.is_empty() {
