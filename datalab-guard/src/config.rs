@@ -1385,7 +1385,6 @@ leaderElection:
                 "rescanInterval: must be greater than 0",
             ),
             ("runtime:\n  timeout: 0s\n", "runtime.timeout"),
-            ("runtime:\n  socket: containerd.sock\n", "absolute path"),
             (
                 "leaderElection:\n  renewDeadline: 15s\n",
                 "leaderElection.leaseDuration",
