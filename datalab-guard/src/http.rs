@@ -96,10 +96,24 @@ impl HttpState {
 /// dual-stack (`IPV6_V6ONLY` off, whatever the host's `net.ipv6.bindv6only` says), so one
 /// listener answers IPv4 and IPv6 probes and scrapes on any cluster (hostNetwork: the node's
 /// addresses of both families).
+/// A host booted without IPv6 (`ipv6.disable=1`) cannot create an IPv6 socket at all;
+/// there `[::]` ("every address") falls back to `0.0.0.0`, every address it has.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    bind_std(addr)
+    let bound = match bind_std(addr) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && no_ipv6(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(%addr, fallback = %v4, "no IPv6 on this host; listening on IPv4 only");
+            bind_std(v4)
+        }
+        other => other,
+    };
+    bound
         .and_then(TcpListener::from_std)
         .map_err(|source| HttpError::Bind { addr, source })
+}
+
+fn no_ipv6(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAFNOSUPPORT)
 }
 
 fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
