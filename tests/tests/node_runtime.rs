@@ -515,7 +515,7 @@ fn a_garbage_runtime_socket_is_logged_once_and_exempts_nothing() {
     for i in 0..3 {
         let dir = root
             .join("burstable")
-            .join(format!("pod{:08x}-aaaa-4bbb-8ccc-dddddddddddd", i));
+            .join(format!("pod{i:08x}-aaaa-4bbb-8ccc-dddddddddddd"));
         std::fs::create_dir(&dir).unwrap();
         dirs.push(dir);
     }

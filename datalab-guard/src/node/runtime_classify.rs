@@ -248,12 +248,12 @@ impl RuntimeLookups {
         tokio::spawn(async move {
             let answer = match shared.client().await {
                 Ok(client) => shared.outcome(client.list_sandboxes().await),
-                Err(e) => Err(shared.failed(e)),
+                Err(e) => shared.failed(e),
             };
             let _ = tx
                 .send(match answer {
-                    Ok(all) => RuntimeAnswer::Listed(all),
-                    Err(()) => RuntimeAnswer::Failed { uid: None },
+                    Some(all) => RuntimeAnswer::Listed(all),
+                    None => RuntimeAnswer::Failed { uid: None },
                 })
                 .await;
         });
@@ -273,12 +273,12 @@ impl RuntimeLookups {
         tokio::spawn(async move {
             let answer = match shared.client().await {
                 Ok(client) => shared.outcome(client.wait_pod_of_cgroup(&uid, within).await),
-                Err(e) => Err(shared.failed(e)),
+                Err(e) => shared.failed(e),
             };
             let _ = tx
                 .send(match answer {
-                    Ok(found) => RuntimeAnswer::Pod { uid, path, found },
-                    Err(()) => RuntimeAnswer::Failed { uid: Some(uid) },
+                    Some(found) => RuntimeAnswer::Pod { uid, path, found },
+                    None => RuntimeAnswer::Failed { uid: Some(uid) },
                 })
                 .await;
         });
@@ -331,17 +331,19 @@ impl Shared {
         Ok(client)
     }
 
-    fn outcome<T>(&self, result: Result<T, CriError>) -> Result<T, ()> {
+    /// The answer, or `None` for an error (counted and logged).
+    fn outcome<T>(&self, result: Result<T, CriError>) -> Option<T> {
         match result {
             Ok(value) => {
                 self.stats.answered();
-                Ok(value)
+                Some(value)
             }
-            Err(e) => Err(self.failed(e)),
+            Err(e) => self.failed(e),
         }
     }
 
-    fn failed(&self, e: CriError) {
+    /// Counts and logs `e`; `None`, for the caller's answer.
+    fn failed<T>(&self, e: CriError) -> Option<T> {
         if matches!(e.kind(), "socket" | "connect") {
             // Connect again next time (and look for an `auto` socket again).
             if let Ok(mut slot) = self.client.try_lock() {
@@ -349,6 +351,7 @@ impl Shared {
             }
         }
         self.stats.error(&e);
+        None
     }
 }
 
@@ -416,11 +419,7 @@ impl RuntimeStats {
         if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
-        let first = self
-            .logged
-            .lock()
-            .map(|mut l| l.insert(kind))
-            .unwrap_or(false);
+        let first = self.logged.lock().is_ok_and(|mut l| l.insert(kind));
         if first {
             tracing::warn!(
                 error = %e,
@@ -564,11 +563,10 @@ mod tests {
 
     #[test]
     fn incomplete_labels_never_exempt_by_pod_selector() {
-        let c = config();
+        let mut strict = config();
+        strict.non_environment_verdict = Verdict::Guard;
         let mut s = sandbox("web", &[("k8s-app", "aws-node")]);
         s.labels_complete = false;
-        let mut strict = c.clone();
-        strict.non_environment_verdict = Verdict::Guard;
         assert_eq!(
             decide(&s, Some(&ns("web", &[])), &strict),
             (Verdict::Guard, REASON_LABELS_INCOMPLETE)
