@@ -132,6 +132,9 @@ pub struct Config {
     /// missed filesystem events).
     pub rescan_interval: HumanDuration,
     pub leader_election: LeaderElectionConfig,
+    /// The node's container runtime (CRI socket), asked which pod a new pod cgroup is when
+    /// the API server does not know (yet): see `crate::cri` and `node::runtime_classify`.
+    pub runtime: crate::cri::RuntimeConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +335,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             rescan_interval: HumanDuration::from_secs(10),
             leader_election: LeaderElectionConfig::default(),
+            runtime: crate::cri::RuntimeConfig::default(),
         }
     }
 }
@@ -510,6 +514,7 @@ impl Config {
             Ok(())
         }
         positive("rescanInterval", self.rescan_interval)?;
+        self.runtime.validate()?;
         let p = &self.probe;
         positive("probe.interval", p.interval)?;
         positive("probe.timeout", p.timeout)?;
@@ -1122,6 +1127,7 @@ mod tests {
         assert_eq!(c.cgroup.root, CgroupRoot::Auto);
         assert_eq!(c.cgroup.driver, None);
         assert_eq!(c.rescan_interval.as_std(), Duration::from_secs(10));
+        assert_eq!(c.runtime, crate::cri::RuntimeConfig::default());
         assert_eq!(c.leader_election.lease_name, "datalab-guard-leader");
         assert_eq!(c.leader_election.namespace, None);
         assert_eq!(
@@ -1378,6 +1384,7 @@ leaderElection:
                 "rescanInterval: 0ms\n",
                 "rescanInterval: must be greater than 0",
             ),
+            ("runtime:\n  timeout: 0s\n", "runtime.timeout"),
             (
                 "leaderElection:\n  renewDeadline: 15s\n",
                 "leaderElection.leaseDuration",
@@ -1422,8 +1429,7 @@ leaderElection:
 
     #[test]
     fn load_reads_files_and_names_them_in_errors() {
-        let dir =
-            env::temp_dir().join(format!("datalab-guard-config-test-{}", std::process::id()));
+        let dir = env::temp_dir().join(format!("datalab-guard-config-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.yaml");
         fs::write(&good, "mode: audit\n").unwrap();

@@ -92,11 +92,42 @@ impl HttpState {
     }
 }
 
-/// Binds the metrics address; the error names it.
+/// Binds the metrics address; the error names it. The IPv6 wildcard `[::]` is bound
+/// dual-stack (`IPV6_V6ONLY` off, whatever the host's `net.ipv6.bindv6only` says), so one
+/// listener answers IPv4 and IPv6 probes and scrapes on any cluster (hostNetwork: the node's
+/// addresses of both families).
+/// A host booted without IPv6 (`ipv6.disable=1`) cannot create an IPv6 socket at all;
+/// there `[::]` ("every address") falls back to `0.0.0.0`, every address it has.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(addr)
-        .await
+    let bound = match bind_std(addr) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && no_ipv6(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(%addr, fallback = %v4, "no IPv6 on this host; listening on IPv4 only");
+            bind_std(v4)
+        }
+        other => other,
+    };
+    bound
+        .and_then(TcpListener::from_std)
         .map_err(|source| HttpError::Bind { addr, source })
+}
+
+fn no_ipv6(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+}
+
+fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // What tokio's TcpListener::bind does too: a restarted agent can bind at once.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// The routes, for embedding or tests.
@@ -190,6 +221,30 @@ mod tests {
             headers.to_ascii_lowercase(),
             body.to_owned(),
         )
+    }
+
+    /// `--metrics-addr=[::]:9090` (the DaemonSet's) answers IPv4 clients too.
+    #[tokio::test]
+    async fn ipv6_wildcard_listener_answers_ipv4_clients() {
+        let state = Arc::new(HttpState::new(Arc::new(|| Ok(Snapshot::default()))));
+        let listener = bind("[::]:0".parse().unwrap()).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve_listener(listener, state, stopped));
+        for client in ["127.0.0.1", "[::1]"] {
+            let (status, _, body) =
+                get(format!("{client}:{port}").parse().unwrap(), "/healthz").await;
+            assert_eq!(
+                (status.as_str(), body.as_str()),
+                ("HTTP/1.1 200 OK", "ok\n"),
+                "{client}"
+            );
+        }
+        // An explicit family stays that family.
+        let v4 = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+        let _ = stop.send(true);
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -13,6 +13,9 @@
 //! | `datalab_guard_policy_map_entries`, `_policy_map_capacity` | gauge | |
 //! | `datalab_guard_watch_staleness_seconds` | gauge (node mode) | `resource` = `namespaces` \| `pods` |
 //! | `datalab_guard_watch_relists_total`, `_watch_errors_total` | counter (node mode) | `resource` |
+//! | `datalab_guard_runtime_up` | gauge (node mode, `runtime.socket` not `none`) | |
+//! | `datalab_guard_runtime_errors_total` | counter (likewise) | `kind` = `socket` \| `timeout` \| `connect` \| `unimplemented` \| `call` \| `malformed` |
+//! | `datalab_guard_runtime_classified_pods` | gauge (likewise) | |
 //! | `datalab_guard_build_info` | info (always 1) | `version` |
 //! | `datalab_guard_scrape_errors_total` | counter | |
 //!
@@ -74,6 +77,19 @@ pub struct Snapshot {
     pub namespaces: Vec<NamespaceSample>,
     /// The API watches' health (node mode; empty elsewhere: no series).
     pub watches: Vec<WatchSample>,
+    /// The container runtime lookups (node mode with a runtime socket; `None`: no series).
+    pub runtime: Option<RuntimeSample>,
+}
+
+/// The container runtime lookups' health (see `node::runtime_classify::RuntimeStats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeSample {
+    /// The last lookup got an answer.
+    pub up: bool,
+    /// Failed lookups per error kind (a fixed, bounded set).
+    pub errors: Vec<(&'static str, u64)>,
+    /// Pods whose verdict comes from the runtime (the API does not know them).
+    pub pods: u64,
 }
 
 /// One API watch's health (see `k8s::informer::WatchStats`).
@@ -133,6 +149,13 @@ const HELP_WATCH_RELISTS: &str = "Full lists of this resource after the first on
 const HELP_WATCH_ERRORS: &str = "Failed list and watch requests, ERROR events (410 included), \
     undecodable events and stalled streams of this resource's API watch. Enforcement is \
     unchanged while they fail.";
+const HELP_RUNTIME_UP: &str = "1 when the container runtime (CRI) answered the agent's last \
+    lookup, 0 when it failed or was not asked yet. The API path works either way.";
+const HELP_RUNTIME_ERRORS: &str = "Failed container runtime (CRI) lookups, by kind: socket \
+    (missing or not a socket), connect, timeout, unimplemented (no CRI v1), call, malformed. \
+    A pod the agent could not classify keeps the default verdict (guard).";
+const HELP_RUNTIME_PODS: &str = "Pods whose verdict comes from the container runtime because \
+    the API server does not know them (yet).";
 const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
@@ -281,6 +304,9 @@ impl Collector for GuardCollector {
                     .filter_map(|n| Some((n.namespace.as_str(), n.cni?.as_str()))),
             )?;
             encode_watches(&mut encoder, &s.watches)?;
+            if let Some(runtime) = &s.runtime {
+                encode_runtime(&mut encoder, runtime)?;
+            }
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
         let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
@@ -322,6 +348,27 @@ fn encode_watches(encoder: &mut DescriptorEncoder<'_>, watches: &[WatchSample]) 
             ConstCounter::new(value(w))
                 .encode(family.encode_family(&[("resource", w.resource)])?)?;
         }
+    }
+    Ok(())
+}
+
+/// The runtime lookup families.
+fn encode_runtime(encoder: &mut DescriptorEncoder, r: &RuntimeSample) -> fmt::Result {
+    for (name, help, value) in [
+        ("runtime_up", HELP_RUNTIME_UP, u64::from(r.up)),
+        ("runtime_classified_pods", HELP_RUNTIME_PODS, r.pods),
+    ] {
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+    }
+    let mut errors = encoder.encode_descriptor(
+        "runtime_errors",
+        HELP_RUNTIME_ERRORS,
+        None,
+        MetricType::Counter,
+    )?;
+    for (kind, value) in &r.errors {
+        ConstCounter::new(*value).encode(errors.encode_family(&[("kind", *kind)])?)?;
     }
     Ok(())
 }
@@ -422,6 +469,7 @@ mod tests {
             policy_capacity: 65_536,
             namespaces: Vec::new(),
             watches: Vec::new(),
+            runtime: None,
         }
     }
 
@@ -496,6 +544,36 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn runtime_lookups_have_bounded_series() {
+        let text = exposition(|| {
+            Ok(Snapshot {
+                runtime: Some(RuntimeSample {
+                    up: true,
+                    errors: vec![("socket", 1), ("timeout", 0)],
+                    pods: 2,
+                }),
+                ..Snapshot::default()
+            })
+        });
+        let lines: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("datalab_guard_runtime_"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "datalab_guard_runtime_up 1",
+                "datalab_guard_runtime_classified_pods 2",
+                r#"datalab_guard_runtime_errors_total{kind="socket"} 1"#,
+                r#"datalab_guard_runtime_errors_total{kind="timeout"} 0"#,
+            ]
+        );
+        assert!(text.contains("# TYPE datalab_guard_runtime_errors counter\n"));
+        // socket: none (and local mode): no runtime families at all.
+        assert!(!exposition(|| Ok(snapshot())).contains("runtime_"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pass() { printf '  PASS  %s\n' "$*"; }
 fail() { printf '  FAIL  %s\n' "$*"; failures=$((failures + 1)); }
 need() { command -v "$1" >/dev/null || { echo "kind.sh: $1 is required" >&2; exit 2; }; }
 need docker; need kind; need kubectl
+# poll SECONDS COMMAND...: true once COMMAND succeeds within SECONDS.
+poll() { local end=$((SECONDS + $1)); shift; until "$@"; do [ $SECONDS -lt "$end" ] || return 1; sleep 5; done; }
 
 cleanup() {
     if [ "${KEEP:-0}" = 1 ]; then
@@ -79,6 +81,19 @@ kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=300s
 AGENT=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard \
     --field-selector "spec.nodeName=$WORKER" -o jsonpath='{.items[0].metadata.name}')
 echo "agent on $WORKER: $AGENT"
+
+say "the agent found kind's pods root and its container runtime on its own"
+# kind's kubelet runs with --cgroup-root=/kubelet and the systemd driver: the pods' root is
+# kubelet.slice/kubelet-kubepods.slice on the node's cgroup mount (cgroup.root: auto).
+if kubectl -n datalab-guard logs "$AGENT" -c agent | grep -q 'kubelet.slice/kubelet-kubepods.slice'; then
+    pass "cgroup.root auto: kubelet.slice/kubelet-kubepods.slice"
+else fail "the agent did not attach at kind's kubelet.slice/kubelet-kubepods.slice"; fi
+runtime_up() {
+    kubectl get --raw "/api/v1/namespaces/datalab-guard/pods/$AGENT:9090/proxy/metrics" 2>/dev/null |
+        grep -q '^datalab_guard_runtime_up 1'
+}
+if poll 60 runtime_up; then pass "runtime.socket auto: containerd answers CRI (datalab_guard_runtime_up 1)"
+else fail "datalab_guard_runtime_up is not 1: the agent cannot ask kind's containerd"; fi
 
 say "workloads: fake metadata server, a tenant pod, a pod outside the environments"
 kubectl create namespace "$IMDS_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -167,8 +182,6 @@ else fail "tenant not refused during the agent restart: $out"; fi
 kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=180s
 
 say "leader: NetworkPolicy provisioned; every node: CNI probe (probe.interval is 5m: up to 7 min)"
-# poll SECONDS COMMAND...: true once COMMAND succeeds within SECONDS.
-poll() { local end=$((SECONDS + $1)); shift; until "$@"; do [ $SECONDS -lt "$end" ] || return 1; sleep 5; done; }
 if poll 120 kubectl -n "$TENANT_NS" get networkpolicy allow-web-egress -o name >/dev/null 2>&1; then
     pass "NetworkPolicy allow-web-egress provisioned in $TENANT_NS"
 else fail "no NetworkPolicy allow-web-egress in $TENANT_NS after 2 minutes"; fi

@@ -13,7 +13,8 @@
 //!    overlay) the calls' `when` conditions and config-derived resource names are evaluated
 //!    against the agent config that variant ships;
 //! 4. the DaemonSet's security invariants (not privileged, drop ALL, only the known
-//!    capabilities and hostPaths, read-only where it can be, RuntimeDefault seccomp);
+//!    capabilities and hostPaths, read-only where it can be, RuntimeDefault seccomp, no
+//!    hostPID/hostIPC) and hostNetwork (it must not depend on the CNI);
 //! 5. the shipped config only uses keys `deploy/config.example.yaml` documents; the metric
 //!    names used by alerts and the dashboard exist in the agent's source; the image tag is
 //!    the workspace version.
@@ -51,6 +52,11 @@ const ALLOWED_HOST_PATHS: &[(&str, bool)] = &[
     ("/sys/fs/bpf", true),
     ("/sys/fs/cgroup", false),
     ("/run/netns", false),
+    // The container runtime's socket directory, for CRI lookups: containerd (the base),
+    // k3s/RKE2's and CRI-O's (platform overlays).
+    ("/run/containerd", false),
+    ("/run/k3s/containerd", false),
+    ("/var/run/crio", false),
 ];
 /// The cluster-scoped kinds the manifests contain; every other object needs a namespace
 /// (or it would land in whatever namespace kubectl's context has).
@@ -742,10 +748,17 @@ fn daemonset<'a>(docs: &'a [Value], problems: &mut Vec<String>) -> Option<&'a Va
 
 fn check_daemonset(ds: &Value, version: &str, problems: &mut Vec<String>) {
     let pod = &ds["spec"]["template"]["spec"];
-    for field in ["hostNetwork", "hostPID", "hostIPC"] {
+    for field in ["hostPID", "hostIPC"] {
         if pod[field] == true {
             problems.push(format!("DaemonSet sets {field}: true"));
         }
+    }
+    // hostNetwork: the agent must start before and without the CNI (issue 9.5); cluster
+    // DNS then needs ClusterFirstWithHostNet.
+    if pod["hostNetwork"] != true {
+        problems.push("DaemonSet must set hostNetwork: true (it must not need the CNI)".into());
+    } else if pod["dnsPolicy"] != "ClusterFirstWithHostNet" {
+        problems.push("a hostNetwork DaemonSet needs dnsPolicy: ClusterFirstWithHostNet".into());
     }
     if pod["securityContext"]["seccompProfile"]["type"] == "Unconfined" {
         problems.push("pod seccompProfile is Unconfined".into());

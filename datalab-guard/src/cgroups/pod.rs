@@ -52,6 +52,10 @@ use crate::cgroups::{self, CgroupDir, CgroupError};
 
 /// How deep below the cgroup2 mount [`detect_pods_root`] looks (`/system.slice/x/y/kubepods`).
 pub const MAX_ROOT_SEARCH_DEPTH: usize = 4;
+/// Where the DaemonSet mounts the host's cgroup v2 hierarchy in the agent's container. The
+/// container's own `/sys/fs/cgroup` is its private cgroup namespace (containerd and CRI-O on
+/// cgroup v2), which shows only the agent's own cgroup and never the pods' root.
+pub const HOST_CGROUP_MOUNT: &str = "/host/sys/fs/cgroup";
 /// How many directories [`detect_pods_root`] visits at most.
 pub const MAX_ROOT_SEARCH_DIRS: usize = 20_000;
 /// How many directories one [`scan_pods`] lists at most (pods, QoS dirs and containers).
@@ -71,9 +75,10 @@ pub enum PodCgroupError {
     Cgroup(#[from] CgroupError),
     #[error(
         "no kubelet pods root (kubepods, kubepods.slice or *-kubepods.slice) within {depth} levels \
-         of {mount}; pass --cgroup-root"
+         of {}; pass --cgroup-root (in a container: mount the host's /sys/fs/cgroup at {HOST_CGROUP_MOUNT})",
+        alternatives(.mounts)
     )]
-    NoPodsRoot { mount: PathBuf, depth: usize },
+    NoPodsRoot { mounts: Vec<PathBuf>, depth: usize },
     #[error("more than one kubelet pods root under {mount} ({}); pass --cgroup-root", list(.candidates))]
     AmbiguousPodsRoot {
         mount: PathBuf,
@@ -81,6 +86,14 @@ pub enum PodCgroupError {
     },
     #[error("cannot list {path}: {source}")]
     List { path: PathBuf, source: io::Error },
+}
+
+fn alternatives(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 fn list(paths: &[PathBuf]) -> String {
@@ -291,7 +304,7 @@ pub fn detect_pods_root(cgroup2_mount: &Path) -> Result<PathBuf, PodCgroupError>
     candidates.sort();
     match candidates.len() {
         0 => Err(PodCgroupError::NoPodsRoot {
-            mount: cgroup2_mount.to_path_buf(),
+            mounts: vec![cgroup2_mount.to_path_buf()],
             depth: MAX_ROOT_SEARCH_DEPTH,
         }),
         1 => Ok(candidates.remove(0)),
@@ -300,6 +313,30 @@ pub fn detect_pods_root(cgroup2_mount: &Path) -> Result<PathBuf, PodCgroupError>
             candidates,
         }),
     }
+}
+
+/// [`detect_pods_root`] over several views of the hierarchy, in order (the host's mount in
+/// the agent's container first, then its own): the first that holds exactly one pods root
+/// wins. Several roots in one view is an error at once (the operator must choose); none in
+/// every view is [`PodCgroupError::NoPodsRoot`] naming them all.
+///
+/// The layouts this finds (each a unit test): systemd `kubepods.slice` (EKS, GKE, AKS and
+/// most kubeadm nodes), cgroupfs `kubepods` (k3s and RKE2 without systemd, this project's
+/// CRI lab), kind's `kubelet.slice/kubelet-kubepods.slice` (`--cgroup-root=/kubelet`), and a
+/// kubelet nested in a container's cgroup (k3d: `…/docker-<id>.scope/kubepods`).
+pub fn detect_pods_root_in(mounts: &[PathBuf]) -> Result<PathBuf, PodCgroupError> {
+    let mut searched = Vec::new();
+    for mount in mounts {
+        match detect_pods_root(mount) {
+            Ok(root) => return Ok(root),
+            Err(PodCgroupError::NoPodsRoot { .. }) => searched.push(mount.clone()),
+            Err(other) => return Err(other),
+        }
+    }
+    Err(PodCgroupError::NoPodsRoot {
+        mounts: searched,
+        depth: MAX_ROOT_SEARCH_DEPTH,
+    })
 }
 
 /// The systemd name prefix of a root: its slice name without `.slice` (`kubepods`,
@@ -823,10 +860,7 @@ mod tests {
             parse_pod_dir_name(&format!("kubelet-kubepods-pod{UID_}.slice")),
             Some((Some(Guaranteed), uid.clone()))
         );
-        assert_eq!(
-            parse_pod_dir_name(&format!("pod{UID}")),
-            Some((None, uid))
-        );
+        assert_eq!(parse_pod_dir_name(&format!("pod{UID}")), Some((None, uid)));
         assert_eq!(
             parse_pod_dir_name("pod6d9e3f3c1a0b4c4d8e7f6a5b4c3d2e1f"),
             Some((None, "6d9e3f3c1a0b4c4d8e7f6a5b4c3d2e1f".to_owned()))
@@ -1095,12 +1129,12 @@ mod tests {
     #[test]
     fn root_detection_errors_name_the_fix() {
         let none = PodCgroupError::NoPodsRoot {
-            mount: p("/sys/fs/cgroup"),
+            mounts: vec![p("/host/sys/fs/cgroup"), p("/sys/fs/cgroup")],
             depth: 4,
         };
         assert_eq!(
             none.to_string(),
-            "no kubelet pods root (kubepods, kubepods.slice or *-kubepods.slice) within 4 levels of /sys/fs/cgroup; pass --cgroup-root"
+            "no kubelet pods root (kubepods, kubepods.slice or *-kubepods.slice) within 4 levels of /host/sys/fs/cgroup or /sys/fs/cgroup; pass --cgroup-root (in a container: mount the host's /sys/fs/cgroup at /host/sys/fs/cgroup)"
         );
         let many = PodCgroupError::AmbiguousPodsRoot {
             mount: p("/m"),
@@ -1131,6 +1165,90 @@ mod tests {
             "kubepods.scope",
         ] {
             assert!(!is_pods_root_name(no), "{no}");
+        }
+    }
+
+    /// A fake hierarchy under a fresh temporary directory: `dirs` relative to it.
+    fn fake_tree(name: &str, dirs: &[&str]) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("dg-pods-root-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        for d in dirs {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        fs::create_dir_all(&base).unwrap();
+        base
+    }
+
+    /// Each platform's layout, seen through the host's mount in the agent's container,
+    /// with the container's own cgroup namespace (no pods root) as the second view.
+    #[test]
+    fn pods_root_is_found_on_the_host_mount_for_every_layout() {
+        let own = fake_tree("own", &["init.scope"]);
+        for (platform, dirs, root) in [
+            (
+                "systemd (EKS, GKE, AKS)",
+                &[
+                    "system.slice/containerd.service",
+                    "kubepods.slice/kubepods-burstable.slice",
+                ][..],
+                "kubepods.slice",
+            ),
+            (
+                "cgroupfs (k3s, RKE2)",
+                &["kubepods/burstable", "k3s", "init.scope"],
+                "kubepods",
+            ),
+            (
+                "kind",
+                &[
+                    "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice",
+                    "system.slice",
+                ],
+                "kubelet.slice/kubelet-kubepods.slice",
+            ),
+            (
+                "k3d (kubelet nested in a container's cgroup)",
+                &["system.slice/docker-0123abcd.scope/kubepods/besteffort"],
+                "system.slice/docker-0123abcd.scope/kubepods",
+            ),
+        ] {
+            let host = fake_tree(&platform[..4], dirs);
+            assert_eq!(
+                detect_pods_root_in(&[host.clone(), own.clone()]).unwrap(),
+                host.join(root),
+                "{platform}"
+            );
+            fs::remove_dir_all(host).unwrap();
+        }
+        // Without the host's mount, the container's own view has no pods root: the error
+        // names every view searched and the fix.
+        let err = detect_pods_root_in(std::slice::from_ref(&own)).unwrap_err().to_string();
+        assert!(err.contains(&own.display().to_string()), "{err}");
+        assert!(err.contains("/host/sys/fs/cgroup"), "{err}");
+        fs::remove_dir_all(own).unwrap();
+    }
+
+    #[test]
+    fn a_later_view_is_used_only_when_the_earlier_has_no_pods_root() {
+        let empty = fake_tree("empty", &["init.scope"]);
+        let host = fake_tree("host", &["kubepods.slice"]);
+        let other = fake_tree("other", &["kubepods"]);
+        assert_eq!(
+            detect_pods_root_in(&[empty.clone(), host.clone()]).unwrap(),
+            host.join("kubepods.slice")
+        );
+        assert_eq!(
+            detect_pods_root_in(&[host.clone(), other.clone()]).unwrap(),
+            host.join("kubepods.slice"),
+            "the first view that has one wins"
+        );
+        let both = fake_tree("both", &["kubepods", "kubepods.slice"]);
+        assert!(matches!(
+            detect_pods_root_in(&[both.clone(), host.clone()]),
+            Err(PodCgroupError::AmbiguousPodsRoot { .. })
+        ));
+        for d in [empty, host, other, both] {
+            fs::remove_dir_all(d).unwrap();
         }
     }
 }

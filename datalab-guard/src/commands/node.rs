@@ -32,6 +32,11 @@ pub struct NodeArgs {
     /// The pods' cgroup root (e.g. /sys/fs/cgroup/kubepods.slice) [default: detected].
     #[arg(long, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
+    /// Where to look for the pods' root when it is detected: the host's cgroup v2 hierarchy
+    /// as mounted in the agent's container [default: /host/sys/fs/cgroup if it is a cgroup
+    /// v2 mount, then this process's own cgroup2 mount].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_mount: Option<PathBuf>,
     /// Where the container runtime keeps pod network namespaces (the host's /run/netns,
     /// mounted read-only), for the CNI enforcement probe.
     #[arg(long, value_name = "DIR", default_value = "/run/netns")]
@@ -66,7 +71,11 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         kube::config::Kubeconfig::read_from(path)
             .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
     }
-    let (root, driver) = resolve_root(args.cgroup_root.as_deref(), &config)?;
+    let (root, driver) = resolve_root(
+        args.cgroup_root.as_deref(),
+        args.cgroup_mount.as_deref(),
+        &config,
+    )?;
     let metrics_addr = match shared.metrics_addr {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
@@ -89,16 +98,20 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     })
 }
 
-/// The pods' cgroup root: `--cgroup-root`, else the config's `cgroup.root`, else detected;
-/// and the driver: the config's `cgroup.driver`, else told from the root's name.
-fn resolve_root(flag: Option<&Path>, config: &Config) -> anyhow::Result<(CgroupDir, CgroupDriver)> {
-    let mount = cgroups::cgroup2_mount().map_err(bad_input)?;
+/// The pods' cgroup root: `--cgroup-root`, else the config's `cgroup.root`, else detected
+/// (see [`search_mounts`]); and the driver: the config's `cgroup.driver`, else told from the
+/// root's name.
+fn resolve_root(
+    flag: Option<&Path>,
+    mount_flag: Option<&Path>,
+    config: &Config,
+) -> anyhow::Result<(CgroupDir, CgroupDriver)> {
     let path = match flag
         .map(Path::to_path_buf)
         .or_else(|| config.cgroup.root_path().map(Path::to_path_buf))
     {
         Some(path) => path,
-        None => pod::detect_pods_root(&mount).map_err(bad_input)?,
+        None => pod::detect_pods_root_in(&search_mounts(mount_flag)?).map_err(bad_input)?,
     };
     let root =
         cgroups::validate_cgroup_dir(&path).map_err(|e| bad_input(format!("cgroup root: {e}")))?;
@@ -112,4 +125,21 @@ fn resolve_root(flag: Option<&Path>, config: &Config) -> anyhow::Result<(CgroupD
         })?,
     };
     Ok((root, driver))
+}
+
+/// Where `cgroup.root: auto` looks: `--cgroup-mount` alone if given; else the host's
+/// hierarchy where the DaemonSet mounts it ([`pod::HOST_CGROUP_MOUNT`], when that is a
+/// cgroup v2 directory), then this process's own cgroup2 mount (a host install, the tests).
+fn search_mounts(flag: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(dir) = flag {
+        let dir = cgroups::validate_cgroup_dir(dir)
+            .map_err(|e| bad_input(format!("--cgroup-mount: {e}")))?;
+        return Ok(vec![dir.path]);
+    }
+    let mut mounts = Vec::new();
+    if let Ok(host) = cgroups::validate_cgroup_dir(Path::new(pod::HOST_CGROUP_MOUNT)) {
+        mounts.push(host.path);
+    }
+    mounts.push(cgroups::cgroup2_mount().map_err(bad_input)?);
+    Ok(mounts)
 }

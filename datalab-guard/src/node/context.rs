@@ -11,7 +11,7 @@ use crate::{
     bpf::{session, Session},
     k8s::{events::EventBudget, ClusterView},
     metrics::{NamespaceSample, Snapshot, SnapshotFn},
-    node::audit_sink::CgroupOwners,
+    node::{audit_sink::CgroupOwners, runtime_classify::RuntimeStats},
 };
 
 /// Pod counts of the last reconcile, for the gauges.
@@ -51,6 +51,8 @@ pub struct Context {
     /// Every Event this node writes (pod and namespace) spends from this one budget
     /// (`audit.eventsPerMinutePerNode`), so an attack cannot turn into an API write storm.
     pub event_budget: EventBudget,
+    /// The container runtime lookups' health (metrics), written by their tasks.
+    pub runtime: Arc<RuntimeStats>,
 }
 
 impl Context {
@@ -71,6 +73,7 @@ impl Context {
             namespace_states: NamespaceStates::default(),
             attempts_by_pod: Mutex::new(HashMap::new()),
             event_budget,
+            runtime: Arc::new(RuntimeStats::default()),
         }
     }
 
@@ -82,6 +85,7 @@ impl Context {
         let Some(session) = slot.as_ref() else {
             return Ok(Snapshot {
                 watches,
+                runtime: self.runtime.sample(),
                 ..session::empty_snapshot()
             });
         };
@@ -107,6 +111,7 @@ impl Context {
             })
             .collect();
         snapshot.watches = watches;
+        snapshot.runtime = self.runtime.sample();
         Ok(snapshot)
     }
 

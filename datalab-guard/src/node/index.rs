@@ -3,12 +3,18 @@
 //! the kernel should hold, the cgroup owners the audit stream names, the pod gauges and the
 //! state file's rows. The policy decides each verdict; this module only gathers the inputs
 //! and keeps the lookups cheap (10 000 pods must not mean 30 000 stats per reconcile).
+//!
+//! Pods the API view does not know but the container runtime reported (see
+//! [`super::runtime_classify`]) are kept beside the API's pods while their cgroup exists;
+//! they get entries only as long as the API does not know them.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     os::unix::fs::MetadataExt as _,
     path::Path,
 };
+
+use super::runtime_classify::{self, RuntimePod};
 
 use datalab_guard_common::{PolicyEntry, Verdict};
 use datalab_guard_policy::{
@@ -28,6 +34,7 @@ use crate::{
         watch::CgroupEvent,
         CgroupDir,
     },
+    cri::SandboxInfo,
     k8s::ClusterView,
 };
 
@@ -60,6 +67,10 @@ pub struct PodIndex {
     discovered: HashSet<String>,
     /// cgroup uid → pod, as of the last reconcile (for the new-cgroup fast path).
     by_uid: HashMap<String, PodInfo>,
+    /// cgroup uid → pod the runtime reported, while its cgroup exists.
+    runtime_pods: HashMap<String, RuntimePod>,
+    /// Of those, the ones the API did not know at the last reconcile.
+    runtime_count: u64,
 }
 
 impl PodIndex {
@@ -78,6 +89,8 @@ impl PodIndex {
             container_scan: HashSet::new(),
             discovered,
             by_uid: HashMap::new(),
+            runtime_pods: HashMap::new(),
+            runtime_count: 0,
         }
     }
 
@@ -110,29 +123,183 @@ impl PodIndex {
                 (pod, namespaces.get(&pod.namespace), dir)
             })
             .collect();
-        let (verdicts, summary) =
+        let (mut verdicts, summary) =
             policy::desired_entries(resolved.iter().copied(), &self.policy, &mut self.classes);
-        let rows = self.rows(&resolved);
+        let mut rows = self.rows(&resolved);
         let mut owners = CgroupOwners {
             pods: self.pod_owners(&pods),
             containers: HashMap::new(),
         };
         owners.containers = self.container_owners(&pods, newly_resolved, previous, &owners);
-        let gauges = Gauges {
+        let mut gauges = Gauges {
             guarded: summary.guarded as u64,
             exempt: summary.exempt as u64,
-            unknown: self.unknown_cgroups(&pods),
+            unknown: 0,
         };
         self.by_uid = pods
             .iter()
             .map(|p| (self.cgroup_uid(p).to_owned(), p.clone()))
             .collect();
+        self.add_runtime_pods(
+            &namespaces,
+            &mut verdicts,
+            &mut rows,
+            &mut owners,
+            &mut gauges,
+        );
+        gauges.unknown = self.unknown_cgroups(&pods);
         Desired {
             verdicts,
             owners,
             gauges,
             rows,
         }
+    }
+
+    /// Pods only the runtime knows, beside the API's (which [`Self::desired`] has just put
+    /// in `by_uid`): their entries (an API pod's entry on the same cgroup wins; two claims
+    /// merge fail-closed), rows, owners and counts.
+    fn add_runtime_pods(
+        &mut self,
+        namespaces: &BTreeMap<String, NamespaceInfo>,
+        verdicts: &mut BTreeMap<u64, PolicyEntry>,
+        rows: &mut Vec<PodRow>,
+        owners: &mut CgroupOwners,
+        gauges: &mut Gauges,
+    ) {
+        let mut count = 0u64;
+        for (uid, pod) in &self.runtime_pods {
+            if self.by_uid.contains_key(uid) {
+                continue;
+            }
+            count += 1;
+            let s = &pod.sandbox;
+            let (decision, entry) = self.runtime_entry(s, namespaces.get(&s.namespace));
+            match decision.verdict {
+                Verdict::Guard => gauges.guarded += 1,
+                Verdict::Exempt => gauges.exempt += 1,
+            }
+            verdicts
+                .entry(pod.dir.id)
+                .and_modify(|e| {
+                    if decision.verdict == Verdict::Guard {
+                        *e = entry;
+                    }
+                })
+                .or_insert(entry);
+            rows.push(PodRow {
+                namespace: s.namespace.clone(),
+                pod: s.name.clone(),
+                uid: s.uid.clone(),
+                verdict: decision.verdict,
+                reason: format!("runtime:{}", decision.reason),
+                cgroup_id: Some(pod.dir.id),
+                audited_attempts: 0,
+            });
+            owners.pods.entry(pod.dir.id).or_insert_with(|| PodRef {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                uid: s.uid.clone(),
+            });
+        }
+        self.runtime_count = count;
+    }
+
+    /// The verdict and map entry of a pod known from the runtime.
+    fn runtime_entry(
+        &self,
+        sandbox: &SandboxInfo,
+        ns: Option<&NamespaceInfo>,
+    ) -> (runtime_classify::RuntimeDecision, PolicyEntry) {
+        let decision = runtime_classify::classify(sandbox, ns, &self.policy);
+        // Counter class only for a namespace known to be an environment that already has one.
+        let class = match (decision.verdict, ns) {
+            (Verdict::Guard, Some(ns)) if self.policy.is_environment(ns) => {
+                self.classes.class_of(&ns.name)
+            }
+            _ => policy::UNCLASSIFIED,
+        };
+        let entry = PolicyEntry {
+            verdict: decision.verdict as u32,
+            class,
+        };
+        (decision, entry)
+    }
+
+    /// Pods whose verdict comes from the runtime, as of the last reconcile.
+    pub fn runtime_count(&self) -> u64 {
+        self.runtime_count
+    }
+
+    /// Whether the API view knows the pod whose cgroup is named after `cgroup_uid`
+    /// (refreshing the index from the cache if it was announced since the last reconcile).
+    pub fn api_knows(&mut self, view: &ClusterView, cgroup_uid: &str) -> bool {
+        if !self.by_uid.contains_key(cgroup_uid) {
+            self.refresh_by_uid(view);
+        }
+        self.by_uid.contains_key(cgroup_uid)
+    }
+
+    /// Whether the runtime already told us about the pod of this cgroup uid.
+    pub fn runtime_knows(&self, cgroup_uid: &str) -> bool {
+        self.runtime_pods.contains_key(cgroup_uid)
+    }
+
+    fn refresh_by_uid(&mut self, view: &ClusterView) {
+        let cgroup_uids = view.cgroup_uids();
+        self.by_uid = view
+            .pods()
+            .into_iter()
+            .map(|p| {
+                (
+                    cgroup_uids
+                        .get(&p.uid)
+                        .cloned()
+                        .unwrap_or_else(|| p.uid.clone()),
+                    p,
+                )
+            })
+            .collect();
+    }
+
+    /// The runtime reported `sandbox` as the pod of the cgroup `pod<uid>` (at `path` when the
+    /// caller knows it, else looked up under the root): remember it and return the entry to
+    /// write now — unless the API knows the pod (it is the authority) or the cgroup is gone.
+    pub fn adopt_runtime_pod(
+        &mut self,
+        view: &ClusterView,
+        sandbox: SandboxInfo,
+        path: Option<&Path>,
+    ) -> Option<(u64, PolicyEntry)> {
+        let uid = sandbox.uid.clone();
+        if !podcgroup::is_valid_uid(&uid) || self.api_knows(view, &uid) {
+            return None;
+        }
+        let dir = match path {
+            Some(path) => cgroups::validate_cgroup_dir(path).ok()?,
+            None => self.dir_of_cgroup_uid(&uid)?,
+        };
+        let namespaces = view.namespaces();
+        let (decision, entry) = self.runtime_entry(&sandbox, namespaces.get(&sandbox.namespace));
+        tracing::info!(
+            namespace = %sandbox.namespace,
+            pod = %sandbox.name,
+            uid = %uid,
+            verdict = decision.verdict.name(),
+            reason = decision.reason,
+            "pod classified from the container runtime (the API does not know it yet)"
+        );
+        let id = dir.id;
+        self.runtime_pods.insert(uid, RuntimePod { sandbox, dir });
+        Some((id, entry))
+    }
+
+    /// The pod cgroup named after `cgroup_uid`, in whichever QoS class it is.
+    fn dir_of_cgroup_uid(&self, cgroup_uid: &str) -> Option<CgroupDir> {
+        QosClass::ALL.iter().find_map(|qos| {
+            let path = podcgroup::pod_cgroup_dir(&self.root.path, self.driver, *qos, cgroup_uid);
+            cgroups::validate_cgroup_dir(&path).ok()
+        })
     }
 
     /// Namespaces that left the environment set give their counter class back.
@@ -236,7 +403,7 @@ impl PodIndex {
             .collect();
         self.discovered
             .iter()
-            .filter(|uid| !known.contains(uid.as_str()))
+            .filter(|uid| !known.contains(uid.as_str()) && !self.runtime_pods.contains_key(*uid))
             .count() as u64
     }
 
@@ -265,6 +432,7 @@ impl PodIndex {
             }
             CgroupEvent::Removed(path) => {
                 self.dirs.retain(|_, d| d.path != *path);
+                self.runtime_pods.retain(|_, p| p.dir.path != *path);
                 if let Some(uid) = pod_uid_of(path) {
                     self.discovered.remove(&uid);
                 }
@@ -273,6 +441,8 @@ impl PodIndex {
                 self.discovered = found.iter().map(|d| d.uid.clone()).collect();
                 let by_path: HashSet<&Path> = found.iter().map(|d| d.dir.path.as_path()).collect();
                 self.dirs.retain(|_, d| by_path.contains(d.path.as_path()));
+                self.runtime_pods
+                    .retain(|_, p| by_path.contains(p.dir.path.as_path()));
             }
         }
     }
@@ -285,22 +455,9 @@ impl PodIndex {
         path: &Path,
     ) -> Option<(u64, PolicyEntry)> {
         let uid = pod_uid_of(path)?;
-        if !self.by_uid.contains_key(&uid) {
-            // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
-            let cgroup_uids = view.cgroup_uids();
-            self.by_uid = view
-                .pods()
-                .into_iter()
-                .map(|p| {
-                    (
-                        cgroup_uids
-                            .get(&p.uid)
-                            .cloned()
-                            .unwrap_or_else(|| p.uid.clone()),
-                        p,
-                    )
-                })
-                .collect();
+        // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
+        if !self.api_knows(view, &uid) {
+            return None;
         }
         let pod = self.by_uid.get(&uid)?.clone();
         let namespaces = view.namespaces();
@@ -341,7 +498,7 @@ impl PodIndex {
 }
 
 /// The pod uid in a pod cgroup directory's name.
-fn pod_uid_of(path: &Path) -> Option<String> {
+pub fn pod_uid_of(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_string_lossy();
     podcgroup::parse_pod_dir_name(&name).map(|(_, uid)| uid)
 }

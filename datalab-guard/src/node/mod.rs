@@ -9,13 +9,15 @@
 //!
 //! Parts: [`context`] (what the tasks share), [`index`] (pods ↔ cgroups → verdicts),
 //! [`reconcile`] (the loop), [`audit_sink`] (audit lines and pod Events), [`state_file`]
-//! (what `status` reads), [`probe_targets`] (where the CNI probe runs from).
+//! (what `status` reads), [`probe_targets`] (where the CNI probe runs from),
+//! [`runtime_classify`] (pods the API does not know, classified from the container runtime).
 
 pub mod audit_sink;
 pub mod context;
 pub mod index;
 pub mod probe_targets;
 pub mod reconcile;
+pub mod runtime_classify;
 pub mod state_file;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -130,6 +132,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         shutdown_rx,
     ));
     let cgroup_events = watch_cgroups(&plan)?;
+    let runtime = runtime_classify::RuntimeLookups::new(&plan.config.runtime, ctx.runtime.clone());
 
     let mut reconciler = Reconciler {
         ctx,
@@ -140,8 +143,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         baseline,
         probe_settings,
         state_file: StateFileWriter::new(plan.state_file),
+        runtime,
     };
     reconciler.apply_and_publish(desired);
+    // Pod cgroups that exist already and that the API does not know (static pods without a
+    // mirror pod yet, pods not announced yet): classified from one listing of the runtime.
+    reconciler.runtime.list_all();
     let baseline = reconciler
         .run(cgroup_events, &mut hangup, &mut termination)
         .await;

@@ -1,7 +1,9 @@
 //! The node agent's reconcile loop: on a watch event, a cgroup appearing or going, the
 //! periodic tick or a SIGHUP, bring the verdict map in line with the caches (coalesced to
 //! one reconcile per [`RECONCILE_MIN_INTERVAL`]), publish the views the metrics and the
-//! audit stream read, and write the state file.
+//! audit stream read, and write the state file. Pod cgroups the API does not know are asked
+//! of the container runtime ([`super::runtime_classify`]) off the loop; the answers come
+//! back as one more wake-up and their entries are written at once.
 
 use std::{
     collections::HashSet,
@@ -14,12 +16,14 @@ use tokio::sync::mpsc;
 
 use super::{
     context::Context,
-    index::{Desired, PodIndex},
+    index::{pod_uid_of, Desired, PodIndex},
+    runtime_classify::{RuntimeAnswer, RuntimeLookups, NEW_CGROUP_WAIT},
     state_file::{unix_secs, StateFile, StateFileWriter},
 };
 use crate::{
-    cgroups::watch::CgroupEvent,
+    cgroups::{pod::DiscoveredPod, watch::CgroupEvent},
     config::ConfigSource,
+    cri::SandboxInfo,
     http::HttpState,
     k8s::provision::BaselineHandle,
     probe::ProbeSettings,
@@ -48,6 +52,8 @@ pub struct Reconciler {
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
     pub state_file: StateFileWriter,
+    /// Container runtime lookups for pod cgroups the API does not know.
+    pub runtime: RuntimeLookups,
 }
 
 /// Why the loop woke up.
@@ -66,6 +72,11 @@ impl Reconciler {
         termination: &mut Termination,
     ) -> BaselineHandle {
         let changed = self.ctx.view.changed();
+        // Without a receiver (taken already) the branch below simply never fires.
+        let mut runtime_answers = self
+            .runtime
+            .take_answers()
+            .unwrap_or_else(|| mpsc::channel(1).1);
         let mut last_reconcile = Instant::now();
         let mut dirty = false;
         loop {
@@ -75,6 +86,10 @@ impl Reconciler {
                 _ = changed.notified() => Wake::Dirty,
                 Some(event) = cgroup_events.recv() => {
                     self.on_cgroup_event(&event);
+                    Wake::Dirty
+                },
+                Some(answer) = runtime_answers.recv() => {
+                    self.on_runtime_answer(answer);
                     Wake::Dirty
                 },
                 _ = debounce, if dirty => Wake::Reconcile,
@@ -101,6 +116,7 @@ impl Reconciler {
     pub fn reconcile(&mut self) {
         let previous = std::mem::take(&mut *self.ctx.owners.write().expect("owners lock"));
         let desired = self.index.desired(&self.ctx.view, previous);
+        self.ctx.runtime.set_pods(self.index.runtime_count());
         self.apply_and_publish(desired);
     }
 
@@ -176,16 +192,28 @@ impl Reconciler {
 
     fn on_cgroup_event(&mut self, event: &CgroupEvent) {
         self.index.observe(event);
-        if let CgroupEvent::Created(path) = event {
-            self.fast_path(path);
+        match event {
+            CgroupEvent::Created(path) => {
+                if !self.fast_path(path) {
+                    self.ask_runtime(path);
+                }
+            }
+            CgroupEvent::Rescan(found) => self.ask_runtime_about_unknown(found),
+            CgroupEvent::Removed(_) => {}
         }
     }
 
-    /// A new pod cgroup of a pod the API already announced gets its entry at once.
-    fn fast_path(&mut self, path: &Path) {
+    /// A new pod cgroup of a pod the API already announced gets its entry at once. False
+    /// when the API does not know the pod (or `path` is not a pod cgroup).
+    fn fast_path(&mut self, path: &Path) -> bool {
         let Some((id, entry)) = self.index.new_pod_cgroup(&self.ctx.view, path) else {
-            return;
+            return false;
         };
+        self.write_entry(id, entry);
+        true
+    }
+
+    fn write_entry(&self, id: u64, entry: datalab_guard_common::PolicyEntry) {
         if let Some(session) = self.ctx.session.lock().expect("session lock").as_mut() {
             if let Err(e) = session.maps_mut().set_policy(id, entry) {
                 tracing::warn!(error = %e, "cannot write the new pod's entry");
@@ -193,7 +221,72 @@ impl Reconciler {
         }
     }
 
-    /// SIGHUP: read the config again and apply it, the datapath first. A config that does
+    /// A pod cgroup (or the first container directory in one: the runtime lists a sandbox
+    /// only once it runs) the API does not know: ask the runtime, off the loop.
+    fn ask_runtime(&mut self, path: &Path) {
+        let pod_dir = match pod_uid_of(path) {
+            Some(_) => path,
+            None => match path.parent() {
+                Some(parent) if pod_uid_of(parent).is_some() => parent,
+                _ => return,
+            },
+        };
+        let Some(uid) = pod_uid_of(pod_dir) else {
+            return;
+        };
+        if self.index.runtime_knows(&uid) || self.index.api_knows(&self.ctx.view, &uid) {
+            return;
+        }
+        self.runtime
+            .look_up(uid, pod_dir.to_path_buf(), NEW_CGROUP_WAIT);
+    }
+
+    /// The periodic rescan: pod cgroups nobody has classified yet are asked about again
+    /// (the runtime may have been down, or the sandbox not listed within the first wait).
+    fn ask_runtime_about_unknown(&mut self, found: &[DiscoveredPod]) {
+        if !self.runtime.enabled() {
+            return;
+        }
+        for pod in found {
+            if !self.index.runtime_knows(&pod.uid)
+                && !self.runtime.is_in_flight(&pod.uid)
+                && !self.index.api_knows(&self.ctx.view, &pod.uid)
+            {
+                self.runtime
+                    .look_up(pod.uid.clone(), pod.dir.path.clone(), Duration::ZERO);
+            }
+        }
+    }
+
+    /// What the runtime answered: entries for the pods the API still does not know.
+    fn on_runtime_answer(&mut self, answer: RuntimeAnswer) {
+        match answer {
+            RuntimeAnswer::Pod { uid, path, found } => {
+                self.runtime.done(&uid);
+                if let Some(sandbox) = found.filter(|s| s.uid == uid) {
+                    self.adopt(sandbox, Some(&path));
+                }
+            }
+            RuntimeAnswer::Listed(all) => {
+                for sandbox in current_sandboxes(all) {
+                    self.adopt(sandbox, None);
+                }
+            }
+            RuntimeAnswer::Failed { uid } => {
+                if let Some(uid) = uid {
+                    self.runtime.done(&uid);
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, sandbox: SandboxInfo, path: Option<&Path>) {
+        if let Some((id, entry)) = self.index.adopt_runtime_pod(&self.ctx.view, sandbox, path) {
+            self.write_entry(id, entry);
+        }
+    }
+
+    /// SIGHUP: read the config again (`runtime` settings are read at start only) and apply it, the datapath first. A config that does
     /// not load, or that the kernel side refuses (e.g. `denyRawSockets` without the BPF
     /// LSM), is rejected as a whole and the previous one stays in force.
     fn reload(&mut self) {
@@ -219,4 +312,19 @@ impl Reconciler {
         }
         tracing::info!("configuration reloaded (SIGHUP)");
     }
+}
+
+/// One sandbox per pod uid from a full listing: a ready one before a stopped one, then the
+/// newest (a pod can have stopped sandboxes of earlier attempts).
+fn current_sandboxes(all: Vec<SandboxInfo>) -> Vec<SandboxInfo> {
+    let mut by_uid: std::collections::HashMap<String, SandboxInfo> = Default::default();
+    for s in all {
+        let better = by_uid
+            .get(&s.uid)
+            .is_none_or(|old| (s.ready, s.created_at_ns) > (old.ready, old.created_at_ns));
+        if better {
+            by_uid.insert(s.uid.clone(), s);
+        }
+    }
+    by_uid.into_values().collect()
 }
