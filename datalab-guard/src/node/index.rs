@@ -85,6 +85,10 @@ impl PodIndex {
         &self.root
     }
 
+    pub fn driver(&self) -> CgroupDriver {
+        self.driver
+    }
+
     /// What the CNI probe's target selection needs (a copy: it runs on its own task).
     pub fn resolver(&self) -> PodCgroupResolver {
         PodCgroupResolver {

@@ -13,9 +13,10 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{
+    cache::{CacheWriter, Contents},
     context::Context,
     index::{Desired, PodIndex},
-    state_file::{unix_secs, StateFile, StateFileWriter},
+    state_file::{unix_secs, EnforcingFrom, StateFile, StateFileWriter},
 };
 use crate::{
     cgroups::watch::CgroupEvent,
@@ -48,6 +49,8 @@ pub struct Reconciler {
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
     pub state_file: StateFileWriter,
+    /// The state cache, written from API-synced reconciles only.
+    pub cache: CacheWriter,
 }
 
 /// Why the loop woke up.
@@ -117,6 +120,12 @@ impl Reconciler {
         *self.ctx.owners.write().expect("owners lock") = owners;
         *self.ctx.gauges.lock().expect("gauges lock") = gauges;
         *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
+        if self.cache.due() {
+            let view = &self.ctx.view;
+            let cached =
+                Contents::from_api(&view.namespaces(), &view.pods(), &view.cgroup_uids(), &rows);
+            self.cache.offer(cached);
+        }
         self.write_state(rows);
     }
 
@@ -171,6 +180,8 @@ impl Reconciler {
             namespaces: self.ctx.namespace_states.snapshot(),
             pods: rows,
             counter_classes: self.index.classes.snapshot(),
+            enforcing_from: EnforcingFrom::Api,
+            cache: self.cache.report(),
         });
     }
 
@@ -196,7 +207,7 @@ impl Reconciler {
     /// SIGHUP: read the config again and apply it, the datapath first. A config that does
     /// not load, or that the kernel side refuses (e.g. `denyRawSockets` without the BPF
     /// LSM), is rejected as a whole and the previous one stays in force.
-    fn reload(&mut self) {
+    pub(super) fn reload(&mut self) {
         let config = match self.config_source.load() {
             Ok(config) => config,
             Err(e) => {
