@@ -344,6 +344,8 @@ fn node_bad_input_exits_2() {
     let pins = bpffs.path().join("guard").display().to_string();
     let bad_config = dir.join("bad.yaml").display().to_string();
     let bad_kubeconfig = dir.join("kubeconfig").display().to_string();
+    // A directory cannot be made under a regular file.
+    let bad_state_dir = dir.join("bad.yaml").join("state").display().to_string();
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("no node name", vec!["node", "--cgroup-root", "/tmp"]),
         (
@@ -366,6 +368,14 @@ fn node_bad_input_exits_2() {
                 "/tmp",
             ],
         ),
+        (
+            "node name that is no object name",
+            vec!["node", "--node-name", "Node_1/x", "--cgroup-root", "/tmp"],
+        ),
+        (
+            "state directory not usable",
+            vec!["node", "--node-name", "n", "--state-dir", &bad_state_dir],
+        ),
     ];
     for (name, mut args) in cases {
         args.extend(["--bpffs", pins.as_str()]);
@@ -386,6 +396,9 @@ fn node_bad_input_exits_2() {
             "{name}: one line: {stderr}"
         );
         assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
+        if name == "state directory not usable" {
+            assert!(stderr.contains("state directory"), "{name}: {stderr}");
+        }
     }
 }
 

@@ -72,6 +72,7 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     let config = config_source
         .load()
         .map_err(|e| bad_input(format!("{e:#}")))?;
+    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     if let Some(path) = &args.kubeconfig {
         // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
         kube::config::Kubeconfig::read_from(path)
@@ -85,7 +86,6 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     if config.deny_raw_sockets {
         lsm::require_bpf_lsm().map_err(|e| bad_input(format!("denyRawSockets: {e}")))?;
     }
-    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     Ok(Plan {
         node,
         config_source,
