@@ -51,6 +51,8 @@ const ALLOWED_HOST_PATHS: &[(&str, bool)] = &[
     ("/sys/fs/bpf", true),
     ("/sys/fs/cgroup", false),
     ("/run/netns", false),
+    // The node agent's state cache (stateDir): survives restarts and reboots.
+    ("/var/lib/datalab-guard", true),
 ];
 /// The cluster-scoped kinds the manifests contain; every other object needs a namespace
 /// (or it would land in whatever namespace kubectl's context has).
