@@ -481,3 +481,47 @@ fn no_node_request_when_the_startup_taint_is_off() {
     );
     assert!(has_taint(&node));
 }
+
+/// Someone else changes the node's taints between the agent's read and its patch: the
+/// patch's `test` fails (422), the agent reads again, and the other change is kept.
+#[test]
+fn a_concurrent_taint_change_is_kept_not_clobbered() {
+    if !require_root() {
+        return;
+    }
+    let mut node = FakeNode::new();
+    tainted_node(&node);
+    // Every request waits 2 s before it is handled: the agent's patch is in flight for that
+    // long after its read was answered.
+    node.api.set_latency(Duration::from_secs(2));
+    node.spawn();
+    eventually("the agent read its Node", Duration::from_secs(30), || {
+        node_requests(&node).iter().any(|r| r.verb == "get")
+    });
+    let mut obj = node.api.get(Kind::Node, None, NODE).unwrap();
+    obj["spec"]["taints"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "maintenance", "effect": "NoSchedule"}));
+    node.api.apply_object(Kind::Node, obj);
+    eventually("the startup taint removed", Duration::from_secs(30), || {
+        !has_taint(&node)
+    });
+    assert_eq!(
+        taints(&node),
+        json!([
+            {"key": "dedicated", "value": "datalab", "effect": "NoSchedule"},
+            {"key": "maintenance", "effect": "NoSchedule"},
+        ])
+    );
+    let patches: Vec<u16> = node_requests(&node)
+        .iter()
+        .filter(|r| r.verb == "patch")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        patches,
+        [422, 200],
+        "a refused patch, then one on the fresh list"
+    );
+}
