@@ -82,6 +82,10 @@ pub struct FakeNode {
 impl FakeNode {
     /// The namespaces `tenant-a` (an environment) and `kube-system` exist; the API server
     /// runs.
+    #[expect(
+        clippy::new_without_default,
+        reason = "building one makes network namespaces, cgroups and a server: not a default"
+    )]
     pub fn new() -> FakeNode {
         let mut lab = Lab::new().expect("lab");
         lab.start_fake_imds().expect("fake imds");
@@ -189,11 +193,10 @@ impl FakeNode {
     }
 
     pub fn sighup(&self) {
+        let pid = self.agent().pid() as i32;
         // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(
-            unsafe { libc::kill(self.agent().pid() as i32, libc::SIGHUP) },
-            0
-        );
+        let sent = unsafe { libc::kill(pid, libc::SIGHUP) };
+        assert_eq!(sent, 0);
     }
 
     /// `datalab-guard status` (text or JSON) with this node's pins and state file.

@@ -27,9 +27,7 @@ use serde_json::{json, Value};
 const TAINT: &str = "datalab.io/guard-not-ready";
 
 fn readyz(node: &FakeNode) -> u16 {
-    http_get(node.metrics, "/readyz", Duration::from_secs(2))
-        .map(|r| r.status)
-        .unwrap_or(0)
+    http_get(node.metrics, "/readyz", Duration::from_secs(2)).map_or(0, |r| r.status)
 }
 
 fn append_config(node: &FakeNode, extra: &str) {

@@ -239,6 +239,7 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     );
     eprintln!("config reload -> allowed after {took:?}");
     std::fs::write(&config, &original).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     eventually("SIGHUP reload restores", Duration::from_secs(1), || {
         node.probe(&tenant, "tcp", IMDS4).is_eperm()

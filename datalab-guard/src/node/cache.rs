@@ -440,7 +440,7 @@ impl CacheWriter {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the state cache; a restart without the API server would fall back to older or no verdicts");
             }
             Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "state cache still not writable")
+                tracing::debug!(path = %path.display(), error = %e, "state cache still not writable");
             }
         }
     }

@@ -224,10 +224,10 @@ fn load_cache(plan: &Plan) -> Loaded {
             "state cache loaded; enforcing its verdicts until the API server answers"
         ),
         Loaded::Missing => {
-            tracing::info!(dir = %dir.display(), "no state cache yet; pods stay on the unknown-cgroup verdict until the API server answers")
+            tracing::info!(dir = %dir.display(), "no state cache yet; pods stay on the unknown-cgroup verdict until the API server answers");
         }
         Loaded::Unusable(e) => {
-            tracing::warn!(error = %e, "state cache ignored; pods stay on the unknown-cgroup verdict until the API server answers")
+            tracing::warn!(error = %e, "state cache ignored; pods stay on the unknown-cgroup verdict until the API server answers");
         }
     }
     loaded
