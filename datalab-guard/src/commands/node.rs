@@ -72,12 +72,12 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     let config = config_source
         .load()
         .map_err(|e| bad_input(format!("{e:#}")))?;
-    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     if let Some(path) = &args.kubeconfig {
         // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
         kube::config::Kubeconfig::read_from(path)
             .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
     }
+    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     let (root, driver) = resolve_root(args.cgroup_root.as_deref(), &config)?;
     let metrics_addr = match shared.metrics_addr {
         Some(addr) => addr,
