@@ -123,6 +123,15 @@ pub struct Config {
     pub mode: Mode,
     /// Refuse AF_PACKET and raw sockets to guarded pods (needs the BPF LSM).
     pub deny_raw_sockets: bool,
+    /// Where the agent keeps what it knows across restarts and reboots (`--state-dir`
+    /// overrides it). `None`: [`DEFAULT_STATE_DIR`], and a directory that cannot be used is
+    /// only a warning; a path: it must be usable or the agent refuses to start. Read at start.
+    #[serde(deserialize_with = "de_opt_absolute_path")]
+    pub state_dir: Option<PathBuf>,
+    /// The node taint key the agent removes from its own Node once it enforces the API's
+    /// verdicts; empty: no taint handling (no Node request at all). Read at start.
+    #[serde(deserialize_with = "de_taint_key")]
+    pub startup_taint: String,
     pub network_policy: NetworkPolicyConfig,
     pub pod_security: PodSecurityConfig,
     pub probe: ProbeConfig,
@@ -318,6 +327,14 @@ pub struct LeaderElectionConfig {
 /// Label that marks environment namespaces by default.
 pub const DEFAULT_ENVIRONMENT_SELECTOR: &str = "datalab.io/environment=true";
 
+/// The state directory when neither `--state-dir` nor `stateDir` names one (a hostPath in
+/// the DaemonSet).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/datalab-guard";
+
+/// The startup taint the agent removes from its own Node (like Cilium's
+/// `node.cilium.io/agent-not-ready`).
+pub const DEFAULT_STARTUP_TAINT: &str = "datalab.io/guard-not-ready";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -328,6 +345,8 @@ impl Default for Config {
             blocked: Blocked::default(),
             mode: Mode::Enforce,
             deny_raw_sockets: false,
+            state_dir: None,
+            startup_taint: DEFAULT_STARTUP_TAINT.to_owned(),
             network_policy: NetworkPolicyConfig::default(),
             pod_security: PodSecurityConfig::default(),
             probe: ProbeConfig::default(),
@@ -1072,6 +1091,39 @@ fn de_exemption_selector_list<'de, D: Deserializer<'de>>(
         .collect())
 }
 
+/// An absolute path, checked as it is read.
+struct AbsolutePath(PathBuf);
+
+impl<'de> Deserialize<'de> for AbsolutePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "an absolute path", |text| {
+            let path = PathBuf::from(text);
+            if path.is_absolute() {
+                Ok(AbsolutePath(path))
+            } else {
+                Err(format!("{text:?} is not an absolute path"))
+            }
+        })
+    }
+}
+
+/// An absolute path or null.
+fn de_opt_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(Option::<AbsolutePath>::deserialize(d)?.map(|p| p.0))
+}
+
+/// A taint key (the label key syntax, `[prefix/]name`), or empty for none.
+fn de_taint_key<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    parse_str(d, "a taint key", |text| {
+        if text.is_empty() {
+            return Ok(String::new());
+        }
+        datalab_guard_policy::selector::validate_key(text)
+            .map(|()| text.to_owned())
+            .map_err(|e| format!("taint key {text:?}: {e}"))
+    })
+}
+
 /// An object name (DNS-1123 subdomain), checked as it is read.
 fn de_subdomain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     parse_str(d, "an object name", |text| {
@@ -1128,6 +1180,8 @@ mod tests {
         assert_eq!(c.cgroup.driver, None);
         assert_eq!(c.rescan_interval.as_std(), Duration::from_secs(10));
         assert_eq!(c.runtime, crate::cri::RuntimeConfig::default());
+        assert_eq!(c.state_dir, None);
+        assert_eq!(c.startup_taint, "datalab.io/guard-not-ready");
         assert_eq!(c.leader_election.lease_name, "datalab-guard-leader");
         assert_eq!(c.leader_election.namespace, None);
         assert_eq!(
@@ -1222,6 +1276,8 @@ blocked:
   presets: [gcp, oci]
 mode: audit
 denyRawSockets: true
+stateDir: /var/lib/guard-state
+startupTaint: ""
 networkPolicy:
   name: deny-imds
   manage: false
@@ -1267,6 +1323,8 @@ leaderElection:
         );
         assert_eq!(c.cgroup.driver, Some(CgroupDriver::Systemd));
         assert_eq!(c.probe.interval.as_std(), Duration::from_secs(90));
+        assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/guard-state")));
+        assert_eq!(c.startup_taint, "");
         assert_eq!(c.warnings().len(), 2);
         let texts: Vec<String> = c.blocklist().iter().map(blocklist::describe).collect();
         assert!(texts.contains(&"10.0.0.0/8".to_owned()));
@@ -1339,6 +1397,9 @@ leaderElection:
             ("networkPolicy:\n  name: Allow_Web\n", &["networkPolicy.name", "\"Allow_Web\""]),
             ("podSecurity:\n  level: strict\n", &["podSecurity.level", "strict"]),
             ("cgroup:\n  root: kubepods.slice\n", &["cgroup.root", "absolute path"]),
+            ("stateDir: var/lib/dg\n", &["stateDir", "\"var/lib/dg\" is not an absolute path"]),
+            ("startupTaint: \"not ready\"\n", &["startupTaint", "taint key \"not ready\""]),
+            ("startupTaint: a/b/c\n", &["startupTaint", "at most one '/'"]),
             ("cgroup:\n  driver: cgroupv2\n", &["cgroup.driver", "cgroupv2"]),
             ("probe:\n  port: 70000\n", &["probe.port"]),
             ("audit:\n  eventsPerSecond: -1\n", &["audit.eventsPerSecond"]),

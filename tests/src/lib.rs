@@ -27,6 +27,8 @@
 //! - [`cri_lab`]: [`CriLab`], a private containerd (Debian's containerd + runc + CNI plugins)
 //!   running kubelet-style pod sandboxes through the CRI API, with a busybox image built
 //!   locally (no registry); its pod cgroups, netns and bridge are removed on drop.
+//! - [`fake_node`]: [`fake_node::FakeNode`], one node as the node agent sees it (pod cgroup
+//!   tree, API server fixture, pins, state directory, network lab) for end-to-end tests.
 //! - [`bins`]: locating the helper binaries and the agent binary.
 //!
 //! Every resource type removes what it created in `Drop`, which also runs when a test panics.
@@ -38,6 +40,7 @@ pub mod bins;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cri_lab;
+pub mod fake_node;
 pub mod lab;
 pub mod mountinfo;
 pub mod names;

@@ -1,7 +1,8 @@
 //! End to end: the real `datalab-guard node` binary against the API server fixture (through a
 //! kubeconfig), with a fake kubelet cgroup tree (systemd layout) and pod processes placed in
-//! container cgroups inside a test network namespace routed only to a fake metadata host.
-//! Needs root.
+//! container cgroups inside a test network namespace routed only to a fake metadata host
+//! ([`datalab_guard_tests::fake_node`]). Needs root. Start-up without the API server,
+//! restarts, reboots and the startup taint are in `node_lifecycle.rs`.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,230 +10,12 @@ use std::{
 };
 
 use datalab_guard_tests::{
-    apiserver::{FakeApiServer, PodBuilder},
-    free_loopback_addr, require_root, Agent, BpffsDir, Lab, ProbeResult, TestCgroup,
+    apiserver::PodBuilder,
+    fake_node::{
+        cgroup_id, container_id, eventually, metric, uid, FakeNode as Node, ENV_LABEL, IMDS4, NODE,
+    },
+    require_root, Agent, BpffsDir,
 };
-
-const NODE: &str = "node-1";
-const ENV_LABEL: (&str, &str) = ("datalab.io/environment", "true");
-const IMDS4: &str = "169.254.169.254";
-
-/// A fake node: kubelet-style cgroup tree, API fixture, network lab, and the agent.
-struct Node {
-    agent: Option<Agent>,
-    bpffs: BpffsDir,
-    #[expect(dead_code, reason = "held so the test cgroup is removed when the node drops")]
-    cgroup: TestCgroup,
-    root: PathBuf,
-    metrics: std::net::SocketAddr,
-    api: FakeApiServer,
-    dir: PathBuf,
-    lab: Lab,
-}
-
-fn uid(n: u32) -> String {
-    format!("{n:08x}-1111-2222-3333-444455556666")
-}
-
-fn container_id(n: u32) -> String {
-    format!("{n:064x}")
-}
-
-impl Node {
-    fn new() -> Node {
-        let mut lab = Lab::new().expect("lab");
-        lab.start_fake_imds().expect("fake imds");
-        let cgroup = TestCgroup::new().expect("cgroup");
-        let root = cgroup.path().join("kubepods.slice");
-        for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
-            std::fs::create_dir_all(root.join(qos)).expect("qos slice");
-        }
-        let api = FakeApiServer::start();
-        api.apply_namespace("tenant-a", &[ENV_LABEL]);
-        api.apply_namespace("kube-system", &[]);
-        let dir =
-            std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
-        // probe off: the CNI probe connects to the metadata address from the agent's own
-        // network namespace, here the machine's; tests send nothing there (the probe has its
-        // own tests in network namespaces, cni_probe.rs).
-        std::fs::write(
-            dir.join("config.yaml"),
-            "audit:\n  eventsPerSecond: 1000\nrescanInterval: 1s\nprobe:\n  enabled: false\n",
-        )
-        .unwrap();
-        Node {
-            agent: None,
-            bpffs: BpffsDir::new().expect("bpffs"),
-            cgroup,
-            root,
-            metrics: free_loopback_addr().unwrap(),
-            api,
-            dir,
-            lab,
-        }
-    }
-
-    fn pins(&self) -> PathBuf {
-        self.bpffs.path().join("guard")
-    }
-
-    fn start(&mut self) {
-        self.spawn();
-        self.agent
-            .as_mut()
-            .expect("agent")
-            .wait_ready(self.metrics, Duration::from_secs(30))
-            .expect("agent ready");
-    }
-
-    /// Starts the agent without waiting for it to be ready.
-    fn spawn(&mut self) {
-        let args = [
-            "node".to_owned(),
-            "--node-name".into(),
-            NODE.into(),
-            "--kubeconfig".into(),
-            self.dir.join("kubeconfig").display().to_string(),
-            "--config".into(),
-            self.dir.join("config.yaml").display().to_string(),
-            "--cgroup-root".into(),
-            self.root.display().to_string(),
-            "--bpffs".into(),
-            self.pins().display().to_string(),
-            "--metrics-addr".into(),
-            self.metrics.to_string(),
-            "--state-file".into(),
-            self.dir.join("state.json").display().to_string(),
-        ];
-        self.agent = Some(Agent::spawn(&args).expect("spawn agent"));
-    }
-
-    fn sighup(&self) {
-        assert_eq!(
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(self.agent().pid() as i32, libc::SIGHUP) },
-            0
-        );
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = Agent::run(&[
-            "status",
-            "--output",
-            "json",
-            "--bpffs",
-            &self.pins().display().to_string(),
-            "--state-file",
-            &self.dir.join("state.json").display().to_string(),
-        ])
-        .unwrap();
-        serde_json::from_slice(&out.stdout).expect("status json")
-    }
-
-    fn agent(&self) -> &Agent {
-        self.agent.as_ref().expect("agent")
-    }
-
-    /// The pod's cgroup directory as the kubelet names it (systemd driver).
-    fn pod_dir(&self, qos: &str, uid: &str) -> PathBuf {
-        let uid = uid.replace('-', "_");
-        match qos {
-            "Guaranteed" => self.root.join(format!("kubepods-pod{uid}.slice")),
-            "Burstable" => self
-                .root
-                .join("kubepods-burstable.slice")
-                .join(format!("kubepods-burstable-pod{uid}.slice")),
-            _ => self
-                .root
-                .join("kubepods-besteffort.slice")
-                .join(format!("kubepods-besteffort-pod{uid}.slice")),
-        }
-    }
-
-    /// Creates the pod's cgroup and one container cgroup (as containerd names it).
-    fn make_cgroups(&self, qos: &str, uid: &str, container: &str) -> PathBuf {
-        let dir = self
-            .pod_dir(qos, uid)
-            .join(format!("cri-containerd-{container}.scope"));
-        std::fs::create_dir_all(&dir).expect("pod cgroup");
-        dir
-    }
-
-    fn announce(
-        &self,
-        ns: &str,
-        name: &str,
-        qos: &str,
-        uid: &str,
-        container: &str,
-        host_network: bool,
-    ) {
-        self.api.apply_pod(
-            PodBuilder::new(ns, name)
-                .uid(uid)
-                .node(NODE)
-                .qos_class(qos)
-                .host_network(host_network)
-                .container("main", Some(&format!("containerd://{container}")))
-                .build(),
-        );
-    }
-
-    fn probe(&self, from: &Path, kind: &str, addr: &str) -> ProbeResult {
-        self.lab
-            .probe_timeout(from, kind, addr, 80, 1000)
-            .unwrap_or_else(|e| panic!("probe: {e:#}"))
-    }
-
-    fn policy_ids(&self) -> Vec<u64> {
-        let out = Agent::run(&[
-            "status",
-            "--output",
-            "json",
-            "--bpffs",
-            &self.pins().display().to_string(),
-        ])
-        .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-        report["policy"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p["cgroup_id"].as_u64())
-            .collect()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if check() {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: not within {timeout:?}");
-}
-
-fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter(|l| label.is_none_or(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn cgroup_id(dir: &Path) -> u64 {
-    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap())
-}
 
 #[test]
 fn node_agent_guards_environment_pods_and_follows_the_cluster() {
@@ -562,6 +345,8 @@ fn node_bad_input_exits_2() {
     let pins = bpffs.path().join("guard").display().to_string();
     let bad_config = dir.join("bad.yaml").display().to_string();
     let bad_kubeconfig = dir.join("kubeconfig").display().to_string();
+    // A directory cannot be made under a regular file.
+    let bad_state_dir = dir.join("bad.yaml").join("state").display().to_string();
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("no node name", vec!["node", "--cgroup-root", "/tmp"]),
         (
@@ -584,6 +369,14 @@ fn node_bad_input_exits_2() {
                 "/tmp",
             ],
         ),
+        (
+            "node name that is no object name",
+            vec!["node", "--node-name", "Node_1/x", "--cgroup-root", "/tmp"],
+        ),
+        (
+            "state directory not usable",
+            vec!["node", "--node-name", "n", "--state-dir", &bad_state_dir],
+        ),
     ];
     for (name, mut args) in cases {
         args.extend(["--bpffs", pins.as_str()]);
@@ -604,6 +397,9 @@ fn node_bad_input_exits_2() {
             "{name}: one line: {stderr}"
         );
         assert!(!Path::new(&pins).exists(), "{name}: nothing pinned");
+        if name == "state directory not usable" {
+            assert!(stderr.contains("state directory"), "{name}: {stderr}");
+        }
     }
 }
 
@@ -627,7 +423,10 @@ fn sighup_during_startup_does_not_kill_the_agent() {
     });
     let readyz = datalab_guard_tests::http_get(node.metrics, "/readyz", Duration::from_secs(1))
         .expect("readyz");
-    assert_eq!(readyz.status, 503, "still waiting for the sync when the SIGHUP is sent");
+    assert_eq!(
+        readyz.status, 503,
+        "still waiting for the sync when the SIGHUP is sent"
+    );
     node.sighup();
     std::thread::sleep(Duration::from_millis(500));
     let agent = node.agent.as_mut().unwrap();
@@ -664,7 +463,12 @@ fn sighup_deny_raw_sockets_attaches_the_socket_programs_or_is_rejected() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|l| (l["program"].as_str().unwrap().to_owned(), l["pinned"] == true))
+            .map(|l| {
+                (
+                    l["program"].as_str().unwrap().to_owned(),
+                    l["pinned"] == true,
+                )
+            })
             .collect()
     };
     let before = node.status_json();
@@ -673,7 +477,11 @@ fn sighup_deny_raw_sockets_attaches_the_socket_programs_or_is_rejected() {
 
     let config = node.dir.join("config.yaml");
     let original = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{original}denyRawSockets: true\nmode: audit\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{original}denyRawSockets: true\nmode: audit\n"),
+    )
+    .unwrap();
     node.sighup();
     let outcome = |agent: &Agent| {
         let stderr = agent.stderr_lines().join("\n");
@@ -707,14 +515,23 @@ fn sighup_deny_raw_sockets_attaches_the_socket_programs_or_is_rejected() {
     } else {
         eprintln!("BPF LSM programs refused by this kernel: the reload must be rejected whole");
         let stderr = node.agent().stderr_lines().join("\n");
-        assert!(stderr.contains("BPF LSM"), "the error names the BPF LSM: {stderr}");
+        assert!(
+            stderr.contains("BPF LSM"),
+            "the error names the BPF LSM: {stderr}"
+        );
         assert_eq!(after["deny_raw_sockets"], false, "{after}");
-        assert_eq!(after["mode"], "enforce", "the rest of the reload is rejected too");
+        assert_eq!(
+            after["mode"], "enforce",
+            "the rest of the reload is rejected too"
+        );
         assert_eq!(links(&after), links(&before));
         let pinned = std::fs::read_dir(node.pins().join("links"))
             .unwrap()
             .count();
         assert_eq!(pinned, 5, "nothing half-attached");
-        assert!(node.probe(&tenant, "tcp", IMDS4).is_eperm(), "still enforcing");
+        assert!(
+            node.probe(&tenant, "tcp", IMDS4).is_eperm(),
+            "still enforcing"
+        );
     }
 }

@@ -419,10 +419,9 @@ fn runtime_classifies_new_sandboxes_while_the_api_server_is_down() {
 /// The API server unreachable from the agent's start (a new node, a control-plane upgrade):
 /// with nothing known of any namespace's labels, the kube-system sandbox is exempt by name
 /// and the tenant sandbox guarded, both from the runtime alone, before anything in them
-/// connects. Needs the agent to attach before its first API sync (issue 9.1, built on the
-/// `lifecycle` branch); today's agent waits for the sync and never attaches here.
+/// connects: the agent attaches before its first API sync (issue 9.1) and classifies new pod
+/// cgroups from the runtime meanwhile.
 #[test]
-#[ignore = "needs attach-first (issue 9.1, lifecycle branch): un-ignore when it is merged"]
 fn runtime_classifies_sandboxes_with_the_api_unreachable_from_start() {
     if !require_root() {
         return;

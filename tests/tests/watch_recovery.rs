@@ -236,6 +236,8 @@ impl Node {
             self.metrics.to_string(),
             "--state-file".into(),
             path("state.json"),
+            "--state-dir".into(),
+            path("state"),
         ];
         let mut agent = Agent::spawn(&args).expect("spawn agent");
         agent

@@ -57,6 +57,8 @@ const ALLOWED_HOST_PATHS: &[(&str, bool)] = &[
     ("/run/containerd", false),
     ("/run/k3s/containerd", false),
     ("/var/run/crio", false),
+    // The node agent's state cache (stateDir): survives restarts and reboots.
+    ("/var/lib/datalab-guard", true),
 ];
 /// The cluster-scoped kinds the manifests contain; every other object needs a namespace
 /// (or it would land in whatever namespace kubectl's context has).

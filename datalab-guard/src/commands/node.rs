@@ -10,9 +10,9 @@ use super::Shared;
 use crate::{
     bpf::lsm,
     cgroups::{self, pod, pod::CgroupDriver, CgroupDir},
-    config::{Config, ConfigSource},
+    config::{Config, ConfigSource, DEFAULT_STATE_DIR},
     input::bad_input,
-    node::{self, state_file::DEFAULT_STATE_FILE, Plan},
+    node::{self, cache, state_file::DEFAULT_STATE_FILE, Plan},
 };
 
 /// Default metrics address in node mode: Prometheus scrapes the pod IP.
@@ -41,9 +41,16 @@ pub struct NodeArgs {
     /// mounted read-only), for the CNI enforcement probe.
     #[arg(long, value_name = "DIR", default_value = "/run/netns")]
     pub netns_dir: PathBuf,
-    /// Where the agent writes the per-namespace state `status` shows.
+    /// Where the agent writes what `status` shows (this boot's enforcement: a file under
+    /// /run, not in the state directory).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
+    /// Where the agent keeps what it knows across restarts and reboots (its state cache)
+    /// [default: the config's stateDir, else /var/lib/datalab-guard]. Named here or in the
+    /// config, it must be usable or the agent does not start; the default is only warned
+    /// about.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn run(shared: &Shared, args: &NodeArgs) -> anyhow::Result<()> {
@@ -57,6 +64,10 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         .clone()
         .filter(|n| !n.trim().is_empty())
         .ok_or_else(|| bad_input("the node name is required: --node-name or NODE_NAME"))?;
+    // It names the Node object the agent patches (startup taint): an object name, nothing
+    // that could change the request path.
+    datalab_guard_policy::selector::validate_dns1123_subdomain(&node)
+        .map_err(|e| bad_input(format!("node name {node:?} {e}")))?;
     let config_source = ConfigSource {
         path: args.config.clone(),
         blocks: shared.block.clone(),
@@ -71,6 +82,7 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         kube::config::Kubeconfig::read_from(path)
             .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
     }
+    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     let (root, driver) = resolve_root(
         args.cgroup_root.as_deref(),
         args.cgroup_mount.as_deref(),
@@ -95,7 +107,28 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
         own_pod_uid: std::env::var("POD_UID").ok().filter(|s| !s.is_empty()),
         netns_dir: args.netns_dir.clone(),
         state_file: args.state_file.clone(),
+        state_dir,
     })
+}
+
+/// The state directory: `--state-dir`, else the config's `stateDir`, each of which must be
+/// usable (bad input otherwise); else the default, where a problem only costs the cache.
+fn resolve_state_dir(flag: Option<&Path>, config: &Config) -> anyhow::Result<Option<PathBuf>> {
+    let (dir, explicit) = match flag.or(config.state_dir.as_deref()) {
+        Some(dir) => (dir.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_STATE_DIR), false),
+    };
+    match cache::prepare_state_dir(&dir) {
+        Ok(()) => Ok(Some(dir)),
+        Err(e) if explicit => Err(bad_input(format!(
+            "state directory {} is not usable: {e}",
+            dir.display()
+        ))),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "default state directory not usable; running without a state cache (a restart without the API server starts from the pinned verdicts only, a reboot from none)");
+            Ok(None)
+        }
+    }
 }
 
 /// The pods' cgroup root: `--cgroup-root`, else the config's `cgroup.root`, else detected

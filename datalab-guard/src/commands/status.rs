@@ -19,7 +19,7 @@ use crate::{
         install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout,
     },
     cgroups,
-    node::state_file::{StateFile, DEFAULT_STATE_FILE, STALE_AFTER},
+    node::state_file::{EnforcingFrom, StateFile, DEFAULT_STATE_FILE, STALE_AFTER},
 };
 
 /// Bound on the cgroup directories visited to name the verdict map's entries.
@@ -85,7 +85,27 @@ fn add_state_file(
     }
     report["state_file_age_seconds"] = json!(state.age_secs(now));
     report["state_file_stale"] = json!(state.is_stale(now));
+    report["enforcing_from"] = json!(state.enforcing_from);
+    report["enforcing_from_text"] = json!(enforcing_from_text(state, now));
+    if let Some(written) = state.cache.loaded_written_unix {
+        report["cache_age_seconds"] =
+            json!(crate::node::state_file::unix_secs(now).saturating_sub(written));
+    }
     report["environments"] = serde_json::to_value(state).unwrap_or_default();
+}
+
+/// Where the node agent's verdicts come from, as the text form says it.
+fn enforcing_from_text(state: &StateFile, now: SystemTime) -> String {
+    match state.enforcing_from {
+        EnforcingFrom::Api => "API-synced".to_owned(),
+        EnforcingFrom::Cache => match state.cache.loaded_written_unix {
+            Some(written) => format!(
+                "cache/runtime only (cache age {} s)",
+                crate::node::state_file::unix_secs(now).saturating_sub(written)
+            ),
+            None => "cache/runtime only (no cache: unknown pods guarded)".to_owned(),
+        },
+    }
 }
 
 /// The status as JSON (the text form is rendered from it).
@@ -166,6 +186,12 @@ fn print_text(r: &serde_json::Value) {
     print_install(r);
     if let Some(error) = r["state_file_error"].as_str() {
         println!("  ! cannot read the node agent's state file: {error}");
+    }
+    if let Some(from) = r["enforcing_from_text"].as_str() {
+        println!("  verdicts from: {from}");
+    }
+    if let Some(error) = r["environments"]["cache"]["load_error"].as_str() {
+        println!("  ! the state cache was ignored at start: {error}");
     }
     print_environments(r);
     print_pods(r);
@@ -344,5 +370,33 @@ fn print_pods(r: &serde_json::Value) {
                 p["audited_attempts"].as_u64().unwrap_or(0).to_string()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::node::cache::CacheReport;
+
+    #[test]
+    fn says_where_the_verdicts_come_from() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut state = StateFile::default();
+        assert_eq!(enforcing_from_text(&state, now), "API-synced");
+        state.enforcing_from = EnforcingFrom::Cache;
+        assert_eq!(
+            enforcing_from_text(&state, now),
+            "cache/runtime only (no cache: unknown pods guarded)"
+        );
+        state.cache = CacheReport {
+            loaded_written_unix: Some(958),
+            ..CacheReport::default()
+        };
+        assert_eq!(
+            enforcing_from_text(&state, now),
+            "cache/runtime only (cache age 42 s)"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod informer;
 pub mod leader;
 pub mod provision;
 pub mod psa;
+pub mod taint;
 pub mod watch;
 
 pub use client::connect;

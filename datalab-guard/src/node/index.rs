@@ -71,6 +71,9 @@ pub struct PodIndex {
     runtime_pods: HashMap<String, RuntimePod>,
     /// Of those, the ones the API did not know at the last reconcile.
     runtime_count: u64,
+    /// Namespace labels from the state cache, for runtime-only pods whose namespace the
+    /// live view does not hold (before the first sync, or with the API down).
+    pub cached_namespaces: BTreeMap<String, NamespaceInfo>,
 }
 
 impl PodIndex {
@@ -91,11 +94,16 @@ impl PodIndex {
             by_uid: HashMap::new(),
             runtime_pods: HashMap::new(),
             runtime_count: 0,
+            cached_namespaces: BTreeMap::new(),
         }
     }
 
     pub fn root(&self) -> &CgroupDir {
         &self.root
+    }
+
+    pub fn driver(&self) -> CgroupDriver {
+        self.driver
     }
 
     /// What the CNI probe's target selection needs (a copy: it runs on its own task).
@@ -280,7 +288,12 @@ impl PodIndex {
             None => self.dir_of_cgroup_uid(&uid)?,
         };
         let namespaces = view.namespaces();
-        let (decision, entry) = self.runtime_entry(&sandbox, namespaces.get(&sandbox.namespace));
+        // The live view's labels; before the first sync (or for a namespace the view lost),
+        // the state cache's; else name-only rules (fail closed).
+        let namespace = namespaces
+            .get(&sandbox.namespace)
+            .or_else(|| self.cached_namespaces.get(&sandbox.namespace));
+        let (decision, entry) = self.runtime_entry(&sandbox, namespace);
         tracing::info!(
             namespace = %sandbox.namespace,
             pod = %sandbox.name,

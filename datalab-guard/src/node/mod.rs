@@ -1,31 +1,52 @@
 //! `datalab-guard node`: the DaemonSet agent.
 //!
-//! Start-up order (DESIGN.md): `commands::node` validates the input (bad input → exit 2,
-//! kernel untouched) → bind the metrics port → list every namespace and this node's pods →
-//! compute every verdict → write the maps, then attach (or adopt the pins of a previous
-//! agent) → ready. Then [`reconcile`] on every change: a watch event, a new or removed
-//! cgroup directory, the periodic rescan, or a SIGHUP config reload. The API server going
+//! Start-up order (DESIGN.md: attach first, sync later): `commands::node` validates the
+//! input, the state directory included (bad input → exit 2, kernel untouched) → bind the
+//! metrics port → start the API watches (in the background; the API server may be down) →
+//! load the state cache → attach (or adopt the pins of a previous agent) at once with the
+//! cache's verdicts for the pod cgroups found now, over the previous agent's pinned entries,
+//! everything else on the unknown-cgroup verdict (guard) → [`startup`]: new pod cgroups get
+//! the cache's verdict until the first full list of namespaces and pods has arrived → the
+//! first API-synced reconcile → ready (`/readyz`), and the startup taint comes off the Node
+//! ([`crate::k8s::taint`]). Then [`reconcile`] on every change: a watch event, a new or
+//! removed cgroup directory, the periodic rescan, or a SIGHUP config reload; each
+//! API-synced reconcile also refreshes the state cache ([`cache`]). The API server going
 //! away changes nothing in the kernel; the watchers retry and the agent catches up.
 //!
 //! Parts: [`context`] (what the tasks share), [`index`] (pods ↔ cgroups → verdicts),
-//! [`reconcile`] (the loop), [`audit_sink`] (audit lines and pod Events), [`state_file`]
-//! (what `status` reads), [`probe_targets`] (where the CNI probe runs from),
-//! [`runtime_classify`] (pods the API does not know, classified from the container runtime).
+//! [`startup`] (before the first sync), [`reconcile`] (the loop), [`cache`] (the state
+//! directory), [`runtime_classify`] (pods the API does not know, classified from the
+//! container runtime), [`audit_sink`] (audit lines and pod Events), [`state_file`] (what
+//! `status` reads), [`probe_targets`] (where the CNI probe runs from).
 
 pub mod audit_sink;
+pub mod cache;
 pub mod context;
 pub mod index;
 pub mod probe_targets;
 pub mod reconcile;
 pub mod runtime_classify;
+pub mod startup;
 pub mod state_file;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use self::{context::Context, index::PodIndex, reconcile::Reconciler, state_file::StateFileWriter};
+use self::{
+    cache::{CacheWriter, Classified, Loaded},
+    context::Context,
+    index::PodIndex,
+    reconcile::Reconciler,
+    startup::SyncOutcome,
+    state_file::StateFileWriter,
+};
 use crate::{
     bpf::{PinLayout, Session, StartRequest},
     cgroups::{
@@ -55,6 +76,8 @@ pub struct Plan {
     pub own_pod_uid: Option<String>,
     pub netns_dir: PathBuf,
     pub state_file: PathBuf,
+    /// The state cache's directory; `None`: no cache (the default directory was unusable).
+    pub state_dir: Option<PathBuf>,
 }
 
 pub async fn serve(plan: Plan) -> anyhow::Result<()> {
@@ -86,24 +109,28 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         tracing::warn!("{warning}");
     }
 
-    tracing::info!(node = %plan.node, root = %plan.root.path.display(), "waiting for the first full list of namespaces and pods");
-    tokio::select! {
-        _ = view.wait_synced() => {},
-        _ = termination.terminated() => {
-            tracing::info!("exiting before the first sync; nothing changed in the kernel");
-            return Ok(());
-        }
-    }
+    // Attach first: nothing below waits for the API server.
+    let loaded = load_cache(&plan);
+    let cache = match &loaded {
+        Loaded::Cache(cache) => Some(cache),
+        _ => None,
+    };
     let policy = plan.config.policy_config(plan.own_pod_uid.clone());
     let mut index = PodIndex::new(plan.root.clone(), plan.driver, policy);
-    let desired = index.desired(&view, Default::default());
+    if let Some(cache) = cache {
+        index.cached_namespaces = cache.namespaces().clone();
+    }
+    let classified = cache.map_or_else(Classified::default, |c| {
+        let found = startup::scan(&plan.root.path, plan.driver);
+        c.classify(&found, &index.policy, &mut index.classes)
+    });
     let layout = PinLayout::new(&plan.bpffs);
     let (session, events) = Session::start(StartRequest {
         layout: layout.clone(),
         root: plan.root.clone(),
         settings: plan.config.datapath(),
         blocked: plan.config.blocklist(),
-        verdicts: desired.verdicts.clone(),
+        verdicts: startup::initial_verdicts(startup::pinned_verdicts(&layout), &classified),
     })?;
     let (audit, pod_events) = audit_sink::spawn(
         &ctx,
@@ -116,7 +143,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     tasks.wait.push(audit);
     tasks.abort.extend(pod_events);
     let baseline = k8s::provision::spawn(
-        client,
+        client.clone(),
         &plan.config,
         &plan.node,
         ctx.namespace_states.clone(),
@@ -131,27 +158,62 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         plan.netns_dir.clone(),
         shutdown_rx,
     ));
-    let cgroup_events = watch_cgroups(&plan)?;
+    let mut cgroup_events = watch_cgroups(&plan)?;
+    let mut cache_writer = CacheWriter::new(plan.state_dir.as_deref(), &plan.node);
+    cache_writer.note_loaded(&loaded);
     let runtime = runtime_classify::RuntimeLookups::new(&plan.config.runtime, ctx.runtime.clone());
-
     let mut reconciler = Reconciler {
         ctx,
-        http: http_state,
+        http: http_state.clone(),
         index,
         config_source: plan.config_source,
         own_pod_uid: plan.own_pod_uid,
         baseline,
         probe_settings,
         state_file: StateFileWriter::new(plan.state_file),
+        cache: cache_writer,
         runtime,
     };
-    reconciler.apply_and_publish(desired);
-    // Pod cgroups that exist already and that the API does not know (static pods without a
-    // mirror pod yet, pods not announced yet): classified from one listing of the runtime.
+    startup::write_state(&mut reconciler, classified);
+    // Pod cgroups that exist already and that neither the cache nor (later) the API knows
+    // (static pods without a mirror pod, pods not announced yet): one listing of the
+    // runtime, answered through the loops below, before and after the first sync.
+    let mut runtime_answers = reconciler
+        .runtime
+        .take_answers()
+        .unwrap_or_else(|| mpsc::channel(1).1);
     reconciler.runtime.list_all();
-    let baseline = reconciler
-        .run(cgroup_events, &mut hangup, &mut termination)
-        .await;
+
+    tracing::info!(node = %plan.node, root = %plan.root.path.display(), "enforcing; waiting for the first full list of namespaces and pods");
+    let outcome = startup::until_synced(
+        &mut reconciler,
+        cache,
+        &view,
+        &mut cgroup_events,
+        &mut runtime_answers,
+        &mut hangup,
+        &mut termination,
+    )
+    .await;
+    let baseline = match outcome {
+        SyncOutcome::Terminated => reconciler.baseline,
+        SyncOutcome::Synced => {
+            tracing::info!("first full sync with the API server; enforcing its verdicts");
+            reconciler.reconcile();
+            if !plan.config.startup_taint.is_empty() {
+                let http = http_state.clone();
+                tasks.abort.push(k8s::taint::spawn(
+                    client,
+                    plan.node.clone(),
+                    plan.config.startup_taint.clone(),
+                    move || http.readiness().is_ok(),
+                ));
+            }
+            reconciler
+                .run(cgroup_events, runtime_answers, &mut hangup, &mut termination)
+                .await
+        }
+    };
 
     // Stop cluster writes and release the Lease so a standby takes over at once.
     baseline.shutdown().await;
@@ -162,6 +224,29 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     tasks.stop().await;
     Ok(())
+}
+
+/// Reads the state cache and says what came of it. Never fails: an unusable cache is
+/// ignored (every pod it would have named keeps the unknown-cgroup verdict).
+fn load_cache(plan: &Plan) -> Loaded {
+    let Some(dir) = &plan.state_dir else {
+        return Loaded::Missing;
+    };
+    let loaded = cache::load(dir, &plan.node);
+    match &loaded {
+        Loaded::Cache(cache) => tracing::info!(
+            pods = cache.pod_count(),
+            age_seconds = cache.age_secs(SystemTime::now()),
+            "state cache loaded; enforcing its verdicts until the API server answers"
+        ),
+        Loaded::Missing => {
+            tracing::info!(dir = %dir.display(), "no state cache yet; pods stay on the unknown-cgroup verdict until the API server answers");
+        }
+        Loaded::Unusable(e) => {
+            tracing::warn!(error = %e, "state cache ignored; pods stay on the unknown-cgroup verdict until the API server answers");
+        }
+    }
+    loaded
 }
 
 /// Pod cgroup directories appearing and going, plus the periodic rescan.

@@ -15,10 +15,11 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{
+    cache::{CacheWriter, Contents},
     context::Context,
     index::{pod_uid_of, Desired, PodIndex},
     runtime_classify::{RuntimeAnswer, RuntimeLookups, NEW_CGROUP_WAIT},
-    state_file::{unix_secs, StateFile, StateFileWriter},
+    state_file::{unix_secs, EnforcingFrom, StateFile, StateFileWriter},
 };
 use crate::{
     cgroups::{pod::DiscoveredPod, watch::CgroupEvent},
@@ -52,6 +53,8 @@ pub struct Reconciler {
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
     pub state_file: StateFileWriter,
+    /// The state cache, written from API-synced reconciles only.
+    pub cache: CacheWriter,
     /// Container runtime lookups for pod cgroups the API does not know.
     pub runtime: RuntimeLookups,
 }
@@ -68,15 +71,11 @@ impl Reconciler {
     pub async fn run(
         mut self,
         mut cgroup_events: mpsc::Receiver<CgroupEvent>,
+        mut runtime_answers: mpsc::Receiver<RuntimeAnswer>,
         hangup: &mut Hangup,
         termination: &mut Termination,
     ) -> BaselineHandle {
         let changed = self.ctx.view.changed();
-        // Without a receiver (taken already) the branch below simply never fires.
-        let mut runtime_answers = self
-            .runtime
-            .take_answers()
-            .unwrap_or_else(|| mpsc::channel(1).1);
         let mut last_reconcile = Instant::now();
         let mut dirty = false;
         loop {
@@ -133,6 +132,12 @@ impl Reconciler {
         *self.ctx.owners.write().expect("owners lock") = owners;
         *self.ctx.gauges.lock().expect("gauges lock") = gauges;
         *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
+        if self.cache.due() {
+            let view = &self.ctx.view;
+            let cached =
+                Contents::from_api(&view.namespaces(), &view.pods(), &view.cgroup_uids(), &rows);
+            self.cache.offer(cached);
+        }
         self.write_state(rows);
     }
 
@@ -187,6 +192,8 @@ impl Reconciler {
             namespaces: self.ctx.namespace_states.snapshot(),
             pods: rows,
             counter_classes: self.index.classes.snapshot(),
+            enforcing_from: EnforcingFrom::Api,
+            cache: self.cache.report(),
         });
     }
 
@@ -223,7 +230,7 @@ impl Reconciler {
 
     /// A pod cgroup (or the first container directory in one: the runtime lists a sandbox
     /// only once it runs) the API does not know: ask the runtime, off the loop.
-    fn ask_runtime(&mut self, path: &Path) {
+    pub(super) fn ask_runtime(&mut self, path: &Path) {
         let pod_dir = match pod_uid_of(path) {
             Some(_) => path,
             None => match path.parent() {
@@ -259,7 +266,7 @@ impl Reconciler {
     }
 
     /// What the runtime answered: entries for the pods the API still does not know.
-    fn on_runtime_answer(&mut self, answer: RuntimeAnswer) {
+    pub(super) fn on_runtime_answer(&mut self, answer: RuntimeAnswer) {
         match answer {
             RuntimeAnswer::Pod { uid, path, found } => {
                 self.runtime.done(&uid);
@@ -289,7 +296,7 @@ impl Reconciler {
     /// SIGHUP: read the config again (`runtime` settings are read at start only) and apply it, the datapath first. A config that does
     /// not load, or that the kernel side refuses (e.g. `denyRawSockets` without the BPF
     /// LSM), is rejected as a whole and the previous one stays in force.
-    fn reload(&mut self) {
+    pub(super) fn reload(&mut self) {
         let config = match self.config_source.load() {
             Ok(config) => config,
             Err(e) => {

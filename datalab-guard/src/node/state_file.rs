@@ -1,7 +1,13 @@
 //! The node agent's state file: what `status` shows beyond the pins (per environment
 //! namespace: NetworkPolicy, Pod Security, CNI enforcement; per pod: verdict, reason,
-//! audited attempts; the counter classes' namespaces). The agent writes it after every
-//! reconcile; `status` reads it with the same types.
+//! audited attempts; the counter classes' namespaces; where the verdicts come from: the
+//! API server or, before the first full sync, the state cache). The agent writes it after
+//! every reconcile, and every few seconds before its first sync; `status` reads it with the
+//! same types.
+//!
+//! It stays in `/run` (a tmpfs, emptied by a reboot) rather than in the state directory:
+//! it describes this boot's enforcement, and `status` must not present what a previous boot
+//! enforced as current.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +19,7 @@ use std::{
 use datalab_guard_common::Verdict;
 use serde::{Deserialize, Serialize};
 
+use super::cache::CacheReport;
 use crate::baseline_state::NamespaceStatus;
 
 /// Where the agent writes it and `status` reads it.
@@ -36,6 +43,25 @@ pub struct StateFile {
     pub pods: Vec<PodRow>,
     /// Counter class → namespace: which in-kernel counters are whose.
     pub counter_classes: BTreeMap<u32, String>,
+    /// Where the verdicts in force come from (absent in files of older agents, which wrote
+    /// only after a sync: `api`).
+    #[serde(default)]
+    pub enforcing_from: EnforcingFrom,
+    /// The state cache: where, when it was written, why it was ignored.
+    #[serde(default)]
+    pub cache: CacheReport,
+}
+
+/// Where the verdicts in force come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcingFrom {
+    /// The first full list of namespaces and pods arrived; the API is the authority.
+    #[default]
+    Api,
+    /// Not synced with the API server yet: the state cache (and the unknown-cgroup verdict
+    /// for everything it does not know).
+    Cache,
 }
 
 /// One pod on this node.
@@ -80,8 +106,7 @@ impl StateFile {
 }
 
 pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Writes the file atomically (write, then rename) and logs failures at warn, once per
@@ -153,6 +178,12 @@ mod tests {
                 audited_attempts: 3,
             }],
             counter_classes: BTreeMap::from([(1, "tenant-a".to_owned())]),
+            enforcing_from: EnforcingFrom::Cache,
+            cache: CacheReport {
+                dir: Some("/var/lib/datalab-guard".into()),
+                loaded_written_unix: Some(1_699_999_990),
+                ..CacheReport::default()
+            },
         }
     }
 
@@ -174,6 +205,19 @@ mod tests {
         assert_eq!(json["pods"][0]["cgroup_id"], 42);
         assert_eq!(json["counter_classes"]["1"], "tenant-a");
         assert_eq!(json["namespaces"]["tenant-a"]["cni"], "enforced");
+        assert_eq!(json["enforcing_from"], "cache");
+        assert_eq!(json["cache"]["loaded_written_unix"], 1_699_999_990);
+    }
+
+    #[test]
+    fn files_of_older_agents_read_as_api_synced() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("enforcing_from");
+        obj.remove("cache");
+        let state: StateFile = serde_json::from_value(json).unwrap();
+        assert_eq!(state.enforcing_from, EnforcingFrom::Api);
+        assert_eq!(state.cache, CacheReport::default());
     }
 
     #[test]
