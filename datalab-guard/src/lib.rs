@@ -19,7 +19,7 @@
 //!
 //! Beside the flow: `blocklist` (CIDRs and presets), `config` (the node config file),
 //! `baseline_state` (each environment namespace's NetworkPolicy / Pod Security / CNI state,
-//! shared by `k8s::provision`, `probe` (the CNI enforcement probe), the metrics and the state file), `runtime`
+//! shared by `controller::provision`, `probe` (the CNI enforcement probe), the metrics and the state file), `runtime`
 //! (tokio and signals), `input` (what counts as bad input).
 
 pub mod audit;
@@ -29,6 +29,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod commands;
 pub mod config;
+pub mod controller;
 pub mod cri;
 pub mod http;
 pub mod input;

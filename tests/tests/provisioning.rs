@@ -24,7 +24,7 @@ use std::{
 use datalab_guard::{
     baseline_state::{NamespaceStates, PolicyState},
     config::Config,
-    k8s::{
+    controller::{
         leader::{Elector, LeaseSettings},
         provision::{self, BaselineHandle},
     },

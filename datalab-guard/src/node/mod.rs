@@ -113,7 +113,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     *ctx.session.lock().expect("session lock") = Some(session);
     tasks.wait.push(audit);
     tasks.abort.extend(pod_events);
-    let baseline = k8s::provision::spawn(
+    let baseline = crate::controller::provision::spawn(
         client,
         &plan.config,
         &plan.node,

@@ -21,7 +21,7 @@ use crate::{
     cgroups::watch::CgroupEvent,
     config::ConfigSource,
     http::HttpState,
-    k8s::provision::BaselineHandle,
+    controller::provision::BaselineHandle,
     probe::ProbeSettings,
     runtime::{Hangup, Termination},
 };

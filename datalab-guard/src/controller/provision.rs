@@ -58,12 +58,11 @@ use tokio::{
 
 pub use self::desired::{desired_policy, is_ours, observe, Observed, MANAGED_BY_LABEL};
 use super::{
-    client::MANAGER,
-    convert::namespace_info,
     leader::{self, Elector, LeaseSettings},
     psa,
 };
 use crate::{
+    k8s::{client::MANAGER, convert::namespace_info},
     baseline_state::{NamespaceStates, PolicyState, PsaState},
     config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
 };
@@ -804,7 +803,7 @@ fn policy_reference(p: &NetworkPolicy) -> ObjectReference {
 }
 
 /// A Warning Event on the namespace, in that namespace (see
-/// [`super::events::namespace_reference`]). Events are a courtesy: a failure is logged,
+/// [`crate::k8s::events::namespace_reference`]). Events are a courtesy: a failure is logged,
 /// never retried.
 async fn publish(
     recorder: &Recorder,
@@ -814,7 +813,7 @@ async fn publish(
     note: String,
     related: Option<ObjectReference>,
 ) {
-    let reference = super::events::namespace_object_reference(ns);
+    let reference = crate::k8s::events::namespace_object_reference(ns);
     // The API server caps notes at 1 kB.
     let mut note = note;
     if note.len() > 1000 {
