@@ -79,12 +79,24 @@ pub struct Snapshot {
 /// One API watch's health (see `k8s::informer::WatchStats`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchSample {
-    /// `namespaces` or `pods`.
+    /// `namespaces` or `pods` (node), `namespaces` or `networkpolicies` (controller).
     pub resource: &'static str,
     /// Since the watch last delivered an event or a bookmark (or completed a list).
     pub staleness_ms: u64,
     pub relists: u64,
     pub errors: u64,
+}
+
+impl WatchSample {
+    /// The sample of one watch's stats now.
+    pub fn of(resource: &'static str, stats: &crate::k8s::informer::WatchStats) -> WatchSample {
+        WatchSample {
+            resource,
+            staleness_ms: u64::try_from(stats.staleness().as_millis()).unwrap_or(u64::MAX),
+            relists: stats.relists(),
+            errors: stats.errors(),
+        }
+    }
 }
 
 /// One environment namespace's baseline state (`None`: not checked yet, no series). The
@@ -119,7 +131,8 @@ const HELP_UNKNOWN: &str = "cgroups under the attach root that the agent could n
     known pod; they get the default verdict.";
 const HELP_ENTRIES: &str = "Entries in the policy map (cgroup id to verdict).";
 const HELP_CAPACITY: &str = "Maximum number of entries of the policy map.";
-const HELP_POLICY_STATE: &str = "State of the allow-web-egress NetworkPolicy of each environment \
+pub(crate) const HELP_POLICY_STATE: &str =
+    "State of the allow-web-egress NetworkPolicy of each environment \
     namespace: 1 for the current state (ok, missing, drifted, repaired, or bypassed when another \
     policy reopens a blocked destination), 0 for the others.";
 const HELP_CNI: &str = "Whether the CNI enforces the namespace's NetworkPolicy, as probed from a \
@@ -133,7 +146,7 @@ const HELP_WATCH_RELISTS: &str = "Full lists of this resource after the first on
 const HELP_WATCH_ERRORS: &str = "Failed list and watch requests, ERROR events (410 included), \
     undecodable events and stalled streams of this resource's API watch. Enforcement is \
     unchanged while they fail.";
-const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
+pub(crate) const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
 
@@ -185,7 +198,7 @@ impl GuardCollector {
 }
 
 /// A state-set gauge family: one series per (namespace, state), 1 for the current state.
-fn encode_states<'a>(
+pub(crate) fn encode_states<'a>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -296,7 +309,10 @@ impl Collector for GuardCollector {
 }
 
 /// The watch health families, one series per resource; nothing without watches.
-fn encode_watches(encoder: &mut DescriptorEncoder, watches: &[WatchSample]) -> fmt::Result {
+pub(crate) fn encode_watches(
+    encoder: &mut DescriptorEncoder,
+    watches: &[WatchSample],
+) -> fmt::Result {
     if watches.is_empty() {
         return Ok(());
     }
@@ -356,7 +372,7 @@ fn encode_counters(
 
 /// Escapes a label value for the text format (backslash, double quote, newline);
 /// prometheus-client 0.23 writes label values verbatim.
-fn escape_label_value(value: &str) -> String {
+pub(crate) fn escape_label_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {

@@ -113,12 +113,6 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     *ctx.session.lock().expect("session lock") = Some(session);
     tasks.wait.push(audit);
     tasks.abort.extend(pod_events);
-    let baseline = crate::controller::provision::spawn(
-        client,
-        &plan.config,
-        &plan.node,
-        ctx.namespace_states.clone(),
-    );
     let (probe_settings, probe_settings_rx) = tokio::sync::watch::channel(
         ProbeSettings::from_config(&plan.config, &plan.config.blocklist()),
     );
@@ -137,17 +131,13 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         index,
         config_source: plan.config_source,
         own_pod_uid: plan.own_pod_uid,
-        baseline,
         probe_settings,
         state_file: StateFileWriter::new(plan.state_file),
     };
     reconciler.apply_and_publish(desired);
-    let baseline = reconciler
+    reconciler
         .run(cgroup_events, &mut hangup, &mut termination)
         .await;
-
-    // Stop cluster writes and release the Lease so a standby takes over at once.
-    baseline.shutdown().await;
     tracing::info!(
         "exiting; enforcement stays in place (pinned under {})",
         layout.root().display()

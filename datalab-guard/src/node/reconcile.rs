@@ -15,13 +15,12 @@ use tokio::sync::mpsc;
 use super::{
     context::Context,
     index::{Desired, PodIndex},
-    state_file::{unix_secs, StateFile, StateFileWriter},
+    state_file::{unix_secs, NodeNamespaceState, StateFile, StateFileWriter},
 };
 use crate::{
     cgroups::watch::CgroupEvent,
     config::ConfigSource,
     http::HttpState,
-    controller::provision::BaselineHandle,
     probe::ProbeSettings,
     runtime::{Hangup, Termination},
 };
@@ -43,8 +42,6 @@ pub struct Reconciler {
     pub config_source: ConfigSource,
     /// This agent's own pod (always exempt).
     pub own_pod_uid: Option<String>,
-    /// Cluster-wide baseline work (leader only); told about reloads.
-    pub baseline: BaselineHandle,
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
     pub state_file: StateFileWriter,
@@ -58,13 +55,13 @@ enum Wake {
 }
 
 impl Reconciler {
-    /// Runs until SIGTERM/SIGINT; returns the baseline handle to shut down.
+    /// Runs until SIGTERM/SIGINT.
     pub async fn run(
         mut self,
         mut cgroup_events: mpsc::Receiver<CgroupEvent>,
         hangup: &mut Hangup,
         termination: &mut Termination,
-    ) -> BaselineHandle {
+    ) {
         let changed = self.ctx.view.changed();
         let mut last_reconcile = Instant::now();
         let mut dirty = false;
@@ -87,7 +84,7 @@ impl Reconciler {
             };
             match wake {
                 Wake::Dirty => dirty = true,
-                Wake::Stop => return self.baseline,
+                Wake::Stop => return,
                 Wake::Reconcile => {
                     dirty = false;
                     last_reconcile = Instant::now();
@@ -149,8 +146,8 @@ impl Reconciler {
         }
     }
 
-    /// Drops namespaces that are no longer environments from the baseline states and writes
-    /// the state file with each pod's attempt count.
+    /// Drops namespaces that are no longer environments from the CNI probe's states and
+    /// writes the state file with each pod's attempt count.
     fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
         let namespaces = self.ctx.view.namespaces();
         let policy = &self.index.policy;
@@ -168,7 +165,13 @@ impl Reconciler {
         self.state_file.write(&StateFile {
             node: self.ctx.node.clone(),
             written_unix: unix_secs(std::time::SystemTime::now()),
-            namespaces: self.ctx.namespace_states.snapshot(),
+            namespaces: self
+                .ctx
+                .namespace_states
+                .snapshot()
+                .into_iter()
+                .map(|(ns, st)| (ns, NodeNamespaceState { cni: st.cni }))
+                .collect(),
             pods: rows,
             counter_classes: self.index.classes.snapshot(),
         });
@@ -211,7 +214,6 @@ impl Reconciler {
             }
         }
         self.index.policy = config.policy_config(self.own_pod_uid.clone());
-        self.baseline.reload(&config);
         self.probe_settings
             .send_replace(ProbeSettings::from_config(&config, &config.blocklist()));
         for warning in config.warnings() {

@@ -1,6 +1,7 @@
 //! The node agent's state file: what `status` shows beyond the pins (per environment
-//! namespace: NetworkPolicy, Pod Security, CNI enforcement; per pod: verdict, reason,
-//! audited attempts; the counter classes' namespaces). The agent writes it after every
+//! namespace: CNI enforcement as probed from this node; per pod: verdict, reason, audited
+//! attempts; the counter classes' namespaces). The NetworkPolicy and Pod Security state is
+//! the controller's (its metrics and logs), not the node's: nodes do not watch policies. The agent writes it after every
 //! reconcile; `status` reads it with the same types.
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
 use datalab_guard_common::Verdict;
 use serde::{Deserialize, Serialize};
 
-use crate::baseline_state::NamespaceStatus;
+use crate::baseline_state::CniState;
 
 /// Where the agent writes it and `status` reads it.
 pub const DEFAULT_STATE_FILE: &str = "/run/datalab-guard/state.json";
@@ -30,12 +31,19 @@ pub struct StateFile {
     pub node: String,
     /// When it was written (seconds since the epoch).
     pub written_unix: u64,
-    /// Environment namespaces' baseline state.
-    pub namespaces: BTreeMap<String, NamespaceStatus>,
+    /// Environment namespaces, as this node knows them.
+    pub namespaces: BTreeMap<String, NodeNamespaceState>,
     /// This node's pods, as of the write.
     pub pods: Vec<PodRow>,
     /// Counter class → namespace: which in-kernel counters are whose.
     pub counter_classes: BTreeMap<u32, String>,
+}
+
+/// What a node knows about one environment namespace: whether the CNI enforces its
+/// NetworkPolicy, as probed from a pod on this node (`None`: not probed yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeNamespaceState {
+    pub cni: Option<CniState>,
 }
 
 /// One pod on this node.
@@ -129,7 +137,6 @@ fn write_atomically(path: &Path, state: &StateFile) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::baseline_state::{CniState, PolicyState};
 
     fn sample() -> StateFile {
         StateFile {
@@ -137,10 +144,8 @@ mod tests {
             written_unix: 1_700_000_000,
             namespaces: BTreeMap::from([(
                 "tenant-a".to_owned(),
-                NamespaceStatus {
-                    policy: Some(PolicyState::Ok),
+                NodeNamespaceState {
                     cni: Some(CniState::Enforced),
-                    ..Default::default()
                 },
             )]),
             pods: vec![PodRow {
@@ -174,6 +179,8 @@ mod tests {
         assert_eq!(json["pods"][0]["cgroup_id"], 42);
         assert_eq!(json["counter_classes"]["1"], "tenant-a");
         assert_eq!(json["namespaces"]["tenant-a"]["cni"], "enforced");
+        // The node does not know the policy or Pod Security state (the controller does).
+        assert_eq!(json["namespaces"]["tenant-a"].as_object().unwrap().len(), 1);
     }
 
     #[test]
