@@ -43,7 +43,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let mut hangup = Hangup::new()?;
     let mut termination = Termination::new()?;
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
-    let client = k8s::connect(plan.kubeconfig.as_deref()).await?;
+    let client = k8s::connect(plan.kubeconfig.as_deref(), "controller").await?;
     for warning in plan.config.warnings() {
         tracing::warn!("{warning}");
     }

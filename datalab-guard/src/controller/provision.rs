@@ -117,13 +117,16 @@ struct Caches {
     policies: Store<NetworkPolicy>,
     namespace_stats: Arc<WatchStats>,
     policy_stats: Arc<WatchStats>,
+    /// `true` once both initial lists are complete. One task waits on the stores and sets it:
+    /// several waiters on one kube-runtime store's readiness were seen not all to wake.
+    synced: watch::Receiver<bool>,
 }
 
 impl Caches {
     /// Resolves once both initial lists are complete.
     async fn synced(&self) {
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.policies.wait_until_ready().await;
+        let mut synced = self.synced.clone();
+        let _ = synced.wait_for(|s| *s).await;
     }
 }
 
@@ -164,13 +167,20 @@ pub fn spawn(
 
     let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let (policies, np_writer) = reflector::store::<NetworkPolicy>();
+    let (synced_tx, synced) = watch::channel(false);
     let caches = Caches {
-        namespaces,
-        policies,
+        namespaces: namespaces.clone(),
+        policies: policies.clone(),
         namespace_stats: Arc::default(),
         policy_stats: Arc::default(),
+        synced,
     };
     let watchers = vec![
+        tokio::spawn(async move {
+            let _ = namespaces.wait_until_ready().await;
+            let _ = policies.wait_until_ready().await;
+            synced_tx.send_replace(true);
+        }),
         tokio::spawn(
             Informer::new(
                 "namespaces",

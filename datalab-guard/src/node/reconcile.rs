@@ -154,6 +154,16 @@ impl Reconciler {
         self.ctx
             .namespace_states
             .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+        // Every environment namespace, with the CNI state where this node has probed it.
+        let probed = self.ctx.namespace_states.snapshot();
+        let environments = namespaces
+            .values()
+            .filter(|n| policy.is_environment(n))
+            .map(|n| {
+                let cni = probed.get(&n.name).and_then(|st| st.cni);
+                (n.name.clone(), NodeNamespaceState { cni })
+            })
+            .collect();
         {
             let mut counts = self.ctx.attempts_by_pod.lock().expect("attempts lock");
             let live: HashSet<&str> = rows.iter().map(|r| r.uid.as_str()).collect();
@@ -165,13 +175,7 @@ impl Reconciler {
         self.state_file.write(&StateFile {
             node: self.ctx.node.clone(),
             written_unix: unix_secs(std::time::SystemTime::now()),
-            namespaces: self
-                .ctx
-                .namespace_states
-                .snapshot()
-                .into_iter()
-                .map(|(ns, st)| (ns, NodeNamespaceState { cni: st.cni }))
-                .collect(),
+            namespaces: environments,
             pods: rows,
             counter_classes: self.index.classes.snapshot(),
         });
