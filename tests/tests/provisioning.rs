@@ -1925,6 +1925,7 @@ fn controller_reload_rejects_a_bad_config_and_applies_a_good_one() {
         format!("{cfg}blocked:\n  cidrs: [100.100.100.200/32]\n"),
     )
     .unwrap();
+    // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     eventually_sync("good reload applied", Duration::from_secs(10), || {
         policy(&server, "tenant-a").is_some_and(|p| {

@@ -284,7 +284,7 @@ impl Elector {
         }
     }
 
-    /// `true` while this agent holds the lease. Leader duties must stop as soon as it turns
+    /// `true` while this replica holds the lease. Leader duties must stop as soon as it turns
     /// `false`.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.is_leader.clone()

@@ -71,10 +71,10 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         tracing::info!("namespaces and NetworkPolicies listed; ready");
     });
 
-    let mut config_source = plan.config_source;
+    let config_source = plan.config_source;
     loop {
         tokio::select! {
-            () = hangup.received() => reload(&mut config_source, &plan.config, &baseline),
+            () = hangup.received() => reload(&config_source, &plan.config, &baseline),
             () = termination.terminated() => break,
         }
     }
@@ -89,7 +89,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
 /// SIGHUP: read the config again; a config that does not load is rejected and the previous
 /// one stays in force. `leaderElection` is read once at start (a changed Lease would split
 /// the election): a change there is reported, not applied.
-fn reload(source: &mut ConfigSource, started_with: &Config, baseline: &provision::BaselineHandle) {
+fn reload(source: &ConfigSource, started_with: &Config, baseline: &provision::BaselineHandle) {
     let config = match source.load() {
         Ok(config) => config,
         Err(e) => {

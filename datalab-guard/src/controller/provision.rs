@@ -467,7 +467,10 @@ impl Reconciler {
         }
     }
 
-    #[expect(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one namespace's inputs, each used once; a struct would only rename them"
+    )]
     async fn reconcile_policy(
         &mut self,
         s: &Settings,

@@ -371,7 +371,7 @@ where
 
     fn desynced(&mut self, e: &Failure) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(what = self.what, error = %e, "resourceVersion expired; relisting now, enforcement unchanged");
+        tracing::info!(what = self.what, error = %e, "resourceVersion expired; relisting now, {}", self.note);
     }
 }
 
