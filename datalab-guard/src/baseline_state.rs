@@ -1,7 +1,7 @@
-//! What the agent knows about each environment namespace's baseline (its allow-web-egress
-//! NetworkPolicy, Pod Security labels, and whether the CNI enforces the policy), shared by
-//! the provisioning controller (leader), the CNI probe (every node), the metrics and
-//! `status`. Plain data: writers replace entries, readers snapshot. The state names here are
+//! What a process knows about each environment namespace's baseline: the controller fills
+//! the allow-web-egress NetworkPolicy and Pod Security fields (`networkpolicy_state`), a node
+//! agent's CNI probe the CNI enforcement field (`cni_enforcement`, the node's state file and
+//! `status`). Plain data: writers replace entries, readers snapshot. The state names here are
 //! the only spelling: the metrics' `state` labels and the state file both use them.
 
 use std::{

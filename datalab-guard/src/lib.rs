@@ -17,9 +17,11 @@
 //! metrics, http  counters and health; node::state_file and status: on-call view
 //! ```
 //!
-//! Beside the flow: `blocklist` (CIDRs and presets), `config` (the node config file),
+//! Beside the flow: `controller/` (the `controller` command: Lease election, provisioning of
+//! allow-web-egress, Pod Security, bypass detection; the only writer of cluster state),
+//! `blocklist` (CIDRs and presets), `config` (the config file of both commands),
 //! `baseline_state` (each environment namespace's NetworkPolicy / Pod Security / CNI state,
-//! shared by `k8s::provision`, `probe` (the CNI enforcement probe), the metrics and the state file), `runtime`
+//! shared by `controller::provision`, `probe` (the CNI enforcement probe), the metrics and the state file), `runtime`
 //! (tokio and signals), `input` (what counts as bad input).
 
 // Functions of at most ~120 lines (clippy.toml), checked by `cargo xtask lint`.
@@ -32,6 +34,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod commands;
 pub mod config;
+pub mod controller;
 pub mod cri;
 pub mod http;
 pub mod input;

@@ -6,7 +6,7 @@
 
 use clap::Parser as _;
 use datalab_guard::{
-    commands::{self, check, local, node, status, uninstall, Cli, Command},
+    commands::{self, check, controller, local, node, status, uninstall, Cli, Command},
     input,
 };
 
@@ -15,6 +15,7 @@ fn main() {
     commands::init_logging(shared.log_format);
     let result = match command {
         Command::Node(args) => node::run(&shared, &args),
+        Command::Controller(args) => controller::run(&shared, &args),
         Command::Local(args) => local::run(&shared, &args),
         Command::Status(args) => status::run(&shared, &args),
         Command::Check => check::run(&shared),

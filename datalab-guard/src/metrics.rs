@@ -95,12 +95,24 @@ pub struct RuntimeSample {
 /// One API watch's health (see `k8s::informer::WatchStats`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchSample {
-    /// `namespaces` or `pods`.
+    /// `namespaces` or `pods` (node), `namespaces` or `networkpolicies` (controller).
     pub resource: &'static str,
     /// Since the watch last delivered an event or a bookmark (or completed a list).
     pub staleness_ms: u64,
     pub relists: u64,
     pub errors: u64,
+}
+
+impl WatchSample {
+    /// The sample of one watch's stats now.
+    pub fn of(resource: &'static str, stats: &crate::k8s::informer::WatchStats) -> WatchSample {
+        WatchSample {
+            resource,
+            staleness_ms: u64::try_from(stats.staleness().as_millis()).unwrap_or(u64::MAX),
+            relists: stats.relists(),
+            errors: stats.errors(),
+        }
+    }
 }
 
 /// One environment namespace's baseline state (`None`: not checked yet, no series). The
@@ -135,7 +147,8 @@ const HELP_UNKNOWN: &str = "cgroups under the attach root that the agent could n
     known pod; they get the default verdict.";
 const HELP_ENTRIES: &str = "Entries in the policy map (cgroup id to verdict).";
 const HELP_CAPACITY: &str = "Maximum number of entries of the policy map.";
-const HELP_POLICY_STATE: &str = "State of the allow-web-egress NetworkPolicy of each environment \
+pub(crate) const HELP_POLICY_STATE: &str =
+    "State of the allow-web-egress NetworkPolicy of each environment \
     namespace: 1 for the current state (ok, missing, drifted, repaired, or bypassed when another \
     policy reopens a blocked destination), 0 for the others.";
 const HELP_CNI: &str = "Whether the CNI enforces the namespace's NetworkPolicy, as probed from a \
@@ -156,7 +169,7 @@ const HELP_RUNTIME_ERRORS: &str = "Failed container runtime (CRI) lookups, by ki
     A pod the agent could not classify keeps the default verdict (guard).";
 const HELP_RUNTIME_PODS: &str = "Pods whose verdict comes from the container runtime because \
     the API server does not know them (yet).";
-const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
+pub(crate) const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
 
@@ -208,7 +221,7 @@ impl GuardCollector {
 }
 
 /// A state-set gauge family: one series per (namespace, state), 1 for the current state.
-fn encode_states<'a>(
+pub(crate) fn encode_states<'a>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -322,7 +335,10 @@ impl Collector for GuardCollector {
 }
 
 /// The watch health families, one series per resource; nothing without watches.
-fn encode_watches(encoder: &mut DescriptorEncoder<'_>, watches: &[WatchSample]) -> fmt::Result {
+pub(crate) fn encode_watches(
+    encoder: &mut DescriptorEncoder<'_>,
+    watches: &[WatchSample],
+) -> fmt::Result {
     if watches.is_empty() {
         return Ok(());
     }
@@ -353,7 +369,7 @@ fn encode_watches(encoder: &mut DescriptorEncoder<'_>, watches: &[WatchSample]) 
 }
 
 /// The runtime lookup families.
-fn encode_runtime(encoder: &mut DescriptorEncoder, r: &RuntimeSample) -> fmt::Result {
+fn encode_runtime(encoder: &mut DescriptorEncoder<'_>, r: &RuntimeSample) -> fmt::Result {
     for (name, help, value) in [
         ("runtime_up", HELP_RUNTIME_UP, u64::from(r.up)),
         ("runtime_classified_pods", HELP_RUNTIME_PODS, r.pods),
@@ -403,7 +419,7 @@ fn encode_counters(
 
 /// Escapes a label value for the text format (backslash, double quote, newline);
 /// prometheus-client 0.23 writes label values verbatim.
-fn escape_label_value(value: &str) -> String {
+pub(crate) fn escape_label_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {

@@ -78,7 +78,8 @@ kind load docker-image "$IMAGE" --name "$CLUSTER"
 say "kubectl apply -k deploy/"
 kubectl apply -k deploy/
 kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=300s
-AGENT=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard \
+kubectl -n datalab-guard rollout status deploy/datalab-guard-controller --timeout=300s
+AGENT=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard,app.kubernetes.io/component=node-agent \
     --field-selector "spec.nodeName=$WORKER" -o jsonpath='{.items[0].metadata.name}')
 echo "agent on $WORKER: $AGENT"
 
@@ -181,13 +182,15 @@ if [[ $out == *"Operation not permitted"* ]]; then pass "tenant still refused wh
 else fail "tenant not refused during the agent restart: $out"; fi
 kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=180s
 
-say "leader: NetworkPolicy provisioned; every node: CNI probe (probe.interval is 5m: up to 7 min)"
+say "controller (leader): NetworkPolicy provisioned; every node: CNI probe (probe.interval is 5m: up to 7 min)"
+# poll SECONDS COMMAND...: true once COMMAND succeeds within SECONDS.
+poll() { local end=$((SECONDS + $1)); shift; until "$@"; do [ $SECONDS -lt "$end" ] || return 1; sleep 5; done; }
 if poll 120 kubectl -n "$TENANT_NS" get networkpolicy allow-web-egress -o name >/dev/null 2>&1; then
     pass "NetworkPolicy allow-web-egress provisioned in $TENANT_NS"
 else fail "no NetworkPolicy allow-web-egress in $TENANT_NS after 2 minutes"; fi
 probe_enforced() {
     local agent
-    agent=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard \
+    agent=$(kubectl -n datalab-guard get pods -l app.kubernetes.io/name=datalab-guard,app.kubernetes.io/component=node-agent \
         --field-selector "spec.nodeName=$WORKER" -o jsonpath='{.items[0].metadata.name}')
     kubectl get --raw "/api/v1/namespaces/datalab-guard/pods/$agent:9090/proxy/metrics" 2>/dev/null |
         grep -q "^datalab_guard_cni_enforcement{namespace=\"$TENANT_NS\",state=\"enforced\"} 1"

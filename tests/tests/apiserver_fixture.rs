@@ -1665,3 +1665,89 @@ async fn stalled_watches_go_silent_without_ending() {
     )
     .await;
 }
+
+/// Metadata-only list and watch, as both datalab-guard processes read namespaces: the list
+/// is a `PartialObjectMetadataList` and every watch event a `PartialObjectMetadata`, with the
+/// labels and none of spec or status, like the real API server answers
+/// `Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`.
+#[tokio::test]
+async fn metadata_only_list_and_watch() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("env-a", &[("datalab.io/environment", "true")]);
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client(&server).await);
+    let list = api.list(&ListParams::default()).await.unwrap();
+    let a = list
+        .items
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some("env-a"))
+        .expect("env-a listed");
+    assert_eq!(
+        a.metadata.labels.as_ref().unwrap()["datalab.io/environment"],
+        "true"
+    );
+    let list_request = server
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.verb == "list")
+        .unwrap();
+    assert!(list_request.metadata_only(), "{:?}", list_request.accept);
+
+    let rv = list.metadata.resource_version.clone().unwrap();
+    let mut events = api
+        .watch(&WatchParams::default().timeout(10), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    server.set_namespace_labels("env-a", &[("datalab.io/environment", "false")]);
+    let event = tokio::time::timeout(WAIT, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("an event");
+    let WatchEvent::Modified(obj) = event else {
+        panic!("expected MODIFIED, got {event:?}");
+    };
+    assert_eq!(
+        obj.metadata.labels.as_ref().unwrap()["datalab.io/environment"],
+        "false"
+    );
+    let watch_request = server
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.is_watch())
+        .unwrap();
+    assert!(watch_request.metadata_only(), "{:?}", watch_request.accept);
+
+    // On the wire: the list and watch objects carry the meta.k8s.io kinds and no spec/status.
+    let raw = http_get_with_accept(
+        &server,
+        "/api/v1/namespaces",
+        "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+    );
+    assert_eq!(raw["kind"], "PartialObjectMetadataList");
+    assert_eq!(raw["apiVersion"], "meta.k8s.io/v1");
+    for item in raw["items"].as_array().unwrap() {
+        assert!(
+            item.get("spec").is_none() && item.get("status").is_none(),
+            "{item}"
+        );
+        assert_eq!(item["kind"], "PartialObjectMetadata");
+    }
+}
+
+/// One GET with an Accept header over a fresh connection; the JSON body.
+fn http_get_with_accept(server: &FakeApiServer, path: &str, accept: &str) -> Value {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: fixture\r\nAccept: {accept}\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token()
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (_, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use datalab_guard_tests::{
-    apiserver::PodBuilder,
+    apiserver::{node_agent_violations, PodBuilder},
     fake_node::{
         cgroup_id, container_id, eventually, metric, uid, FakeNode as Node, ENV_LABEL, IMDS4, NODE,
     },
@@ -164,9 +164,10 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     });
     eprintln!("relabel in -> blocked after {took:?}");
 
-    // `status` shows the environments' baseline as the agent last saw it.
+    // `status` shows the environments as the agent last saw them: a node knows the CNI
+    // probe's state, not the NetworkPolicy or Pod Security state (the controller's).
     eventually(
-        "status lists tenant-a with its NetworkPolicy state",
+        "status lists tenant-a (CNI state only)",
         Duration::from_secs(10),
         || {
             let out = Agent::run(&[
@@ -185,7 +186,10 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
                 .cloned()
                 .unwrap_or_default();
             let a = pods.iter().find(|p| p["pod"] == "notebook-a");
-            !report["environments"]["namespaces"]["tenant-a"]["policy"].is_null()
+            let tenant_a = &report["environments"]["namespaces"]["tenant-a"];
+            tenant_a.is_object()
+                && tenant_a.get("policy").is_none()
+                && tenant_a.get("psa").is_none()
                 && a.is_some_and(|a| {
                     a["verdict"] == "guard" && a["audited_attempts"].as_u64() >= Some(1)
                 })
@@ -253,6 +257,25 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         Duration::from_secs(3),
         || !node.policy_ids().contains(&b_id),
     );
+
+    // Read-only on cluster state: after all of the above (Events included), the agent wrote
+    // nothing but Events (and its own Node's taint), never touched Leases or policies, and
+    // read namespaces as metadata only.
+    let requests = node.api.requests();
+    let ours: Vec<_> = requests.iter().filter(|r| r.sent_by("node")).collect();
+    assert!(
+        ours.iter()
+            .any(|r| r.resource.as_deref() == Some("events") && r.is_write()),
+        "the agent's requests are not recognised (User-Agent?): {:?}",
+        requests.first()
+    );
+    assert!(
+        ours.iter()
+            .any(|r| r.resource.as_deref() == Some("namespaces") && r.metadata_only()),
+        "namespaces read as metadata"
+    );
+    let violations = node_agent_violations(&requests, NODE);
+    assert!(violations.is_empty(), "node agent requests: {violations:#?}");
 }
 
 #[test]

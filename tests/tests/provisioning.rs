@@ -3,17 +3,18 @@
 //! reporting — against the API server fixture.
 //!
 //! Two layers:
-//! - in-process (no root): `datalab_guard::k8s::{leader, provision}` driven directly, each
-//!   "agent" with its own kube client; most behaviour is checked here;
-//! - the real binary (root, like `node_mode.rs`): two or more `datalab-guard node` processes
-//!   with their own bpffs directories and fake kubelet cgroup trees against one fixture —
-//!   only one writes, `kill -9` of the leader hands over within the lease, SIGTERM hands over
-//!   at once.
+//! - in-process (no root): `datalab_guard::controller::{leader, provision}` driven directly,
+//!   each "replica" with its own kube client; most behaviour is checked here;
+//! - the real binary: two or three `datalab-guard controller` processes against one fixture
+//!   (no root: a controller touches nothing in the kernel) — only one writes, `kill -9` of the
+//!   leader hands over within the lease, SIGTERM hands over at once, clock skew neither
+//!   steals nor loses the Lease; a controller waits for an unreachable API server; bad input
+//!   exits 2; and (root) a node agent beside them writes nothing but Events.
 //!
 //! Who wrote what: the fixture does not authenticate, but it rejects a wrong bearer token and
-//! accepts none, so one agent gets the fixture's kubeconfig (token) and the other a copy
+//! accepts none, so one controller gets the fixture's kubeconfig (token) and the other a copy
 //! without credentials; the request log's `bearer_token` then says which of the two sent
-//! each request.
+//! each request. Node agents and controllers also differ in their `User-Agent`.
 
 use std::{
     net::SocketAddr,
@@ -24,14 +25,15 @@ use std::{
 use datalab_guard::{
     baseline_state::{NamespaceStates, PolicyState},
     config::Config,
-    k8s::{
+    controller::{
         leader::{Elector, LeaseSettings},
         provision::{self, BaselineHandle},
     },
 };
 use datalab_guard_tests::{
-    apiserver::{Kind, RequestLog},
-    free_loopback_addr, require_root, Agent, BpffsDir, FakeApiServer, TestCgroup,
+    apiserver::{node_agent_violations, Kind, RequestLog},
+    free_loopback_addr, http_get, require_root, Agent, BpffsDir, FakeApiServer, PodBuilder,
+    TestCgroup,
 };
 use k8s_openapi::{
     api::networking::v1::NetworkPolicy,
@@ -60,7 +62,7 @@ const RETRY_PERIOD: Duration = Duration::from_millis(500);
 /// to one jittered look — at most 2.2 × retryPeriod — after it was written, and wakes at most
 /// 0.2 × retryPeriod after that expiry), plus a margin for the requests.
 const TAKEOVER_WITHIN: Duration = Duration::from_millis(3_000 + 1_200 + 400);
-/// Appended to every config a test agent runs with (see `BinNode::start`).
+/// Appended to the config of a node agent (see `node_agents_beside_controllers_only_read`).
 const NO_PROBE: &str = "probe:\n  enabled: false\n";
 
 const LEADER_ELECTION: &str = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 3s\n  renewDeadline: 2s\n  retryPeriod: 500ms\n";
@@ -176,7 +178,7 @@ fn events_by(server: &FakeApiServer, reason: &str, instance: &str) -> usize {
 }
 
 fn is_write(r: &RequestLog) -> bool {
-    matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+    r.is_write()
 }
 
 fn lease_holder(server: &FakeApiServer) -> Option<String> {
@@ -1080,16 +1082,14 @@ async fn only_the_leader_writes_and_standbys_still_know_the_state() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The real binary: several `datalab-guard node` processes against one fixture.
+// The real binary: several `datalab-guard controller` processes against one fixture (no
+// root needed: a controller touches nothing in the kernel), and node agents beside them.
 
-/// One node: its own fake kubelet cgroup tree, bpffs directory, metrics port and agent.
-struct BinNode {
+/// One controller replica: its identity, metrics port and process.
+struct BinController {
     name: String,
     agent: Option<Agent>,
     metrics: SocketAddr,
-    bpffs: BpffsDir,
-    _cgroup: TestCgroup,
-    root: PathBuf,
 }
 
 /// How to run one candidate process.
@@ -1136,69 +1136,85 @@ fn faketime_lib() -> PathBuf {
         })
 }
 
-/// The command line of the process under test: today the node agent runs the leader
-/// election. When the `controller` command takes it over, this is the one place to change
-/// (its flags are a subset: --kubeconfig, --config, --metrics-addr).
-fn candidate_args(node: &BinNode, kubeconfig: &Path, config: &Path) -> Vec<String> {
+/// The command line of a candidate: `datalab-guard controller` (flags: --identity,
+/// --kubeconfig, --config, --metrics-addr).
+fn candidate_args(c: &BinController, kubeconfig: &Path, config: &Path) -> Vec<String> {
     vec![
-        "node".to_owned(),
-        "--node-name".into(),
-        node.name.clone(),
+        "controller".to_owned(),
+        "--identity".into(),
+        c.name.clone(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
         "--config".into(),
         config.display().to_string(),
-        "--cgroup-root".into(),
-        node.root.display().to_string(),
-        "--bpffs".into(),
-        node.bpffs.path().join("guard").display().to_string(),
         "--metrics-addr".into(),
-        node.metrics.to_string(),
+        c.metrics.to_string(),
     ]
 }
 
-impl BinNode {
+/// Writes the kubeconfig (with or without the token) and config of `name` into `dir`.
+fn write_inputs(
+    server: &FakeApiServer,
+    dir: &Path,
+    name: &str,
+    token: bool,
+    config_yaml: &str,
+) -> (PathBuf, PathBuf) {
+    let kubeconfig = dir.join(format!("kubeconfig-{name}"));
+    std::fs::write(
+        &kubeconfig,
+        if token {
+            server.kubeconfig_yaml()
+        } else {
+            tokenless_kubeconfig(server)
+        },
+    )
+    .unwrap();
+    let config = dir.join(format!("config-{name}.yaml"));
+    std::fs::write(&config, config_yaml).unwrap();
+    (kubeconfig, config)
+}
+
+impl BinController {
     fn start(
         server: &FakeApiServer,
         dir: &Path,
         name: &str,
         token: bool,
         config_yaml: &str,
-    ) -> BinNode {
-        BinNode::launch(server, dir, &Launch::new(name, token), config_yaml)
+    ) -> BinController {
+        BinController::launch(server, dir, &Launch::new(name, token), config_yaml)
     }
 
-    fn launch(server: &FakeApiServer, dir: &Path, how: &Launch<'_>, config_yaml: &str) -> BinNode {
-        let name = how.name;
-        let cgroup = TestCgroup::new().expect("cgroup");
-        let root = cgroup.path().join("kubepods.slice");
-        for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
-            std::fs::create_dir_all(root.join(qos)).expect("qos slice");
-        }
-        let kubeconfig = dir.join(format!("kubeconfig-{name}"));
-        std::fs::write(
-            &kubeconfig,
-            if how.token {
-                server.kubeconfig_yaml()
-            } else {
-                tokenless_kubeconfig(server)
-            },
-        )
-        .unwrap();
-        let config = dir.join(format!("config-{name}.yaml"));
-        // The CNI probe would connect to the metadata address from the agent's own network
-        // namespace — here the machine's. Tests never send anything there: probe off (the
-        // probe is tested in network namespaces of its own, tests/tests/cni_probe.rs).
-        std::fs::write(&config, format!("{config_yaml}{NO_PROBE}")).unwrap();
-        let mut node = BinNode {
-            name: name.to_owned(),
+    /// Starts the process and waits for `/readyz` (caches synced: leader or not).
+    fn launch(
+        server: &FakeApiServer,
+        dir: &Path,
+        how: &Launch<'_>,
+        config_yaml: &str,
+    ) -> BinController {
+        let mut c = BinController::spawn(server, dir, how, config_yaml);
+        let metrics = c.metrics;
+        c.agent()
+            .wait_ready(metrics, Duration::from_secs(30))
+            .expect("controller ready");
+        c
+    }
+
+    /// Starts the process without waiting for it.
+    fn spawn(
+        server: &FakeApiServer,
+        dir: &Path,
+        how: &Launch<'_>,
+        config_yaml: &str,
+    ) -> BinController {
+        let (kubeconfig, config) = write_inputs(server, dir, how.name, how.token, config_yaml);
+        let mut c = BinController {
+            name: how.name.to_owned(),
             agent: None,
             metrics: free_loopback_addr().unwrap(),
-            bpffs: BpffsDir::new().expect("bpffs"),
-            _cgroup: cgroup,
-            root,
         };
-        let args = candidate_args(&node, &kubeconfig, &config);
+        let args = candidate_args(&c, &kubeconfig, &config);
         let preload = how.skew.map(|_| faketime_lib().display().to_string());
         let mut env = vec![("POD_NAME", ""), ("POD_NAMESPACE", "")];
         if let (Some(offset), Some(lib)) = (how.skew, preload.as_deref()) {
@@ -1208,13 +1224,11 @@ impl BinNode {
                 ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
             ]);
         }
-        let mut agent = Agent::spawn_with(&Agent::bin().expect("agent binary"), &args, &env)
-            .expect("spawn agent");
-        agent
-            .wait_ready(node.metrics, Duration::from_secs(30))
-            .expect("agent ready");
-        node.agent = Some(agent);
-        node
+        c.agent = Some(
+            Agent::spawn_with(&Agent::bin().expect("agent binary"), &args, &env)
+                .expect("spawn controller"),
+        );
+        c
     }
 
     /// How far the process's wall clock is from ours, read from the timestamp of its first
@@ -1236,9 +1250,33 @@ impl BinNode {
             .as_ref()
             .is_some_and(|a| a.stderr_lines().iter().any(|l| l.contains(needle)))
     }
+
+    fn log_count(&self, needle: &str) -> usize {
+        self.agent.as_ref().map_or(0, |a| {
+            a.stderr_lines()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count()
+        })
+    }
+
+    /// `datalab_guard_leader{identity="<name>"}` as scraped now.
+    fn leader_gauge(&self) -> Option<f64> {
+        let text = self.agent.as_ref()?.metrics(self.metrics).ok()?;
+        let prefix = format!("datalab_guard_leader{{identity=\"{}\"}} ", self.name);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn readyz(&self) -> Option<u16> {
+        http_get(self.metrics, "/readyz", Duration::from_millis(500))
+            .ok()
+            .map(|r| r.status)
+    }
 }
 
-impl Drop for BinNode {
+impl Drop for BinController {
     fn drop(&mut self) {
         if std::thread::panicking() {
             if let Some(a) = &self.agent {
@@ -1252,7 +1290,6 @@ impl Drop for BinNode {
                 );
             }
         }
-        // The agent goes first (its cgroup and pins are removed after it).
         self.agent.take();
     }
 }
@@ -1294,7 +1331,7 @@ impl Drop for TempDir {
 }
 
 fn bin_config(extra: &str) -> String {
-    format!("{LEADER_ELECTION}rescanInterval: 1s\nnetworkPolicy:\n  dualStack: false\n{extra}")
+    format!("{LEADER_ELECTION}networkPolicy:\n  dualStack: false\n{extra}")
 }
 
 fn sync_client(server: &FakeApiServer) -> (tokio::runtime::Runtime, Client) {
@@ -1307,21 +1344,23 @@ fn sync_client(server: &FakeApiServer) -> (tokio::runtime::Runtime, Client) {
 }
 
 #[test]
-fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
-    if !require_root() {
-        return;
-    }
+fn controllers_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("kill");
     let cfg = bin_config("");
-    // node-1 starts first and takes the Lease; node-2 has no credentials (see module docs).
-    let mut n1 = BinNode::start(&server, &dir.0, "node-1", true, &cfg);
-    eventually_sync("node-1 leads", Duration::from_secs(10), || {
-        lease_holder(&server).as_deref() == Some("node-1")
+    // ctl-1 starts first and takes the Lease; ctl-2 has no credentials (see module docs).
+    let mut c1 = BinController::start(&server, &dir.0, "ctl-1", true, &cfg);
+    eventually_sync("ctl-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("ctl-1")
     });
-    let mut n2 = BinNode::start(&server, &dir.0, "node-2", false, &cfg);
+    let mut c2 = BinController::start(&server, &dir.0, "ctl-2", false, &cfg);
     let (rt, kubectl) = sync_client(&server);
+    // Both are ready (caches synced); leadership shows in the gauge, not in readiness.
+    assert_eq!((c1.readyz(), c2.readyz()), (Some(200), Some(200)));
+    eventually_sync("leader gauges", Duration::from_secs(5), || {
+        c1.leader_gauge() == Some(1.0) && c2.leader_gauge() == Some(0.0)
+    });
 
     // Provisioning when a namespace becomes an environment.
     eventually_sync("provisioned in tenant-a", Duration::from_secs(10), || {
@@ -1370,7 +1409,7 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 2
     });
     assert!(
-        n1.log_has("NetworkPolicy repaired"),
+        c1.log_has("NetworkPolicy repaired"),
         "a log line for each repair"
     );
     assert_eq!(
@@ -1386,28 +1425,25 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         policy(&server, "tenant-b").is_none()
     });
 
-    // Only the leader wrote: node-2 (no token) sent no write at all — no policy, namespace,
-    // Event or Lease write — while node-1's lease was valid.
+    // Only the leader wrote: ctl-2 (no token) sent no write at all — no policy, namespace,
+    // Event or Lease write — while ctl-1's lease was valid.
     let requests = server.requests();
     let standby_writes: Vec<_> = requests
         .iter()
         .filter(|r| r.bearer_token.is_none() && is_write(r))
         .collect();
-    assert!(
-        standby_writes.is_empty(),
-        "node-2 wrote: {standby_writes:?}"
-    );
+    assert!(standby_writes.is_empty(), "ctl-2 wrote: {standby_writes:?}");
     assert!(
         requests.iter().any(|r| r.bearer_token.is_none()
             && r.resource.as_deref() == Some("networkpolicies")
             && r.is_watch()),
-        "node-2 watches the policies too"
+        "ctl-2 watches the policies too"
     );
     assert!(
         requests.iter().any(|r| r.bearer_token.is_none()
             && r.resource.as_deref() == Some("leases")
             && r.verb == "get"),
-        "node-2 stands by on the Lease"
+        "ctl-2 stands by on the Lease"
     );
     let leader_np_writes = requests
         .iter()
@@ -1419,33 +1455,34 @@ fn agents_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         .count();
     assert!(
         leader_np_writes >= 4,
-        "node-1 provisioned, repaired and removed: {leader_np_writes} writes"
+        "ctl-1 provisioned, repaired and removed: {leader_np_writes} writes"
     );
 
-    // kill -9 the leader: node-2 takes over within TAKEOVER_WITHIN, then repairs.
-    n1.agent().kill9().unwrap();
+    // kill -9 the leader: ctl-2 takes over within TAKEOVER_WITHIN, then repairs.
+    c1.agent().kill9().unwrap();
     let t0 = Instant::now();
-    let took = eventually_sync("node-2 takes over", Duration::from_secs(8), || {
-        lease_holder(&server).as_deref() == Some("node-2")
+    let took = eventually_sync("ctl-2 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("ctl-2")
     });
-    eprintln!("leader killed -> node-2 holds the lease after {took:?}");
+    eprintln!("leader killed -> ctl-2 holds the lease after {took:?}");
     assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
     // The log line follows the Lease write; give the pipe a moment.
     eventually_sync("the transition is logged", Duration::from_secs(3), || {
-        n2.log_has("became the leader")
+        c2.log_has("became the leader")
     });
     server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
-    let repaired = eventually_sync("node-2 repairs", Duration::from_secs(5), || {
+    let repaired = eventually_sync("ctl-2 repairs", Duration::from_secs(5), || {
         policy(&server, "tenant-a").is_some()
     });
     eprintln!(
         "repaired by the new leader {repaired:?} after the delete ({:?} after the kill)",
         t0.elapsed()
     );
-    eventually_sync("reported by node-2", Duration::from_secs(5), || {
-        events_by(&server, "NetworkPolicyRepaired", "node-2") >= 1
+    eventually_sync("reported by ctl-2", Duration::from_secs(5), || {
+        events_by(&server, "NetworkPolicyRepaired", "ctl-2") >= 1
     });
-    assert!(n2.agent().try_status().is_none(), "node-2 still running");
+    assert!(c2.agent().try_status().is_none(), "ctl-2 still running");
+    assert_eq!(c2.leader_gauge(), Some(1.0));
 }
 
 /// Watches the Lease for `how_long`: it must stay with `holder` after `transitions`
@@ -1512,9 +1549,6 @@ fn minutes_between(offset: SignedDuration, low: i64, high: i64) -> bool {
 /// standby does not steal it, and each still takes over a dead leader's lease in time.
 #[test]
 fn skewed_clocks_neither_steal_nor_lose_the_lease() {
-    if !require_root() {
-        return;
-    }
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("skew");
@@ -1523,101 +1557,98 @@ fn skewed_clocks_neither_steal_nor_lose_the_lease() {
 
     // A leader whose clock is 10 minutes behind: the renewTime it writes looks long expired
     // to everyone else.
-    let mut n1 = BinNode::launch(
+    let mut c1 = BinController::launch(
         &server,
         &dir.0,
-        &Launch::new("node-1", true).skewed("-10m"),
+        &Launch::new("ctl-1", true).skewed("-10m"),
         &cfg,
     );
-    eventually_sync("node-1 leads", Duration::from_secs(10), || {
-        lease_holder(&server).as_deref() == Some("node-1")
+    eventually_sync("ctl-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("ctl-1")
     });
     let behind = lease_renew_time(&server).duration_since(Timestamp::now());
     assert!(
         minutes_between(behind, -11, -9),
-        "node-1's renewTime is {behind:?} from now: is libfaketime in effect?"
+        "ctl-1's renewTime is {behind:?} from now: is libfaketime in effect?"
     );
     // A healthy standby does not take it from the skewed leader.
-    let n2 = BinNode::start(&server, &dir.0, "node-2", false, &cfg);
-    lease_stays(&server, "node-1", 0, hold);
+    let c2 = BinController::start(&server, &dir.0, "ctl-2", false, &cfg);
+    lease_stays(&server, "ctl-1", 0, hold);
     let stolen = lease_writes(&server, false);
-    assert!(stolen.is_empty(), "node-2 wrote the Lease: {stolen:?}");
-    assert!(n2.log_has("standing by"), "node-2 saw the leader");
+    assert!(stolen.is_empty(), "ctl-2 wrote the Lease: {stolen:?}");
+    assert!(c2.log_has("standing by"), "ctl-2 saw the leader");
 
     // kill -9: the healthy standby takes over in time.
-    n1.agent().kill9().unwrap();
-    let took = eventually_sync("node-2 takes over", Duration::from_secs(8), || {
-        lease_holder(&server).as_deref() == Some("node-2")
+    c1.agent().kill9().unwrap();
+    let took = eventually_sync("ctl-2 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("ctl-2")
     });
-    eprintln!("skewed leader killed -> node-2 leads after {took:?}");
+    eprintln!("skewed leader killed -> ctl-2 leads after {took:?}");
     assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
-    drop(n1);
+    drop(c1);
 
-    // A standby whose clock is 10 minutes ahead: node-2's renewTime looks 10 minutes old to
-    // it. It gets the token now that node-1 (which had it) is gone.
+    // A standby whose clock is 10 minutes ahead: ctl-2's renewTime looks 10 minutes old to
+    // it. It gets the token now that ctl-1 (which had it) is gone.
     server.clear_requests();
-    let mut n3 = BinNode::launch(
+    let mut c3 = BinController::launch(
         &server,
         &dir.0,
-        &Launch::new("node-3", true).skewed("+10m"),
+        &Launch::new("ctl-3", true).skewed("+10m"),
         &cfg,
     );
-    let ahead = n3.clock_offset().expect("node-3 logged a timestamp");
+    let ahead = c3.clock_offset().expect("ctl-3 logged a timestamp");
     assert!(
         minutes_between(ahead, 9, 11),
-        "node-3's clock is {ahead:?} from ours: is libfaketime in effect?"
+        "ctl-3's clock is {ahead:?} from ours: is libfaketime in effect?"
     );
-    lease_stays(&server, "node-2", 1, hold);
+    lease_stays(&server, "ctl-2", 1, hold);
     let stolen = lease_writes(&server, true);
-    assert!(stolen.is_empty(), "node-3 wrote the Lease: {stolen:?}");
-    // Only Lease reads from node-3, and it did read.
+    assert!(stolen.is_empty(), "ctl-3 wrote the Lease: {stolen:?}");
+    // Only Lease reads from ctl-3, and it did read.
     assert!(server.requests().iter().any(|r| r.bearer_token.is_some()
         && r.resource.as_deref() == Some("leases")
         && r.verb == "get"));
 
     // kill -9 the healthy leader: the skewed standby takes over in time (neither at once nor
     // ten minutes late), and keeps it.
-    let mut n2 = n2;
-    n2.agent().kill9().unwrap();
-    let took = eventually_sync("node-3 takes over", Duration::from_secs(8), || {
-        lease_holder(&server).as_deref() == Some("node-3")
+    let mut c2 = c2;
+    c2.agent().kill9().unwrap();
+    let took = eventually_sync("ctl-3 takes over", Duration::from_secs(8), || {
+        lease_holder(&server).as_deref() == Some("ctl-3")
     });
-    eprintln!("healthy leader killed -> skewed node-3 leads after {took:?}");
+    eprintln!("healthy leader killed -> skewed ctl-3 leads after {took:?}");
     assert!(
         took >= LEASE_DURATION - RETRY_PERIOD - Duration::from_millis(200),
-        "node-3 took over before the lease expired: {took:?}"
+        "ctl-3 took over before the lease expired: {took:?}"
     );
     assert!(took <= TAKEOVER_WITHIN, "takeover took {took:?}");
-    lease_stays(&server, "node-3", 2, LEASE_DURATION * 2);
-    assert!(n3.agent().try_status().is_none(), "node-3 still running");
+    lease_stays(&server, "ctl-3", 2, LEASE_DURATION * 2);
+    assert!(c3.agent().try_status().is_none(), "ctl-3 still running");
 }
 
 #[test]
 fn a_stopping_leader_releases_the_lease_at_once() {
-    if !require_root() {
-        return;
-    }
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("term");
     // A long lease: a handover well under it can only come from the release.
-    let cfg = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 20s\n  renewDeadline: 10s\n  retryPeriod: 500ms\nrescanInterval: 1s\nnetworkPolicy:\n  dualStack: false\n";
-    let mut n1 = BinNode::start(&server, &dir.0, "node-1", true, cfg);
-    eventually_sync("node-1 leads", Duration::from_secs(10), || {
-        lease_holder(&server).as_deref() == Some("node-1")
+    let cfg = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 20s\n  renewDeadline: 10s\n  retryPeriod: 500ms\nnetworkPolicy:\n  dualStack: false\n";
+    let mut c1 = BinController::start(&server, &dir.0, "ctl-1", true, cfg);
+    eventually_sync("ctl-1 leads", Duration::from_secs(10), || {
+        lease_holder(&server).as_deref() == Some("ctl-1")
     });
-    let mut n2 = BinNode::start(&server, &dir.0, "node-2", false, cfg);
-    let mut n3 = BinNode::start(&server, &dir.0, "node-3", false, cfg);
+    let mut c2 = BinController::start(&server, &dir.0, "ctl-2", false, cfg);
+    let mut c3 = BinController::start(&server, &dir.0, "ctl-3", false, cfg);
     eventually_sync("provisioned", Duration::from_secs(10), || {
         policy(&server, "tenant-a").is_some()
     });
 
-    n1.agent().sigterm().unwrap();
+    c1.agent().sigterm().unwrap();
     let t0 = Instant::now();
-    let status = n1.agent().wait_exit(Duration::from_secs(10)).unwrap();
+    let status = c1.agent().wait_exit(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "clean exit: {status}");
     let took = eventually_sync("a standby takes over", Duration::from_secs(5), || {
-        matches!(lease_holder(&server).as_deref(), Some("node-2" | "node-3"))
+        matches!(lease_holder(&server).as_deref(), Some("ctl-2" | "ctl-3"))
     });
     eprintln!(
         "SIGTERM -> exit after {:?}; standby leads {took:?} after the exit",
@@ -1628,7 +1659,7 @@ fn a_stopping_leader_releases_the_lease_at_once() {
         "handover took {:?} (lease 20 s): not released?",
         t0.elapsed()
     );
-    assert!(n1.log_has("released the lease"));
+    assert!(c1.log_has("released the lease"));
     let new_leader = lease_holder(&server).unwrap();
     // The new leader does the work.
     server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
@@ -1638,19 +1669,16 @@ fn a_stopping_leader_releases_the_lease_at_once() {
     eventually_sync("reported by the new leader", Duration::from_secs(5), || {
         events_by(&server, "NetworkPolicyRepaired", &new_leader) >= 1
     });
-    assert!(n2.agent().try_status().is_none() && n3.agent().try_status().is_none());
+    assert!(c2.agent().try_status().is_none() && c3.agent().try_status().is_none());
 }
 
 #[test]
 fn dual_stack_and_pod_security_through_the_binary() {
-    if !require_root() {
-        return;
-    }
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("psa");
-    let cfg = format!("{LEADER_ELECTION}rescanInterval: 1s\nnetworkPolicy:\n  dualStack: true\npodSecurity:\n  level: restricted\n  setLabel: true\n");
-    let _n1 = BinNode::start(&server, &dir.0, "node-1", true, &cfg);
+    let cfg = format!("{LEADER_ELECTION}networkPolicy:\n  dualStack: true\npodSecurity:\n  level: restricted\n  setLabel: true\n");
+    let _c1 = BinController::start(&server, &dir.0, "ctl-1", true, &cfg);
     eventually_sync("provisioned", Duration::from_secs(10), || {
         policy(&server, "tenant-a").is_some()
     });
@@ -1674,4 +1702,237 @@ fn dual_stack_and_pod_security_through_the_binary() {
         server.get(Kind::Namespace, None, "tenant-a").unwrap()["metadata"]["labels"][ENFORCE]
             == "restricted"
     });
+}
+
+/// Node agents are read-only on cluster state: beside two controllers doing their work
+/// (provisioning, repair, removal), a node agent's requests — told apart by its User-Agent —
+/// hold no write but Events and its own Node's taint, nothing about Leases or policies, and
+/// namespaces only as metadata.
+#[test]
+fn node_agents_beside_controllers_only_read() {
+    if !require_root() {
+        return;
+    }
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    server.apply_namespace("kube-system", &[]);
+    let dir = TempDir::new("ro");
+    let cfg = bin_config("");
+    let _c1 = BinController::start(&server, &dir.0, "ctl-1", true, &cfg);
+    let _c2 = BinController::start(&server, &dir.0, "ctl-2", false, &cfg);
+
+    // A node agent on a fake kubelet cgroup tree, with a pod of its own.
+    let cgroup = TestCgroup::new().expect("cgroup");
+    let root = cgroup.path().join("kubepods.slice");
+    for qos in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
+        std::fs::create_dir_all(root.join(qos)).expect("qos slice");
+    }
+    server.apply_pod(
+        PodBuilder::new("tenant-a", "notebook")
+            .node("node-1")
+            .build(),
+    );
+    let bpffs = BpffsDir::new().expect("bpffs");
+    let (kubeconfig, config) =
+        write_inputs(&server, &dir.0, "node-1", true, &format!("{cfg}{NO_PROBE}"));
+    let metrics = free_loopback_addr().unwrap();
+    let args = [
+        "node".to_owned(),
+        "--node-name".into(),
+        "node-1".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--cgroup-root".into(),
+        root.display().to_string(),
+        "--bpffs".into(),
+        bpffs.path().join("guard").display().to_string(),
+        "--metrics-addr".into(),
+        metrics.to_string(),
+    ];
+    let mut node = Agent::spawn_with(&Agent::bin().expect("agent binary"), &args, &[])
+        .expect("spawn node agent");
+    node.wait_ready(metrics, Duration::from_secs(30))
+        .expect("node agent ready");
+
+    // Cluster changes the controllers act on, while the node agent follows them.
+    eventually_sync("provisioned", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    server.apply_namespace("tenant-b", &[ENV]);
+    eventually_sync("provisioned in tenant-b", Duration::from_secs(5), || {
+        policy(&server, "tenant-b").is_some()
+    });
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    eventually_sync("repaired", Duration::from_secs(5), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    server.set_namespace_labels("tenant-b", &[]);
+    eventually_sync("removed", Duration::from_secs(5), || {
+        policy(&server, "tenant-b").is_none()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.try_status().is_none(), "node agent still running");
+    // The node's metrics no longer carry the controller's networkpolicy_state.
+    let text = node.metrics(metrics).unwrap();
+    assert!(
+        !text.contains("datalab_guard_networkpolicy_state"),
+        "{text}"
+    );
+    assert!(!text.contains("datalab_guard_leader"), "{text}");
+
+    let requests = server.requests();
+    let node_requests = requests.iter().filter(|r| r.sent_by("node")).count();
+    assert!(
+        node_requests > 0,
+        "no request recognised as the node agent's"
+    );
+    assert!(
+        requests.iter().any(|r| r.sent_by("controller")
+            && r.resource.as_deref() == Some("networkpolicies")
+            && r.is_write()),
+        "the controllers wrote policies"
+    );
+    let violations = node_agent_violations(&requests, "node-1");
+    assert!(
+        violations.is_empty(),
+        "node agent requests: {violations:#?}"
+    );
+    drop(node);
+}
+
+/// A controller started while the API server is down waits (not ready, one log line per
+/// state change, bounded retries), then syncs, becomes ready and provisions when it appears.
+#[test]
+fn a_controller_waits_for_the_api_server() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    server.go_down();
+    let dir = TempDir::new("down");
+    let c = BinController::spawn(
+        &server,
+        &dir.0,
+        &Launch::new("ctl-1", true),
+        &bin_config(""),
+    );
+    eventually_sync("metrics endpoint serves", Duration::from_secs(10), || {
+        c.readyz().is_some()
+    });
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        assert_eq!(c.readyz(), Some(503), "not ready without the API server");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One warning per watch and one for the election while it lasts, not one per retry.
+    assert_eq!(c.log_count("watch failed"), 2, "one line per watch");
+    assert!(
+        c.log_count("leader election: cannot read or write the lease") <= 1,
+        "one line for the election"
+    );
+    assert!(c.log_has("waiting for the first full list"));
+
+    server.come_back();
+    let came_back = Instant::now();
+    // The watches retry every 4-5 s at most: ready within that bound.
+    eventually_sync(
+        "ready after the API server returns",
+        Duration::from_secs(10),
+        || c.readyz() == Some(200),
+    );
+    eprintln!("API back -> ready after {:?}", came_back.elapsed());
+    eventually_sync("provisions once it leads", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    assert!(c.log_has("watch recovered") && c.log_has("ready"));
+}
+
+/// Bad input: one line naming the problem (the config key), exit 2, nothing contacted.
+#[test]
+fn controller_bad_input_exits_2() {
+    let dir = TempDir::new("bad");
+    let cases: Vec<(Vec<String>, String, &str)> = vec![
+        (
+            vec!["--no-such-flag".into()],
+            String::new(),
+            "--no-such-flag",
+        ),
+        (
+            vec![],
+            "leaderElection:\n  leaseDuration: 1s\n  renewDeadline: 2s\n".into(),
+            "leaderElection.leaseDuration",
+        ),
+        (
+            vec![],
+            "networkPolicy:\n  dualStack: sometimes\n".into(),
+            "networkPolicy.dualStack",
+        ),
+        (
+            vec!["--identity".into(), " ".into()],
+            String::new(),
+            "--identity",
+        ),
+    ];
+    for (i, (flags, config_yaml, needle)) in cases.into_iter().enumerate() {
+        let config = dir.0.join(format!("bad-{i}.yaml"));
+        std::fs::write(&config, &config_yaml).unwrap();
+        let mut args = vec!["controller".to_owned()];
+        if !config_yaml.is_empty() {
+            args.extend(["--config".to_owned(), config.display().to_string()]);
+        }
+        args.extend(flags);
+        let out = Agent::run(&args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        if !needle.starts_with("--no-such") {
+            assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        }
+    }
+}
+
+/// A reload (SIGHUP) with a broken config is rejected and the previous one kept; a good one
+/// applies (here: the policy's except list follows a new blocked CIDR).
+#[test]
+fn controller_reload_rejects_a_bad_config_and_applies_a_good_one() {
+    let server = FakeApiServer::start();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new("reload");
+    let cfg = bin_config("");
+    let mut c = BinController::start(&server, &dir.0, "ctl-1", true, &cfg);
+    eventually_sync("provisioned", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some()
+    });
+    let config = dir.0.join("config-ctl-1.yaml");
+    let pid = c.agent().pid() as i32;
+    std::fs::write(&config, format!("{cfg}blocked:\n  cidrs: [not-a-cidr]\n")).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually_sync("bad reload rejected", Duration::from_secs(5), || {
+        c.log_has("reloaded configuration rejected; keeping the previous one")
+    });
+    server.delete(Kind::NetworkPolicy, Some("tenant-a"), POLICY);
+    eventually_sync(
+        "still repairs with the previous config",
+        Duration::from_secs(5),
+        || {
+            policy(&server, "tenant-a")
+                .is_some_and(|p| ip_blocks(&p)[0].1 == ["169.254.169.254/32"])
+        },
+    );
+    std::fs::write(
+        &config,
+        format!("{cfg}blocked:\n  cidrs: [100.100.100.200/32]\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually_sync("good reload applied", Duration::from_secs(10), || {
+        policy(&server, "tenant-a").is_some_and(|p| {
+            ip_blocks(&p)[0]
+                .1
+                .contains(&"100.100.100.200/32".to_owned())
+        })
+    });
+    assert!(c.agent().try_status().is_none(), "still running");
 }

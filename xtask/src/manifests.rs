@@ -369,9 +369,20 @@ fn check_variant(
     };
     if let Some(ds) = ds {
         check_daemonset(ds, version, &mut problems);
+        check_scheduling(ds, &mut problems);
+        let max_unavailable = &ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"];
+        if !max_unavailable.as_str().is_some_and(|v| v.ends_with('%')) {
+            problems.push(format!(
+                "DaemonSet maxUnavailable must be a percentage (e.g. 10%), is {max_unavailable}"
+            ));
+        }
+    }
+    if let Some(deployment) = workload(&docs, "Deployment", &mut problems) {
+        check_scheduling(deployment, &mut problems);
+        check_controller(deployment, &docs, &mut problems);
     }
     check_objects(&docs, &mut problems);
-    let grants = check_rbac(&docs, ds, variant, calls, &effective, &mut problems);
+    let grants = check_rbac(&docs, variant, calls, &effective, &mut problems);
     check_custom_resources(&docs, &mut problems);
     check_metric_names(&docs, source, &mut problems);
 
@@ -444,6 +455,8 @@ fn validate_schemas(tools: &Tools, rendered: &Path) -> Result<()> {
 
 /// One entry of deploy/api-calls.yaml.
 struct ApiCall {
+    /// `node-agent` or `controller` (see [`IDENTITIES`]).
+    identity: String,
     group: String,
     resource: String,
     verbs: Vec<String>,
@@ -483,6 +496,12 @@ impl ApiCall {
                     .map(str::to_owned)
                     .with_context(|| format!("{at}: `{k}` missing"))
             };
+            let identity = field("identity")?;
+            ensure!(
+                IDENTITIES.iter().any(|i| i.name == identity),
+                "{at}: identity must be one of {:?}, not {identity}",
+                IDENTITIES.iter().map(|i| i.name).collect::<Vec<_>>()
+            );
             let scope = field("scope")?;
             ensure!(
                 scope == "cluster" || scope == "agent-namespace",
@@ -510,6 +529,7 @@ impl ApiCall {
             let verbs = strings(&e["verbs"]);
             ensure!(!verbs.is_empty(), "{at}: no verbs");
             calls.push(ApiCall {
+                identity,
                 group: e["group"]
                     .as_str()
                     .with_context(|| format!("{at}: `group` missing"))?
@@ -578,28 +598,152 @@ impl std::fmt::Display for Grant {
     }
 }
 
+/// Who makes API calls: each identity is one workload kind with its own ServiceAccount.
+struct Identity {
+    /// The `identity` of deploy/api-calls.yaml.
+    name: &'static str,
+    /// The workload that runs as it (exactly one per rendered variant).
+    kind: &'static str,
+}
+
+const IDENTITIES: &[Identity] = &[
+    Identity {
+        name: "node-agent",
+        kind: "DaemonSet",
+    },
+    Identity {
+        name: "controller",
+        kind: "Deployment",
+    },
+];
+
+/// A role's rules, its kind and name, and whether it is bound to a given ServiceAccount.
+struct Role<'a> {
+    doc: &'a Value,
+    kind: &'a str,
+    name: &'a str,
+    namespace: &'a str,
+}
+
+impl Role<'_> {
+    fn bound_to(&self, docs: &[Value], sa_namespace: &str, sa: &str) -> bool {
+        let binding_kind = if self.kind == "ClusterRole" {
+            "ClusterRoleBinding"
+        } else {
+            "RoleBinding"
+        };
+        docs.iter().any(|b| {
+            b["kind"] == binding_kind
+                && b["roleRef"]["kind"] == self.kind
+                && b["roleRef"]["name"] == self.name
+                && (self.kind == "ClusterRole" || b["metadata"]["namespace"] == self.namespace)
+                && b["subjects"].as_array().into_iter().flatten().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["name"] == sa
+                        && s["namespace"] == sa_namespace
+                })
+        })
+    }
+}
+
+/// For each identity, the roles bound to its workload's ServiceAccount must grant exactly
+/// the identity's calls; every role must be bound to one of them. Returns the grants counted.
 fn check_rbac(
     docs: &[Value],
-    ds: Option<&Value>,
     variant: &Variant,
     calls: &[ApiCall],
     config: &Effective<'_>,
     problems: &mut Vec<String>,
 ) -> usize {
-    let ds_namespace = ds
-        .and_then(|d| d["metadata"]["namespace"].as_str())
-        .unwrap_or("")
-        .to_owned();
-    let lease_namespace = match config.get("leaderElection.namespace") {
-        Value::String(ns) if variant.deployable => ns,
-        _ => ds_namespace.clone(),
-    };
-    let sa = ds
-        .and_then(|d| d["spec"]["template"]["spec"]["serviceAccountName"].as_str())
-        .unwrap_or("default")
-        .to_owned();
+    let roles: Vec<Role<'_>> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .map(|doc| Role {
+            doc,
+            kind: doc["kind"].as_str().unwrap_or(""),
+            name: doc["metadata"]["name"].as_str().unwrap_or(""),
+            namespace: doc["metadata"]["namespace"].as_str().unwrap_or(""),
+        })
+        .collect();
+    let mut used = vec![false; roles.len()];
+    let mut total = 0;
+    for identity in IDENTITIES {
+        let mine: Vec<&ApiCall> = calls
+            .iter()
+            .filter(|c| c.identity == identity.name)
+            .collect();
+        let all: Vec<&Value> = docs.iter().filter(|d| d["kind"] == identity.kind).collect();
+        let Some(workload) = all.first() else {
+            if !mine.is_empty() {
+                problems.push(format!(
+                    "{}: no {} runs as this identity, but deploy/api-calls.yaml lists its calls",
+                    identity.name, identity.kind
+                ));
+            }
+            continue;
+        };
+        let namespace = workload["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let sa = workload["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let lease_namespace = match config.get("leaderElection.namespace") {
+            Value::String(ns) if variant.deployable => ns,
+            _ => namespace.clone(),
+        };
+        let expected = expected_grants(&mine, variant, config, &lease_namespace);
+        let mut granted = BTreeSet::new();
+        for (i, role) in roles.iter().enumerate() {
+            if role.bound_to(docs, &namespace, &sa) {
+                used[i] = true;
+                granted.extend(role_grants(role, problems));
+            }
+        }
+        let why = if variant.deployable {
+            " with the config this variant ships"
+        } else {
+            ""
+        };
+        let who = format!("{} (ServiceAccount {namespace}/{sa})", identity.name);
+        for missing in expected.difference(&granted) {
+            problems.push(format!(
+                "{who}: not granted, but deploy/api-calls.yaml needs it{why}: {missing}"
+            ));
+        }
+        for extra in granted.difference(&expected) {
+            problems.push(format!(
+                "{who}: granted, but no call of this identity in deploy/api-calls.yaml needs it{why} (extra privilege): {extra}"
+            ));
+        }
+        total += granted.len();
+    }
+    for (role, used) in roles.iter().zip(used) {
+        if !used {
+            problems.push(format!(
+                "{} {} is bound to the ServiceAccount of no identity ({})",
+                role.kind,
+                role.name,
+                IDENTITIES
+                    .iter()
+                    .map(|i| i.kind)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    total
+}
 
-    // What the calls need.
+/// What one identity's calls need, with the variant's components and shipped config.
+fn expected_grants(
+    calls: &[&ApiCall],
+    variant: &Variant,
+    config: &Effective<'_>,
+    own_namespace: &str,
+) -> BTreeSet<Grant> {
     let mut expected = BTreeSet::new();
     for call in calls {
         let enabled = call.component == "base" || variant.components.contains(&call.component);
@@ -616,7 +760,7 @@ fn check_rbac(
         for verb in &call.verbs {
             expected.insert(Grant {
                 scope: if call.agent_namespace {
-                    lease_namespace.clone()
+                    own_namespace.to_owned()
                 } else {
                     "cluster".into()
                 },
@@ -627,123 +771,89 @@ fn check_rbac(
             });
         }
     }
+    expected
+}
 
-    // What the roles grant (only roles bound to the agent's service account count, and an
-    // unbound role is itself a problem).
-    let mut granted = BTreeSet::new();
-    for doc in docs {
-        let kind = doc["kind"].as_str().unwrap_or("");
-        if kind != "ClusterRole" && kind != "Role" {
-            continue;
-        }
-        let name = doc["metadata"]["name"].as_str().unwrap_or("");
-        let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("");
-        let scope = if kind == "ClusterRole" {
-            "cluster".to_owned()
-        } else {
-            namespace.to_owned()
-        };
-        let binding_kind = if kind == "ClusterRole" {
-            "ClusterRoleBinding"
-        } else {
-            "RoleBinding"
-        };
-        let bound = docs.iter().any(|b| {
-            b["kind"] == binding_kind
-                && b["roleRef"]["kind"] == kind
-                && b["roleRef"]["name"] == name
-                && (kind == "ClusterRole" || b["metadata"]["namespace"] == namespace)
-                && b["subjects"].as_array().into_iter().flatten().any(|s| {
-                    s["kind"] == "ServiceAccount"
-                        && s["name"] == sa.as_str()
-                        && s["namespace"] == ds_namespace.as_str()
-                })
-        });
-        if !bound {
-            problems.push(format!(
-                "{kind} {name} is not bound to ServiceAccount {ds_namespace}/{sa} by a {binding_kind}"
-            ));
-        }
-        if doc.get("aggregationRule").is_some() {
-            problems.push(format!(
-                "{kind} {name} uses aggregationRule (grants cannot be checked)"
-            ));
-        }
-        for (i, rule) in doc["rules"].as_array().into_iter().flatten().enumerate() {
-            let list = |k: &str| -> Vec<String> {
-                rule[k]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            };
-            if rule.get("nonResourceURLs").is_some() {
-                problems.push(format!("{kind} {name} rule {i} grants nonResourceURLs"));
-            }
-            let (groups, resources, verbs, mut names) = (
-                list("apiGroups"),
-                list("resources"),
-                list("verbs"),
-                list("resourceNames"),
-            );
-            for word in groups.iter().chain(&resources).chain(&verbs).chain(&names) {
-                if word.contains('*') {
-                    problems.push(format!("{kind} {name} rule {i} has a wildcard: {word:?}"));
-                }
-            }
-            if resources
-                .iter()
-                .any(|r| r == "secrets" || r.starts_with("secrets/"))
-            {
-                problems.push(format!("{kind} {name} rule {i} grants access to Secrets"));
-            }
-            names.sort();
-            for group in &groups {
-                for resource in &resources {
-                    for verb in &verbs {
-                        granted.insert(Grant {
-                            scope: scope.clone(),
-                            group: group.clone(),
-                            resource: resource.clone(),
-                            verb: verb.clone(),
-                            names: names.clone(),
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    let why = if variant.deployable {
-        " with the config this variant ships"
+/// Every grant of one role, fully expanded; refuses wildcards, Secrets, nonResourceURLs and
+/// aggregation.
+fn role_grants(role: &Role<'_>, problems: &mut Vec<String>) -> Vec<Grant> {
+    let (kind, name) = (role.kind, role.name);
+    let scope = if kind == "ClusterRole" {
+        "cluster".to_owned()
     } else {
-        ""
+        role.namespace.to_owned()
     };
-    for missing in expected.difference(&granted) {
+    if role.doc.get("aggregationRule").is_some() {
         problems.push(format!(
-            "not granted, but deploy/api-calls.yaml needs it{why}: {missing}"
+            "{kind} {name} uses aggregationRule (grants cannot be checked)"
         ));
     }
-    for extra in granted.difference(&expected) {
-        problems.push(format!(
-            "granted, but no call in deploy/api-calls.yaml needs it{why} (extra privilege): {extra}"
-        ));
+    let mut grants = Vec::new();
+    for (i, rule) in role.doc["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        };
+        if rule.get("nonResourceURLs").is_some() {
+            problems.push(format!("{kind} {name} rule {i} grants nonResourceURLs"));
+        }
+        let (groups, resources, verbs, mut names) = (
+            list("apiGroups"),
+            list("resources"),
+            list("verbs"),
+            list("resourceNames"),
+        );
+        for word in groups.iter().chain(&resources).chain(&verbs).chain(&names) {
+            if word.contains('*') {
+                problems.push(format!("{kind} {name} rule {i} has a wildcard: {word:?}"));
+            }
+        }
+        if resources
+            .iter()
+            .any(|r| r == "secrets" || r.starts_with("secrets/"))
+        {
+            problems.push(format!("{kind} {name} rule {i} grants access to Secrets"));
+        }
+        names.sort();
+        for group in &groups {
+            for resource in &resources {
+                for verb in &verbs {
+                    grants.push(Grant {
+                        scope: scope.clone(),
+                        group: group.clone(),
+                        resource: resource.clone(),
+                        verb: verb.clone(),
+                        names: names.clone(),
+                    });
+                }
+            }
+        }
     }
-    granted.len()
+    grants
 }
 
 // ---------------------------------------------------------------------------------------
 // The DaemonSet and its config
 
 fn daemonset<'a>(docs: &'a [Value], problems: &mut Vec<String>) -> Option<&'a Value> {
-    let all: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "DaemonSet").collect();
+    workload(docs, "DaemonSet", problems)
+}
+
+/// The one workload of `kind` (DaemonSet: the node agent; Deployment: the controller).
+fn workload<'a>(docs: &'a [Value], kind: &str, problems: &mut Vec<String>) -> Option<&'a Value> {
+    let all: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
     if all.len() != 1 {
-        problems.push(format!(
-            "expected exactly one DaemonSet, found {}",
-            all.len()
-        ));
+        problems.push(format!("expected exactly one {kind}, found {}", all.len()));
     }
     all.into_iter().next()
 }
@@ -855,6 +965,148 @@ fn check_daemonset(ds: &Value, version: &str, problems: &mut Vec<String>) {
                 problems.push(format!("container {name} image {image}: the base's tag must be the workspace version {version}"));
             }
         }
+    }
+}
+
+/// Both workloads: Linux nodes only, and Guaranteed QoS (every container's requests equal
+/// its limits, CPU and memory set).
+fn check_scheduling(workload: &Value, problems: &mut Vec<String>) {
+    let kind = workload["kind"].as_str().unwrap_or("?");
+    let pod = &workload["spec"]["template"]["spec"];
+    if pod["nodeSelector"]["kubernetes.io/os"] != "linux" {
+        problems.push(format!(
+            "{kind}: nodeSelector kubernetes.io/os: linux is missing"
+        ));
+    }
+    for c in pod["containers"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or("?");
+        let (requests, limits) = (&c["resources"]["requests"], &c["resources"]["limits"]);
+        for resource in ["cpu", "memory"] {
+            if requests[resource].is_null() || requests[resource] != limits[resource] {
+                problems.push(format!(
+                    "{kind} container {name}: resources.requests.{resource} must be set and equal limits.{resource} (Guaranteed QoS)"
+                ));
+            }
+        }
+    }
+}
+
+/// The controller Deployment: two replicas on different nodes, a PodDisruptionBudget, and a
+/// pod with no privilege at all (it only talks to the API server).
+fn check_controller(deployment: &Value, docs: &[Value], problems: &mut Vec<String>) {
+    let spec = &deployment["spec"];
+    if spec["replicas"].as_u64().unwrap_or(1) < 2 {
+        problems.push("controller Deployment: replicas must be at least 2".into());
+    }
+    let pod = &spec["template"]["spec"];
+    let labels = &spec["template"]["metadata"]["labels"];
+    let terms = &pod["affinity"]["podAntiAffinity"];
+    let spread = [
+        "requiredDuringSchedulingIgnoredDuringExecution",
+        "preferredDuringSchedulingIgnoredDuringExecution",
+    ]
+    .iter()
+    .flat_map(|k| terms[*k].as_array().cloned().unwrap_or_default())
+    .any(|t| {
+        let term = if t["podAffinityTerm"].is_object() {
+            &t["podAffinityTerm"]
+        } else {
+            &t
+        };
+        term["topologyKey"] == "kubernetes.io/hostname"
+    });
+    if !spread {
+        problems
+            .push("controller Deployment: no pod anti-affinity by kubernetes.io/hostname".into());
+    }
+    for field in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[field] == true {
+            problems.push(format!("controller Deployment sets {field}: true"));
+        }
+    }
+    if pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| v.get("hostPath").is_some())
+    {
+        problems.push("controller Deployment mounts a hostPath".into());
+    }
+    for c in pod["containers"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or("?");
+        let sc = &c["securityContext"];
+        let inherited = |k: &str| {
+            if sc[k].is_null() {
+                pod["securityContext"][k].clone()
+            } else {
+                sc[k].clone()
+            }
+        };
+        let checks = [
+            (
+                inherited("runAsNonRoot") == true,
+                "runAsNonRoot must be true",
+            ),
+            (
+                sc["readOnlyRootFilesystem"] == true,
+                "readOnlyRootFilesystem must be true",
+            ),
+            (
+                sc["allowPrivilegeEscalation"] == false,
+                "allowPrivilegeEscalation must be false",
+            ),
+            (sc["privileged"] != true, "must not be privileged"),
+            (
+                inherited("seccompProfile")["type"] == "RuntimeDefault",
+                "seccompProfile must be RuntimeDefault",
+            ),
+            (
+                sc["capabilities"]["drop"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|c| c == "ALL")),
+                "capabilities.drop must contain ALL",
+            ),
+            (
+                sc["capabilities"]["add"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty),
+                "must add no capability",
+            ),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                problems.push(format!("controller container {name}: {what}"));
+            }
+        }
+        let env: Vec<&str> = c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["valueFrom"]["fieldRef"].is_object())
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for wanted in ["POD_NAME", "POD_NAMESPACE"] {
+            if !env.contains(&wanted) {
+                problems.push(format!(
+                    "controller container {name}: {wanted} from the downward API is missing"
+                ));
+            }
+        }
+    }
+    let namespace = &deployment["metadata"]["namespace"];
+    let guarded = docs.iter().any(|d| {
+        d["kind"] == "PodDisruptionBudget"
+            && d["metadata"]["namespace"] == *namespace
+            && d["spec"]["minAvailable"] == 1
+            && d["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k] == *v))
+    });
+    if !guarded {
+        problems.push(
+            "controller Deployment: no PodDisruptionBudget with minAvailable: 1 selects its pods"
+                .into(),
+        );
     }
 }
 

@@ -10,6 +10,7 @@ use datalab_guard_common::Mode;
 use crate::blocklist::Preset;
 
 pub mod check;
+pub mod controller;
 pub mod local;
 pub mod node;
 pub mod status;
@@ -69,6 +70,9 @@ impl Shared {
 pub enum Command {
     /// The Kubernetes DaemonSet agent: guards the pods of environment namespaces on this node.
     Node(node::NodeArgs),
+    /// The cluster-wide reconciler (a Deployment): provisions and repairs allow-web-egress,
+    /// checks Pod Security, reports bypassing policies; leader-elected with a Lease.
+    Controller(controller::ControllerArgs),
     /// Guard every process under a cgroup, without Kubernetes.
     Local(local::LocalArgs),
     /// Show what is enforced now, read from the pinned state.

@@ -29,8 +29,9 @@ const MAX_CGROUP_WALK: usize = 200_000;
 pub struct StatusArgs {
     #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
-    /// The node agent's state file (per environment namespace: NetworkPolicy, Pod Security,
-    /// CNI enforcement); shown when present.
+    /// The node agent's state file (per environment namespace: CNI enforcement as probed
+    /// from this node; per pod: verdict); shown when present. NetworkPolicy and Pod Security
+    /// state is the controller's: see its metrics and logs.
     #[arg(long, value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
 }
@@ -298,33 +299,15 @@ fn print_environments(r: &serde_json::Value) {
                 STALE_AFTER.as_secs()
             );
         }
-        println!(
-            "    {:<32} {:<10} {:<12} CNI",
-            "NAMESPACE", "POLICY", "POD SECURITY"
-        );
+        println!("    {:<32} {:<14} ATTEMPTS", "NAMESPACE", "CNI");
         for (ns, st) in namespaces {
-            let or_dash = |v: &serde_json::Value| if v.is_null() { "-".to_owned() } else { s(v) };
-            let psa = if st["psa"].is_null() {
+            let cni = if st["cni"].is_null() {
                 "-".to_owned()
             } else {
-                format!(
-                    "{}{}",
-                    or_dash(&st["psa"]["enforce"]),
-                    if st["psa"]["sufficient"] == json!(true) {
-                        ""
-                    } else {
-                        " (weak)"
-                    }
-                )
+                s(&st["cni"])
             };
             let attempts = r["namespace_attempts"][ns.as_str()].as_u64().unwrap_or(0);
-            println!(
-                "    {:<32} {:<10} {:<12} {:<14} attempts: {attempts}",
-                ns,
-                or_dash(&st["policy"]),
-                psa,
-                or_dash(&st["cni"])
-            );
+            println!("    {ns:<32} {cni:<14} {attempts}");
         }
     }
 }

@@ -1,10 +1,15 @@
 //! Building the API client: `--kubeconfig FILE`, else `$KUBECONFIG` / `~/.kube/config`, else
 //! in-cluster (service account), exactly as kube-rs infers it. A kubeconfig that cannot be
-//! read or understood is bad input (exit 2), reported in one line.
+//! read or understood is bad input (exit 2), reported in one line. Each process says which
+//! it is in its `User-Agent` (`datalab-guard-node/<version>`,
+//! `datalab-guard-controller/<version>`), so API server audit logs tell the two identities'
+//! requests apart even before looking at the ServiceAccount.
 
 use std::path::Path;
 
 use anyhow::Context as _;
+// axum's `http` is the `http` crate kube's Config takes headers from.
+use axum::http::{header::USER_AGENT, HeaderValue};
 use kube::{config::KubeConfigOptions, Client, Config};
 
 use crate::input::bad_input;
@@ -12,8 +17,9 @@ use crate::input::bad_input;
 /// The field manager and event reporter name used for every write.
 pub const MANAGER: &str = "datalab-guard";
 
-pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+/// The client of `component` (`node` or `controller`: the user agent's name).
+pub async fn connect(kubeconfig: Option<&Path>, component: &str) -> anyhow::Result<Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
@@ -27,5 +33,9 @@ pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
             ))
         })?,
     };
+    let agent = format!("datalab-guard-{component}/{}", crate::VERSION);
+    if let Ok(value) = HeaderValue::from_str(&agent) {
+        config.headers.push((USER_AGENT, value));
+    }
     Client::try_from(config).context("cannot build the Kubernetes client")
 }

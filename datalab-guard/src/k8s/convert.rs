@@ -3,12 +3,18 @@
 //! `None`/empty, which the policy treats conservatively.
 
 use datalab_guard_policy::{ContainerInfo, NamespaceInfo, PodInfo};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::core::PartialObjectMeta;
 
-pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
+/// A namespace as the policy sees it: its name and labels. Takes the metadata only, so that
+/// it works on full objects and on the metadata-only watches alike.
+pub fn namespace_info(meta: &ObjectMeta) -> Option<NamespaceInfo> {
     Some(NamespaceInfo {
-        name: ns.metadata.name.clone()?,
-        labels: ns.metadata.labels.clone().unwrap_or_default(),
+        name: meta.name.clone()?,
+        labels: meta.labels.clone().unwrap_or_default(),
     })
 }
 
@@ -92,7 +98,9 @@ pub fn slim_pod(pod: &mut Pod) {
     }
 }
 
-pub fn slim_namespace(ns: &mut Namespace) {
+/// Namespaces are watched as metadata only (`PartialObjectMetadata`): labels, uid and the
+/// deletion timestamp are all either process reads; managed fields and annotations go too.
+pub fn slim_namespace(ns: &mut PartialObjectMeta<Namespace>) {
     ns.metadata.managed_fields = None;
     ns.metadata.annotations = None;
 }

@@ -6,6 +6,8 @@
 //!   attempts reported so far (kube-runtime's `Recorder` would keep the first note);
 //! - on namespaces whose CNI enforcement changed (as probed from this node), in the
 //!   namespace concerned ([`namespace_reference`]), so that its tenants see them;
+//! - from the controller, Warning Events on namespaces (policy repaired, Pod Security too
+//!   weak, bypassing policy) through [`NamespaceEvents`], within the controller's own budget;
 //! - all of them within one per-node budget, [`EventBudget`] (`audit.eventsPerMinutePerNode`):
 //!   a storm of attempts from many pods costs the API server at most that many writes a
 //!   minute from this node. Attempts that find the budget spent are not lost: they stay
@@ -23,10 +25,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, ObjectReference},
-        events::v1::Event as K8sEvent,
-    },
+    api::{core::v1::ObjectReference, events::v1::Event as K8sEvent},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
@@ -150,6 +149,8 @@ struct Report<'a> {
     reason: &'a str,
     action: &'a str,
     note: String,
+    /// A second object the Event is about (e.g. the NetworkPolicy a repair restored).
+    related: Option<ObjectReference>,
 }
 
 impl EventWriter {
@@ -177,6 +178,7 @@ impl EventWriter {
             action: Some(report.action.into()),
             note: Some(cap_note(report.note)),
             regarding: Some(regarding.clone()),
+            related: report.related,
             reporting_controller: Some(super::client::MANAGER.into()),
             reporting_instance: Some(self.instance.clone()),
             ..K8sEvent::default()
@@ -255,14 +257,6 @@ pub fn namespace_reference(name: &str, uid: Option<&str>) -> ObjectReference {
         uid: uid.map(str::to_owned),
         ..ObjectReference::default()
     }
-}
-
-/// [`namespace_reference`] for a Namespace object.
-pub fn namespace_object_reference(ns: &Namespace) -> ObjectReference {
-    namespace_reference(
-        ns.metadata.name.as_deref().unwrap_or_default(),
-        ns.metadata.uid.as_deref(),
-    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -460,6 +454,7 @@ impl PodEvents {
             reason: a.reason(),
             action: "BlockMetadataAccess",
             note,
+            related: None,
         };
         self.writer.create(&regarding, report).await
     }
@@ -583,12 +578,66 @@ pub async fn publish_cni_changes(
             reason,
             action: "ProbeCniEnforcement",
             note,
+            related: None,
         };
         if let Err(e) = writer
             .create(&namespace_reference(&namespace, None), report)
             .await
         {
             tracing::warn!(namespace, error = %e, "cannot publish the CNI enforcement Event");
+        }
+    }
+}
+
+/// The controller's Warning Events on namespaces, in the namespace concerned, spending from
+/// one per-process budget. Events are a courtesy on top of the log line that says the same:
+/// when the budget is spent (a GitOps tool fighting us over hundreds of namespaces), the
+/// Event is skipped, never queued, so the reconcile loop never waits on it.
+#[derive(Clone)]
+pub struct NamespaceEvents {
+    writer: EventWriter,
+    budget: EventBudget,
+}
+
+impl NamespaceEvents {
+    /// Events reported as `datalab-guard` on `instance` (the controller's identity).
+    pub fn new(client: Client, instance: String, budget: EventBudget) -> NamespaceEvents {
+        NamespaceEvents {
+            writer: EventWriter { client, instance },
+            budget,
+        }
+    }
+
+    /// A Warning Event about namespace `name`; failures and a spent budget are logged.
+    pub async fn warn(
+        &self,
+        name: &str,
+        uid: Option<&str>,
+        (reason, action): (&str, &str),
+        note: String,
+        related: Option<ObjectReference>,
+    ) {
+        if !self.budget.try_take() {
+            tracing::debug!(
+                namespace = name,
+                reason,
+                "Event budget spent; namespace Event skipped (the log line above says the same)"
+            );
+            return;
+        }
+        let report = Report {
+            type_: "Warning",
+            reason,
+            action,
+            note,
+            related,
+        };
+        if let Err(e) = self
+            .writer
+            .create(&namespace_reference(name, uid), report)
+            .await
+        {
+            tracing::warn!(namespace = name, reason, error = %e, "cannot publish the namespace Event");
         }
     }
 }

@@ -141,6 +141,8 @@ pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     changed: Arc<Notify>,
     backoff: WatchBackoff,
     failing: bool,
+    /// What the failure log line adds about the consequence (see [`Informer::failure_note`]).
+    note: &'static str,
 }
 
 impl<K> Informer<K>
@@ -168,7 +170,16 @@ where
             changed,
             backoff: WatchBackoff::default(),
             failing: false,
+            note: "enforcement unchanged",
         }
+    }
+
+    /// What a failure means for the process, said in the one warning line per failure streak
+    /// (default: the node's "enforcement unchanged").
+    #[must_use]
+    pub fn failure_note(mut self, note: &'static str) -> Self {
+        self.note = note;
+        self
     }
 
     /// Lists and watches until the task is dropped.
@@ -348,7 +359,7 @@ where
         if self.failing {
             tracing::debug!(what = self.what, step, error = %e, "watch still failing");
         } else {
-            tracing::warn!(what = self.what, step, error = %e, "watch failed; retrying, enforcement unchanged");
+            tracing::warn!(what = self.what, step, error = %e, "watch failed; retrying, {}", self.note);
             self.failing = true;
         }
     }
@@ -360,7 +371,7 @@ where
 
     fn desynced(&self, e: &Failure) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(what = self.what, error = %e, "resourceVersion expired; relisting now, enforcement unchanged");
+        tracing::info!(what = self.what, error = %e, "resourceVersion expired; relisting now, {}", self.note);
     }
 }
 

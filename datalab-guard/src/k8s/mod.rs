@@ -7,9 +7,6 @@ pub mod client;
 pub mod convert;
 pub mod events;
 pub mod informer;
-pub mod leader;
-pub mod provision;
-pub mod psa;
 pub mod taint;
 pub mod watch;
 

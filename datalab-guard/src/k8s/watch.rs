@@ -1,6 +1,7 @@
-//! Node-local caches of the cluster: every Namespace, and the Pods scheduled on this node
-//! (`spec.nodeName` field selector), kept in kube-rs reflector stores with managed fields
-//! and other unused parts stripped. Every change pokes a `Notify` so the agent reconciles at
+//! Node-local caches of the cluster: every Namespace, as metadata only (labels are all a node
+//! needs: `Accept: ...;as=PartialObjectMetadata`, a fraction of the memory of full objects),
+//! and the Pods scheduled on this node (`spec.nodeName` field selector), kept in kube-rs
+//! reflector stores with managed fields and other unused parts stripped. Every change pokes a `Notify` so the agent reconciles at
 //! once. The list-and-watch loops ([`super::informer`]) recover from API outages, 410 Gone
 //! and stalled streams within seconds and never touch what is enforced; their health
 //! (staleness, relists, errors) is in [`WatchHealth`].
@@ -10,6 +11,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use datalab_guard_policy::{NamespaceInfo, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
+    core::PartialObjectMeta,
     runtime::reflector::{self, Store},
     Api, Client,
 };
@@ -33,21 +35,16 @@ pub struct WatchHealth {
 impl WatchHealth {
     /// One sample per watch (`resource` = `namespaces` | `pods`) for the metrics.
     pub fn samples(&self) -> Vec<WatchSample> {
-        [("namespaces", &self.namespaces), ("pods", &self.pods)]
-            .into_iter()
-            .map(|(resource, stats)| WatchSample {
-                resource,
-                staleness_ms: u64::try_from(stats.staleness().as_millis()).unwrap_or(u64::MAX),
-                relists: stats.relists(),
-                errors: stats.errors(),
-            })
-            .collect()
+        vec![
+            WatchSample::of("namespaces", &self.namespaces),
+            WatchSample::of("pods", &self.pods),
+        ]
     }
 }
 
 pub struct ClusterView {
     pods: Store<Pod>,
-    namespaces: Store<Namespace>,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
     changed: Arc<Notify>,
     health: WatchHealth,
 }
@@ -71,11 +68,12 @@ impl ClusterView {
             .run(),
         );
 
-        let (namespaces, ns_writer) = reflector::store::<Namespace>();
+        let (namespaces, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
         tokio::spawn(
             Informer::new(
                 "namespaces",
-                Api::<Namespace>::all(client),
+                // An Api of PartialObjectMeta lists and watches with the metadata Accept header.
+                Api::<PartialObjectMeta<Namespace>>::all(client),
                 None,
                 slim_namespace,
                 ns_writer,
@@ -158,7 +156,7 @@ impl ClusterView {
         self.namespaces
             .state()
             .iter()
-            .filter_map(|ns| namespace_info(ns))
+            .filter_map(|ns| namespace_info(&ns.metadata))
             .map(|ns| (ns.name.clone(), ns))
             .collect()
     }

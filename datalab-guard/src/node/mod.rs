@@ -84,7 +84,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let mut hangup = Hangup::new()?;
     let mut termination = Termination::new()?;
     let listener = http::bind(plan.metrics_addr).await.map_err(bad_input)?;
-    let client = k8s::connect(plan.kubeconfig.as_deref()).await?;
+    let client = k8s::connect(plan.kubeconfig.as_deref(), "node").await?;
     let view = Arc::new(ClusterView::start(
         client.clone(),
         &plan.node,
@@ -142,12 +142,6 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     *ctx.session.lock().expect("session lock") = Some(session);
     tasks.wait.push(audit);
     tasks.abort.extend(pod_events);
-    let baseline = k8s::provision::spawn(
-        client.clone(),
-        &plan.config,
-        &plan.node,
-        ctx.namespace_states.clone(),
-    );
     let (probe_settings, probe_settings_rx) = tokio::sync::watch::channel(
         ProbeSettings::from_config(&plan.config, &plan.config.blocklist()),
     );
@@ -168,7 +162,6 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         index,
         config_source: plan.config_source,
         own_pod_uid: plan.own_pod_uid,
-        baseline,
         probe_settings,
         state_file: StateFileWriter::new(plan.state_file),
         cache: cache_writer,
@@ -195,8 +188,8 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         &mut termination,
     )
     .await;
-    let baseline = match outcome {
-        SyncOutcome::Terminated => reconciler.baseline,
+    match outcome {
+        SyncOutcome::Terminated => {}
         SyncOutcome::Synced => {
             tracing::info!("first full sync with the API server; enforcing its verdicts");
             reconciler.reconcile();
@@ -211,12 +204,9 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             }
             reconciler
                 .run(cgroup_events, runtime_answers, &mut hangup, &mut termination)
-                .await
+                .await;
         }
-    };
-
-    // Stop cluster writes and release the Lease so a standby takes over at once.
-    baseline.shutdown().await;
+    }
     tracing::info!(
         "exiting; enforcement stays in place (pinned under {})",
         layout.root().display()

@@ -19,14 +19,13 @@ use super::{
     context::Context,
     index::{pod_uid_of, Desired, PodIndex},
     runtime_classify::{RuntimeAnswer, RuntimeLookups, NEW_CGROUP_WAIT},
-    state_file::{unix_secs, EnforcingFrom, StateFile, StateFileWriter},
+    state_file::{unix_secs, EnforcingFrom, NodeNamespaceState, StateFile, StateFileWriter},
 };
 use crate::{
     cgroups::{pod::DiscoveredPod, watch::CgroupEvent},
     config::ConfigSource,
     cri::SandboxInfo,
     http::HttpState,
-    k8s::provision::BaselineHandle,
     probe::ProbeSettings,
     runtime::{Hangup, Termination},
 };
@@ -48,8 +47,6 @@ pub struct Reconciler {
     pub config_source: ConfigSource,
     /// This agent's own pod (always exempt).
     pub own_pod_uid: Option<String>,
-    /// Cluster-wide baseline work (leader only); told about reloads.
-    pub baseline: BaselineHandle,
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
     pub state_file: StateFileWriter,
@@ -67,14 +64,14 @@ enum Wake {
 }
 
 impl Reconciler {
-    /// Runs until SIGTERM/SIGINT; returns the baseline handle to shut down.
+    /// Runs until SIGTERM/SIGINT.
     pub async fn run(
         mut self,
         mut cgroup_events: mpsc::Receiver<CgroupEvent>,
         mut runtime_answers: mpsc::Receiver<RuntimeAnswer>,
         hangup: &mut Hangup,
         termination: &mut Termination,
-    ) -> BaselineHandle {
+    ) {
         let changed = self.ctx.view.changed();
         let mut last_reconcile = Instant::now();
         let mut dirty = false;
@@ -101,7 +98,7 @@ impl Reconciler {
             };
             match wake {
                 Wake::Dirty => dirty = true,
-                Wake::Stop => return self.baseline,
+                Wake::Stop => return,
                 Wake::Reconcile => {
                     dirty = false;
                     last_reconcile = Instant::now();
@@ -170,14 +167,24 @@ impl Reconciler {
         }
     }
 
-    /// Drops namespaces that are no longer environments from the baseline states and writes
-    /// the state file with each pod's attempt count.
+    /// Drops namespaces that are no longer environments from the CNI probe's states and
+    /// writes the state file with each pod's attempt count.
     fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
         let namespaces = self.ctx.view.namespaces();
         let policy = &self.index.policy;
         self.ctx
             .namespace_states
             .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+        // Every environment namespace, with the CNI state where this node has probed it.
+        let probed = self.ctx.namespace_states.snapshot();
+        let environments = namespaces
+            .values()
+            .filter(|n| policy.is_environment(n))
+            .map(|n| {
+                let cni = probed.get(&n.name).and_then(|st| st.cni);
+                (n.name.clone(), NodeNamespaceState { cni })
+            })
+            .collect();
         {
             let mut counts = self.ctx.attempts_by_pod.lock().expect("attempts lock");
             let live: HashSet<&str> = rows.iter().map(|r| r.uid.as_str()).collect();
@@ -189,7 +196,7 @@ impl Reconciler {
         self.state_file.write(&StateFile {
             node: self.ctx.node.clone(),
             written_unix: unix_secs(std::time::SystemTime::now()),
-            namespaces: self.ctx.namespace_states.snapshot(),
+            namespaces: environments,
             pods: rows,
             counter_classes: self.index.classes.snapshot(),
             enforcing_from: EnforcingFrom::Api,
@@ -311,7 +318,6 @@ impl Reconciler {
             }
         }
         self.index.policy = config.policy_config(self.own_pod_uid.clone());
-        self.baseline.reload(&config);
         self.probe_settings
             .send_replace(ProbeSettings::from_config(&config, &config.blocklist()));
         for warning in config.warnings() {

@@ -1,9 +1,10 @@
 //! The node agent's state file: what `status` shows beyond the pins (per environment
-//! namespace: NetworkPolicy, Pod Security, CNI enforcement; per pod: verdict, reason,
-//! audited attempts; the counter classes' namespaces; where the verdicts come from: the
-//! API server or, before the first full sync, the state cache). The agent writes it after
-//! every reconcile, and every few seconds before its first sync; `status` reads it with the
-//! same types.
+//! namespace: CNI enforcement as probed from this node; per pod: verdict, reason, audited
+//! attempts; the counter classes' namespaces; where the verdicts come from: the API server
+//! or, before the first full sync, the state cache). The NetworkPolicy and Pod Security
+//! state is the controller's (its metrics and logs), not the node's: nodes do not watch
+//! policies. The agent writes it after every reconcile, and every few seconds before its
+//! first sync; `status` reads it with the same types.
 //!
 //! It stays in `/run` (a tmpfs, emptied by a reboot) rather than in the state directory:
 //! it describes this boot's enforcement, and `status` must not present what a previous boot
@@ -20,7 +21,7 @@ use datalab_guard_common::Verdict;
 use serde::{Deserialize, Serialize};
 
 use super::cache::CacheReport;
-use crate::baseline_state::NamespaceStatus;
+use crate::baseline_state::CniState;
 
 /// Where the agent writes it and `status` reads it.
 pub const DEFAULT_STATE_FILE: &str = "/run/datalab-guard/state.json";
@@ -37,8 +38,8 @@ pub struct StateFile {
     pub node: String,
     /// When it was written (seconds since the epoch).
     pub written_unix: u64,
-    /// Environment namespaces' baseline state.
-    pub namespaces: BTreeMap<String, NamespaceStatus>,
+    /// Environment namespaces, as this node knows them.
+    pub namespaces: BTreeMap<String, NodeNamespaceState>,
     /// This node's pods, as of the write.
     pub pods: Vec<PodRow>,
     /// Counter class → namespace: which in-kernel counters are whose.
@@ -62,6 +63,13 @@ pub enum EnforcingFrom {
     /// Not synced with the API server yet: the state cache (and the unknown-cgroup verdict
     /// for everything it does not know).
     Cache,
+}
+
+/// What a node knows about one environment namespace: whether the CNI enforces its
+/// NetworkPolicy, as probed from a pod on this node (`None`: not probed yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeNamespaceState {
+    pub cni: Option<CniState>,
 }
 
 /// One pod on this node.
@@ -154,7 +162,6 @@ fn write_atomically(path: &Path, state: &StateFile) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::baseline_state::{CniState, PolicyState};
 
     fn sample() -> StateFile {
         StateFile {
@@ -162,10 +169,8 @@ mod tests {
             written_unix: 1_700_000_000,
             namespaces: BTreeMap::from([(
                 "tenant-a".to_owned(),
-                NamespaceStatus {
-                    policy: Some(PolicyState::Ok),
+                NodeNamespaceState {
                     cni: Some(CniState::Enforced),
-                    ..Default::default()
                 },
             )]),
             pods: vec![PodRow {
@@ -205,6 +210,13 @@ mod tests {
         assert_eq!(json["pods"][0]["cgroup_id"], 42);
         assert_eq!(json["counter_classes"]["1"], "tenant-a");
         assert_eq!(json["namespaces"]["tenant-a"]["cni"], "enforced");
+        // The node does not know the policy or Pod Security state (the controller does).
+        assert_eq!(json["namespaces"]["tenant-a"].as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cache_fields_round_trip() {
+        let json = serde_json::to_value(sample()).unwrap();
         assert_eq!(json["enforcing_from"], "cache");
         assert_eq!(json["cache"]["loaded_written_unix"], 1_699_999_990);
     }

@@ -224,6 +224,53 @@ impl RequestLog {
     pub fn is_watch(&self) -> bool {
         self.verb == "watch"
     }
+
+    /// POST, PUT, PATCH or DELETE.
+    pub fn is_write(&self) -> bool {
+        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+    }
+
+    /// Sent by a process whose `User-Agent` is `datalab-guard-<component>/...` (`node` or
+    /// `controller`).
+    pub fn sent_by(&self, component: &str) -> bool {
+        self.user_agent
+            .as_deref()
+            .is_some_and(|ua| ua.starts_with(&format!("datalab-guard-{component}/")))
+    }
+
+    /// Whether the request asked for metadata only (`as=PartialObjectMetadata[List]`).
+    pub fn metadata_only(&self) -> bool {
+        self.accept
+            .as_deref()
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+    }
+}
+
+/// The requests of a node agent (on `node`) that break its read-only contract (issue 10): any
+/// write but an Event (create/patch) or a patch of its own Node (the startup taint); any
+/// request for Leases or NetworkPolicies; listing or watching Nodes; namespaces read other
+/// than as metadata. Empty when the agent kept to it.
+pub fn node_agent_violations(requests: &[RequestLog], node: &str) -> Vec<RequestLog> {
+    requests
+        .iter()
+        .filter(|r| r.sent_by("node"))
+        .filter(|r| {
+            let resource = r.resource.as_deref().unwrap_or_default();
+            let allowed_write = match resource {
+                "events" => matches!(r.method.as_str(), "POST" | "PATCH"),
+                "nodes" => r.method == "PATCH" && r.name.as_deref() == Some(node),
+                _ => false,
+            };
+            let forbidden_read = match resource {
+                "leases" | "networkpolicies" => true,
+                "nodes" => r.verb == "list" || r.verb == "watch",
+                "namespaces" => !r.metadata_only(),
+                _ => false,
+            };
+            (r.is_write() && !allowed_write) || forbidden_read
+        })
+        .cloned()
+        .collect()
 }
 
 /// A pod as the fixture's control methods create it: what datalab-guard reads from pods

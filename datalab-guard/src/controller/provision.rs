@@ -1,13 +1,14 @@
 //! The cluster-wide baseline under the datapath: the `allow-web-egress` NetworkPolicy in
 //! every environment namespace, Pod Security Admission labels, and other policies that
-//! reopen metadata — verified by every agent, written by the elected leader only.
+//! reopen metadata — verified by every controller replica, written by the elected leader only.
 //!
-//! Every agent runs [`spawn`]: a leader-election candidate ([`super::leader`]), reflectors of
-//! namespaces and NetworkPolicies, and one reconcile loop that fills [`NamespaceStates`] for
-//! each environment namespace (`policy`: ok | missing | drifted | repaired | bypassed,
-//! `bypassed_by`, `psa`), so `networkpolicy_state` means the same on every node. Only while
-//! this agent holds the Lease does the loop write, and it stops mid-reconcile when it loses
-//! it:
+//! The controller runs [`spawn`]: a leader-election candidate ([`super::leader`]), caches of
+//! namespaces (metadata only: labels are all it reads) and NetworkPolicies fed by the shared
+//! list-and-watch loop ([`crate::k8s::informer`]), and one reconcile loop that fills
+//! [`NamespaceStates`] for each environment namespace (`policy`: ok | missing | drifted |
+//! repaired | bypassed, `bypassed_by`, `psa`), so `networkpolicy_state` means the same on
+//! every replica. Only while this replica holds the Lease does the loop write, and it stops
+//! mid-reconcile when it loses it:
 //! - server-side apply (field manager `datalab-guard`, forced) of the desired policy
 //!   ([`desired`]) where it is missing or has drifted — deleted, edited, fields taken over by
 //!   another manager. A first creation is *provisioning* (log line); putting back a policy
@@ -24,7 +25,8 @@
 //!   that reopen a blocked destination ([`holepunch`] finds them); they are reported, never
 //!   touched.
 //!
-//! The entry point for the node agent is [`spawn`]; see its docs for the wiring.
+//! Events on namespaces go through [`NamespaceEvents`] (one per-process budget). The entry
+//! point is [`spawn`], wired by [`super::serve`].
 
 pub mod desired;
 mod holepunch;
@@ -37,18 +39,14 @@ use std::{
 
 use datalab_guard_common::cidr::Cidr;
 use datalab_guard_policy::PolicyConfig;
-use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, ObjectReference},
     networking::v1::NetworkPolicy,
 };
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
-    runtime::{
-        events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, Store},
-        watcher, WatchStreamExt as _,
-    },
+    core::PartialObjectMeta,
+    runtime::reflector::{self, Store},
     Api, Client,
 };
 use tokio::{
@@ -58,15 +56,23 @@ use tokio::{
 
 pub use self::desired::{desired_policy, is_ours, observe, Observed, MANAGED_BY_LABEL};
 use super::{
-    client::MANAGER,
-    convert::namespace_info,
-    leader::{self, Elector, LeaseSettings},
+    leader::{Elector, LeaseSettings},
     psa,
 };
 use crate::{
     baseline_state::{NamespaceStates, PolicyState, PsaState},
     config::{Config, DualStack, NetworkPolicyConfig, PodSecurityConfig},
+    k8s::{
+        client::MANAGER,
+        convert::{namespace_info, slim_namespace},
+        events::{EventBudget, NamespaceEvents},
+        informer::{Informer, WatchStats},
+    },
+    metrics::WatchSample,
 };
+
+/// A namespace as the controller caches it: metadata only.
+type NamespaceMeta = PartialObjectMeta<Namespace>;
 
 /// How long a repaired policy keeps the state `repaired` once it is right again, so that
 /// the `networkpolicy_state` metric shows the repair to a Prometheus scraping every minute.
@@ -104,87 +110,113 @@ impl Settings {
     }
 }
 
-/// The running baseline controller of one agent.
+/// The controller's two caches and their watches' health.
+#[derive(Clone)]
+struct Caches {
+    namespaces: Store<NamespaceMeta>,
+    policies: Store<NetworkPolicy>,
+    namespace_stats: Arc<WatchStats>,
+    policy_stats: Arc<WatchStats>,
+    /// `true` once both initial lists are complete. One task waits on the stores and sets it:
+    /// several waiters on one kube-runtime store's readiness were seen not all to wake.
+    synced: watch::Receiver<bool>,
+}
+
+impl Caches {
+    /// Resolves once both initial lists are complete.
+    async fn synced(&self) {
+        let mut synced = self.synced.clone();
+        let _ = synced.wait_for(|s| *s).await;
+    }
+}
+
+/// The running baseline controller of one replica.
 /// Dropping it without [`BaselineHandle::shutdown`] stops everything at once, without
 /// releasing the Lease (it then expires by itself).
 pub struct BaselineHandle {
     elector: Option<Elector>,
+    caches: Caches,
     settings: watch::Sender<Arc<Settings>>,
     stop: watch::Sender<bool>,
     /// The reconcile loop (stops at `stop`).
     reconciler: Option<JoinHandle<()>>,
-    /// The reflectors' drivers (aborted).
+    /// The list-and-watch loops (aborted).
     watchers: Vec<JoinHandle<()>>,
 }
 
-/// Starts leader election, the namespace and NetworkPolicy reflectors and the reconcile
-/// loop on the current tokio runtime; returns at once.
+/// Starts leader election (as `identity`), the namespace and NetworkPolicy caches and the
+/// reconcile loop on the current tokio runtime; returns at once.
 ///
-/// - `node`: this agent's node name; it is the Lease identity unless `POD_NAME` is set;
-/// - `states`: shared with the metrics, `status` and the CNI probe; this module writes the
-///   `policy`, `bypassed_by` and `psa` fields of environment namespaces and drops the
-///   namespaces that are no longer environments.
-///
-/// Node agent wiring (`node/`, after the client exists):
-/// ```ignore
-/// let states = datalab_guard::baseline_state::NamespaceStates::default();
-/// let baseline = k8s::provision::spawn(client.clone(), &plan.config, &plan.node, states.clone());
-/// // SIGHUP, once the new config is accepted:   baseline.reload(&new_config);
-/// // on SIGTERM/SIGINT, before returning:       baseline.shutdown().await;
-/// ```
+/// `states` is shared with the metrics: this module writes the `policy`, `bypassed_by` and
+/// `psa` fields of environment namespaces and drops the namespaces that are no longer
+/// environments. Namespace Events spend from a budget of `audit.eventsPerMinutePerNode` a
+/// minute (the same size as each node's).
 pub fn spawn(
     client: Client,
     config: &Config,
-    node: &str,
+    identity: &str,
     states: NamespaceStates,
 ) -> BaselineHandle {
-    let identity = leader::identity(node);
     let elector = Elector::spawn(
         client.clone(),
-        LeaseSettings::from_config(&config.leader_election, &identity),
+        LeaseSettings::from_config(&config.leader_election, identity),
     );
     let (settings_tx, settings_rx) = watch::channel(Arc::new(Settings::new(config)));
     let (stop, stop_rx) = watch::channel(false);
     let changed = Arc::new(Notify::new());
 
-    let (namespaces, ns_writer) = reflector::store::<Namespace>();
-    let ns_stream = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|ns| {
-        ns.metadata.managed_fields = None;
-        ns.metadata.annotations = None;
-    })
-    .reflect(ns_writer);
+    let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let (policies, np_writer) = reflector::store::<NetworkPolicy>();
-    // Every policy, not only ours: other policies can reopen metadata. managedFields stay
-    // (ownership is part of drift); the last-applied annotation can be large and goes.
-    let np_stream = watcher(
-        Api::<NetworkPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|np| np.metadata.annotations = None)
-    .reflect(np_writer);
+    let (synced_tx, synced) = watch::channel(false);
+    let caches = Caches {
+        namespaces: namespaces.clone(),
+        policies: policies.clone(),
+        namespace_stats: Arc::default(),
+        policy_stats: Arc::default(),
+        synced,
+    };
     let watchers = vec![
-        tokio::spawn(drive("namespaces (baseline)", ns_stream, changed.clone())),
-        tokio::spawn(drive("networkpolicies", np_stream, changed.clone())),
+        tokio::spawn(async move {
+            let _ = namespaces.wait_until_ready().await;
+            let _ = policies.wait_until_ready().await;
+            synced_tx.send_replace(true);
+        }),
+        tokio::spawn(
+            Informer::new(
+                "namespaces",
+                Api::<NamespaceMeta>::all(client.clone()),
+                None,
+                slim_namespace,
+                ns_writer,
+                caches.namespace_stats.clone(),
+                changed.clone(),
+            )
+            .failure_note("nothing is written until it answers")
+            .run(),
+        ),
+        // Every policy, not only ours: other policies can reopen metadata. managedFields stay
+        // (ownership is part of drift); the last-applied annotation can be large and goes.
+        tokio::spawn(
+            Informer::new(
+                "networkpolicies",
+                Api::<NetworkPolicy>::all(client.clone()),
+                None,
+                |np| np.metadata.annotations = None,
+                np_writer,
+                caches.policy_stats.clone(),
+                changed.clone(),
+            )
+            .failure_note("nothing is written until it answers")
+            .run(),
+        ),
     ];
 
+    let budget = EventBudget::per_minute(config.audit.events_per_minute_per_node);
     let reconciler = Reconciler {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(identity),
-            },
-        ),
+        events: NamespaceEvents::new(client.clone(), identity.to_owned(), budget),
         client,
         states,
-        namespaces,
-        policies,
+        caches: caches.clone(),
         memory: BTreeMap::new(),
         dual_stack: None,
     };
@@ -197,6 +229,7 @@ pub fn spawn(
     ));
     BaselineHandle {
         elector: Some(elector),
+        caches,
         settings: settings_tx,
         stop,
         reconciler: Some(reconciler),
@@ -205,12 +238,33 @@ pub fn spawn(
 }
 
 impl BaselineHandle {
-    /// `true` while this agent is the leader (the one that writes).
+    /// `true` while this replica is the leader (the one that writes).
     pub fn is_leader(&self) -> watch::Receiver<bool> {
         self.elector
             .as_ref()
             .expect("running until shutdown")
             .subscribe()
+    }
+
+    /// A future that resolves once the namespace and NetworkPolicy caches hold a complete
+    /// list (readiness); it does not borrow the handle.
+    pub fn synced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let caches = self.caches.clone();
+        async move { caches.synced().await }
+    }
+
+    /// The health of the two watches at each call, for the metrics.
+    pub fn watch_samples(&self) -> impl Fn() -> Vec<WatchSample> + Send + Sync + 'static {
+        let (namespaces, policies) = (
+            self.caches.namespace_stats.clone(),
+            self.caches.policy_stats.clone(),
+        );
+        move || {
+            vec![
+                WatchSample::of("namespaces", &namespaces),
+                WatchSample::of("networkpolicies", &policies),
+            ]
+        }
     }
 
     /// Follows a reloaded config (environments, networkPolicy, podSecurity, blocked set). The
@@ -251,33 +305,6 @@ impl Drop for BaselineHandle {
     }
 }
 
-async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>)
-where
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut failing = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => {
-                if failing {
-                    tracing::info!(what, "watch recovered");
-                    failing = false;
-                }
-                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                    changed.notify_one();
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(what, error = %e, "watch failed; retrying with backoff");
-                    failing = true;
-                }
-            }
-        }
-    }
-}
-
 /// What the loop remembers about one environment namespace.
 #[derive(Default)]
 struct Memory {
@@ -302,10 +329,9 @@ struct Memory {
 
 struct Reconciler {
     client: Client,
-    recorder: Recorder,
+    events: NamespaceEvents,
     states: NamespaceStates,
-    namespaces: Store<Namespace>,
-    policies: Store<NetworkPolicy>,
+    caches: Caches,
     memory: BTreeMap<String, Memory>,
     /// `dualStack: auto`: (IPv6 seen on the Nodes, when looked).
     dual_stack: Option<(bool, Instant)>,
@@ -318,11 +344,9 @@ async fn run(
     changed: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let caches = r.caches.clone();
     tokio::select! {
-        _ = async {
-            let _ = r.namespaces.wait_until_ready().await;
-            let _ = r.policies.wait_until_ready().await;
-        } => {},
+        () = caches.synced() => {},
         _ = stop.changed() => return,
     }
     tracing::info!(
@@ -364,7 +388,7 @@ impl Reconciler {
     async fn reconcile(&mut self, s: &Settings, leading: bool) -> Option<Duration> {
         let dual = self.dual_stack(s).await;
         let mut by_namespace: BTreeMap<String, Vec<NetworkPolicy>> = BTreeMap::new();
-        for p in self.policies.state() {
+        for p in self.caches.policies.state() {
             if let Some(ns) = p.metadata.namespace.clone() {
                 by_namespace.entry(ns).or_default().push((*p).clone());
             }
@@ -372,8 +396,8 @@ impl Reconciler {
         let mut environments = BTreeSet::new();
         let mut wake: Option<Duration> = None;
         let mut soon = |d: Duration| wake = Some(wake.map_or(d, |w: Duration| w.min(d)));
-        for ns in self.namespaces.state() {
-            let Some(info) = namespace_info(&ns) else {
+        for ns in self.caches.namespaces.state() {
+            let Some(info) = namespace_info(&ns.metadata) else {
                 continue;
             };
             let terminating = ns.metadata.deletion_timestamp.is_some();
@@ -445,16 +469,12 @@ impl Reconciler {
 
     #[expect(
         clippy::too_many_arguments,
-        reason = "the namespace's facts for one round; they are moving into a context type with the controller/ split"
-    )]
-    #[expect(
-        clippy::too_many_lines,
-        reason = "moving to controller/ now (another branch); split it there, not here"
+        reason = "one namespace's inputs, each used once; a struct would only rename them"
     )]
     async fn reconcile_policy(
         &mut self,
         s: &Settings,
-        ns: &Namespace,
+        ns: &NamespaceMeta,
         policies: &[NetworkPolicy],
         dual: bool,
         leading: bool,
@@ -542,10 +562,9 @@ impl Reconciler {
                                         np.name
                                     );
                                     publish(
-                                        &self.recorder,
+                                        &self.events,
                                         ns,
-                                        "NetworkPolicyRepaired",
-                                        "RepairNetworkPolicy",
+                                        ("NetworkPolicyRepaired", "RepairNetworkPolicy"),
                                         note,
                                         Some(policy_reference(&written)),
                                     )
@@ -591,10 +610,9 @@ impl Reconciler {
                 tracing::warn!(namespace = %name, policies = %list, rules = %rules, "NetworkPolicy reopens a blocked metadata destination (left in place)");
                 let note = format!("NetworkPolicy {list} reopens a blocked metadata destination ({rules}); datalab-guard still blocks it on the nodes");
                 publish(
-                    &self.recorder,
+                    &self.events,
                     ns,
-                    "MetadataBypassPolicy",
-                    "DetectBypass",
+                    ("MetadataBypassPolicy", "DetectBypass"),
                     note,
                     None,
                 )
@@ -608,7 +626,7 @@ impl Reconciler {
     async fn reconcile_psa(
         &mut self,
         s: &Settings,
-        ns: &Namespace,
+        ns: &NamespaceMeta,
         leading: bool,
         terminating: bool,
     ) -> PsaState {
@@ -634,10 +652,9 @@ impl Reconciler {
             };
             tracing::warn!(namespace = %name, enforce = state.enforce.as_deref().unwrap_or("(none)"), required = required.as_str(), "Pod Security too weak: {what}{fix}");
             publish(
-                &self.recorder,
+                &self.events,
                 ns,
-                "PodSecurityTooWeak",
-                "CheckPodSecurity",
+                ("PodSecurityTooWeak", "CheckPodSecurity"),
                 format!("{what}{fix}"),
                 None,
             )
@@ -673,13 +690,13 @@ impl Reconciler {
     /// is too weak?
     async fn psa_still_weak(&self, s: &Settings, name: &str) -> bool {
         match Api::<Namespace>::all(self.client.clone())
-            .get_opt(name)
+            .get_metadata_opt(name)
             .await
         {
             Ok(Some(fresh)) => {
                 let labels = fresh.metadata.labels.clone().unwrap_or_default();
                 fresh.metadata.deletion_timestamp.is_none()
-                    && namespace_info(&fresh).is_some_and(|i| s.policy.is_environment(&i))
+                    && namespace_info(&fresh.metadata).is_some_and(|i| s.policy.is_environment(&i))
                     && !psa::check(&labels, s.pod_security.level).sufficient
             }
             Ok(None) => false,
@@ -731,9 +748,12 @@ async fn fresh_environment(
     policy: &PolicyConfig,
     soon: &mut impl FnMut(Duration),
 ) -> Option<bool> {
-    match Api::<Namespace>::all(client.clone()).get_opt(name).await {
+    match Api::<Namespace>::all(client.clone())
+        .get_metadata_opt(name)
+        .await
+    {
         Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none() => {
-            namespace_info(&ns).map(|i| policy.is_environment(&i))
+            namespace_info(&ns.metadata).map(|i| policy.is_environment(&i))
         }
         Ok(_) => None,
         Err(e) => {
@@ -811,37 +831,24 @@ fn policy_reference(p: &NetworkPolicy) -> ObjectReference {
 }
 
 /// A Warning Event on the namespace, in that namespace (see
-/// [`super::events::namespace_reference`]). Events are a courtesy: a failure is logged,
-/// never retried.
+/// [`crate::k8s::events::namespace_reference`]), within the controller's Event budget.
 async fn publish(
-    recorder: &Recorder,
-    ns: &Namespace,
-    reason: &str,
-    action: &str,
+    events: &NamespaceEvents,
+    ns: &NamespaceMeta,
+    reason_action: (&str, &str),
     note: String,
     related: Option<ObjectReference>,
 ) {
-    let reference = super::events::namespace_object_reference(ns);
-    // The API server caps notes at 1 kB.
-    let mut note = note;
-    if note.len() > 1000 {
-        let mut cut = 997;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push_str("...");
-    }
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: related,
-    };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(namespace = ns.metadata.name.as_deref().unwrap_or(""), reason, error = %e, "cannot publish the namespace Event");
-    }
+    let name = ns.metadata.name.as_deref().unwrap_or_default();
+    events
+        .warn(
+            name,
+            ns.metadata.uid.as_deref(),
+            reason_action,
+            note,
+            related,
+        )
+        .await;
 }
 
 /// Whether a Node shows IPv6: an IPv6 pod CIDR, or an IPv6 internal/external address.

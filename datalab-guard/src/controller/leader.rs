@@ -49,17 +49,19 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::config::LeaderElectionConfig;
 
-/// Environment variable naming the agent's pod (downward API). When set it is the
-/// candidate's identity, so that two agent pods on one node (a surge rollout) never share
-/// one; otherwise the node name is.
+/// Environment variable naming the controller's pod (downward API): the default identity,
+/// so that two replicas (or the old and new pod of a rollout) never share one.
 pub const POD_NAME_ENV: &str = "POD_NAME";
 
-/// The identity this agent campaigns with: `POD_NAME`, else the node name.
-pub fn identity(node: &str) -> String {
+/// The identity a controller campaigns with when `--identity` is not given: `POD_NAME`, else
+/// the hostname (a pod's hostname is its name too), else a fixed name.
+pub fn default_identity() -> String {
     std::env::var(POD_NAME_ENV)
         .ok()
-        .filter(|p| !p.trim().is_empty())
-        .unwrap_or_else(|| node.to_owned())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "datalab-guard-controller".to_owned())
 }
 
 /// Everything one candidate needs.
@@ -282,7 +284,7 @@ impl Elector {
         }
     }
 
-    /// `true` while this agent holds the lease. Leader duties must stop as soon as it turns
+    /// `true` while this replica holds the lease. Leader duties must stop as soon as it turns
     /// `false`.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.is_leader.clone()
