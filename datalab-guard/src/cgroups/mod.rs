@@ -422,7 +422,7 @@ garbage line
         match cgroup2_mount() {
             Ok(m) => Some(m),
             Err(e) => {
-                eprintln!("skipped: {e}");
+                eprintln!("SKIPPED: {e}");
                 None
             }
         }
