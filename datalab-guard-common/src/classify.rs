@@ -320,6 +320,16 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                 } else {
                     (h[1] as usize + 1) * 8
                 };
+                // The whole header must be in the packet (a cut one hides what follows it),
+                // and an AH shorter than its 12-byte fixed part is malformed.
+                let malformed_ah = next == IPPROTO_AH && h[1] == 0;
+                if malformed_ah || pkt.read::<1>(off + len - 1).is_none() {
+                    return V6Walk {
+                        proto: next,
+                        dport: 0,
+                        blocked: Some(Reason::Unparseable),
+                    };
+                }
                 if next == IPPROTO_ROUTING {
                     if let Some(reason) = scan_routing_header(pkt, off) {
                         return V6Walk {
@@ -333,7 +343,8 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                 off += len;
             }
             IPPROTO_FRAGMENT => {
-                let Some(h) = pkt.read::<4>(off) else {
+                // All 8 bytes: a cut fragment header is as unparseable as any other.
+                let Some(h) = pkt.read::<8>(off) else {
                     return V6Walk {
                         proto: next,
                         dport: 0,
@@ -361,10 +372,20 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
             }
         }
     }
-    V6Walk {
-        proto: next,
-        dport: 0,
-        blocked: Some(Reason::Unparseable),
+    // MAX_EXT_HEADERS headers walked: what follows must be the upper layer.
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            V6Walk {
+                proto: next,
+                dport: 0,
+                blocked: Some(Reason::Unparseable),
+            }
+        }
+        _ => V6Walk {
+            proto: next,
+            dport: read_dport(pkt, off, next),
+            blocked: None,
+        },
     }
 }
 
@@ -557,6 +578,59 @@ mod tests {
         let frag = [IPPROTO_UDP, 0, 0, 1, 0, 0, 0, 9];
         let p = v6_packet(other, IPPROTO_FRAGMENT, &frag, 53);
         assert!(matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(a) if a.dport == 53));
+    }
+
+    /// Found by the oracle (tests/classifier_oracle.rs): each of these passed before.
+    #[test]
+    fn extension_headers_must_be_whole_and_well_formed() {
+        let set = defaults();
+        let other = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        // Destination options claiming 24 bytes, cut after 20: cannot be walked to its end.
+        let mut dstopts = [0u8; 24];
+        dstopts[0] = IPPROTO_TCP;
+        dstopts[1] = 2;
+        let p = v6_packet(other, IPPROTO_DSTOPTS, &dstopts, 80);
+        assert!(matches!(
+            classify_packet(&p[..40 + 24], &set[..]),
+            PacketClass::Pass(_)
+        ));
+        assert!(matches!(
+            classify_packet(&p[..40 + 20], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
+        // A fragment header cut after 4 of its 8 bytes.
+        let frag = [IPPROTO_UDP, 0, 0, 0, 0, 0, 0, 9];
+        let p = v6_packet(other, IPPROTO_FRAGMENT, &frag, 53);
+        assert!(matches!(
+            classify_packet(&p[..44], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
+        // AH with payload length 0 (8 bytes, less than its 12-byte fixed part).
+        let ah = [IPPROTO_TCP, 0, 0, 0, 0, 0, 0, 1];
+        let p = v6_packet(other, IPPROTO_AH, &ah, 80);
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
+        // Exactly MAX_EXT_HEADERS headers, then TCP: walked, port found; one more: refused.
+        let chain = |n: usize| {
+            let mut ext = [0u8; 8 * (MAX_EXT_HEADERS + 1)];
+            for i in 0..n {
+                ext[i * 8] = if i + 1 == n {
+                    IPPROTO_TCP
+                } else {
+                    IPPROTO_DSTOPTS
+                };
+            }
+            v6_packet(other, IPPROTO_DSTOPTS, &ext[..8 * n], 443)
+        };
+        assert!(
+            matches!(classify_packet(&chain(MAX_EXT_HEADERS)[..], &set[..]), PacketClass::Pass(a) if a.proto == IPPROTO_TCP && a.dport == 443)
+        );
+        assert!(matches!(
+            classify_packet(&chain(MAX_EXT_HEADERS + 1)[..], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
     }
 
     #[test]

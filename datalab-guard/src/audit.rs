@@ -686,7 +686,7 @@ mod tests {
 
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (loads eBPF programs)");
+            eprintln!("SKIPPED: needs root (loads eBPF programs)");
             return;
         }
         // A private bpffs: never the system's /sys/fs/bpf; unmounting releases every pin.

@@ -1,49 +1,79 @@
-//! Fuzzes the destination classifier with arbitrary packets and blocked sets.
-//! Run: `cargo +nightly fuzz run classify` (needs cargo-fuzz; not run in CI).
+//! Fuzzes the destination classifier with arbitrary packets and blocked sets, against the
+//! independent oracle of the property tests (etherparse + `std::net`,
+//! `datalab-guard-common/tests/support/oracle.rs`).
+//! Run: `cargo xtask fuzz --seconds N` (nightly and cargo-fuzz; CI runs it for a minute).
 //!
-//! Invariants: no panic; the fast-path test never passes a packet the full classifier
-//! blocks; a packet whose plain destination is in the set is always blocked.
+//! Invariants: no panic; the classifier's verdict and reason are the oracle's, and so are
+//! the destination, protocol and port it reports; the fast-path test never passes a packet
+//! the full classifier blocks.
 #![no_main]
+
+#[path = "../../datalab-guard-common/tests/support/oracle.rs"]
+mod oracle;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use datalab_guard_common::{
     cidr::{prefilter, Cidr},
-    classify::{classify_packet, fast_path_pass, v4_blocked, v6_blocked, PacketClass},
+    classify::{classify_packet, fast_path_pass, Attempt, PacketClass, Reason},
 };
 use libfuzzer_sys::fuzz_target;
+use oracle::{judge, Judgement, Net, Why};
+
+fn same_attempt(a: &Attempt, e: &oracle::Expected) -> bool {
+    a.dst == e.dst && e.l4.is_none_or(|l4| (a.proto, a.dport) == l4)
+}
 
 fuzz_target!(|data: &[u8]| {
-    // First bytes choose the blocked set: a v4 and a v6 CIDR.
+    // The first 22 bytes choose the blocked set: a v4 and a v6 CIDR.
     if data.len() < 22 {
         return;
     }
     let (head, packet) = data.split_at(22);
-    let v4 = Cidr::v4([head[0], head[1], head[2], head[3]], head[4] % 33).unwrap();
+    let a4 = [head[0], head[1], head[2], head[3]];
+    let p4 = head[4] % 33;
     let mut a6 = [0u8; 16];
     a6.copy_from_slice(&head[5..21]);
-    let v6 = Cidr::v6(a6, head[21] % 129).unwrap();
-    let set = [v4, v6];
+    let p6 = head[21] % 129;
+    let set = [Cidr::v4(a4, p4).unwrap(), Cidr::v6(a6, p6).unwrap()];
+    let nets = [
+        Net {
+            addr: IpAddr::V4(Ipv4Addr::from(a4)),
+            prefix: p4,
+        },
+        Net {
+            addr: IpAddr::V6(Ipv6Addr::from(a6)),
+            prefix: p6,
+        },
+    ];
     let class = classify_packet(packet, &set[..]);
+    let expected = judge(packet, &nets);
+    let agree = match (class, expected.judgement) {
+        (PacketClass::NotIp, Judgement::NotIp) => true,
+        (PacketClass::Pass(a), Judgement::Pass) => same_attempt(&a, &expected),
+        (PacketClass::Blocked(a, r), Judgement::Blocked(w)) => {
+            let same_reason = matches!(
+                (r, w),
+                (Reason::Destination, Why::Destination)
+                    | (Reason::SourceRoute, Why::SourceRoute)
+                    | (Reason::Unparseable, Why::Unparseable)
+            );
+            same_reason && same_attempt(&a, &expected)
+        }
+        _ => false,
+    };
+    assert!(agree, "classifier {class:?}, oracle {expected:?}");
+
     let (m4, m6) = prefilter(set.iter());
     if packet.len() >= 40 || (packet.len() >= 20 && packet[0] >> 4 != 6) {
-        let next = if packet[0] >> 4 == 6 { packet[6] } else { 0 };
-        let dst_first = if packet[0] >> 4 == 6 { packet[24] } else { packet[16] };
+        let v6 = packet[0] >> 4 == 6;
+        let next = if v6 { packet[6] } else { 0 };
+        let dst_first = if v6 { packet[24] } else { packet[16] };
         if fast_path_pass(packet[0], next, dst_first, &m4, &m6) {
-            assert!(!matches!(class, PacketClass::Blocked(..)), "fast path passed a blocked packet");
+            assert!(
+                !matches!(class, PacketClass::Blocked(..)),
+                "fast path passed a blocked packet"
+            );
         }
-    }
-    match packet.first().map(|b| b >> 4) {
-        Some(4) if packet.len() >= 20 => {
-            if v4_blocked(&set[..], [packet[16], packet[17], packet[18], packet[19]]) {
-                assert!(matches!(class, PacketClass::Blocked(..)));
-            }
-        }
-        Some(6) if packet.len() >= 40 => {
-            let mut dst = [0u8; 16];
-            dst.copy_from_slice(&packet[24..40]);
-            if v6_blocked(&set[..], dst) {
-                assert!(matches!(class, PacketClass::Blocked(..)));
-            }
-        }
-        _ => {}
     }
 });

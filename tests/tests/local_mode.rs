@@ -377,13 +377,7 @@ fn enforcement_survives_kill9_restart_upgrade_and_ends_with_uninstall() {
     let old_ids = link_ids(&sb.pins());
     sb.agent.as_mut().unwrap().kill9().unwrap();
     sb.agent = None;
-    {
-        let layout = datalab_guard::bpf::PinLayout::new(sb.pins());
-        let mut maps = datalab_guard::bpf::GuardMaps::from_pins(&layout).unwrap();
-        let mut meta = maps.meta().unwrap();
-        meta.object_hash ^= 0x5a5a;
-        maps.write_meta(&meta).unwrap();
-    }
+    pretend_other_program_version(&sb.pins());
     sb.start(&[]);
     wait_stderr(sb.agent(), "upgraded programs");
     let new_ids = link_ids(&sb.pins());
@@ -441,6 +435,164 @@ fn enforcement_survives_kill9_restart_upgrade_and_ends_with_uninstall() {
         !status.status.success(),
         "status with nothing installed should fail"
     );
+}
+
+/// Forces the next start to see another program version: the pinned install's recorded
+/// object hash no longer matches the binary's, so the agent upgrades (new links, then the
+/// old ones go). Call with no agent running.
+fn pretend_other_program_version(pins: &std::path::Path) {
+    let layout = datalab_guard::bpf::PinLayout::new(pins);
+    let mut maps = datalab_guard::bpf::GuardMaps::from_pins(&layout).unwrap();
+    let mut meta = maps.meta().unwrap();
+    meta.object_hash ^= 0x5a5a;
+    maps.write_meta(&meta).unwrap();
+}
+
+/// A child process killed if the test fails before it ends it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The upgrade leaves no gap, seen by a sender that never stops: one process in the guarded
+/// cgroup sends about 20,000 UDP datagrams a second to the metadata address from before the
+/// old agent dies until after the upgraded one runs. Every sendto is refused (EPERM), none
+/// leaves, none arrives at the metadata host, and the kernel counted every refusal (those
+/// in the overlap of old and new programs twice); after the upgrade, exactly once. With the old links detached before the new ones are attached, the
+/// programs' load and attach take milliseconds and dozens of datagrams get through.
+#[test]
+fn a_continuous_sender_gets_nothing_through_an_upgrade() {
+    if !require_root() {
+        return;
+    }
+    let mut sb = Sandbox::new();
+    sb.start(&[]);
+    let sendmsg_v4 = [("family", "ipv4"), ("hook", "sendmsg")];
+    let counted_before = metric_sum(
+        &sb.agent().metrics(sb.metrics).expect("metrics"),
+        "datalab_guard_blocked_total",
+        &sendmsg_v4,
+    );
+    let arrived_before = sb.lab.imds_packets();
+
+    // stdin is a pipe: the sender streams until the test closes it (or 60 s pass).
+    let probe = datalab_guard_tests::bins::probe_bin().expect("dg-probe");
+    let argv = [
+        probe.as_os_str(),
+        "udp-stream".as_ref(),
+        IMDS4.as_ref(),
+        "53".as_ref(),
+        "--timeout-ms".as_ref(),
+        "60000".as_ref(),
+    ];
+    let mut sender = KillOnDrop(Some(
+        datalab_guard_tests::command_in(Some(&sb.guarded), Some(sb.lab.tenant_ns()), &argv)
+            .expect("sender command")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sender"),
+    ));
+    // The sender runs: its refusals show in the kernel's counters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric_sum(
+        &sb.agent().metrics(sb.metrics).expect("metrics"),
+        "datalab_guard_blocked_total",
+        &sendmsg_v4,
+    ) < counted_before + 1000
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sender was not refused 1000 times within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    sb.agent.as_mut().unwrap().kill9().expect("kill -9");
+    sb.agent = None;
+    pretend_other_program_version(&sb.pins());
+    sb.start(&[]);
+    wait_stderr(sb.agent(), "upgraded programs");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut child = sender.0.take().expect("sender running");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("sender output");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("sender printed {line:?} ({e}); stderr {:?}", out.stderr));
+    let count = |k: &str| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {report}"))
+    };
+    let arrived = sb.lab.imds_packets() - arrived_before;
+    let counted = metric_sum(
+        &sb.agent().metrics(sb.metrics).expect("metrics"),
+        "datalab_guard_blocked_total",
+        &sendmsg_v4,
+    ) - counted_before;
+    println!(
+        "udp-stream through the upgrade: sent {}, refused {}, failed {}, in {} ms; \
+         arrived at the metadata host {arrived}; counted {counted}",
+        count("sent"),
+        count("refused"),
+        count("failed"),
+        report["elapsed_ms"]
+    );
+    assert_eq!(arrived, 0, "datagrams reached the metadata host: {report}");
+    assert_eq!(count("sent"), 0, "datagrams left the socket: {report}");
+    assert_eq!(
+        count("failed"),
+        0,
+        "sendto failed otherwise than EPERM: {report}"
+    );
+    let per_second = count("refused") as f64 / (report["elapsed_ms"].as_f64().unwrap() / 1e3);
+    assert!(
+        per_second > 2000.0,
+        "the sender managed only {per_second:.0}/s: {report}"
+    );
+    // While both program versions are attached each refusal runs both sendmsg hooks, and
+    // both count it: every refusal is counted, some twice (the overlap), none more.
+    assert!(
+        counted >= count("refused") && counted <= 2 * count("refused"),
+        "the kernel counted {counted} sendmsg refusals, the sender saw {}",
+        count("refused")
+    );
+
+    // Once upgraded, one program per hook: a second stream is counted exactly.
+    let counted_before = metric_sum(
+        &sb.agent().metrics(sb.metrics).expect("metrics"),
+        "datalab_guard_blocked_total",
+        &sendmsg_v4,
+    );
+    let after = datalab_guard_tests::probe_in(
+        &sb.guarded,
+        Some(sb.lab.tenant_ns()),
+        "udp-stream",
+        IMDS4,
+        53,
+        Some(300),
+    )
+    .expect("second stream");
+    let refused: u64 = serde_json::from_str::<serde_json::Value>(&after.raw).unwrap()["refused"]
+        .as_u64()
+        .unwrap();
+    assert!(!after.ok && refused > 0, "{}", after.raw);
+    let counted = metric_sum(
+        &sb.agent().metrics(sb.metrics).expect("metrics"),
+        "datalab_guard_blocked_total",
+        &sendmsg_v4,
+    ) - counted_before;
+    assert_eq!(counted, refused, "after the upgrade: {}", after.raw);
+    assert_eq!(sb.lab.imds_packets() - arrived_before, 0);
 }
 
 fn wait_stderr(agent: &Agent, needle: &str) {

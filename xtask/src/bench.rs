@@ -18,6 +18,7 @@
 //! Needs root (BPF programs, network namespaces, cgroups); everything created is removed on
 //! the way out, also on failure, and leftovers of an interrupted run are removed first.
 
+mod machine;
 mod report;
 mod stats;
 mod testrun;

@@ -7,10 +7,12 @@
 //! - `verifier`: record (or `--check`) each eBPF program's verified instruction count.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
+//! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
 
 mod artifacts;
 mod bench;
 mod demo;
+mod fuzz;
 mod lint;
 mod manifests;
 mod setup;
@@ -52,6 +54,9 @@ enum Cmd {
     /// rustfmt check, clippy with warnings denied (host workspace and the eBPF crate),
     /// the policy core's dependency purity, and cargo-deny (licences, bans, sources).
     Lint,
+    /// Fuzz the destination classifier against its oracle for --seconds (nightly toolchain;
+    /// installs cargo-fuzz if missing).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Verifier(args) => bench::verifier::run(args),
         Cmd::Manifests => manifests::run_all(),
         Cmd::Lint => lint::run_all(),
+        Cmd::Fuzz(args) => fuzz::run_args(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,8 +38,14 @@ pub struct TestArgs {
     pub test_args: Vec<String>,
 }
 
-/// The marker a test prints when it skips; any occurrence fails the run.
+/// The marker a test prints when it skips; any occurrence, in any case, fails the run.
 pub const SKIP_MARKER: &str = "SKIPPED:";
+
+/// Does this output line report a skip? Case-insensitive: a test that prints `skipped:` or
+/// `Skipped:` has skipped all the same.
+fn is_skip_line(text: &str) -> bool {
+    text.to_ascii_uppercase().contains(SKIP_MARKER)
+}
 
 /// Runs `cargo xtask test`.
 pub fn run(args: &TestArgs) -> Result<()> {
@@ -150,7 +156,7 @@ fn scan(pipe: impl std::io::Read, found: &Mutex<Vec<String>>, sink: &mut dyn std
     // Byte lines: test output is not guaranteed to be UTF-8.
     while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
         let text = String::from_utf8_lossy(&buf);
-        if text.contains(SKIP_MARKER) {
+        if is_skip_line(&text) {
             found.lock().unwrap().push(text.trim_end().to_string());
         }
         let _ = sink.write_all(&buf);
@@ -166,13 +172,15 @@ mod tests {
     #[test]
     fn scan_finds_skip_lines_anywhere() {
         let found = Mutex::new(Vec::new());
-        let out: &[u8] = b"running 2 tests\nSKIPPED: needs root (x)\ntest a ... ok\nnote SKIPPED: kernel too old\xff\n";
+        let out: &[u8] = b"running 2 tests\nSKIPPED: needs root (x)\ntest a ... ok\nnote SKIPPED: kernel too old\xff\nskipped: no cgroup2 mount\ntest b ... ok\n\tSkIpPeD: mixed case\nnothing skipped here\n";
         // Into a buffer: echoing these lines would trip the real run's own scan.
         let mut sink = Vec::new();
         scan(out, &found, &mut sink);
         assert_eq!(sink, out);
         let found = found.into_inner().unwrap();
-        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found.len(), 4, "{found:?}");
         assert!(found[1].contains("kernel too old"));
+        assert!(found[2].starts_with("skipped: no cgroup2"));
+        assert!(found[3].contains("mixed case"));
     }
 }

@@ -423,7 +423,7 @@ garbage line
         match cgroup2_mount() {
             Ok(m) => Some(m),
             Err(e) => {
-                eprintln!("skipped: {e}");
+                eprintln!("SKIPPED: {e}");
                 None
             }
         }

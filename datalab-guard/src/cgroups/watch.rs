@@ -610,7 +610,7 @@ mod tests {
         fn new() -> Option<Scratch> {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
-                eprintln!("skipped: needs root to create cgroups");
+                eprintln!("SKIPPED: needs root to create cgroups");
                 return None;
             }
             static N: AtomicU32 = AtomicU32::new(0);

@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn a_file_that_is_no_network_namespace_is_an_error() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (setns)");
+            eprintln!("SKIPPED: needs root (setns)");
             return;
         }
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -291,7 +291,7 @@ mod tests {
     #[test]
     fn loopback_connect_and_refusal_in_our_own_namespace() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (setns)");
+            eprintln!("SKIPPED: needs root (setns)");
             return;
         }
         // Loopback only: a listener we own, and a port we just closed.

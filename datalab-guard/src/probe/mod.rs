@@ -424,7 +424,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reload_changes_the_probed_targets() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (setns)");
+            eprintln!("SKIPPED: needs root (setns)");
             return;
         }
         // Loopback only, in our own namespace (control and "pod" alike): two listeners and a

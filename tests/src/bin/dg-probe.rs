@@ -33,6 +33,10 @@ KIND (ok means):
   icmp6                ICMPv6 echo (SOCK_DGRAM ping socket, else SOCK_RAW) got a reply
   raw-hdrincl          SOCK_RAW/IPPROTO_RAW sendto of a hand-built IPv4/UDP packet succeeded
   packet-socket        socket(AF_PACKET, SOCK_RAW) was created (ADDR/PORT unused)
+  udp-stream           unconnected sendto in a loop (about 20,000 datagrams/s, one socket)
+                       until the timeout, or until stdin closes when it is a pipe; ok means
+                       at least one datagram left the socket; the line adds the counts
+                       sent, refused (EPERM) and failed (any other error)
 PORT is ignored by icmp, icmp6 and packet-socket. Default timeout 2000 ms.";
 
 const PAYLOAD: &[u8] = b"dg-probe";
@@ -93,15 +97,27 @@ fn main() {
         end: start + limit,
         limit,
     };
-    let result = run(&kind, addr, port, dl);
+    let mut counts = None;
+    let result = if kind == "udp-stream" {
+        let (result, c) = udp_stream(SocketAddr::new(addr, port), dl);
+        counts = Some(c);
+        result
+    } else {
+        run(&kind, addr, port, dl)
+    };
     let elapsed_ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     let (ok, errno, error) = match result {
         Ok(()) => (true, None, None),
         Err(f) => (false, Some(f.errno), Some(f.error)),
     };
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "kind": kind, "ok": ok, "errno": errno, "error": error, "elapsed_ms": elapsed_ms,
     });
+    if let Some(c) = counts {
+        line["sent"] = c.sent.into();
+        line["refused"] = c.refused.into();
+        line["failed"] = c.failed.into();
+    }
     println!("{line}");
 }
 
@@ -135,7 +151,8 @@ fn parse_args(args: &[String]) -> Result<(String, IpAddr, u16, Duration), String
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp"
     );
     match kind {
-        "tcp" | "tcp-fastopen" | "http" | "udp-connected" | "udp-sendto" | "packet-socket" => {}
+        "tcp" | "tcp-fastopen" | "http" | "udp-connected" | "udp-sendto" | "packet-socket"
+        | "udp-stream" => {}
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp" if addr.is_ipv4() => {}
         "icmp6" if addr.is_ipv6() => {}
         _ if needs_v4 => return Err(format!("{kind} needs an IPv4 address")),
@@ -250,6 +267,82 @@ fn udp(target: SocketAddr, connected: bool, dl: Deadline) -> Attempt {
             return Ok(());
         }
     }
+}
+
+/// What a `udp-stream` did.
+#[derive(Default)]
+struct StreamCounts {
+    sent: u64,
+    refused: u64,
+    failed: u64,
+}
+
+/// Datagrams sent between two pauses of 1 ms: about 20,000 per second, enough to land
+/// dozens of datagrams in any gap of a millisecond, without holding a core.
+const STREAM_BURST: u32 = 20;
+
+/// Sends datagrams to `target` from one unconnected socket until the deadline or until
+/// stdin, when it is a pipe, closes (so a test can end the stream at the moment it
+/// chooses). Each sendto goes through the sendmsg hook and, if it passes, the egress
+/// program: a gap in either shows as "sent".
+fn udp_stream(target: SocketAddr, dl: Deadline) -> (Attempt, StreamCounts) {
+    let mut counts = StreamCounts::default();
+    let fd = match socket(family(&target), libc::SOCK_DGRAM, 0) {
+        Ok(fd) => fd,
+        Err(f) => return (Err(f), counts),
+    };
+    let (sa, len) = sockaddr(&target);
+    let stop_on_stdin = stdin_is_pipe();
+    let mut last = None;
+    while Instant::now() < dl.end && !(stop_on_stdin && stdin_closed()) {
+        for _ in 0..STREAM_BURST {
+            // SAFETY: valid fd, buffer and sockaddr.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    PAYLOAD.as_ptr().cast(),
+                    PAYLOAD.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    len,
+                )
+            };
+            if n >= 0 {
+                counts.sent += 1;
+            } else if errno() == libc::EPERM {
+                counts.refused += 1;
+                last = Some(libc::EPERM);
+            } else {
+                counts.failed += 1;
+                last = Some(errno());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let result = if counts.sent > 0 {
+        Ok(())
+    } else {
+        Err(fail(last.unwrap_or(0), "sendto"))
+    };
+    (result, counts)
+}
+
+fn stdin_is_pipe() -> bool {
+    // SAFETY: fstat on fd 0 into a zeroed stat.
+    let mut st: libc::stat = unsafe { zeroed() };
+    (unsafe { libc::fstat(0, &raw mut st) }) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+}
+
+/// True once the writing end of stdin is closed (read would return EOF).
+fn stdin_closed() -> bool {
+    let mut p = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&raw mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLIN) != 0
 }
 
 fn icmp_echo(addr: IpAddr, dl: Deadline) -> Attempt {

@@ -8,7 +8,12 @@
 //! `/readyz`, the agent's RSS (VmRSS and peak VmHWM) once ready and after the churn, then
 //! churns pods at a fixed rate (API announce, then mkdir of the pod cgroup; deletion of old
 //! pods alongside) and polls the pinned POLICY map for each new cgroup id. Prints one JSON
-//! document on stdout. Everything it creates is removed on the way out.
+//! document on stdout, with the machine and commit it ran on (`machine`: commit and whether
+//! the tree was dirty, kernel, CPU, load average before and after). Everything it creates
+//! is removed on the way out.
+
+#[path = "machine.rs"]
+mod machine;
 
 use std::{
     collections::HashMap,
@@ -127,6 +132,8 @@ fn main() -> Result<()> {
     for q in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
         std::fs::create_dir_all(root.join(q))?;
     }
+    // After the fixture is up, before anything is measured.
+    let mut machine = machine::Machine::collect();
     let setup_start = Instant::now();
     for n in 0..args.pods {
         announce(&api, n);
@@ -220,7 +227,9 @@ fn main() -> Result<()> {
     let churn_s = churn_start.elapsed().as_secs_f64();
     let (rss_after, hwm_after) = rss_kib(agent.pid())?;
     latencies_ms.sort_by(f64::total_cmp);
+    machine.finish();
     let result = json!({
+        "machine": machine.to_json(),
         "pods": args.pods,
         "namespaces": NAMESPACES,
         "setup_s": setup_s,

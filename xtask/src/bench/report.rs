@@ -1,114 +1,22 @@
 //! The benchmark's report: machine facts, the two tables, the targets, as markdown (printed
 //! and saved as `latest.md`) and JSON (`latest.json`, every raw sample included).
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
+pub use super::machine::Machine;
 use super::{
     stats::summarize,
     testrun::TestRunResults,
     throughput::{Config, ThroughputResults},
 };
-use crate::util::{output, workspace_root};
 
 /// The fast path may cost at most this much more than the empty program.
 pub const FAST_PATH_BUDGET_NS: f64 = 5.0;
 /// Guarded throughput must be at least this fraction of unguarded.
 pub const THROUGHPUT_RATIO_MIN: f64 = 0.98;
-
-/// Facts about the machine and the tree the numbers came from.
-#[derive(Debug, Clone)]
-pub struct Machine {
-    pub date: String,
-    pub commit: String,
-    /// Tracked files differ from the commit.
-    pub dirty: bool,
-    pub kernel: String,
-    pub nproc: usize,
-    pub cpu: String,
-    pub loadavg_start: String,
-    pub loadavg_end: Option<String>,
-    pub iperf3: String,
-    pub nft: String,
-}
-
-fn first_line(cmd: &mut Command) -> String {
-    output(cmd)
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "?".to_string())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-}
-
-impl Machine {
-    pub fn collect() -> Machine {
-        let root = workspace_root();
-        let git = |args: &[&str]| {
-            let mut c = Command::new("git");
-            // Read-only: no opportunistic index refresh (others work in this tree).
-            c.args(args)
-                .current_dir(&root)
-                .env("GIT_OPTIONAL_LOCKS", "0");
-            c
-        };
-        let dirty = output(&mut git(&["status", "--porcelain", "--untracked-files=no"]))
-            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "?".into());
-        Machine {
-            date: first_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
-            commit: first_line(&mut git(&["rev-parse", "--short", "HEAD"])),
-            dirty,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "?".into(), |s| s.trim().to_string()),
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu,
-            loadavg_start: loadavg(),
-            loadavg_end: None,
-            iperf3: first_line(Command::new("iperf3").arg("--version")),
-            nft: first_line(Command::new("nft").arg("--version")),
-        }
-    }
-
-    pub fn finish(&mut self) {
-        self.loadavg_end = Some(loadavg());
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "date": self.date,
-            "commit": self.commit,
-            "dirty": self.dirty,
-            "kernel": self.kernel,
-            "nproc": self.nproc,
-            "cpu": self.cpu,
-            "loadavg_start": self.loadavg_start,
-            "loadavg_end": self.loadavg_end,
-            "iperf3": self.iperf3,
-            "nft": self.nft,
-        })
-    }
-}
 
 /// A part's outcome: measured, skipped on request, or failed.
 #[derive(Debug)]
