@@ -131,8 +131,7 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(EXEMPT_RESCAN_EVERY) => {},
             _ = shutdown.changed() => return,
         }
-        let root_alive = cgroups::validate_cgroup_dir(&root.path)
-            .is_ok_and(|d| d.id == root.id);
+        let root_alive = cgroups::validate_cgroup_dir(&root.path).is_ok_and(|d| d.id == root.id);
         if !root_alive {
             state.set_ready(false, "the guarded cgroup is gone");
             continue;

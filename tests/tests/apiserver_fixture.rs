@@ -1310,7 +1310,10 @@ async fn watch_timeout_ends_the_stream() {
 #[test]
 fn kubectl_as_another_field_manager() {
     // `cargo xtask test` sets KUBECTL to the pinned kubectl its manifests step installs.
-    let kubectl = std::env::var_os("KUBECTL").map_or_else(|| datalab_guard_tests::process::tool("kubectl".as_ref()), std::path::PathBuf::from);
+    let kubectl = std::env::var_os("KUBECTL").map_or_else(
+        || datalab_guard_tests::process::tool("kubectl".as_ref()),
+        std::path::PathBuf::from,
+    );
     if !kubectl.is_absolute() || !kubectl.exists() {
         if std::env::var(datalab_guard_tests::ALLOW_SKIP_ENV).as_deref() == Ok("1") {
             let _ = std::io::stderr()

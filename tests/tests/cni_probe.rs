@@ -25,8 +25,8 @@ use std::{
 };
 
 use datalab_guard::{
-    config::{HumanDuration, ProbeConfig},
     baseline_state::{CniState, NamespaceStates},
+    config::{HumanDuration, ProbeConfig},
     probe::{self, ProbeOutcome, ProbeResult, ProbeSettings},
 };
 use datalab_guard_tests::{

@@ -16,8 +16,8 @@ use std::{
 };
 
 use datalab_guard::{
-    cri::{CriError, RuntimeClient, SandboxInfo},
     cgroups::pod::{parse_container_dir_name, parse_pod_dir_name},
+    cri::{CriError, RuntimeClient, SandboxInfo},
 };
 use datalab_guard_tests::{
     cri_lab::{cleanup::cgroup_hierarchies, LabPod},

@@ -275,7 +275,10 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         "namespaces read as metadata"
     );
     let violations = node_agent_violations(&requests, NODE);
-    assert!(violations.is_empty(), "node agent requests: {violations:#?}");
+    assert!(
+        violations.is_empty(),
+        "node agent requests: {violations:#?}"
+    );
 }
 
 #[test]

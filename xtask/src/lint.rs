@@ -29,7 +29,14 @@ use crate::{
 const EBPF_CRATE: &str = "datalab-guard-ebpf";
 /// The pure policy core and what it must never depend on.
 const POLICY_CRATE: &str = "datalab-guard-policy";
-const IMPURE: &[&str] = &["kube", "kube-client", "kube-runtime", "k8s-openapi", "aya", "tokio"];
+const IMPURE: &[&str] = &[
+    "kube",
+    "kube-client",
+    "kube-runtime",
+    "k8s-openapi",
+    "aya",
+    "tokio",
+];
 
 /// Runs every lint step; see the module docs.
 pub fn run_all() -> Result<()> {
@@ -72,8 +79,16 @@ fn clippy_ebpf() -> Result<()> {
         .unwrap_or_else(|| DEBIAN_TOOLCHAIN.to_owned());
     let target_dir = util::workspace_root().join("target").join("clippy-bpf");
     run(Command::new("rustup")
-        .args(["run", &toolchain, "cargo", "clippy", "--locked", "-p", EBPF_CRATE])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
+        .args([
+            "run", &toolchain, "cargo", "clippy", "--locked", "-p", EBPF_CRATE,
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
         .args(["--", "-D", "warnings"])
         .current_dir(util::workspace_root())
         .env("RUSTC_BOOTSTRAP", "1")
@@ -113,7 +128,10 @@ fn policy_is_pure() -> Result<()> {
             found.join(", ")
         );
     }
-    println!("lint: {POLICY_CRATE} depends on none of {}", IMPURE.join(", "));
+    println!(
+        "lint: {POLICY_CRATE} depends on none of {}",
+        IMPURE.join(", ")
+    );
     Ok(())
 }
 

@@ -1222,7 +1222,9 @@ mod tests {
         }
         // Without the host's mount, the container's own view has no pods root: the error
         // names every view searched and the fix.
-        let err = detect_pods_root_in(std::slice::from_ref(&own)).unwrap_err().to_string();
+        let err = detect_pods_root_in(std::slice::from_ref(&own))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&own.display().to_string()), "{err}");
         assert!(err.contains("/host/sys/fs/cgroup"), "{err}");
         fs::remove_dir_all(own).unwrap();

@@ -203,7 +203,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
                 ));
             }
             reconciler
-                .run(cgroup_events, runtime_answers, &mut hangup, &mut termination)
+                .run(
+                    cgroup_events,
+                    runtime_answers,
+                    &mut hangup,
+                    &mut termination,
+                )
                 .await;
         }
     }

@@ -614,13 +614,7 @@ impl Store {
     }
 
     /// Managed fields of a non-apply update, then the commit.
-    fn finish_update(
-        &mut self,
-        kind: Kind,
-        old: &Value,
-        mut new: Value,
-        w: &Writer<'_>,
-    ) -> Value {
+    fn finish_update(&mut self, kind: Kind, old: &Value, mut new: Value, w: &Writer<'_>) -> Value {
         apply::record_update(
             Some(old),
             &mut new,
@@ -840,9 +834,7 @@ mod tests {
         let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                           "metadata": {"name": "l", "namespace": "default"},
                           "spec": {"holderIdentity": "a"}});
-        let created = s
-            .create(Kind::Lease, "default", body, &client())
-            .unwrap();
+        let created = s.create(Kind::Lease, "default", body, &client()).unwrap();
         let rv = s.rv();
         let again = s
             .replace(Kind::Lease, "default", "l", created.clone(), &client())

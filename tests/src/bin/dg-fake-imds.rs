@@ -293,12 +293,14 @@ fn peer_string(ss: &libc::sockaddr_storage) -> String {
     unsafe {
         match i32::from(ss.ss_family) {
             libc::AF_INET => {
-                let sin = &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in>();
+                let sin =
+                    &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in>();
                 let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
                 format!("{ip}:{}", u16::from_be(sin.sin_port))
             }
             libc::AF_INET6 => {
-                let sin6 = &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in6>();
+                let sin6 =
+                    &*std::ptr::from_ref::<libc::sockaddr_storage>(ss).cast::<libc::sockaddr_in6>();
                 let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
                 format!("[{ip}]:{}", u16::from_be(sin6.sin6_port))
             }
