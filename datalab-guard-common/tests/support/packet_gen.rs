@@ -202,7 +202,7 @@ pub fn v4_packet() -> impl Strategy<Value = Vec<u8>> {
         .prop_map(|(dst, options, pad_with_nop, proto, dport, frag, damage)| {
             let mut opts: Vec<u8> = options.concat();
             opts.truncate(40);
-            while opts.len() % 4 != 0 {
+            while !opts.len().is_multiple_of(4) {
                 opts.push(u8::from(pad_with_nop));
             }
             let ihl = 5 + opts.len() / 4;

@@ -327,6 +327,32 @@ struct Memory {
     reported_bypass: Vec<String>,
 }
 
+impl Memory {
+    /// Records a repair made at `now`. Repairs less than a minute apart form a streak; from
+    /// the third on, the next repair waits (1 s doubling, at most 5 min), so that a fight
+    /// with another controller over the object does not become a write storm. Returns that
+    /// wait when one starts.
+    fn note_repair(&mut self, now: Instant) -> Option<Duration> {
+        self.repaired_at = Some(now);
+        self.repair_streak = if self
+            .last_repair
+            .is_some_and(|t| now - t < Duration::from_secs(60))
+        {
+            self.repair_streak + 1
+        } else {
+            0
+        };
+        self.last_repair = Some(now);
+        if self.repair_streak < 3 {
+            return None;
+        }
+        let delay =
+            Duration::from_secs(1 << (self.repair_streak - 3).min(8)).min(Duration::from_secs(300));
+        self.next_repair = Some(now + delay);
+        Some(delay)
+    }
+}
+
 struct Reconciler {
     client: Client,
     events: NamespaceEvents,
@@ -539,22 +565,7 @@ impl Reconciler {
                                 } else {
                                     let what = describe(&observed);
                                     tracing::warn!(namespace = %name, policy = %np.name, drift = %what, "NetworkPolicy repaired");
-                                    mem.repaired_at = Some(now);
-                                    mem.repair_streak = if mem
-                                        .last_repair
-                                        .is_some_and(|t| now - t < Duration::from_secs(60))
-                                    {
-                                        mem.repair_streak + 1
-                                    } else {
-                                        0
-                                    };
-                                    mem.last_repair = Some(now);
-                                    if mem.repair_streak >= 3 {
-                                        let delay = Duration::from_secs(
-                                            1 << (mem.repair_streak - 3).min(8),
-                                        )
-                                        .min(Duration::from_secs(300));
-                                        mem.next_repair = Some(now + delay);
+                                    if let Some(delay) = mem.note_repair(now) {
                                         tracing::warn!(namespace = %name, policy = %np.name, streak = mem.repair_streak, "NetworkPolicy keeps being changed back; next repair in {delay:?} at the earliest (another controller fighting over it?)");
                                     }
                                     let note = format!(

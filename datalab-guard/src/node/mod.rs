@@ -37,10 +37,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use self::{
-    cache::{CacheWriter, Classified, Loaded},
+    cache::{CacheWriter, Classified, Loaded, LoadedCache},
     context::Context,
     index::PodIndex,
     reconcile::Reconciler,
@@ -110,28 +111,14 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     }
 
     // Attach first: nothing below waits for the API server.
-    let loaded = load_cache(&plan);
-    let cache = match &loaded {
-        Loaded::Cache(cache) => Some(cache),
-        _ => None,
-    };
-    let policy = plan.config.policy_config(plan.own_pod_uid.clone());
-    let mut index = PodIndex::new(plan.root.clone(), plan.driver, policy);
-    if let Some(cache) = cache {
-        index.cached_namespaces = cache.namespaces().clone();
-    }
-    let classified = cache.map_or_else(Classified::default, |c| {
-        let found = startup::scan(&plan.root.path, plan.driver);
-        c.classify(&found, &index.policy, &mut index.classes)
-    });
-    let layout = PinLayout::new(&plan.bpffs);
-    let (session, events) = Session::start(StartRequest {
-        layout: layout.clone(),
-        root: plan.root.clone(),
-        settings: plan.config.datapath(),
-        blocked: plan.config.blocklist(),
-        verdicts: startup::initial_verdicts(startup::pinned_verdicts(&layout), &classified),
-    })?;
+    let Attached {
+        session,
+        events,
+        index,
+        classified,
+        loaded,
+        layout,
+    } = attach_first(&plan)?;
     let (audit, pod_events) = audit_sink::spawn(
         &ctx,
         &plan.config.audit,
@@ -160,10 +147,10 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         ctx,
         http: http_state.clone(),
         index,
-        config_source: plan.config_source,
-        own_pod_uid: plan.own_pod_uid,
+        config_source: plan.config_source.clone(),
+        own_pod_uid: plan.own_pod_uid.clone(),
         probe_settings,
-        state_file: StateFileWriter::new(plan.state_file),
+        state_file: StateFileWriter::new(plan.state_file.clone()),
         cache: cache_writer,
         runtime,
     };
@@ -180,7 +167,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     tracing::info!(node = %plan.node, root = %plan.root.path.display(), "enforcing; waiting for the first full list of namespaces and pods");
     let outcome = startup::until_synced(
         &mut reconciler,
-        cache,
+        cache_of(&loaded),
         &view,
         &mut cgroup_events,
         &mut runtime_answers,
@@ -193,15 +180,9 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         SyncOutcome::Synced => {
             tracing::info!("first full sync with the API server; enforcing its verdicts");
             reconciler.reconcile();
-            if !plan.config.startup_taint.is_empty() {
-                let http = http_state.clone();
-                tasks.abort.push(k8s::taint::spawn(
-                    client,
-                    plan.node.clone(),
-                    plan.config.startup_taint.clone(),
-                    move || http.readiness().is_ok(),
-                ));
-            }
+            tasks
+                .abort
+                .extend(remove_startup_taint(&plan, client, &http_state));
             reconciler
                 .run(
                     cgroup_events,
@@ -219,6 +200,74 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     tasks.stop().await;
     Ok(())
+}
+
+/// What attaching before the first sync produced: the datapath, and the pod index and
+/// verdicts it was filled from (the state cache's, the previous agent's pins, else guard).
+struct Attached {
+    session: Session,
+    events: RingBuf<MapData>,
+    index: PodIndex,
+    classified: Classified,
+    loaded: Loaded,
+    layout: PinLayout,
+}
+
+/// Loads the state cache, classifies the pod cgroups it knows, and attaches (or adopts).
+fn attach_first(plan: &Plan) -> anyhow::Result<Attached> {
+    let loaded = load_cache(plan);
+    let policy = plan.config.policy_config(plan.own_pod_uid.clone());
+    let mut index = PodIndex::new(plan.root.clone(), plan.driver, policy);
+    let classified = match cache_of(&loaded) {
+        Some(cache) => {
+            index.cached_namespaces = cache.namespaces().clone();
+            let found = startup::scan(&plan.root.path, plan.driver);
+            cache.classify(&found, &index.policy, &mut index.classes)
+        }
+        None => Classified::default(),
+    };
+    let layout = PinLayout::new(&plan.bpffs);
+    let (session, events) = Session::start(StartRequest {
+        layout: layout.clone(),
+        root: plan.root.clone(),
+        settings: plan.config.datapath(),
+        blocked: plan.config.blocklist(),
+        verdicts: startup::initial_verdicts(startup::pinned_verdicts(&layout), &classified),
+    })?;
+    Ok(Attached {
+        session,
+        events,
+        index,
+        classified,
+        loaded,
+        layout,
+    })
+}
+
+fn cache_of(loaded: &Loaded) -> Option<&LoadedCache> {
+    match loaded {
+        Loaded::Cache(cache) => Some(cache),
+        _ => None,
+    }
+}
+
+/// Once ready (attached and synced), removes the startup taint from this node, if
+/// configured (`startupTaint`).
+fn remove_startup_taint(
+    plan: &Plan,
+    client: kube::Client,
+    http_state: &Arc<http::HttpState>,
+) -> Option<JoinHandle<()>> {
+    if plan.config.startup_taint.is_empty() {
+        return None;
+    }
+    let http = http_state.clone();
+    Some(k8s::taint::spawn(
+        client,
+        plan.node.clone(),
+        plan.config.startup_taint.clone(),
+        move || http.readiness().is_ok(),
+    ))
 }
 
 /// Reads the state cache and says what came of it. Never fails: an unusable cache is

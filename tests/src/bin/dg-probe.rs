@@ -328,9 +328,11 @@ fn udp_stream(target: SocketAddr, dl: Deadline) -> (Attempt, StreamCounts) {
 }
 
 fn stdin_is_pipe() -> bool {
-    // SAFETY: fstat on fd 0 into a zeroed stat.
+    // SAFETY: libc::stat is plain integers; all-zero is a valid value.
     let mut st: libc::stat = unsafe { zeroed() };
-    (unsafe { libc::fstat(0, &raw mut st) }) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    // SAFETY: fstat writes at most one `stat` into `st`, which lives across the call.
+    let ok = unsafe { libc::fstat(0, &raw mut st) } == 0;
+    ok && st.st_mode & libc::S_IFMT == libc::S_IFIFO
 }
 
 /// True once the writing end of stdin is closed (read would return EOF).
