@@ -3,8 +3,8 @@
 //! value requires a new name (bump the suffix), so an old pin is never reused with a new
 //! layout.
 
-/// cgroup id (u64) -> [`crate::PolicyEntry`]: the verdict of a classified cgroup.
-pub const POLICY: &str = "DG_POLICY_V1";
+/// cgroup id (u64) -> [`crate::VerdictEntry`]: the verdict of a classified cgroup.
+pub const VERDICTS: &str = "DG_VERDICTS_V1";
 /// LPM trie of blocked IPv4 CIDRs: key `{prefix_len: u32, addr: [u8; 4]}` -> u32 rule id.
 pub const BLOCKED_V4: &str = "DG_BLOCK4_V1";
 /// LPM trie of blocked IPv6 CIDRs: key `{prefix_len: u32, addr: [u8; 16]}` -> u32 rule id.
@@ -22,13 +22,19 @@ pub const RATE: &str = "DG_RATE_V1";
 /// Array of one [`crate::InstallMeta`]: what the installing agent recorded for `status`.
 pub const META: &str = "DG_META_V1";
 
+/// Pins of maps earlier versions made and this one no longer uses. An upgrade removes them
+/// once the old programs are detached, and `uninstall` removes them too. `DG_POLICY_V1` is
+/// the verdict map's former name (renamed so that "policy" means only the policy core and
+/// the NetworkPolicy); same layout, but a pin is never renamed under running programs.
+pub const RETIRED: [&str; 1] = ["DG_POLICY_V1"];
+
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
 pub const ALL: [&str; 9] = [
-    POLICY, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META,
+    VERDICTS, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META,
 ];
 
 /// Pods (or cgroups) the agent can classify on one node. 64 Ki entries of 16 bytes each.
-pub const POLICY_MAX_ENTRIES: u32 = 65_536;
+pub const VERDICTS_MAX_ENTRIES: u32 = 65_536;
 /// Blocked CIDRs per family; presets hold a handful, operators add a few.
 pub const BLOCKED_MAX_ENTRIES: u32 = 1_024;
 /// Ring buffer bytes (a power of two multiple of the page size).

@@ -3,10 +3,10 @@
 //!
 //! Written once, generic over how ancestors and entries are looked up, so the walk the
 //! kernel runs (`bpf_get_current_ancestor_cgroup_id` / `bpf_skb_ancestor_cgroup_id` and the
-//! POLICY map) is the one the host tests exercise. The loop has a constant bound for the
+//! VERDICTS map) is the one the host tests exercise. The loop has a constant bound for the
 //! verifier.
 
-use crate::{GuardConfig, PolicyEntry, Verdict};
+use crate::{GuardConfig, Verdict, VerdictEntry};
 
 /// cgroup levels below the attach root that are searched for a policy entry. Pod cgroups sit
 /// 1–3 levels below kubepods, containers one more; 16 leaves room for nested runtimes.
@@ -25,14 +25,14 @@ pub struct Resolved {
 
 /// Walks from the attach root (`cfg.root_level`) down at most [`MAX_DEPTH`] levels.
 /// `ancestor(level)` is the id of the attempt's ancestor at that cgroup level (its own id at
-/// its own level) or 0 past its own level; `entry(id)` is the POLICY entry of a cgroup.
+/// its own level) or 0 past its own level; `entry(id)` is the VERDICTS entry of a cgroup.
 /// A deeper entry overrides a shallower one in both directions: an exempt pod under a
 /// guarded namespace cgroup is exempt, a guarded container under an exempt pod is guarded.
 #[inline(always)]
 pub fn resolve(
     cfg: &GuardConfig,
     ancestor: impl Fn(u32) -> u64,
-    entry: impl Fn(u64) -> Option<PolicyEntry>,
+    entry: impl Fn(u64) -> Option<VerdictEntry>,
 ) -> Resolved {
     let mut found = Resolved {
         verdict: Verdict::from_raw(cfg.default_verdict),
@@ -68,12 +68,12 @@ mod tests {
         }
     }
 
-    fn lookup<'a>(entries: &'a [(u64, Verdict, u32)]) -> impl Fn(u64) -> Option<PolicyEntry> + 'a {
+    fn lookup<'a>(entries: &'a [(u64, Verdict, u32)]) -> impl Fn(u64) -> Option<VerdictEntry> + 'a {
         move |id| {
             entries
                 .iter()
                 .find(|(i, _, _)| *i == id)
-                .map(|(_, v, class)| PolicyEntry {
+                .map(|(_, v, class)| VerdictEntry {
                     verdict: *v as u32,
                     class: *class,
                 })

@@ -1,7 +1,7 @@
 //! `#[repr(C)]` layouts shared with the kernel. Field order keeps natural alignment without
 //! implicit padding, so the same bytes mean the same thing on both sides.
 
-/// What the policy says about a cgroup. Stored as u32 in [`PolicyEntry::verdict`].
+/// What the policy says about a cgroup. Stored as u32 in [`VerdictEntry::verdict`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Verdict {
@@ -137,10 +137,10 @@ impl Action {
     }
 }
 
-/// Value of the POLICY map.
+/// Value of the VERDICTS map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
-pub struct PolicyEntry {
+pub struct VerdictEntry {
     /// [`Verdict`] as u32.
     pub verdict: u32,
     /// Counter class: the agent maps namespaces to small integers so the in-kernel counters
@@ -158,7 +158,7 @@ pub struct GuardConfig {
     /// The same for the first byte of IPv6 destinations. Bit 0 is always set, because
     /// IPv4-mapped, -compatible and NAT64 addresses begin with 0x00 and embed IPv4.
     pub v6_first_octet: [u32; 8],
-    /// [`Verdict`] for cgroups with no POLICY entry on their path to the root.
+    /// [`Verdict`] for cgroups with no VERDICTS entry on their path to the root.
     pub default_verdict: u32,
     /// [`Mode`].
     pub mode: u32,
@@ -206,7 +206,7 @@ pub struct AuditEvent {
     pub boot_ns: u64,
     /// cgroup of the socket (skb hook) or of the calling task (socket hooks).
     pub cgroup_id: u64,
-    /// Deepest cgroup on the path to the root with a POLICY entry; 0 = default verdict.
+    /// Deepest cgroup on the path to the root with a VERDICTS entry; 0 = default verdict.
     pub policy_cgroup_id: u64,
     /// Events of this cgroup suppressed by the rate limit since the previous event.
     pub suppressed: u32,
@@ -215,7 +215,7 @@ pub struct AuditEvent {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Counter class of the policy entry (see [`PolicyEntry::class`]).
+    /// Counter class of the policy entry (see [`VerdictEntry::class`]).
     pub class: u32,
     /// Destination port, host byte order; 0 when there is none (ICMP, fragments, raw).
     pub dport: u16,
@@ -266,7 +266,7 @@ mod pod_impls {
     // Each of these is #[repr(C)], made of integers and integer arrays only, and has no
     // padding (`tests::layouts_have_no_hidden_padding`), so every bit pattern is a valid value.
     // SAFETY: two u32 fields; see above.
-    unsafe impl aya::Pod for super::PolicyEntry {}
+    unsafe impl aya::Pod for super::VerdictEntry {}
     // SAFETY: two u32 arrays then u32 fields; see above.
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: one u64 then two u32; see above.
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<PolicyEntry>(), 8);
+        assert_eq!(size_of::<VerdictEntry>(), 8);
         assert_eq!(size_of::<GuardConfig>(), 8 * 4 * 2 + 6 * 4);
         assert_eq!(size_of::<RateState>(), 16);
         assert_eq!(size_of::<AuditEvent>(), 3 * 8 + 6 * 4 + 2 + 6 + 16 + 16);

@@ -23,10 +23,10 @@ use datalab_guard_common::{
     counters::{counter_index, Stat},
     ratelimit::{self, Admission},
     resolve::{resolve, Resolved},
-    Action, AuditEvent, Family, GuardConfig, Hook, Mode, PolicyEntry, Verdict,
+    Action, AuditEvent, Family, GuardConfig, Hook, Mode, Verdict, VerdictEntry,
 };
 
-use crate::maps::{config, COUNTERS, EVENTS, POLICY, RATE, STATS};
+use crate::maps::{config, COUNTERS, EVENTS, RATE, STATS, VERDICTS};
 
 /// Who made the attempt, for the audit record.
 #[derive(Clone, Copy)]
@@ -112,11 +112,11 @@ pub fn refuse_raw_socket(family: Family, proto: u8, sock_type: u8) -> bool {
     reason = "by reference the walk's 16 lookups share one stack slot: ~1.3k fewer verified \
               instructions for the socket programs (cargo xtask verifier)"
 )]
-fn policy_entry(id: u64) -> Option<PolicyEntry> {
+fn policy_entry(id: u64) -> Option<VerdictEntry> {
     // SAFETY: the value is copied out at once. The agent replaces entries whole and the
     // kernel frees a replaced hash map element only after an RCU grace period, so the
     // reference stays valid for the copy and the copy is the old or the new entry.
-    unsafe { POLICY.get(&id) }.copied()
+    unsafe { VERDICTS.get(&id) }.copied()
 }
 
 /// Counts and reports an attempt that reaches a blocked destination; returns `true` when it

@@ -8,12 +8,12 @@ use aya_ebpf::{
 use datalab_guard_common::{
     classify::BlockedSet,
     counters::{COUNTER_ENTRIES, STAT_ENTRIES},
-    maps::{BLOCKED_MAX_ENTRIES, EVENTS_BYTES, POLICY_MAX_ENTRIES, RATE_MAX_ENTRIES},
-    GuardConfig, InstallMeta, PolicyEntry, RateState,
+    maps::{BLOCKED_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES, VERDICTS_MAX_ENTRIES},
+    GuardConfig, InstallMeta, RateState, VerdictEntry,
 };
 
-#[map(name = "DG_POLICY_V1")]
-pub static POLICY: HashMap<u64, PolicyEntry> = HashMap::pinned(POLICY_MAX_ENTRIES, 0);
+#[map(name = "DG_VERDICTS_V1")]
+pub static VERDICTS: HashMap<u64, VerdictEntry> = HashMap::pinned(VERDICTS_MAX_ENTRIES, 0);
 
 #[map(name = "DG_BLOCK4_V1")]
 pub static BLOCKED_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRIES, 0);

@@ -1,5 +1,5 @@
 //! The policy core of datalab-guard: pods + namespaces + config in, a verdict per pod and
-//! the desired POLICY map (cgroup id → entry) out.
+//! the desired VERDICTS map (cgroup id → entry) out.
 //!
 //! # What this crate owns
 //! - the verdict rules ([`verdict`], [`Decision`], [`Reason`]) and the desired entries with
@@ -48,7 +48,7 @@ use std::{
     fmt,
 };
 
-use datalab_guard_common::{PolicyEntry, Verdict};
+use datalab_guard_common::{Verdict, VerdictEntry};
 
 pub use self::{
     classes::{NamespaceClasses, UNCLASSIFIED},
@@ -245,7 +245,7 @@ pub struct Summary {
     pub unresolved: usize,
 }
 
-/// The POLICY map the kernel should hold for these pods: cgroup id -> entry.
+/// The VERDICTS map the kernel should hold for these pods: cgroup id -> entry.
 ///
 /// - Guarded pods in environment namespaces get their namespace's counter class: the
 ///   namespaces with such pods are passed to [`NamespaceClasses::claim`] first. Every other
@@ -258,7 +258,7 @@ pub fn desired_entries<'a>(
     pods: impl IntoIterator<Item = (&'a PodInfo, Option<&'a NamespaceInfo>, Option<u64>)>,
     cfg: &PolicyConfig,
     classes: &mut NamespaceClasses,
-) -> (BTreeMap<u64, PolicyEntry>, Summary) {
+) -> (BTreeMap<u64, VerdictEntry>, Summary) {
     let mut summary = Summary::default();
     // (cgroup id, verdict, namespace whose class the entry carries)
     let mut decided: Vec<(u64, Verdict, Option<&'a str>)> = Vec::new();
@@ -282,9 +282,9 @@ pub fn desired_entries<'a>(
     }
     classes.claim(decided.iter().filter_map(|(_, _, ns)| *ns));
 
-    let mut entries: BTreeMap<u64, PolicyEntry> = BTreeMap::new();
+    let mut entries: BTreeMap<u64, VerdictEntry> = BTreeMap::new();
     for (id, verdict, classed) in decided {
-        let entry = PolicyEntry {
+        let entry = VerdictEntry {
             verdict: verdict as u32,
             class: classed.map_or(UNCLASSIFIED, |ns| classes.class_of(ns)),
         };
@@ -610,45 +610,45 @@ mod tests {
         let class2 = classes.get("lab-2").unwrap();
         assert_ne!(class1, class2);
         assert_ne!(class1, UNCLASSIFIED);
-        let want: BTreeMap<u64, PolicyEntry> = [
+        let want: BTreeMap<u64, VerdictEntry> = [
             (
                 101,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: guard,
                     class: class1,
                 },
             ),
             (
                 102,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: guard,
                     class: class1,
                 },
             ),
             (
                 103,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: guard,
                     class: class2,
                 },
             ),
             (
                 104,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: exempt,
                     class: 0,
                 },
             ),
             (
                 105,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: guard,
                     class: 0,
                 },
             ),
             (
                 106,
-                PolicyEntry {
+                VerdictEntry {
                     verdict: exempt,
                     class: 0,
                 },

@@ -251,8 +251,8 @@ mod tests {
     async fn serves_metrics_health_and_readiness() {
         let state = Arc::new(HttpState::new(Arc::new(|| {
             Ok(Snapshot {
-                policy_entries: 3,
-                policy_capacity: 8,
+                verdict_entries: 3,
+                verdict_capacity: 8,
                 namespaces: Vec::new(),
                 ..Snapshot::default()
             })

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use datalab_guard_common::{cidr::Cidr, PolicyEntry, Verdict};
+use datalab_guard_common::{cidr::Cidr, Verdict, VerdictEntry};
 
 use crate::{
     audit,
@@ -42,11 +42,11 @@ pub struct Plan {
 
 /// The verdict-map entries local mode wants: the root guarded, each exempt directory exempt.
 /// Directories that vanished are skipped (their processes are gone with them).
-fn desired_verdicts(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, PolicyEntry> {
+fn desired_verdicts(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, VerdictEntry> {
     let mut policy = BTreeMap::new();
     policy.insert(
         root.id,
-        PolicyEntry {
+        VerdictEntry {
             verdict: Verdict::Guard as u32,
             class: 0,
         },
@@ -56,7 +56,7 @@ fn desired_verdicts(root: &CgroupDir, exempt: &[PathBuf]) -> BTreeMap<u64, Polic
             Ok(sub) => {
                 policy.insert(
                     sub.id,
-                    PolicyEntry {
+                    VerdictEntry {
                         verdict: Verdict::Exempt as u32,
                         class: 0,
                     },
@@ -117,7 +117,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps POLICY equal to the directories' current ids; reports not-ready while the root is
+/// Keeps the VERDICTS map equal to the directories' current ids; reports not-ready while the root is
 /// gone or the maps cannot be written.
 async fn reconcile_loop(
     session: Arc<Mutex<Session>>,
@@ -140,7 +140,7 @@ async fn reconcile_loop(
         let result = session
             .lock()
             .map_err(|_| anyhow::anyhow!("session lock poisoned"))
-            .and_then(|mut s| s.maps_mut().reconcile_policy(&desired));
+            .and_then(|mut s| s.maps_mut().reconcile_verdicts(&desired));
         match result {
             Ok(changes) if changes != Default::default() => {
                 tracing::info!(

@@ -69,8 +69,8 @@ pub struct Snapshot {
     pub guarded: Option<u64>,
     pub exempt: Option<u64>,
     pub unknown_cgroups: Option<u64>,
-    pub policy_entries: u64,
-    pub policy_capacity: u64,
+    pub verdict_entries: u64,
+    pub verdict_capacity: u64,
     /// Environment namespaces' baseline (node mode): `networkpolicy_state` and
     /// `cni_enforcement` gauges, one series per namespace and possible state (1 for the
     /// current one, 0 for the others), so alerts can match on a state going to 1.
@@ -281,11 +281,11 @@ impl Collector for GuardCollector {
                 ("guarded_pods", HELP_GUARDED, s.guarded),
                 ("exempt_pods", HELP_EXEMPT, s.exempt),
                 ("unknown_cgroups", HELP_UNKNOWN, s.unknown_cgroups),
-                ("policy_map_entries", HELP_ENTRIES, Some(s.policy_entries)),
+                ("verdict_map_entries", HELP_ENTRIES, Some(s.verdict_entries)),
                 (
-                    "policy_map_capacity",
+                    "verdict_map_capacity",
                     HELP_CAPACITY,
-                    Some(s.policy_capacity),
+                    Some(s.verdict_capacity),
                 ),
             ] {
                 if let Some(value) = value {
@@ -481,8 +481,8 @@ mod tests {
             guarded: Some(12),
             exempt: Some(2),
             unknown_cgroups: None,
-            policy_entries: 14,
-            policy_capacity: 65_536,
+            verdict_entries: 14,
+            verdict_capacity: 65_536,
             namespaces: Vec::new(),
             watches: Vec::new(),
             runtime: None,
@@ -546,8 +546,8 @@ mod tests {
             "guarded_pods",
             "exempt_pods",
             "unknown_cgroups",
-            "policy_map_entries",
-            "policy_map_capacity",
+            "verdict_map_entries",
+            "verdict_map_capacity",
             "build",
             "scrape_errors",
         ] {

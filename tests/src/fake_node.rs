@@ -283,7 +283,7 @@ impl FakeNode {
         let pins = self.pins().display().to_string();
         let out = Agent::run(&["status", "--output", "json", "--bpffs", &pins]).unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-        report["policy"]
+        report["verdicts"]
             .as_array()
             .into_iter()
             .flatten()

@@ -184,7 +184,7 @@ impl RuntimeNode {
 
     /// The verdict the map holds for a cgroup id (`None`: no entry, the default applies).
     fn map_verdict(&self, id: u64) -> Option<String> {
-        self.status()["policy"]
+        self.status()["verdicts"]
             .as_array()?
             .iter()
             .find(|e| e["cgroup_id"].as_u64() == Some(id))

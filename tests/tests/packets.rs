@@ -10,7 +10,7 @@ use datalab_guard_common::{
     classify::{classify_packet, PacketClass},
     counters::Stat,
     maps::programs,
-    Action, Family, Hook, Mode, PolicyEntry, Verdict,
+    Action, Family, Hook, Mode, Verdict, VerdictEntry,
 };
 use datalab_guard_tests::BpffsDir;
 
@@ -61,7 +61,7 @@ impl std::ops::DerefMut for Runner {
     }
 }
 
-fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, PolicyEntry>) -> Option<Runner> {
+fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, VerdictEntry>) -> Option<Runner> {
     if !datalab_guard_tests::require_root() {
         return None;
     }
@@ -448,7 +448,7 @@ fn exempt_default_verdict_passes_everything_uncounted() {
     assert!(r.counters().unwrap().is_empty());
 }
 
-/// The verdict comes from the POLICY entry of the packet's cgroup or an ancestor: under
+/// The verdict comes from the VERDICTS entry of the packet's cgroup or an ancestor: under
 /// test-run that is the calling thread's cgroup, here found from /proc/self/cgroup.
 #[test]
 fn policy_entry_of_an_ancestor_cgroup_overrides_the_default() {
@@ -459,7 +459,7 @@ fn policy_entry_of_an_ancestor_cgroup_overrides_the_default() {
     let own_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&own).unwrap());
     let exempt = BTreeMap::from([(
         own_id,
-        PolicyEntry {
+        VerdictEntry {
             verdict: Verdict::Exempt as u32,
             class: 0,
         },
@@ -473,7 +473,7 @@ fn policy_entry_of_an_ancestor_cgroup_overrides_the_default() {
     );
     let guard = BTreeMap::from([(
         own_id,
-        PolicyEntry {
+        VerdictEntry {
             verdict: Verdict::Guard as u32,
             class: 7,
         },

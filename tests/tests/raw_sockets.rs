@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use datalab_guard::bpf::testrun::TestRunner;
-use datalab_guard_common::{maps::programs, Action, Family, Hook, Mode, PolicyEntry, Verdict};
+use datalab_guard_common::{maps::programs, Action, Family, Hook, Mode, Verdict, VerdictEntry};
 use datalab_guard_tests::{free_loopback_addr, require_root, Agent, BpffsDir, Lab, TestCgroup};
 
 #[test]
@@ -27,7 +27,7 @@ fn sock_create_refuses_raw_inet_sockets_to_guarded_cgroups_only() {
     let exempt_id = datalab_guard_tests::cgroup_id(&exempt).unwrap();
     let policy = BTreeMap::from([(
         exempt_id,
-        PolicyEntry {
+        VerdictEntry {
             verdict: Verdict::Exempt as u32,
             class: 0,
         },

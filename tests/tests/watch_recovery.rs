@@ -276,7 +276,7 @@ impl Node {
     fn verdict(&self, cgroup_id: u64) -> Option<String> {
         let out = Agent::run(&["status", "--output", "json", "--bpffs", &self.pins()]).unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        report["policy"]
+        report["verdicts"]
             .as_array()?
             .iter()
             .find(|p| p["cgroup_id"].as_u64() == Some(cgroup_id))

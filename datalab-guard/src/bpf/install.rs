@@ -23,7 +23,7 @@ use aya::{
 use datalab_guard_common::{
     cidr::Cidr,
     maps::{self as names, programs},
-    GuardConfig, PolicyEntry,
+    GuardConfig, VerdictEntry,
 };
 
 use super::{
@@ -42,7 +42,7 @@ pub struct InstallRequest {
     /// root level are filled in here.
     pub config: GuardConfig,
     pub blocked: Vec<Cidr>,
-    pub policy: BTreeMap<u64, PolicyEntry>,
+    pub policy: BTreeMap<u64, VerdictEntry>,
 }
 
 /// How the kernel state was reached.
@@ -125,7 +125,7 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
     config.root_level = req.root.level;
     maps.reconcile_blocked(&req.blocked)?;
     maps.write_config(config, &req.blocked)?;
-    maps.reconcile_policy(&req.policy)?;
+    maps.reconcile_verdicts(&req.policy)?;
     let root_path = req.root.path.display().to_string();
     if previous_hash.is_none() {
         maps.write_meta(&meta_for(hash, req.root.id, &root_path, false))?;
@@ -163,6 +163,11 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         if !wanted.contains(&name.as_str()) {
             detach_pinned(&layout.link(&name))?;
         }
+    }
+    // Maps only the old programs used: gone with them (the kernel frees a map when its last
+    // pin and program reference go).
+    for name in names::RETIRED {
+        let _ = std::fs::remove_file(layout.map(name));
     }
     maps.write_meta(&meta_for(hash, req.root.id, &root_path, true))?;
 
@@ -329,7 +334,7 @@ pub fn remove_all_pins(layout: &PinLayout) -> Vec<PathBuf> {
             }
         }
     }
-    for name in names::ALL {
+    for name in names::ALL.into_iter().chain(names::RETIRED) {
         let path = layout.map(name);
         if std::fs::remove_file(&path).is_ok() {
             removed.push(path);

@@ -8,14 +8,14 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArra
 use datalab_guard_common::{
     cidr::{prefilter, Cidr},
     counters::{slot_labels, Stat, SLOTS_PER_CLASS, STAT_ENTRIES},
-    maps as names, Action, Family, GuardConfig, Hook, InstallMeta, PolicyEntry,
+    maps as names, Action, Family, GuardConfig, Hook, InstallMeta, VerdictEntry,
 };
 
 use super::PinLayout;
 
 /// The maps the agent writes and reads (the ring buffer is handled by `audit`).
 pub struct GuardMaps {
-    policy: HashMap<MapData, u64, PolicyEntry>,
+    policy: HashMap<MapData, u64, VerdictEntry>,
     blocked_v4: LpmTrie<MapData, [u8; 4], u32>,
     blocked_v6: LpmTrie<MapData, [u8; 16], u32>,
     config: Array<MapData, GuardConfig>,
@@ -50,7 +50,7 @@ impl GuardMaps {
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         };
         GuardMaps::from_parts(
-            take(names::POLICY)?,
+            take(names::VERDICTS)?,
             take(names::BLOCKED_V4)?,
             take(names::BLOCKED_V6)?,
             take(names::CONFIG)?,
@@ -70,7 +70,7 @@ impl GuardMaps {
                 .with_context(|| format!("unexpected map type at {}", path.display()))
         };
         GuardMaps::from_parts(
-            open(names::POLICY)?,
+            open(names::VERDICTS)?,
             open(names::BLOCKED_V4)?,
             open(names::BLOCKED_V6)?,
             open(names::CONFIG)?,
@@ -90,7 +90,7 @@ impl GuardMaps {
         meta: Map,
     ) -> anyhow::Result<GuardMaps> {
         Ok(GuardMaps {
-            policy: HashMap::try_from(policy).context(names::POLICY)?,
+            policy: HashMap::try_from(policy).context(names::VERDICTS)?,
             blocked_v4: LpmTrie::try_from(v4).context(names::BLOCKED_V4)?,
             blocked_v6: LpmTrie::try_from(v6).context(names::BLOCKED_V6)?,
             config: Array::try_from(config).context(names::CONFIG)?,
@@ -175,8 +175,8 @@ impl GuardMaps {
         Ok(changes)
     }
 
-    /// The POLICY entries (cgroup id -> entry).
-    pub fn policy(&self) -> anyhow::Result<BTreeMap<u64, PolicyEntry>> {
+    /// The VERDICTS entries (cgroup id -> entry).
+    pub fn verdicts(&self) -> anyhow::Result<BTreeMap<u64, VerdictEntry>> {
         let mut out = BTreeMap::new();
         for item in self.policy.iter() {
             let (id, entry) = item?;
@@ -185,12 +185,12 @@ impl GuardMaps {
         Ok(out)
     }
 
-    /// Makes POLICY hold exactly `desired`: new and changed entries first, stale ones last.
-    pub fn reconcile_policy(
+    /// Makes VERDICTS hold exactly `desired`: new and changed entries first, stale ones last.
+    pub fn reconcile_verdicts(
         &mut self,
-        desired: &BTreeMap<u64, PolicyEntry>,
+        desired: &BTreeMap<u64, VerdictEntry>,
     ) -> anyhow::Result<Changes> {
-        let current = self.policy()?;
+        let current = self.verdicts()?;
         let mut changes = Changes::default();
         for (id, entry) in desired {
             match current.get(id) {
@@ -212,8 +212,8 @@ impl GuardMaps {
         Ok(changes)
     }
 
-    /// One POLICY entry, if present.
-    pub fn policy_get(&self, cgroup_id: u64) -> anyhow::Result<Option<PolicyEntry>> {
+    /// One VERDICTS entry, if present.
+    pub fn policy_get(&self, cgroup_id: u64) -> anyhow::Result<Option<VerdictEntry>> {
         match self.policy.get(&cgroup_id, 0) {
             Ok(entry) => Ok(Some(entry)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -221,12 +221,12 @@ impl GuardMaps {
         }
     }
 
-    /// Sets or replaces one POLICY entry.
-    pub fn set_policy(&mut self, cgroup_id: u64, entry: PolicyEntry) -> anyhow::Result<()> {
+    /// Sets or replaces one VERDICTS entry.
+    pub fn set_verdict(&mut self, cgroup_id: u64, entry: VerdictEntry) -> anyhow::Result<()> {
         Ok(self.policy.insert(cgroup_id, entry, 0)?)
     }
 
-    /// Removes one POLICY entry (absent is fine).
+    /// Removes one VERDICTS entry (absent is fine).
     pub fn remove_policy(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
         match self.policy.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),

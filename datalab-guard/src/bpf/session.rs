@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
-use datalab_guard_common::{cidr::Cidr, counters::Stat, GuardConfig, Mode, PolicyEntry, Verdict};
+use datalab_guard_common::{cidr::Cidr, counters::Stat, GuardConfig, Mode, Verdict, VerdictEntry};
 
 use super::{
     install::{attach_pinned, detach_pinned_links, SOCKET_PROGRAMS},
@@ -57,7 +57,7 @@ pub struct StartRequest {
     pub settings: DatapathSettings,
     pub blocked: Vec<Cidr>,
     /// cgroup id → verdict entry, written before any program is attached.
-    pub verdicts: BTreeMap<u64, PolicyEntry>,
+    pub verdicts: BTreeMap<u64, VerdictEntry>,
 }
 
 /// A live install and what the agent last applied to it.
@@ -191,7 +191,7 @@ impl Session {
             counters,
             events_lost: self.maps.stat(Stat::EventsLost)?,
             events_suppressed: self.maps.stat(Stat::EventsSuppressed)?,
-            policy_entries: self.maps.policy()?.len() as u64,
+            verdict_entries: self.maps.verdicts()?.len() as u64,
             ..empty_snapshot()
         };
         add_consumer_stats(&mut snapshot, &self.audit_stats);
@@ -202,7 +202,7 @@ impl Session {
 /// What the metrics report before anything is installed.
 pub fn empty_snapshot() -> Snapshot {
     Snapshot {
-        policy_capacity: u64::from(datalab_guard_common::maps::POLICY_MAX_ENTRIES),
+        verdict_capacity: u64::from(datalab_guard_common::maps::VERDICTS_MAX_ENTRIES),
         ..Snapshot::default()
     }
 }

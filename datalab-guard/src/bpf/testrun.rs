@@ -18,7 +18,7 @@ use datalab_guard_common::{
     cidr::Cidr,
     counters::Stat,
     maps::{self as names, programs},
-    AuditEvent, GuardConfig, Mode, PolicyEntry, Verdict,
+    AuditEvent, GuardConfig, Mode, Verdict, VerdictEntry,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -68,7 +68,7 @@ impl TestRunner {
         blocked: &[Cidr],
         mode: Mode,
         default_verdict: Verdict,
-        policy: &BTreeMap<u64, PolicyEntry>,
+        policy: &BTreeMap<u64, VerdictEntry>,
     ) -> anyhow::Result<()> {
         let mut config = GuardConfig::zeroed();
         config.mode = mode as u32;
@@ -78,7 +78,7 @@ impl TestRunner {
         config.window_ms = 1000;
         self.maps.reconcile_blocked(blocked)?;
         self.maps.write_config(config, blocked)?;
-        self.maps.reconcile_policy(policy)?;
+        self.maps.reconcile_verdicts(policy)?;
         Ok(())
     }
 

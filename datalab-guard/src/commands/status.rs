@@ -130,12 +130,12 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
     }
     let root_alive = std::fs::metadata(&root)
         .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.root_cgroup_id);
-    let verdicts = maps.policy()?;
-    let ids: HashSet<u64> = verdicts.keys().copied().collect();
+    let entries = maps.verdicts()?;
+    let ids: HashSet<u64> = entries.keys().copied().collect();
     // One walk for every entry: at 10 000 pods a walk per entry would be quadratic.
     let paths = cgroups::paths_by_id(Path::new(&root), &ids, MAX_CGROUP_WALK);
     let mount = cgroups::cgroup2_mount().ok();
-    let policy: Vec<_> = verdicts
+    let verdicts: Vec<_> = entries
         .into_iter()
         .map(|(id, entry)| {
             let path = paths.get(&id).map(|p| match &mount {
@@ -171,7 +171,7 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
         "attached_unix": meta.attached_unix,
         "links": links,
         "blocked": maps.blocked()?.iter().map(describe).collect::<Vec<_>>(),
-        "policy": policy,
+        "verdicts": verdicts,
         "counters": counters,
         "audit_events_lost": maps.stat(Stat::EventsLost)?,
         "audit_events_suppressed": maps.stat(Stat::EventsSuppressed)?,
@@ -249,11 +249,11 @@ fn print_install(r: &serde_json::Value) {
         println!("    {:<16} {mark}", s(&link["program"]));
     }
     println!(
-        "  policy ({} entries):",
-        r["policy"].as_array().map_or(0, Vec::len)
+        "  verdicts ({} entries):",
+        r["verdicts"].as_array().map_or(0, Vec::len)
     );
     println!("    {:<8} {:<20} CGROUP", "VERDICT", "CGROUP_ID");
-    for p in r["policy"].as_array().into_iter().flatten() {
+    for p in r["verdicts"].as_array().into_iter().flatten() {
         let path = if p["cgroup"].is_null() {
             "(gone)".to_owned()
         } else {

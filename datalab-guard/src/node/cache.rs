@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use datalab_guard_common::{PolicyEntry, Verdict};
+use datalab_guard_common::{Verdict, VerdictEntry};
 use datalab_guard_policy::{
     self as policy, NamespaceClasses, NamespaceInfo, PodInfo, PolicyConfig,
 };
@@ -165,7 +165,7 @@ pub struct LoadedCache {
 #[derive(Debug, Default)]
 pub struct Classified {
     /// cgroup id → entry, for the pods the cache knows.
-    pub verdicts: BTreeMap<u64, PolicyEntry>,
+    pub verdicts: BTreeMap<u64, VerdictEntry>,
     /// One row per cached pod (for the state file), with its cgroup if found.
     pub rows: Vec<PodRow>,
     /// cgroup id → pod, for the audit lines.
@@ -222,14 +222,14 @@ impl LoadedCache {
         pod: &PodInfo,
         cfg: &PolicyConfig,
         classes: &mut NamespaceClasses,
-    ) -> PolicyEntry {
+    ) -> VerdictEntry {
         let decision = policy::verdict(pod, self.namespace(&pod.namespace), cfg);
         let class = if decision.verdict == Verdict::Guard {
             classes.class_of(&pod.namespace)
         } else {
             0
         };
-        PolicyEntry {
+        VerdictEntry {
             verdict: decision.verdict as u32,
             class,
         }

@@ -16,7 +16,7 @@ use std::{
 
 use super::runtime_classify::{self, RuntimePod};
 
-use datalab_guard_common::{PolicyEntry, Verdict};
+use datalab_guard_common::{Verdict, VerdictEntry};
 use datalab_guard_policy::{
     self as policy, NamespaceClasses, NamespaceInfo, PodInfo, PolicyConfig,
 };
@@ -41,7 +41,7 @@ use crate::{
 /// What one reconcile computed.
 pub struct Desired {
     /// cgroup id → entry: what the verdict map must hold.
-    pub verdicts: BTreeMap<u64, PolicyEntry>,
+    pub verdicts: BTreeMap<u64, VerdictEntry>,
     pub owners: CgroupOwners,
     pub gauges: Gauges,
     /// One row per pod for the state file (attempt counts are added by the caller).
@@ -170,7 +170,7 @@ impl PodIndex {
     fn add_runtime_pods(
         &mut self,
         namespaces: &BTreeMap<String, NamespaceInfo>,
-        verdicts: &mut BTreeMap<u64, PolicyEntry>,
+        verdicts: &mut BTreeMap<u64, VerdictEntry>,
         rows: &mut Vec<PodRow>,
         owners: &mut CgroupOwners,
         gauges: &mut Gauges,
@@ -218,7 +218,7 @@ impl PodIndex {
         &self,
         sandbox: &SandboxInfo,
         ns: Option<&NamespaceInfo>,
-    ) -> (runtime_classify::RuntimeDecision, PolicyEntry) {
+    ) -> (runtime_classify::RuntimeDecision, VerdictEntry) {
         let decision = runtime_classify::classify(sandbox, ns, &self.policy);
         // Counter class only for a namespace known to be an environment that already has one.
         let class = match (decision.verdict, ns) {
@@ -227,7 +227,7 @@ impl PodIndex {
             }
             _ => policy::UNCLASSIFIED,
         };
-        let entry = PolicyEntry {
+        let entry = VerdictEntry {
             verdict: decision.verdict as u32,
             class,
         };
@@ -278,7 +278,7 @@ impl PodIndex {
         view: &ClusterView,
         sandbox: SandboxInfo,
         path: Option<&Path>,
-    ) -> Option<(u64, PolicyEntry)> {
+    ) -> Option<(u64, VerdictEntry)> {
         let uid = sandbox.uid.clone();
         if !podcgroup::is_valid_uid(&uid) || self.api_knows(view, &uid) {
             return None;
@@ -466,7 +466,7 @@ impl PodIndex {
         &mut self,
         view: &ClusterView,
         path: &Path,
-    ) -> Option<(u64, PolicyEntry)> {
+    ) -> Option<(u64, VerdictEntry)> {
         let uid = pod_uid_of(path)?;
         // Announced since the last reconcile: refresh the index (no syscalls, just the cache).
         if !self.api_knows(view, &uid) {
@@ -481,7 +481,7 @@ impl PodIndex {
         } else {
             0
         };
-        let entry = PolicyEntry {
+        let entry = VerdictEntry {
             verdict: decision.verdict as u32,
             class,
         };

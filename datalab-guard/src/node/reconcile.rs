@@ -145,7 +145,7 @@ impl Reconciler {
             let session = slot
                 .as_mut()
                 .expect("the session is installed before the loop");
-            session.maps_mut().reconcile_policy(&desired.verdicts)
+            session.maps_mut().reconcile_verdicts(&desired.verdicts)
         };
         match result {
             Ok(changes) => {
@@ -227,9 +227,9 @@ impl Reconciler {
         true
     }
 
-    fn write_entry(&self, id: u64, entry: datalab_guard_common::PolicyEntry) {
+    fn write_entry(&self, id: u64, entry: datalab_guard_common::VerdictEntry) {
         if let Some(session) = self.ctx.session.lock().expect("session lock").as_mut() {
-            if let Err(e) = session.maps_mut().set_policy(id, entry) {
+            if let Err(e) = session.maps_mut().set_verdict(id, entry) {
                 tracing::warn!(error = %e, "cannot write the new pod's entry");
             }
         }

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::SystemTime};
 
-use datalab_guard_common::PolicyEntry;
+use datalab_guard_common::VerdictEntry;
 use tokio::sync::mpsc;
 
 use super::{
@@ -44,12 +44,12 @@ pub fn scan(root: &Path, driver: CgroupDriver) -> Vec<DiscoveredPod> {
 
 /// The entries a previous agent left in the pinned verdict map (none after a reboot, or
 /// when the pins cannot be read).
-pub fn pinned_verdicts(layout: &PinLayout) -> BTreeMap<u64, PolicyEntry> {
+pub fn pinned_verdicts(layout: &PinLayout) -> BTreeMap<u64, VerdictEntry> {
     if !layout.exists() {
         return BTreeMap::new();
     }
     GuardMaps::from_pins(layout)
-        .and_then(|maps| maps.policy())
+        .and_then(|maps| maps.verdicts())
         .unwrap_or_else(|e| {
             tracing::debug!(error = %format!("{e:#}"), "pinned verdicts not readable; starting from the cache only");
             BTreeMap::new()
@@ -61,9 +61,9 @@ pub fn pinned_verdicts(layout: &PinLayout) -> BTreeMap<u64, PolicyEntry> {
 /// stay for cgroups the cache does not know, so a restart never loses an exemption the
 /// previous agent had written. Everything else keeps the unknown-cgroup verdict (guard).
 pub fn initial_verdicts(
-    pinned: BTreeMap<u64, PolicyEntry>,
+    pinned: BTreeMap<u64, VerdictEntry>,
     cached: &Classified,
-) -> BTreeMap<u64, PolicyEntry> {
+) -> BTreeMap<u64, VerdictEntry> {
     let mut verdicts = pinned;
     verdicts.extend(cached.verdicts.iter().map(|(id, e)| (*id, *e)));
     verdicts
@@ -147,13 +147,13 @@ fn refresh(reconciler: &mut Reconciler, cache: Option<&LoadedCache>) {
     write_state(reconciler, classified);
 }
 
-fn set_entries(reconciler: &Reconciler, entries: impl IntoIterator<Item = (u64, PolicyEntry)>) {
+fn set_entries(reconciler: &Reconciler, entries: impl IntoIterator<Item = (u64, VerdictEntry)>) {
     let mut slot = reconciler.ctx.session.lock().expect("session lock");
     let Some(session) = slot.as_mut() else {
         return;
     };
     for (id, entry) in entries {
-        if let Err(e) = session.maps_mut().set_policy(id, entry) {
+        if let Err(e) = session.maps_mut().set_verdict(id, entry) {
             tracing::warn!(error = %e, "cannot write a cached verdict");
         }
     }

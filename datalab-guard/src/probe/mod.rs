@@ -45,7 +45,7 @@
 //!
 //! # Why the guard does not see the probe as a tenant
 //! The eBPF programs are attached at the pods' cgroup root (e.g. `kubepods.slice`), and the
-//! agent's own pod lives below it — but its cgroup has an `Exempt` POLICY entry (the policy
+//! agent's own pod lives below it — but its cgroup has an `Exempt` VERDICTS entry (the policy
 //! core's own-pod rule). Changing the network namespace does not change the cgroup: on cgroup
 //! v2 all threads of a process share the process's cgroup (unless moved into a threaded
 //! subtree, which the agent never does). The connect hooks look at the calling task's

@@ -7,7 +7,7 @@
 //! directory, and the real `datalab-guard node` binary. Measures time from spawn to
 //! `/readyz`, the agent's RSS (VmRSS and peak VmHWM) once ready and after the churn, then
 //! churns pods at a fixed rate (API announce, then mkdir of the pod cgroup; deletion of old
-//! pods alongside) and polls the pinned POLICY map for each new cgroup id. Prints one JSON
+//! pods alongside) and polls the pinned VERDICTS map for each new cgroup id. Prints one JSON
 //! document on stdout, with the machine and commit it ran on (`machine`: commit and whether
 //! the tree was dirty, kernel, CPU, load average before and after). Everything it creates
 //! is removed on the way out.
@@ -177,7 +177,7 @@ fn main() -> Result<()> {
     let (rss_ready, hwm_ready) = rss_kib(agent.pid())?;
     let layout = PinLayout::new(&pins);
     let maps = GuardMaps::from_pins(&layout)?;
-    let entries_ready = maps.policy()?.len();
+    let entries_ready = maps.verdicts()?.len();
     if entries_ready < args.pods as usize {
         bail!(
             "only {entries_ready} of {} pods have an entry at ready",
