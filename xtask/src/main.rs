@@ -6,11 +6,13 @@
 //! - `bench`: benchmarks.
 //! - `verifier`: record (or `--check`) each eBPF program's verified instruction count.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
+//! - `image`: build the release image from the Containerfile without a registry (OCI archive).
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 
 mod artifacts;
 mod bench;
 mod demo;
+mod image;
 mod lint;
 mod manifests;
 mod setup;
@@ -52,6 +54,9 @@ enum Cmd {
     /// rustfmt check, clippy with warnings denied (host workspace and the eBPF crate),
     /// the policy core's dependency purity, and cargo-deny (licences, bans, sources).
     Lint,
+    /// Build the release image from the Containerfile with buildah and local Debian base
+    /// images (no registry, no daemon); saves target/image/datalab-guard-<version>.oci.tar.
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Verifier(args) => bench::verifier::run(args),
         Cmd::Manifests => manifests::run_all(),
         Cmd::Lint => lint::run_all(),
+        Cmd::Image(args) => image::run_image(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
