@@ -113,7 +113,26 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
 
     if !args.from_source {
         let t = Instant::now();
-        run(util::cargo_cmd().args(["build", "--release", "--locked", "-p", "datalab-guard"]))?;
+        // Without the CARGO_PKG_*/CARGO_MANIFEST_* variables cargo set for xtask itself: build
+        // scripts that read them (ring's) would otherwise rebuild on every switch between this
+        // and a plain `cargo build --release`.
+        let mut build = util::cargo_cmd();
+        build.args(["build", "--release", "--locked", "-p", "datalab-guard"]);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+            {
+                build.env_remove(key);
+            }
+        }
+        run(&mut build)?;
         steps.push(("host release build of the agent".to_owned(), t.elapsed()));
     }
 
@@ -238,6 +257,17 @@ fn debian_root(work: &Path) -> Result<PathBuf> {
     Ok(rootfs)
 }
 
+/// Debian 12 is merged-/usr: /lib, /lib64, /bin and /sbin are symlinks into /usr, while
+/// dpkg still lists files under their old paths.
+fn usr_merged(path: &str) -> String {
+    for old in ["/lib", "/lib64", "/bin", "/sbin"] {
+        if path == old || path.starts_with(&format!("{old}/")) {
+            return format!("/usr{path}");
+        }
+    }
+    path.to_owned()
+}
+
 /// A directory with only the runtime packages' files (see [`RUNTIME_PACKAGES`]) and the
 /// few files every image has: passwd and group (root, nobody), os-release, a /tmp.
 fn runtime_root(rootfs: &Path, work: &Path) -> Result<PathBuf> {
@@ -260,16 +290,17 @@ fn runtime_root(rootfs: &Path, work: &Path) -> Result<PathBuf> {
         String::from_utf8_lossy(&listing.stderr)
     );
     let mut copied = 0;
-    for path in String::from_utf8_lossy(&listing.stdout).lines() {
+    for listed in String::from_utf8_lossy(&listing.stdout).lines() {
+        let path = usr_merged(listed);
         let skip = RUNTIME_SKIP
             .iter()
             .any(|s| path == *s || path.starts_with(&format!("{s}/")));
         let source = rootfs.join(path.trim_start_matches('/'));
+        let target = dir.join(path.trim_start_matches('/'));
         let meta = match fs::symlink_metadata(&source) {
-            Ok(m) if !m.is_dir() && !skip => m,
+            Ok(m) if !m.is_dir() && !skip && fs::symlink_metadata(&target).is_err() => m,
             _ => continue,
         };
-        let target = dir.join(path.trim_start_matches('/'));
         fs::create_dir_all(target.parent().context("a file without a directory")?)?;
         if meta.file_type().is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&source)?, &target)?;
@@ -283,7 +314,7 @@ fn runtime_root(rootfs: &Path, work: &Path) -> Result<PathBuf> {
         "no files of {RUNTIME_PACKAGES:?} found in {}",
         rootfs.display()
     );
-    // Debian 12 is merged-/usr: /lib64/ld-linux-x86-64.so.2 resolves through /lib64 -> usr/lib64.
+    // The loader's path in every binary is /lib64/ld-linux-x86-64.so.2: keep the merged-/usr links.
     for link in ["lib", "lib64"] {
         let target = dir.join(link);
         if !target.exists() {
