@@ -356,6 +356,8 @@ fn blocked_samples(exposition: &str) -> BTreeMap<BTreeMap<String, String>, f64> 
             .split(',')
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            // Prometheus stores an empty label value as no label (local mode's namespace).
+            .filter(|(_, v)| !v.is_empty())
             .collect();
         out.insert(labels, value.parse().unwrap());
     }
