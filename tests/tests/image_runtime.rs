@@ -351,28 +351,40 @@ fn released_image_runs_with_the_daemonsets_privileges_and_guards_cri_pods() {
     wire_metadata_host(&system_md, &system).unwrap();
     let (tenant_cg, system_cg) = (sandbox_cgroup(&lab, &tenant), sandbox_cgroup(&lab, &system));
 
+    // Fail closed: refused at once, whether or not the agent has classified the pod yet.
     let r = probe(&tenant, &tenant_cg, "tcp");
     assert!(
         r.is_eperm(),
         "the tenant sandbox must be refused: {}",
         r.raw
     );
-    let r = probe(&tenant, &tenant_cg, "udp-sendto");
-    assert!(
-        r.is_eperm(),
-        "the tenant sandbox must be refused (sendmsg): {}",
-        r.raw
-    );
-    assert_eq!(
-        tenant_md.imds_packets(),
-        0,
-        "no packet of the tenant reached the metadata host"
-    );
     // The system pod is exempt once the agent classified it (unknown cgroups are guarded).
     eventually(
         "the kube-system sandbox reaches the metadata host",
         Duration::from_secs(20),
         || Ok(probe(&system, &system_cg, "http").ok.then_some(())),
+    );
+    // Once the tenant is classified too, its attempts are attributed to it in the audit.
+    eventually(
+        "the tenant pod classified (guarded_pods)",
+        Duration::from_secs(20),
+        || {
+            let m = agent_get(agent_netns.as_deref(), metrics_addr, "/metrics")?;
+            Ok((metric(&m, "datalab_guard_guarded_pods", None) >= 1.0).then_some(()))
+        },
+    );
+    for kind in ["tcp", "udp-sendto"] {
+        let r = probe(&tenant, &tenant_cg, kind);
+        assert!(
+            r.is_eperm(),
+            "the tenant sandbox must be refused ({kind}): {}",
+            r.raw
+        );
+    }
+    assert_eq!(
+        tenant_md.imds_packets(),
+        0,
+        "no packet of the tenant reached the metadata host"
     );
     assert!(
         system_md.imds_packets() > 0,
@@ -384,9 +396,15 @@ fn released_image_runs_with_the_daemonsets_privileges_and_guards_cri_pods() {
         "an audit line for notebook-0 in the container log",
         Duration::from_secs(10),
         || {
-            Ok(log_lines(&log)
-                .into_iter()
-                .find(|l| l.contains("egress_blocked") && l.contains("notebook-0")))
+            let lines = log_lines(&log);
+            match lines
+                .iter()
+                .find(|l| l.contains("egress_blocked") && l.contains("notebook-0"))
+            {
+                Some(l) => Ok(Some(l.clone())),
+                // The log so far, for the failure message.
+                None => bail!("container log:\n{}", lines.join("\n")),
+            }
         },
     );
     let record: Value = serde_json::from_str(&line).unwrap();
