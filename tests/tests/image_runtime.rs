@@ -294,15 +294,15 @@ fn released_image_runs_with_the_daemonsets_privileges_and_guards_cri_pods() {
     api.write_kubeconfig(kube_dir.join("kubeconfig")).unwrap();
 
     let identity = PodIdentity {
-        namespace: ds_namespace.clone(),
+        namespace: ds_namespace,
         name: agent_spec.name.clone(),
-        uid: agent_spec.uid.clone(),
+        uid: agent_spec.uid,
         node: NODE.into(),
     };
     let cgroup2 = cgroup2_mount().unwrap();
     let host = HostSources {
         bpffs: bpffs.path().to_path_buf(),
-        cgroup2: cgroup2.clone(),
+        cgroup2,
         config_dir: scratch.path().join("config"),
         empty_dirs: scratch.path().join("empty"),
         runtime_socket: lab.socket().to_path_buf(),

@@ -160,7 +160,7 @@ fn promtool_checks_the_rules_and_every_alert_has_passing_unit_tests() {
     );
 
     // The unit tests' rule file: each alert with its summary only (see the tests' header).
-    let mut trimmed = groups.clone();
+    let mut trimmed = groups;
     for rule in trimmed
         .iter_mut()
         .flat_map(|g| g["rules"].as_array_mut().into_iter().flatten())

@@ -1,4 +1,4 @@
-#![allow(dead_code)] // each test file uses its own part of this module
+#![allow(dead_code, reason = "each test file uses its own part of this module")]
 
 //! The manifests as shipped: `deploy/` rendered with `kubectl kustomize` at test time, so the
 //! image and Prometheus tests check what a user installs, not a copy of it.
