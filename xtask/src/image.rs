@@ -63,7 +63,7 @@ const RUNTIME_EXTRA_FILES: &[&str] = &["/etc/ssl/certs/ca-certificates.crt"];
 /// Overridable with `DATALAB_GUARD_DEBIAN_MIRROR` (e.g. a local mirror or snapshot).
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct ImageArgs {
     /// Build the agent inside the container (the Containerfile's default, what users get)
     /// instead of copying the host's release build in.
@@ -82,6 +82,12 @@ struct Built {
     image_bytes: u64,
     files: Vec<String>,
     steps: Vec<(String, Duration)>,
+}
+
+/// The image tests/tests/image_runtime.rs runs (`cargo xtask test` builds it first):
+/// the default build, a no-op but for the buildah steps (~5 s) when nothing changed.
+pub fn build_for_tests() -> Result<()> {
+    run_image(&ImageArgs::default())
 }
 
 pub fn run_image(args: &ImageArgs) -> Result<()> {

@@ -49,6 +49,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     let bins = artifacts::build_bins(&[])?;
     bins.get("datalab-guard")?;
+    // The release image tests/tests/image_runtime.rs runs under containerd.
+    crate::image::build_for_tests()?;
 
     let mut runs: Vec<Vec<String>> = Vec::new();
     if args.packages.is_empty() {
