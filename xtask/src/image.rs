@@ -192,6 +192,8 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
         .args(["push", &reference])
         .arg(format!("oci-archive:{}:{reference}", archive.display())))?;
     steps.push(("buildah push oci-archive".to_owned(), t.elapsed()));
+    // vfs keeps a full copy per layer: drop what this build replaced (the previous image).
+    let _ = output(buildah.cmd().args(["rmi", "--prune"]));
     steps.push(("total".to_owned(), started.elapsed()));
 
     let (files, image_bytes) = buildah.image_files(&reference, &work)?;
