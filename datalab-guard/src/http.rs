@@ -289,7 +289,7 @@ mod tests {
             "{headers}"
         );
         assert!(
-            body.contains("\ndatalab_guard_policy_map_entries 3\n"),
+            body.contains("\ndatalab_guard_verdict_map_entries 3\n"),
             "{body}"
         );
         assert!(body.ends_with("# EOF\n"));

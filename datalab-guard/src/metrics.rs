@@ -10,7 +10,7 @@
 //! | `datalab_guard_audited_total` | counter | `family`, `hook`, `namespace` |
 //! | `datalab_guard_audit_events_dropped_total` | counter | `reason` = `ring_full` \| `rate_limited` \| `malformed` |
 //! | `datalab_guard_guarded_pods`, `_exempt_pods`, `_unknown_cgroups` | gauge (only when known) | |
-//! | `datalab_guard_policy_map_entries`, `_policy_map_capacity` | gauge | |
+//! | `datalab_guard_verdict_map_entries`, `_verdict_map_capacity` | gauge | |
 //! | `datalab_guard_watch_staleness_seconds` | gauge (node mode) | `resource` = `namespaces` \| `pods` |
 //! | `datalab_guard_watch_relists_total`, `_watch_errors_total` | counter (node mode) | `resource` |
 //! | `datalab_guard_runtime_up` | gauge (node mode, `runtime.socket` not `none`) | |
@@ -512,8 +512,8 @@ mod tests {
                 r#"datalab_guard_audit_events_dropped_total{reason="malformed"} 0"#,
                 "datalab_guard_guarded_pods 12",
                 "datalab_guard_exempt_pods 2",
-                "datalab_guard_policy_map_entries 14",
-                "datalab_guard_policy_map_capacity 65536",
+                "datalab_guard_verdict_map_entries 14",
+                "datalab_guard_verdict_map_capacity 65536",
                 &format!(r#"datalab_guard_build_info{{version="{v}"}} 1"#),
                 "datalab_guard_scrape_errors_total 0",
             ]

@@ -240,6 +240,13 @@ pub struct LabPod {
     config: PodSandboxConfig,
 }
 
+impl LabPod {
+    /// The sandbox's log directory: a container's CRI log is `<this>/<its log_path>`.
+    pub fn log_directory(&self) -> &str {
+        &self.config.log_directory
+    }
+}
+
 /// A private containerd; see the module docs.
 pub struct CriLab {
     name: String,
@@ -474,6 +481,17 @@ impl CriLab {
     /// Creates and starts a container `name` running `argv` in `pod`; returns its id.
     pub fn start_container(&self, pod: &LabPod, name: &str, argv: &[&str]) -> Result<String> {
         let config = pod.spec.container_config(name, argv)?;
+        self.start_container_config(pod, config)
+    }
+
+    /// Creates and starts a container from a complete CRI `config` in `pod` (for a test that
+    /// derives the config itself, e.g. from a manifest); returns its id.
+    pub fn start_container_config(&self, pod: &LabPod, config: ContainerConfig) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let mut client = self.client()?;
         let id = self
             .block_on(client.create_container(CreateContainerRequest {

@@ -6,6 +6,7 @@
 //! - `bench`: benchmarks.
 //! - `verifier`: record (or `--check`) each eBPF program's verified instruction count.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
+//! - `image`: build the release image from the Containerfile without a registry (OCI archive).
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 //! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
 
@@ -13,6 +14,7 @@ mod artifacts;
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 mod lint;
 mod manifests;
 mod setup;
@@ -57,6 +59,9 @@ enum Cmd {
     /// Fuzz the destination classifier against its oracle for --seconds (nightly toolchain;
     /// installs cargo-fuzz if missing).
     Fuzz(fuzz::FuzzArgs),
+    /// Build the release image from the Containerfile with buildah and local Debian base
+    /// images (no registry, no daemon); saves target/image/datalab-guard-<version>.oci.tar.
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Manifests => manifests::run_all(),
         Cmd::Lint => lint::run_all(),
         Cmd::Fuzz(args) => fuzz::run_args(args),
+        Cmd::Image(args) => image::run_image(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,9 @@
 //!    `rust-src`, which `-Z build-std=core` for `bpfel-unknown-none` needs), LLVM 22 for
 //!    bpf-linker, iproute2/nftables/iperf3/ping/curl for the test lab, faketime
 //!    (libfaketime) for the leader-election clock-skew test, containerd, runc, the CNI
-//!    plugins, busybox-static and umoci for the CRI lab, protoc for the CRI client.
+//!    plugins, busybox-static and umoci for the CRI lab, protoc for the CRI client;
+//!    buildah and debootstrap for `cargo xtask image`, prometheus (and promtool) for the
+//!    Prometheus tests.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
 //! 3. `cargo-deny` for the lint gate's licence, ban and source checks, and clippy and
 //!    rustfmt for the host toolchain (`rustup component add` when rustup's minimal profile
@@ -66,6 +68,10 @@ const CRI: &[&str] = &[
     "umoci",
     "protobuf-compiler",
 ];
+/// `cargo xtask image` (buildah builds the Containerfile without a daemon; debootstrap makes
+/// the Debian base images without a registry) and the real Prometheus of
+/// tests/tests/prometheus.rs (prometheus, promtool).
+const IMAGE_AND_MONITORING: &[&str] = &["buildah", "debootstrap", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
 const CARGO_DENY_VERSION: &str = "0.20.2";
@@ -110,6 +116,7 @@ fn apt_packages(debian_rust: bool) -> Result<()> {
     wanted.extend(LLVM);
     wanted.extend(TEST_TOOLS);
     wanted.extend(CRI);
+    wanted.extend(IMAGE_AND_MONITORING);
     let name = format!("apt packages ({})", wanted.join(" "));
     let missing: Vec<&str> = wanted
         .iter()

@@ -66,6 +66,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if full_run {
         crate::bench::verifier::check()?;
     }
+    // The release image tests/tests/image_runtime.rs runs under containerd.
+    crate::image::build_for_tests()?;
 
     let mut runs: Vec<Vec<String>> = Vec::new();
     if args.packages.is_empty() {
