@@ -71,9 +71,19 @@ for node in $(kind get nodes --name "$CLUSTER"); do
 done
 docker exec "$WORKER" sh -c "ip link add dg-imds type dummy && ip addr add $IMDS/32 dev dg-imds && ip addr add $CONTROL/32 dev dg-imds && ip link set dg-imds up"
 
-say "image $IMAGE (docker build -f Containerfile), loaded into the kind nodes"
-docker build -f Containerfile -t "$IMAGE" .
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+# The image CI tests under containerd: `cargo xtask image` (buildah, no registry) saves it as
+# an OCI archive tagged docker.io/library/$IMAGE, which kind imports as is. IMAGE_ARCHIVE
+# names another archive; DOCKER_BUILD=1 builds with docker from the Containerfile instead.
+if [ "${DOCKER_BUILD:-0}" = 1 ]; then
+    say "image $IMAGE (docker build -f Containerfile), loaded into the kind nodes"
+    docker build -f Containerfile -t "$IMAGE" .
+    kind load docker-image "$IMAGE" --name "$CLUSTER"
+else
+    ARCHIVE=${IMAGE_ARCHIVE:-target/image/${IMAGE/:/-}.oci.tar}
+    say "image $IMAGE from $ARCHIVE (cargo xtask image), loaded into the kind nodes"
+    [ -f "$ARCHIVE" ] || cargo xtask image
+    kind load image-archive "$ARCHIVE" --name "$CLUSTER"
+fi
 
 say "kubectl apply -k deploy/"
 kubectl apply -k deploy/
@@ -183,8 +193,6 @@ else fail "tenant not refused during the agent restart: $out"; fi
 kubectl -n datalab-guard rollout status ds/datalab-guard --timeout=180s
 
 say "controller (leader): NetworkPolicy provisioned; every node: CNI probe (probe.interval is 5m: up to 7 min)"
-# poll SECONDS COMMAND...: true once COMMAND succeeds within SECONDS.
-poll() { local end=$((SECONDS + $1)); shift; until "$@"; do [ $SECONDS -lt "$end" ] || return 1; sleep 5; done; }
 if poll 120 kubectl -n "$TENANT_NS" get networkpolicy allow-web-egress -o name >/dev/null 2>&1; then
     pass "NetworkPolicy allow-web-egress provisioned in $TENANT_NS"
 else fail "no NetworkPolicy allow-web-egress in $TENANT_NS after 2 minutes"; fi
