@@ -119,7 +119,7 @@ fn pods_root_detection_is_bounded_and_refuses_to_guess() {
     mkdirs(&[base.join("system.slice/a.service"), base.join("user.slice")]);
     let err = detect_pods_root(&base).unwrap_err();
     assert!(matches!(err, PodCgroupError::NoPodsRoot { .. }), "{err}");
-    assert!(err.to_string().ends_with("pass --cgroup-root"), "{err}");
+    assert!(err.to_string().contains("pass --cgroup-root"), "{err}");
 
     // Too deep (depth 5) counts as nothing.
     mkdirs(&[base.join("a/b/c/d/kubepods.slice")]);

@@ -468,6 +468,8 @@ fn adapt_to_the_lab(
         // On the host's network the default 0.0.0.0:9090 would be the machine's; and the
         // CNI probe's control attempt would go to the machine's real metadata route.
         let addr = free_loopback_addr().unwrap();
+        // In place of the manifest's own --metrics-addr (a flag given twice is bad input).
+        c.args.retain(|a| !a.starts_with("--metrics-addr"));
         c.args.push(format!("--metrics-addr={addr}"));
         plan.deviations.push(format!(
             "--metrics-addr={addr} (hostNetwork: loopback only)"

@@ -257,7 +257,7 @@ impl Reconciler {
 
     /// The periodic rescan: pod cgroups nobody has classified yet are asked about again
     /// (the runtime may have been down, or the sandbox not listed within the first wait).
-    fn ask_runtime_about_unknown(&mut self, found: &[DiscoveredPod]) {
+    pub(super) fn ask_runtime_about_unknown(&mut self, found: &[DiscoveredPod]) {
         if !self.runtime.enabled() {
             return;
         }

@@ -89,11 +89,17 @@ pub async fn until_synced(
             () = &mut synced => return SyncOutcome::Synced,
             Some(event) = cgroup_events.recv() => {
                 reconciler.index.observe(&event);
-                if let CgroupEvent::Created(path) = &event {
+                match &event {
                     // The cache first; a pod it does not know is asked of the runtime.
-                    if !cache.is_some_and(|cache| from_cache(reconciler, cache, path)) {
-                        reconciler.ask_runtime(path);
+                    CgroupEvent::Created(path) => {
+                        if !cache.is_some_and(|cache| from_cache(reconciler, cache, path)) {
+                            reconciler.ask_runtime(path);
+                        }
                     }
+                    // Pod cgroups still unclassified (the runtime was slow to list the
+                    // sandbox, or down) are asked about again, as after the sync.
+                    CgroupEvent::Rescan(found) => reconciler.ask_runtime_about_unknown(found),
+                    CgroupEvent::Removed(_) => {}
                 }
             },
             Some(answer) = runtime_answers.recv() => reconciler.on_runtime_answer(answer),

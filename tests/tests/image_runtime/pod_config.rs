@@ -253,6 +253,32 @@ fn host_path_source(
             ));
             host.runtime_socket.clone()
         }
+        // The runtime's socket directory (runtime.socket: auto looks for containerd.sock in
+        // it): the lab's directory, which holds the lab containerd's socket.
+        "/run/containerd" | "/run/k3s/containerd" | "/var/run/crio" => {
+            let dir = host
+                .runtime_socket
+                .parent()
+                .context("the lab socket has a directory")?
+                .to_path_buf();
+            deviations.push(format!(
+                "hostPath {path} -> the lab containerd's directory {}",
+                dir.display()
+            ));
+            dir
+        }
+        // The state cache (stateDir): a fresh directory, so that no earlier run's cache (or
+        // the machine's) is read.
+        "/var/lib/datalab-guard" => {
+            let dir = host.empty_dirs.join("host-state-dir");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            deviations.push(format!(
+                "hostPath {path} -> a fresh directory {}",
+                dir.display()
+            ));
+            dir
+        }
         other => bail!(
             "hostPath {other} is not mapped by tests/tests/image_runtime/pod_config.rs: say \
              where it lives on this machine"
