@@ -116,9 +116,9 @@ pub fn markdown(doc: &Value, command: &str) -> String {
          it during `RunPodSandbox`), so t0 is late by at most one poll interval."
             .to_owned(),
         String::new(),
-        "Percentiles are nearest-rank over the measured samples (with 20 samples p99 is the \
-         maximum). Latency on a shared 2-CPU machine; other work was running (see load \
-         average)."
+        "Percentiles are nearest-rank over the measured samples (below 100 samples p99 is the \
+         maximum). A load average above the CPU count means other work competed for the \
+         CPUs during the run."
             .to_owned(),
         String::new(),
         "## Results (ms)".to_owned(),
