@@ -139,6 +139,18 @@ pub fn markdown(doc: &Value, command: &str) -> String {
             ));
         }
     }
+    let vs_return = samples(&doc["runtime"]["vs_sandbox_return_ms"]);
+    if !vs_return.is_empty() {
+        let before = vs_return.iter().filter(|&&x| x < 0.0).count();
+        out.push(format!(
+            "runtime: entry time minus `RunPodSandbox` returning (negative: in the map before \
+             the kubelet could create any container of the pod): p50 {}, max {} ms; {before} \
+             of {} before it returned.",
+            cell(percentile(&vs_return, 50.0)),
+            cell(percentile(&vs_return, 100.0)),
+            vs_return.len(),
+        ));
+    }
     out.push(String::new());
     out.join("\n")
 }
@@ -170,6 +182,15 @@ mod tests {
                     "first_entry_wrong": 0},
             "runtime": {"error": "no containerd"},
         });
+        let mut with_runtime = doc.clone();
+        with_runtime["runtime"] = json!({"system_ms": [40.0], "tenant_ms": [42.0],
+            "missed": 0, "first_entry_wrong": 0, "vs_sandbox_return_ms": [-3.0, 5.0]});
+        let md2 = markdown(&with_runtime, "c");
+        assert!(
+            md2.contains("| runtime | all | 2 | 40.0 | 42.0 | 42.0 | 42.0 |"),
+            "{md2}"
+        );
+        assert!(md2.contains("p50 -3.0, max 5.0 ms; 1 of 2 before"), "{md2}");
         let md = markdown(&doc, "cargo xtask bench --verdict-latency");
         assert!(
             md.contains("| api | system (exempt) | 2 | 1.0 | 3.0 | 3.0 | 3.0 |"),

@@ -77,6 +77,9 @@ struct Samples {
     missed: u32,
     /// Pods whose first entry had another verdict than the one they finally got.
     first_entry_wrong: u32,
+    /// `runtime` case: entry time minus the time `RunPodSandbox` returned, in ms (negative:
+    /// the entry was there before the kubelet could create any container of the pod).
+    vs_sandbox_return_ms: Vec<f64>,
 }
 
 impl Samples {
@@ -101,12 +104,15 @@ impl Samples {
             "tenant_ms": self.tenant_ms,
             "missed": self.missed,
             "first_entry_wrong": self.first_entry_wrong,
+            "vs_sandbox_return_ms": self.vs_sandbox_return_ms,
         })
     }
 }
 
 struct Outcome {
     latency: Duration,
+    /// When the expected entry was seen.
+    at: Instant,
     first_wrong: bool,
 }
 
@@ -117,8 +123,10 @@ fn wait_for_verdict(maps: &GuardMaps, id: u64, want: Verdict, t0: Instant) -> Op
     while t0.elapsed() < GIVE_UP {
         if let Ok(Some(entry)) = maps.policy_get(id) {
             if entry.verdict == want as u32 {
+                let at = Instant::now();
                 return Some(Outcome {
-                    latency: t0.elapsed(),
+                    latency: at - t0,
+                    at,
                     first_wrong,
                 });
             }
@@ -319,8 +327,16 @@ fn runtime_case(args: &Args) -> Result<Samples> {
                 want: expected(system),
             })
             .context("poller gone")?;
-        pods.push(cri.run_pod(&spec)?.id);
+        let pod = cri.run_pod(&spec)?;
+        pods.push(pod.id);
         let outcome = done_rx.recv().context("poller gone")?;
+        if let Some(o) = &outcome {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            samples.vs_sandbox_return_ms.push(match o.at >= pod.ran_at {
+                true => ms(o.at - pod.ran_at),
+                false => -ms(pod.ran_at - o.at),
+            });
+        }
         samples.push(system, outcome);
     }
     drop(job_tx);
