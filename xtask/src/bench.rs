@@ -15,6 +15,11 @@
 //! empty program, throughput ratio ≥ 0.98) are reported as met or not; they never fail the
 //! command. A part that cannot run does: the report is still saved, saying what failed.
 //!
+//! `--verdict-latency` runs another scenario instead, kept out of the default run because it
+//! starts containerd ([`verdict_latency`]): time from a pod cgroup's creation to its verdict
+//! in the pinned map, for pods known from the API and pods known only from the container
+//! runtime; saved to `bench-results/verdict-latency.md` and `.json`.
+//!
 //! Needs root (BPF programs, network namespaces, cgroups); everything created is removed on
 //! the way out, also on failure, and leftovers of an interrupted run are removed first.
 
@@ -23,6 +28,7 @@ mod report;
 mod stats;
 mod testrun;
 mod throughput;
+mod verdict_latency;
 pub mod verifier;
 
 use std::{path::PathBuf, time::Instant};
@@ -59,6 +65,13 @@ pub struct BenchArgs {
     /// Leave out the throughput part.
     #[arg(long)]
     pub skip_throughput: bool,
+    /// Instead of the parts above, measure pod cgroup creation → verdict in the map, for pods
+    /// known from the API and pods known only from the runtime (starts containerd).
+    #[arg(long)]
+    pub verdict_latency: bool,
+    /// Pods per class (system, tenant) per case of --verdict-latency.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub verdict_latency_pods: u32,
     /// Directory for latest.md and latest.json [default: <workspace>/bench-results].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -82,6 +95,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     bins.get("datalab-guard")?;
     for (var, path) in bins.kit_env() {
         std::env::set_var(var, path);
+    }
+    if args.verdict_latency {
+        return run_verdict_latency(args, &bins);
     }
     let helper = match args.skip_testrun {
         true => None,
@@ -151,6 +167,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bench: the {} part failed (see the report)",
             failed.join(" and ")
         );
+    }
+    Ok(())
+}
+
+/// `--verdict-latency`: runs the scenario, prints and saves its report.
+fn run_verdict_latency(args: &BenchArgs, bins: &crate::artifacts::Bins) -> Result<()> {
+    println!("\n== pod cgroup creation -> verdict in the map");
+    let started = Instant::now();
+    let doc = verdict_latency::measure(bins, args.verdict_latency_pods)?;
+    println!("(took {:.0} s)", started.elapsed().as_secs_f64());
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let md = verdict_latency::markdown(&doc, &command);
+    println!("\n{md}");
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| util::workspace_root().join("bench-results"));
+    verdict_latency::save(&dir, &doc, &md)?;
+    println!("saved {}", dir.join("verdict-latency.md").display());
+    if doc["runtime"]["error"].is_string() {
+        bail!("bench: the runtime case failed (see the report)");
     }
     Ok(())
 }

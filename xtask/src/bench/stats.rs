@@ -40,6 +40,19 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
     })
 }
 
+/// Nearest-rank percentile (`p` in 0..=100): the smallest sample with at least `p` % of the
+/// samples at or below it, so every value reported is one that was measured (with 40
+/// samples, p99 is the largest). `None` when empty or when a sample is NaN.
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
 /// Element-wise `a[i] - b[i]` (pairs from the same round).
 pub fn paired_differences(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x - y).collect()
@@ -56,6 +69,18 @@ mod tests {
         assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let s: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(percentile(&s, 50.0), Some(10.0));
+        assert_eq!(percentile(&s, 90.0), Some(18.0));
+        assert_eq!(percentile(&s, 99.0), Some(20.0));
+        assert_eq!(percentile(&s, 0.0), Some(1.0));
+        assert_eq!(percentile(&[7.0], 50.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[1.0, f64::NAN], 50.0), None);
     }
 
     #[test]

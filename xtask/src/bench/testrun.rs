@@ -22,7 +22,7 @@ use crate::{
 const HELPER: &str = "xtask-bench-testrun";
 
 /// Builds, in one cargo invocation, the binaries the sandbox kit runs (the agent, the probe,
-/// the fake metadata server) and the test-run and verifier helpers (feature
+/// the fake metadata server) and the test-run, verifier and verdict-latency helpers (feature
 /// `xtask/bench-testrun`). One
 /// invocation, so the agent's library is compiled once, with one feature set; the xtask
 /// binary that is running is left alone.
@@ -38,6 +38,7 @@ pub fn build_all() -> Result<Bins> {
         "dg-fake-imds",
         HELPER,
         super::verifier::HELPER,
+        super::verdict_latency::HELPER,
     ] {
         cmd.args(["--bin", b]);
     }
