@@ -1750,6 +1750,11 @@ fn node_agents_beside_controllers_only_read() {
         bpffs.path().join("guard").display().to_string(),
         "--metrics-addr".into(),
         metrics.to_string(),
+        // Never the machine's /run/datalab-guard or /var/lib/datalab-guard.
+        "--state-file".into(),
+        dir.0.join("node-state.json").display().to_string(),
+        "--state-dir".into(),
+        dir.0.join("node-state-dir").display().to_string(),
     ];
     let mut node = Agent::spawn_with(&Agent::bin().expect("agent binary"), &args, &[])
         .expect("spawn node agent");

@@ -167,6 +167,11 @@ fn main() -> Result<()> {
             pins.display().to_string(),
             "--metrics-addr".into(),
             metrics.to_string(),
+            // Never the machine's /run/datalab-guard or /var/lib/datalab-guard.
+            "--state-file".into(),
+            dir.join("state.json").display().to_string(),
+            "--state-dir".into(),
+            dir.join("state-dir").display().to_string(),
         ],
         &[("DATALAB_GUARD_LOG", "warn")],
     )?;
