@@ -158,6 +158,9 @@ impl RuntimeNode {
             self.metrics.to_string(),
             "--state-file".into(),
             self.dir.join("state.json").display().to_string(),
+            // Never the machine's /var/lib/datalab-guard.
+            "--state-dir".into(),
+            self.dir.join("state-dir").display().to_string(),
             "--log-format".into(),
             "json".into(),
         ];
