@@ -80,3 +80,20 @@ pub fn have_cargo_subcommand(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Echoes and runs a bench helper whose stdout is one JSON document (its stderr passes
+/// through); fails if it does not exit 0 or prints anything else.
+pub fn run_json_helper(cmd: &mut Command) -> Result<serde_json::Value> {
+    let line = show(cmd);
+    println!("$ {line}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed: {}", out.status);
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`{line}` printed something other than its JSON document"))
+}

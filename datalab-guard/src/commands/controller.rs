@@ -8,7 +8,6 @@ use clap::Args;
 
 use super::Shared;
 use crate::{
-    config::ConfigSource,
     controller::{self, leader, Plan},
     input::bad_input,
 };
@@ -43,19 +42,8 @@ fn validate(shared: &Shared, args: &ControllerArgs) -> anyhow::Result<Plan> {
         Some(identity) => identity.trim().to_owned(),
         None => leader::default_identity(),
     };
-    let config_source = ConfigSource {
-        path: args.config.clone(),
-        blocks: shared.block.clone(),
-        presets: shared.preset.clone(),
-        mode: shared.mode(),
-    };
-    let config = config_source
-        .load()
-        .map_err(|e| bad_input(format!("{e:#}")))?;
-    if let Some(path) = &args.kubeconfig {
-        kube::config::Kubeconfig::read_from(path)
-            .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
-    }
+    let (config_source, config) = super::load_config(args.config.as_deref(), shared)?;
+    super::check_kubeconfig(args.kubeconfig.as_deref())?;
     let metrics_addr = match shared.metrics_addr {
         Some(addr) => addr,
         None => DEFAULT_METRICS_ADDR.parse().expect("valid default address"),

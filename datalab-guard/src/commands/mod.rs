@@ -66,6 +66,34 @@ impl Shared {
     }
 }
 
+/// The config file plus the shared `--block`/`--preset`/`--mode` flags, loaded once as bad
+/// input (exit 2) on any problem; the source is kept for SIGHUP reloads.
+pub(crate) fn load_config(
+    path: Option<&std::path::Path>,
+    shared: &Shared,
+) -> anyhow::Result<(crate::config::ConfigSource, crate::config::Config)> {
+    let source = crate::config::ConfigSource {
+        path: path.map(std::path::Path::to_path_buf),
+        blocks: shared.block.clone(),
+        presets: shared.preset.clone(),
+        mode: shared.mode(),
+    };
+    let config = source
+        .load()
+        .map_err(|e| crate::input::bad_input(format!("{e:#}")))?;
+    Ok((source, config))
+}
+
+/// Parses `--kubeconfig` now: a broken kubeconfig is bad input, found before anything runs.
+pub(crate) fn check_kubeconfig(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            crate::input::bad_input(format!("--kubeconfig {}: {e}", path.display()))
+        })?;
+    }
+    Ok(())
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// The Kubernetes DaemonSet agent: guards the pods of environment namespaces on this node.

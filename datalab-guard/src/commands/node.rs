@@ -10,7 +10,7 @@ use super::Shared;
 use crate::{
     bpf::lsm,
     cgroups::{self, pod, pod::CgroupDriver, CgroupDir},
-    config::{Config, ConfigSource, DEFAULT_STATE_DIR},
+    config::{Config, DEFAULT_STATE_DIR},
     input::bad_input,
     node::{self, cache, state_file::DEFAULT_STATE_FILE, Plan},
 };
@@ -68,20 +68,8 @@ fn validate(shared: &Shared, args: &NodeArgs) -> anyhow::Result<Plan> {
     // that could change the request path.
     datalab_guard_policy::selector::validate_dns1123_subdomain(&node)
         .map_err(|e| bad_input(format!("node name {node:?} {e}")))?;
-    let config_source = ConfigSource {
-        path: args.config.clone(),
-        blocks: shared.block.clone(),
-        presets: shared.preset.clone(),
-        mode: shared.mode(),
-    };
-    let config = config_source
-        .load()
-        .map_err(|e| bad_input(format!("{e:#}")))?;
-    if let Some(path) = &args.kubeconfig {
-        // Parse it now: a broken kubeconfig is bad input, found before anything else runs.
-        kube::config::Kubeconfig::read_from(path)
-            .map_err(|e| bad_input(format!("--kubeconfig {}: {e}", path.display())))?;
-    }
+    let (config_source, config) = super::load_config(args.config.as_deref(), shared)?;
+    super::check_kubeconfig(args.kubeconfig.as_deref())?;
     let state_dir = resolve_state_dir(args.state_dir.as_deref(), &config)?;
     let (root, driver) = resolve_root(
         args.cgroup_root.as_deref(),

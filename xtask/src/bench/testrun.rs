@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::stats::{paired_differences, summarize, Summary};
 use crate::{
     artifacts::Bins,
-    util::{cargo_cmd, show},
+    util::{self, cargo_cmd, show},
 };
 
 const HELPER: &str = "xtask-bench-testrun";
@@ -145,23 +145,13 @@ impl TestRunResults {
 
 /// Runs the helper (pins under `bpffs_dir`, which must not exist yet) and analyses its output.
 pub fn run(helper: &Path, bpffs_dir: &Path, rounds: u32, repeat: u32) -> Result<TestRunResults> {
-    let mut cmd = Command::new(helper);
-    cmd.arg("--bpffs")
-        .arg(bpffs_dir)
-        .args(["--rounds", &rounds.to_string()])
-        .args(["--repeat", &repeat.to_string()])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    let line = show(&cmd);
-    println!("$ {line}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if !out.status.success() {
-        bail!("`{line}` failed: {}", out.status);
-    }
-    let doc: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{HELPER} printed something other than its JSON document"))?;
+    let doc = util::run_json_helper(
+        Command::new(helper)
+            .arg("--bpffs")
+            .arg(bpffs_dir)
+            .args(["--rounds", &rounds.to_string()])
+            .args(["--repeat", &repeat.to_string()]),
+    )?;
     analyse(&doc)
 }
 

@@ -6,28 +6,17 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use super::stats::percentile;
-use crate::{artifacts::Bins, util::show};
+use crate::{artifacts::Bins, util};
 
 pub const HELPER: &str = "xtask-bench-verdict-latency";
 
 /// Runs the helper with `pods` pods per class; returns its JSON document.
 pub fn measure(bins: &Bins, pods: u32) -> Result<Value> {
-    let mut cmd = Command::new(bins.get(HELPER)?);
-    cmd.args(["--pods", &pods.to_string()]);
-    let line = show(&cmd);
-    println!("$ {line}");
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if !out.status.success() {
-        bail!("`{line}` failed: {}", out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("parsing the helper's JSON")
+    util::run_json_helper(Command::new(bins.get(HELPER)?).args(["--pods", &pods.to_string()]))
 }
 
 fn samples(v: &Value) -> Vec<f64> {

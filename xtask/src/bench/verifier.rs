@@ -13,7 +13,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -21,7 +21,7 @@ use datalab_guard_tests::BpffsDir;
 use serde_json::Value;
 
 use super::{report::Machine, testrun, PREFIX};
-use crate::util::{self, show};
+use crate::util;
 
 /// The helper binary (feature `xtask/bench-testrun`) that loads the object and reads the counts.
 pub const HELPER: &str = "xtask-verifier";
@@ -135,21 +135,7 @@ fn measure() -> Result<Vec<(String, Count)>> {
 }
 
 fn run_helper(helper: &Path, bpffs: &Path) -> Result<Vec<(String, Count)>> {
-    let mut cmd = Command::new(helper);
-    cmd.arg("--bpffs")
-        .arg(bpffs)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    let line = show(&cmd);
-    println!("$ {line}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if !out.status.success() {
-        bail!("`{line}` failed: {}", out.status);
-    }
-    let doc: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{HELPER} printed something other than its JSON document"))?;
+    let doc = util::run_json_helper(Command::new(helper).arg("--bpffs").arg(bpffs))?;
     parse_helper(&doc)
 }
 
