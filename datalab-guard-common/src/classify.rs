@@ -264,7 +264,12 @@ fn scan_v4_options<P: PacketBytes + ?Sized>(pkt: &P, header_len: usize) -> Optio
         }
         off += len;
     }
-    // More option entries than bytes: cannot happen in a well-formed header.
+    // Every entry takes at least one byte, so after MAX_V4_OPTION_BYTES entries the walk has
+    // reached the header's end: 40 one-byte NOPs fill a 60-byte header exactly (a fuzz
+    // finding: the loop used to end here without this last check and drop such a packet).
+    if off >= header_len {
+        return None;
+    }
     Some(Reason::Unparseable)
 }
 
@@ -508,6 +513,25 @@ mod tests {
         let mut compat = [0u8; 16];
         compat[12..].copy_from_slice(&IMDS4);
         assert!(!v6_blocked(&set[..], compat));
+    }
+
+    #[test]
+    fn a_header_full_of_one_byte_options_passes() {
+        // The fuzz finding in fuzz/regressions/: forty NOPs fill the largest header (IHL 15)
+        // exactly; the walk must reach its end and pass, not run out of steps and drop.
+        let set = defaults();
+        let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &[IPOPT_NOP; 40], 443);
+        assert!(
+            matches!(classify_packet(&p[..], &set[..]), PacketClass::Pass(a) if a.dport == 443)
+        );
+        // 39 NOPs then a two-byte option that runs one byte past the header: still refused.
+        let mut over = [IPOPT_NOP; 40];
+        over[39] = 0x44;
+        let p = v4_packet([192, 0, 2, 1], IPPROTO_TCP, &over, 443);
+        assert!(matches!(
+            classify_packet(&p[..], &set[..]),
+            PacketClass::Blocked(_, Reason::Unparseable)
+        ));
     }
 
     #[test]

@@ -53,10 +53,16 @@ pub fn run(seconds: u64) -> Result<()> {
     // `cargo +toolchain fuzz`: rustup's proxy picks the toolchain for cargo-fuzz's builds.
     // From the workspace root cargo-fuzz finds `fuzz/` (its own workspace; corpus and
     // artifacts are ignored by git).
+    let corpus = root.join("fuzz/corpus").join(TARGET);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .arg(format!("+{toolchain}"))
         .args(["fuzz", "run", TARGET])
+        // The working corpus first (new inputs are written there), then the kept findings,
+        // so every earlier finding is replayed before fuzzing starts.
+        .arg(&corpus)
+        .arg(root.join("fuzz/regressions").join(TARGET))
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         // Keep the log short: a status line every 10 s, not on every new coverage point.
