@@ -23,7 +23,9 @@
 //! Needs root (BPF programs, network namespaces, cgroups); everything created is removed on
 //! the way out, also on failure, and leftovers of an interrupted run are removed first.
 
+mod cost_report;
 mod machine;
+mod progstats;
 mod report;
 mod stats;
 mod testrun;
@@ -126,9 +128,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let throughput = match args.skip_throughput {
         true => Part::Skipped,
         false => {
-            println!("\n== TCP throughput (iperf3)");
+            println!("\n== throughput and per-run cost under real traffic (iperf3: TCP, UDP 64 B)");
             let started = Instant::now();
-            let measured = throughput::run(PREFIX, args.rounds, args.seconds);
+            let progstats = bins.get(progstats::HELPER)?;
+            let measured = throughput::run(PREFIX, args.rounds, args.seconds, Some(progstats));
             println!("(took {:.0} s)", started.elapsed().as_secs_f64());
             part(measured)
         }

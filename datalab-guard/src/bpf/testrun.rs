@@ -170,6 +170,36 @@ impl TestRunner {
         super::install::attach(&mut self.ebpf, program, &file)
     }
 
+    /// Attaches the empty floor program to `cgroup`'s egress, as a bpf_link that detaches
+    /// when dropped: `cargo xtask bench` runs it under real traffic beside the guard, so the
+    /// kernel's per-run statistics compare the two on the same packets.
+    pub fn attach_floor(
+        &mut self,
+        cgroup: &std::path::Path,
+    ) -> anyhow::Result<aya::programs::links::FdLink> {
+        use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
+        let file =
+            std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+        let prog: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(programs::BENCH_EMPTY)
+            .ok_or_else(|| anyhow!("program {} missing", programs::BENCH_EMPTY))?
+            .try_into()?;
+        let id = prog.attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+        Ok(prog.take_link(id)?.try_into()?)
+    }
+
+    /// The kernel's id of one of this runner's programs (to tell it apart from the same
+    /// program loaded by an agent).
+    pub fn program_id(&self, name: &str) -> anyhow::Result<u32> {
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        Ok(prog.info()?.id())
+    }
+
     /// Non-zero counters of class 0 (what test runs count into).
     pub fn counters(&self) -> anyhow::Result<Vec<CounterValue>> {
         self.maps.counters([0])

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 pub use super::machine::Machine;
 use super::{
+    cost_report::{self, REAL_TRAFFIC_BUDGET_NS},
     stats::summarize,
     testrun::TestRunResults,
     throughput::{Config, ThroughputResults},
@@ -135,6 +136,25 @@ impl Report {
                     )
                 }),
             },
+            {
+                let cost = self.throughput.done().map(cost_report::target);
+                Target {
+                    id: "real_traffic_within_5ns",
+                    text: format!(
+                        "guard per run under real traffic (kernel statistics) within \
+                         {REAL_TRAFFIC_BUDGET_NS} ns of a do-nothing cgroup_skb program"
+                    ),
+                    measured: cost
+                        .as_ref()
+                        .map_or_else(|| "not measured".into(), |(m, _)| m.clone()),
+                    value: cost.as_ref().and_then(|(_, w)| *w),
+                    met: cost
+                        .as_ref()
+                        .and_then(|(_, w)| *w)
+                        .map(|w| w <= REAL_TRAFFIC_BUDGET_NS),
+                    inconclusive: None,
+                }
+            },
         ]
     }
 
@@ -173,6 +193,9 @@ impl Report {
             Part::Done(t) => Self::throughput_table(&mut s, t),
             Part::Skipped => s.push_str("Skipped (`--skip-throughput`).\n\n"),
             Part::Failed(e) => s.push_str(&format!("**Failed:** {e}\n\n")),
+        }
+        if let Part::Done(t) = &self.throughput {
+            s.push_str(&cost_report::markdown(t));
         }
 
         s.push_str("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
@@ -388,8 +411,9 @@ impl Report {
 mod tests {
     use super::*;
     use crate::bench::{
+        progstats::{Cost, Program},
         testrun::analyse,
-        throughput::{ConfigResult, Run},
+        throughput::{ConfigResult, Run, Traffic},
     };
 
     fn machine() -> Machine {
@@ -427,6 +451,22 @@ mod tests {
         .unwrap()
     }
 
+    /// The cost a run records: the guard's on (a), the do-nothing program's elsewhere.
+    fn cost(config: Config, floor_ns: f64, guard_ns: f64) -> Cost {
+        match config {
+            Config::Guarded => Cost {
+                program: Program::Guard,
+                ns_per_run: guard_ns,
+                runs: 1000,
+            },
+            _ => Cost {
+                program: Program::Floor,
+                ns_per_run: floor_ns,
+                runs: 1000,
+            },
+        }
+    }
+
     fn throughput(unguarded: [f64; 2]) -> ThroughputResults {
         let runs: Vec<Run> = (1..=2)
             .flat_map(|round| {
@@ -438,17 +478,33 @@ mod tests {
                 .map(|(config, bps)| Run {
                     round,
                     config,
+                    traffic: Traffic::Tcp,
                     bits_per_second: bps,
                     retransmits: 0,
+                    sent_pps: None,
+                    received_pps: None,
+                    cost: Some(cost(config, 27.0, 30.0)),
                 })
             })
+            .chain((1..=2).flat_map(|round| {
+                Config::ALL.map(|config| Run {
+                    round,
+                    config,
+                    traffic: Traffic::Udp64,
+                    bits_per_second: 1e8,
+                    retransmits: 0,
+                    sent_pps: Some(if config == Config::Guarded { 9e5 } else { 1e6 }),
+                    received_pps: Some(8e5),
+                    cost: Some(cost(config, 26.0, 26.0 + f64::from(round) * 2.0)),
+                })
+            }))
             .collect();
         let configs = Config::ALL
             .iter()
             .map(|&config| {
                 let bps: Vec<f64> = runs
                     .iter()
-                    .filter(|r| r.config == config)
+                    .filter(|r| r.config == config && r.traffic == Traffic::Tcp)
                     .map(|r| r.bits_per_second)
                     .collect();
                 ConfigResult {
@@ -485,6 +541,15 @@ mod tests {
         assert_eq!((t[0].value, t[0].met), (Some(3.0), Some(true)));
         assert_eq!((t[1].value, t[1].met), (Some(0.99), Some(true)));
         assert!(t[1].inconclusive.is_none());
+        // Under real traffic: TCP +3 ns per round; UDP +2 and +4 (median 3).
+        assert_eq!((t[2].value, t[2].met), (Some(3.0), Some(true)));
+        let md = r.markdown();
+        assert!(md.contains("| tcp +3.0 ns, udp64 +3.0 ns | met |"), "{md}");
+        assert!(
+            md.contains("| udp64 | 29.0 (28.0–30.0) | 26.0 (26.0–26.0) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 900 (900–900) | 800 | 0.900 |"), "{md}");
         let r = report(33, [100.0, 100.0]);
         assert_eq!(r.targets()[0].met, Some(false));
         let md = r.markdown();

@@ -39,6 +39,7 @@ pub fn build_all() -> Result<Bins> {
         HELPER,
         super::verifier::HELPER,
         super::verdict_latency::HELPER,
+        super::progstats::HELPER,
     ] {
         cmd.args(["--bin", b]);
     }

@@ -31,7 +31,10 @@ use datalab_guard_tests::{
 };
 use serde_json::{json, Value};
 
-use super::stats::{median, summarize, Summary};
+use super::{
+    progstats::{Cost, ProgStats, Program},
+    stats::{median, summarize, Summary},
+};
 
 const IPERF_PORT: &str = "5201";
 /// Name of the nftables table of the `nftables` configuration (in the tenant namespace).
@@ -71,14 +74,41 @@ impl fmt::Display for Config {
     }
 }
 
+/// What one iperf3 run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// One TCP stream (bulk: large, GSO-sized packets).
+    Tcp,
+    /// UDP with 64-byte payloads as fast as the sender can (`-b 0`): the per-packet case.
+    Udp64,
+}
+
+impl Traffic {
+    pub const ALL: [Traffic; 2] = [Traffic::Tcp, Traffic::Udp64];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Traffic::Tcp => "tcp",
+            Traffic::Udp64 => "udp64",
+        }
+    }
+}
+
 /// One iperf3 run.
 #[derive(Debug, Clone)]
 pub struct Run {
     pub round: u32,
     pub config: Config,
+    pub traffic: Traffic,
     /// Receiver-side throughput.
     pub bits_per_second: f64,
     pub retransmits: u64,
+    /// UDP: packets per second the client sent, and the server received.
+    pub sent_pps: Option<f64>,
+    pub received_pps: Option<f64>,
+    /// Kernel per-run statistics of the program that judged this run's packets: the guard
+    /// for (a), the do-nothing program for (b) and (c).
+    pub cost: Option<Cost>,
 }
 
 /// One configuration's runs, summarised.
@@ -133,7 +163,7 @@ impl ThroughputResults {
                 let get = |k: Config| {
                     self.runs
                         .iter()
-                        .find(|r| r.round == round && r.config == k)
+                        .find(|r| r.round == round && r.config == k && r.traffic == Traffic::Tcp)
                         .map(|r| r.bits_per_second)
                 };
                 match (get(c), get(Config::Unguarded)) {
@@ -151,6 +181,40 @@ impl ThroughputResults {
         (b.median > 0.0).then(|| (b.max - b.min) / 2.0 / b.median)
     }
 
+    /// The runs of one kind of traffic and client, in round order.
+    pub fn runs_of(&self, traffic: Traffic, config: Config) -> impl Iterator<Item = &Run> {
+        self.runs
+            .iter()
+            .filter(move |r| r.traffic == traffic && r.config == config)
+    }
+
+    /// Kernel-measured ns per run of the program that judged `config`'s `traffic`.
+    pub fn costs(&self, traffic: Traffic, config: Config) -> Vec<f64> {
+        self.runs_of(traffic, config)
+            .filter_map(|r| r.cost.map(|c| c.ns_per_run))
+            .collect()
+    }
+
+    /// Per round: the guard's ns per run on (a) minus the do-nothing program's on (b), the
+    /// two runs of the same round back to back.
+    pub fn cost_deltas(&self, traffic: Traffic) -> Vec<f64> {
+        self.runs_of(traffic, Config::Guarded)
+            .filter_map(|g| {
+                let floor = self
+                    .runs_of(traffic, Config::Unguarded)
+                    .find(|u| u.round == g.round)?;
+                Some(g.cost?.ns_per_run - floor.cost?.ns_per_run)
+            })
+            .collect()
+    }
+
+    /// UDP packets per second the client of `config` sent.
+    pub fn sent_pps(&self, config: Config) -> Vec<f64> {
+        self.runs_of(Traffic::Udp64, config)
+            .filter_map(|r| r.sent_pps)
+            .collect()
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "rounds": self.rounds,
@@ -166,9 +230,19 @@ impl ThroughputResults {
             "runs": self.runs.iter().map(|r| json!({
                 "round": r.round,
                 "config": r.config.id(),
+                "traffic": r.traffic.id(),
                 "bits_per_second": r.bits_per_second,
                 "retransmits": r.retransmits,
+                "sent_pps": r.sent_pps,
+                "received_pps": r.received_pps,
+                "program": r.cost.map(|c| c.program.id()),
+                "ns_per_run": r.cost.map(|c| c.ns_per_run),
+                "program_runs": r.cost.map(|c| c.runs),
             })).collect::<Vec<_>>(),
+            "cost_deltas_ns": Traffic::ALL.map(|t| json!({
+                "traffic": t.id(),
+                "guard_minus_floor_per_round": self.cost_deltas(t),
+            })),
             "configs": self.configs.iter().map(|c| json!({
                 "config": c.config.id(),
                 "label": c.config.label(),
@@ -187,9 +261,16 @@ impl ThroughputResults {
     }
 }
 
-/// Builds the sandbox, runs `rounds` rounds of the three clients, and tears it all down.
-/// The kit's binaries (agent, probe, fake IMDS) must be built and exported already.
-pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults> {
+/// Builds the sandbox, runs `rounds` rounds of the three clients (TCP, then UDP with small
+/// packets), and tears it all down. The kit's binaries (agent, probe, fake IMDS) must be
+/// built and exported already; with `progstats` (the `xtask-bench-progstats` helper) each
+/// run also records the kernel's per-run cost of the program that judged its packets.
+pub fn run(
+    prefix: &str,
+    rounds: u32,
+    seconds: u32,
+    progstats: Option<&Path>,
+) -> Result<ThroughputResults> {
     // Declaration order matters for teardown (reverse order): processes first, then the
     // pins (detaching the programs), then cgroups, then the namespaces.
     let mut lab = Lab::with_prefix(prefix).context("building the network lab")?;
@@ -254,29 +335,22 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
     println!("checked: IMDS refused from (a), reachable from (b), dropped by nftables in (c)");
     let drops_before = agent.metrics(metrics).ok().map(|m| egress_blocked(&m));
 
+    // The floor program goes on the unguarded cgroup only now, after the checks.
+    let mut stats = progstats
+        .map(|helper| ProgStats::start(helper, &unguarded, &bpffs.path().join("progstats")))
+        .transpose()
+        .context("starting the per-run statistics helper")?;
     let mut runs = Vec::new();
-    for round in 0..rounds {
-        let mut line = format!("round {}/{rounds}:", round + 1);
-        // Rotated start, so no configuration always runs first (or right after another).
-        for k in 0..Config::ALL.len() {
-            let config = Config::ALL[(round as usize + k) % Config::ALL.len()];
-            let (cgroup, _block) = match config {
-                Config::Guarded => (&guarded, None),
-                Config::Unguarded => (&unguarded, None),
-                Config::Nftables => (&unguarded, Some(NftBlock::add(lab.tenant_ns())?)),
-            };
-            let (bps, retransmits) = iperf_client(cgroup, lab.tenant_ns(), seconds)
-                .with_context(|| format!("iperf3 run of {config} in round {}", round + 1))?;
-            line.push_str(&format!("  {config} {:.2} Gbit/s", bps / 1e9));
-            runs.push(Run {
-                round: round + 1,
-                config,
-                bits_per_second: bps,
-                retransmits,
-            });
-        }
-        println!("{line}");
+    for traffic in Traffic::ALL {
+        runs.extend(run_rounds(
+            &lab,
+            (&guarded, &unguarded),
+            traffic,
+            (rounds, seconds),
+            stats.as_mut(),
+        )?);
     }
+    drop(stats);
 
     // The agent must still be alive, or (a) was not guarded throughout.
     if let Some(status) = agent.try_status() {
@@ -304,7 +378,10 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
     let configs = Config::ALL
         .iter()
         .map(|&config| {
-            let mine: Vec<&Run> = runs.iter().filter(|r| r.config == config).collect();
+            let mine: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.config == config && r.traffic == Traffic::Tcp)
+                .collect();
             let bps: Vec<f64> = mine.iter().map(|r| r.bits_per_second).collect();
             let retr: Vec<f64> = mine.iter().map(|r| r.retransmits as f64).collect();
             Ok(ConfigResult {
@@ -323,6 +400,63 @@ pub fn run(prefix: &str, rounds: u32, seconds: u32) -> Result<ThroughputResults>
         egress_drops,
         agent_counters,
     })
+}
+
+/// `rounds` rounds of the three clients sending `traffic`, start rotated per round so no
+/// configuration always runs first (or right after another). With `stats`, each run's packets
+/// are costed by the program that judged them.
+fn run_rounds(
+    lab: &Lab,
+    (guarded, unguarded): (&Path, &Path),
+    traffic: Traffic,
+    (rounds, seconds): (u32, u32),
+    mut stats: Option<&mut ProgStats>,
+) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        let mut line = format!("{} round {}/{rounds}:", traffic.id(), round + 1);
+        for k in 0..Config::ALL.len() {
+            let config = Config::ALL[(round as usize + k) % Config::ALL.len()];
+            let (cgroup, _block) = match config {
+                Config::Guarded => (guarded, None),
+                Config::Unguarded => (unguarded, None),
+                Config::Nftables => (unguarded, Some(NftBlock::add(lab.tenant_ns())?)),
+            };
+            let before = stats.as_deref_mut().map(ProgStats::sample).transpose()?;
+            let sample =
+                iperf_client(cgroup, lab.tenant_ns(), seconds, traffic).with_context(|| {
+                    format!(
+                        "iperf3 {} run of {config} in round {}",
+                        traffic.id(),
+                        round + 1
+                    )
+                })?;
+            let after = stats.as_deref_mut().map(ProgStats::sample).transpose()?;
+            let program = match config {
+                Config::Guarded => Program::Guard,
+                Config::Unguarded | Config::Nftables => Program::Floor,
+            };
+            let cost = before
+                .zip(after)
+                .and_then(|(b, a)| a.cost_since(&b, program));
+            line.push_str(&match sample.sent_pps {
+                Some(pps) => format!("  {config} {:.0} kpps", pps / 1e3),
+                None => format!("  {config} {:.2} Gbit/s", sample.bits_per_second / 1e9),
+            });
+            if let Some(c) = cost {
+                line.push_str(&format!(" ({:.1} ns/run)", c.ns_per_run));
+            }
+            runs.push(Run {
+                round: round + 1,
+                config,
+                traffic,
+                cost,
+                ..sample
+            });
+        }
+        println!("{line}");
+    }
+    Ok(runs)
 }
 
 /// Sum of `datalab_guard_blocked_total{...hook="egress"...}` in Prometheus text.
@@ -487,10 +621,10 @@ impl Drop for IperfServer {
     }
 }
 
-/// One `iperf3 -c -J` run from `cgroup` in the tenant namespace; returns the receiver-side
-/// bits per second and the sender's retransmits.
-fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> {
-    let argv = [
+/// One `iperf3 -c -J` run from `cgroup` in the tenant namespace (round and config left for
+/// the caller to fill in).
+fn iperf_client(cgroup: &Path, netns: &str, seconds: u32, traffic: Traffic) -> Result<Run> {
+    let mut argv = vec![
         "iperf3".to_string(),
         "-c".into(),
         OTHER_V4.to_string(),
@@ -502,6 +636,9 @@ fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> 
         "--connect-timeout".into(),
         "3000".into(),
     ];
+    if traffic == Traffic::Udp64 {
+        argv.extend(["-u", "-l", "64", "-b", "0"].map(String::from));
+    }
     let mut cmd = command_in(Some(cgroup), Some(netns), &argv)?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -540,8 +677,8 @@ fn iperf_client(cgroup: &Path, netns: &str, seconds: u32) -> Result<(f64, u64)> 
         .with_context(|| format!("iperf3 -c exited {status}; stderr: {}", stderr.trim()))
 }
 
-/// Reads what we need from `iperf3 -c -J` output.
-fn parse_client_json(text: &str) -> Result<(f64, u64)> {
+/// Reads what we need from `iperf3 -c -J` output (TCP or UDP).
+fn parse_client_json(text: &str) -> Result<Run> {
     let v: Value = serde_json::from_str(text).with_context(|| {
         format!(
             "iperf3 printed non-JSON: {:?}",
@@ -551,11 +688,33 @@ fn parse_client_json(text: &str) -> Result<(f64, u64)> {
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }
-    let bps = v["end"]["sum_received"]["bits_per_second"]
+    let (sent, received) = (&v["end"]["sum_sent"], &v["end"]["sum_received"]);
+    let bps = received["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3's JSON"))?;
-    let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok((bps, retransmits))
+    // UDP reports packets on both sides (TCP has none): per second of each side's own clock.
+    let pps = |side: &Value, counted: Option<u64>| -> Option<f64> {
+        let secs = side["seconds"].as_f64().filter(|s| *s > 0.0)?;
+        Some(counted? as f64 / secs)
+    };
+    let received_packets = received["packets"]
+        .as_u64()
+        .zip(received["lost_packets"].as_u64())
+        .map(|(p, lost)| p.saturating_sub(lost));
+    Ok(Run {
+        round: 0,
+        config: Config::Unguarded,
+        traffic: if sent["packets"].is_u64() {
+            Traffic::Udp64
+        } else {
+            Traffic::Tcp
+        },
+        bits_per_second: bps,
+        retransmits: sent["retransmits"].as_u64().unwrap_or(0),
+        sent_pps: pps(sent, sent["packets"].as_u64()),
+        received_pps: pps(received, received_packets),
+        cost: None,
+    })
 }
 
 #[cfg(test)]
@@ -566,7 +725,19 @@ mod tests {
     fn parses_iperf_json() {
         let ok = r#"{"start": {}, "end": {"sum_sent": {"bits_per_second": 2.1e10, "retransmits": 3},
             "sum_received": {"bits_per_second": 2.0e10}}}"#;
-        assert_eq!(parse_client_json(ok).unwrap(), (2.0e10, 3));
+        let tcp = parse_client_json(ok).unwrap();
+        assert_eq!((tcp.bits_per_second, tcp.retransmits), (2.0e10, 3));
+        assert_eq!((tcp.traffic, tcp.sent_pps), (Traffic::Tcp, None));
+        // iperf3 3.12's UDP shape: packets on both sides, the receiver's lost ones deducted.
+        let udp = r#"{"end": {"sum_sent": {"seconds": 2.0, "packets": 1000000, "lost_packets": 0,
+            "bits_per_second": 3.0e8}, "sum_received": {"seconds": 2.0, "packets": 1000000,
+            "lost_packets": 40000, "bits_per_second": 2.9e8}}}"#;
+        let udp = parse_client_json(udp).unwrap();
+        assert_eq!(udp.traffic, Traffic::Udp64);
+        assert_eq!(
+            (udp.sent_pps, udp.received_pps),
+            (Some(500_000.0), Some(480_000.0))
+        );
         let err = r#"{"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}"#;
         assert!(parse_client_json(err)
             .unwrap_err()

@@ -1,0 +1,209 @@
+//! The datapath's cost under real traffic, xtask side: drives `xtask-bench-progstats`
+//! (`progstats_helper.rs`), which holds the kernel's per-program run statistics on, attaches
+//! the do-nothing `cgroup_skb` program to the unguarded cgroup and reports cumulative run time
+//! and run count of it and of the agent's guard program on request. Sampling around each
+//! iperf3 run gives the mean ns per run of the program that judged exactly that run's packets.
+//!
+//! With statistics on, the kernel times every run (two clock reads around each): the same
+//! overhead lands on both programs, so their difference is the guard's own cost.
+
+use std::{
+    io::{BufRead as _, BufReader, Lines, Write as _},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+
+/// The helper binary (built by `testrun::build_all`).
+pub const HELPER: &str = "xtask-bench-progstats";
+
+/// Which program's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// The guard's `cgroup_skb` egress program, as the running agent attached it.
+    Guard,
+    /// The do-nothing `cgroup_skb` program on the unguarded cgroup.
+    Floor,
+}
+
+impl Program {
+    pub fn id(self) -> &'static str {
+        match self {
+            Program::Guard => "guard",
+            Program::Floor => "floor",
+        }
+    }
+}
+
+/// Cumulative statistics of one program at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub ns: u64,
+    pub runs: u64,
+}
+
+/// Both programs' statistics at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub guard: Totals,
+    pub floor: Totals,
+}
+
+/// What one program cost over an interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    pub program: Program,
+    pub ns_per_run: f64,
+    pub runs: u64,
+}
+
+impl Snapshot {
+    fn get(&self, program: Program) -> Totals {
+        match program {
+            Program::Guard => self.guard,
+            Program::Floor => self.floor,
+        }
+    }
+
+    /// `program`'s mean ns per run between `before` and `self`; `None` when it did not run.
+    pub fn cost_since(&self, before: &Snapshot, program: Program) -> Option<Cost> {
+        let (a, b) = (before.get(program), self.get(program));
+        let runs = b.runs.checked_sub(a.runs)?;
+        let ns = b.ns.checked_sub(a.ns)?;
+        (runs > 0).then(|| Cost {
+            program,
+            ns_per_run: ns as f64 / runs as f64,
+            runs,
+        })
+    }
+}
+
+/// The running helper; detached and reaped on drop.
+pub struct ProgStats {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl ProgStats {
+    /// Starts the helper with the floor program on `floor_cgroup`; its maps are pinned under
+    /// `bpffs` (which must not exist yet) until it exits.
+    pub fn start(helper: &Path, floor_cgroup: &Path, bpffs: &Path) -> Result<ProgStats> {
+        let mut child = Command::new(helper)
+            .arg("--floor-cgroup")
+            .arg(floor_cgroup)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", helper.display()))?;
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stats = ProgStats {
+            child,
+            stdin,
+            lines,
+        };
+        let ready = stats.read_line()?;
+        if ready["ready"] != true {
+            bail!("{HELPER} did not report ready: {ready}");
+        }
+        Ok(stats)
+    }
+
+    /// Both programs' cumulative statistics now.
+    pub fn sample(&mut self) -> Result<Snapshot> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("{HELPER} closed"))?;
+        stdin.write_all(b"sample\n")?;
+        stdin.flush()?;
+        let v = self.read_line()?;
+        parse_snapshot(&v)
+    }
+
+    fn read_line(&mut self) -> Result<Value> {
+        let line = self
+            .lines
+            .next()
+            .ok_or_else(|| anyhow!("{HELPER} exited (see its error above)"))??;
+        serde_json::from_str(&line).with_context(|| format!("{HELPER} printed {line:?}"))
+    }
+}
+
+impl Drop for ProgStats {
+    fn drop(&mut self) {
+        // End of input: the helper detaches the floor and removes its pins.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_snapshot(v: &Value) -> Result<Snapshot> {
+    let totals = |key: &str| -> Result<Totals> {
+        let t = &v[key];
+        if t["programs"].as_u64() == Some(0) {
+            bail!("{HELPER}: no {key} program is loaded: {v}");
+        }
+        Ok(Totals {
+            ns: t["ns"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {key}.ns in {v}"))?,
+            runs: t["runs"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {key}.runs in {v}"))?,
+        })
+    };
+    Ok(Snapshot {
+        guard: totals("guard")?,
+        floor: totals("floor")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn cost_is_the_mean_over_the_interval() {
+        let before = parse_snapshot(&json!({
+            "guard": {"ns": 1_000, "runs": 10, "programs": 1},
+            "floor": {"ns": 500, "runs": 10, "programs": 1}}))
+        .unwrap();
+        let after = parse_snapshot(&json!({
+            "guard": {"ns": 31_000, "runs": 1_010, "programs": 1},
+            "floor": {"ns": 500, "runs": 10, "programs": 1}}))
+        .unwrap();
+        let c = after.cost_since(&before, Program::Guard).unwrap();
+        assert_eq!((c.ns_per_run, c.runs), (30.0, 1_000));
+        // The floor did not run in that interval: no cost rather than 0 ns.
+        assert_eq!(after.cost_since(&before, Program::Floor), None);
+        // Counters never go back; if they do (a reloaded program), no cost either.
+        assert_eq!(before.cost_since(&after, Program::Guard), None);
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error() {
+        let v = json!({"guard": {"ns": 0, "runs": 0, "programs": 0},
+                       "floor": {"ns": 0, "runs": 0, "programs": 1}});
+        assert!(parse_snapshot(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("no guard"));
+    }
+}
