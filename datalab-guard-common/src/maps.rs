@@ -57,4 +57,12 @@ pub mod programs {
     pub const PACKET_SOCKET_LSM_HOOK: &str = "socket_post_create";
     /// Never attached: the floor that `bench` compares the guard against.
     pub const BENCH_EMPTY: &str = "dg_bench_empty";
+    /// Never attached by the agent: `bench`'s probe of the fast path's CONFIG read alone.
+    pub const BENCH_CONFIG: &str = "dg_bench_config";
+    /// Never attached by the agent: `bench`'s probe of the fast path's packet read alone.
+    pub const BENCH_PACKET: &str = "dg_bench_packet";
+    /// Never attached by the agent: `bench`'s probe of the guard's whole fast path alone.
+    pub const BENCH_FAST: &str = "dg_bench_fast";
+    /// The bench-only programs, in the order `bench` attaches them.
+    pub const BENCH: [&str; 4] = [BENCH_EMPTY, BENCH_CONFIG, BENCH_PACKET, BENCH_FAST];
 }

@@ -29,7 +29,7 @@ pub fn dg_egress(ctx: SkBuffContext) -> i32 {
 
 /// `true` when the packet provably reaches no blocked destination.
 #[inline(always)]
-fn fast_path(ctx: &SkBuffContext) -> bool {
+pub(crate) fn fast_path(ctx: &SkBuffContext) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
@@ -71,7 +71,7 @@ fn fast_path(ctx: &SkBuffContext) -> bool {
 /// packet. Dereferencing the pointer is safe for the verifier and for us: the range was
 /// just proven to lie inside the packet.
 #[inline(always)]
-fn ptr_at<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
+pub(crate) fn ptr_at<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
     let skb = ctx.skb.skb;
     // SAFETY: skb is the context pointer the kernel passed this program.
     let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };

@@ -8,6 +8,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod bench_probes;
+#[cfg(target_arch = "bpf")]
 mod decide;
 #[cfg(target_arch = "bpf")]
 mod egress;
@@ -22,14 +24,6 @@ mod sock_create;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-/// The floor for benchmarks: an egress program that passes everything. Never attached by
-/// the agent; `bench` runs it with BPF_PROG_TEST_RUN beside the guard.
-#[cfg(target_arch = "bpf")]
-#[aya_ebpf::macros::cgroup_skb(egress)]
-pub fn dg_bench_empty(_ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
-    1
-}
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

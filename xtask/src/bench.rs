@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// Leave out the throughput part.
     #[arg(long)]
     pub skip_throughput: bool,
+    /// Diagnosis of the per-run cost: also attach the do-nothing program and the fast-path
+    /// probes to the guarded cgroup, where they run just before the guard on its packets.
+    #[arg(long)]
+    pub probes_on_guarded: bool,
     /// Instead of the parts above, measure pod cgroup creation → verdict in the map, for pods
     /// known from the API and pods known only from the runtime (starts containerd).
     #[arg(long)]
@@ -131,7 +135,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("\n== throughput and per-run cost under real traffic (iperf3: TCP, UDP 64 B)");
             let started = Instant::now();
             let progstats = bins.get(progstats::HELPER)?;
-            let measured = throughput::run(PREFIX, args.rounds, args.seconds, Some(progstats));
+            let measured = throughput::run(
+                PREFIX,
+                args.rounds,
+                args.seconds,
+                Some(progstats),
+                args.probes_on_guarded,
+            );
             println!("(took {:.0} s)", started.elapsed().as_secs_f64());
             part(measured)
         }

@@ -170,21 +170,31 @@ impl TestRunner {
         super::install::attach(&mut self.ebpf, program, &file)
     }
 
-    /// Attaches the empty floor program to `cgroup`'s egress, as a bpf_link that detaches
-    /// when dropped: `cargo xtask bench` runs it under real traffic beside the guard, so the
-    /// kernel's per-run statistics compare the two on the same packets.
-    pub fn attach_floor(
+    /// Attaches one of the bench-only programs ([`programs::BENCH`]: the do-nothing floor
+    /// and the fast-path probes) or this runner's own configured copy of the guard
+    /// ([`programs::EGRESS`]) to `cgroup`'s egress, as a bpf_link that detaches when
+    /// dropped: `cargo xtask bench` runs them under real traffic beside the guard, so the
+    /// kernel's per-run statistics compare them on the same kind of packets.
+    pub fn attach_bench(
         &mut self,
+        name: &str,
         cgroup: &std::path::Path,
     ) -> anyhow::Result<aya::programs::links::FdLink> {
         use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
+        if !programs::BENCH.contains(&name) && name != programs::EGRESS {
+            anyhow::bail!("{name} is not a bench-only program");
+        }
         let file =
             std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
         let prog: &mut CgroupSkb = self
             .ebpf
-            .program_mut(programs::BENCH_EMPTY)
-            .ok_or_else(|| anyhow!("program {} missing", programs::BENCH_EMPTY))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
             .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
         let id = prog.attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
         Ok(prog.take_link(id)?.try_into()?)
     }

@@ -3,6 +3,7 @@
 //! small-packet (UDP, 64-byte payload) rates.
 
 use super::{
+    progstats::Program,
     stats::{summarize, Summary},
     throughput::{Config, ThroughputResults, Traffic},
 };
@@ -40,6 +41,47 @@ pub fn markdown(t: &ThroughputResults) -> String {
             ns(cost(Config::Nftables)),
             ns(summarize(&t.cost_deltas(traffic))),
         ));
+    }
+    s.push_str(
+        "\nWhere the guard's time goes: on (b)'s packets, beside the do-nothing program, two \
+         probes that each do one memory touch of the guard's fast path (`dg_bench_config`: the \
+         CONFIG lookup and one word of its prefilter bitmap; `dg_bench_packet`: the bounds \
+         check and the destination's first byte) and one that runs the guard's whole fast path \
+         without the rest of the guard (`dg_bench_fast`), and a second copy of the whole guard \
+         program loaded by the bench with its own maps (`dg_egress_copy`, exempt by default). \
+         Each is timed on its own by the kernel; they run after the do-nothing program, in \
+         that order, on the same packets.\n\n\
+         | traffic | do-nothing ns/run | CONFIG read probe | packet read probe | whole fast path probe | guard copy | guard on (a) |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for traffic in Traffic::ALL {
+        let median = |v: Vec<f64>| summarize(&v).map_or("?".into(), |s| format!("{:.1}", s.median));
+        let probe = |config, p| median(t.probe_costs(traffic, config, p));
+        s.push_str(&format!(
+            "| {} on (b) | {} | {} | {} | {} | {} | {} |\n",
+            traffic.id(),
+            median(t.costs(traffic, Config::Unguarded)),
+            probe(Config::Unguarded, Program::ConfigProbe),
+            probe(Config::Unguarded, Program::PacketProbe),
+            probe(Config::Unguarded, Program::FastPathProbe),
+            probe(Config::Unguarded, Program::GuardCopy),
+            median(t.costs(traffic, Config::Guarded)),
+        ));
+        if !t
+            .probe_costs(traffic, Config::Guarded, Program::Floor)
+            .is_empty()
+        {
+            s.push_str(&format!(
+                "| {} on (a), before the guard (`--probes-on-guarded`) | {} | {} | {} | {} | {} | {} |\n",
+                traffic.id(),
+                probe(Config::Guarded, Program::Floor),
+                probe(Config::Guarded, Program::ConfigProbe),
+                probe(Config::Guarded, Program::PacketProbe),
+                probe(Config::Guarded, Program::FastPathProbe),
+                probe(Config::Guarded, Program::GuardCopy),
+                median(t.costs(traffic, Config::Guarded)),
+            ));
+        }
     }
     s.push_str(
         "\nSmall packets: UDP, 64-byte payloads, `iperf3 -u -l 64 -b 0` (as fast as one \

@@ -27,13 +27,47 @@ pub enum Program {
     Guard,
     /// The do-nothing `cgroup_skb` program on the unguarded cgroup.
     Floor,
+    /// The fast path's CONFIG read alone, on the unguarded cgroup.
+    ConfigProbe,
+    /// The fast path's packet read alone, on the unguarded cgroup.
+    PacketProbe,
+    /// The guard's whole fast path alone, on the unguarded cgroup.
+    FastPathProbe,
+    /// The whole guard program again, loaded by the bench with private maps, on the
+    /// unguarded cgroup.
+    GuardCopy,
 }
 
 impl Program {
+    pub const ALL: [Program; 6] = [
+        Program::Guard,
+        Program::Floor,
+        Program::ConfigProbe,
+        Program::PacketProbe,
+        Program::FastPathProbe,
+        Program::GuardCopy,
+    ];
+
     pub fn id(self) -> &'static str {
         match self {
             Program::Guard => "guard",
             Program::Floor => "floor",
+            Program::ConfigProbe => "config_probe",
+            Program::PacketProbe => "packet_probe",
+            Program::FastPathProbe => "fast_path_probe",
+            Program::GuardCopy => "guard_copy",
+        }
+    }
+
+    /// The kernel program's name (the helper's JSON keys).
+    fn kernel_name(self) -> &'static str {
+        match self {
+            Program::Guard => "dg_egress",
+            Program::Floor => "dg_bench_empty",
+            Program::ConfigProbe => "dg_bench_config",
+            Program::PacketProbe => "dg_bench_packet",
+            Program::FastPathProbe => "dg_bench_fast",
+            Program::GuardCopy => "dg_egress_copy",
         }
     }
 }
@@ -45,12 +79,9 @@ pub struct Totals {
     pub runs: u64,
 }
 
-/// Both programs' statistics at one moment.
+/// Every program's statistics at one moment, in [`Program::ALL`] order.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Snapshot {
-    pub guard: Totals,
-    pub floor: Totals,
-}
+pub struct Snapshot([Totals; 6]);
 
 /// What one program cost over an interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,10 +93,7 @@ pub struct Cost {
 
 impl Snapshot {
     fn get(&self, program: Program) -> Totals {
-        match program {
-            Program::Guard => self.guard,
-            Program::Floor => self.floor,
-        }
+        self.0[program as usize]
     }
 
     /// `program`'s mean ns per run between `before` and `self`; `None` when it did not run.
@@ -91,8 +119,18 @@ pub struct ProgStats {
 impl ProgStats {
     /// Starts the helper with the floor program on `floor_cgroup`; its maps are pinned under
     /// `bpffs` (which must not exist yet) until it exits.
-    pub fn start(helper: &Path, floor_cgroup: &Path, bpffs: &Path) -> Result<ProgStats> {
-        let mut child = Command::new(helper)
+    /// With `also`, the bench programs go on that cgroup too (see `--probes-on-guarded`).
+    pub fn start(
+        helper: &Path,
+        floor_cgroup: &Path,
+        also: Option<&Path>,
+        bpffs: &Path,
+    ) -> Result<ProgStats> {
+        let mut cmd = Command::new(helper);
+        if let Some(also) = also {
+            cmd.arg("--also-cgroup").arg(also);
+        }
+        let mut child = cmd
             .arg("--floor-cgroup")
             .arg(floor_cgroup)
             .arg("--bpffs")
@@ -153,24 +191,23 @@ impl Drop for ProgStats {
 }
 
 fn parse_snapshot(v: &Value) -> Result<Snapshot> {
-    let totals = |key: &str| -> Result<Totals> {
+    let mut snapshot = Snapshot::default();
+    for program in Program::ALL {
+        let key = program.kernel_name();
         let t = &v[key];
         if t["programs"].as_u64() == Some(0) {
             bail!("{HELPER}: no {key} program is loaded: {v}");
         }
-        Ok(Totals {
+        snapshot.0[program as usize] = Totals {
             ns: t["ns"]
                 .as_u64()
                 .ok_or_else(|| anyhow!("no {key}.ns in {v}"))?,
             runs: t["runs"]
                 .as_u64()
                 .ok_or_else(|| anyhow!("no {key}.runs in {v}"))?,
-        })
-    };
-    Ok(Snapshot {
-        guard: totals("guard")?,
-        floor: totals("floor")?,
-    })
+        };
+    }
+    Ok(snapshot)
 }
 
 #[cfg(test)]
@@ -179,16 +216,17 @@ mod tests {
 
     use super::*;
 
+    fn doc(guard: (u64, u64), floor: (u64, u64)) -> Value {
+        let t = |(ns, runs): (u64, u64)| json!({"ns": ns, "runs": runs, "programs": 1});
+        json!({"dg_egress": t(guard), "dg_bench_empty": t(floor),
+               "dg_bench_config": t((0, 0)), "dg_bench_packet": t((0, 0)),
+               "dg_bench_fast": t((0, 0)), "dg_egress_copy": t((0, 0))})
+    }
+
     #[test]
     fn cost_is_the_mean_over_the_interval() {
-        let before = parse_snapshot(&json!({
-            "guard": {"ns": 1_000, "runs": 10, "programs": 1},
-            "floor": {"ns": 500, "runs": 10, "programs": 1}}))
-        .unwrap();
-        let after = parse_snapshot(&json!({
-            "guard": {"ns": 31_000, "runs": 1_010, "programs": 1},
-            "floor": {"ns": 500, "runs": 10, "programs": 1}}))
-        .unwrap();
+        let before = parse_snapshot(&doc((1_000, 10), (500, 10))).unwrap();
+        let after = parse_snapshot(&doc((31_000, 1_010), (500, 10))).unwrap();
         let c = after.cost_since(&before, Program::Guard).unwrap();
         assert_eq!((c.ns_per_run, c.runs), (30.0, 1_000));
         // The floor did not run in that interval: no cost rather than 0 ns.
@@ -199,11 +237,14 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_an_error() {
-        let v = json!({"guard": {"ns": 0, "runs": 0, "programs": 0},
-                       "floor": {"ns": 0, "runs": 0, "programs": 1}});
+        let mut v = doc((0, 0), (0, 0));
+        v["dg_egress"]["programs"] = json!(0);
         assert!(parse_snapshot(&v)
             .unwrap_err()
             .to_string()
-            .contains("no guard"));
+            .contains("no dg_egress"));
+        let mut v = doc((0, 0), (0, 0));
+        v.as_object_mut().unwrap().remove("dg_bench_packet");
+        assert!(parse_snapshot(&v).is_err());
     }
 }

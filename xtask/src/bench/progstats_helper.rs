@@ -4,11 +4,13 @@
 //! agent's library).
 //!
 //! It turns on the kernel's per-program run statistics (BPF_ENABLE_STATS, held for as long as
-//! it runs), attaches the do-nothing `cgroup_skb` program to `--floor-cgroup`'s egress, prints
-//! `{"ready": ...}`, and then answers every line on stdin with one JSON line of cumulative
-//! statistics: run time and run count of the guard's egress program as the running agent
-//! loaded it (every loaded `dg_egress` but this process's own unattached copy) and of the
-//! floor program. At end of input it detaches the floor, removes its pins and exits.
+//! it runs), attaches the bench-only `cgroup_skb` programs (the do-nothing floor and the two
+//! fast-path probes) to `--floor-cgroup`'s egress, prints `{"ready": ...}`, and then answers
+//! every line on stdin with one JSON line of cumulative statistics: run time and run count of
+//! the guard's egress program as the running agent loaded it (every loaded `dg_egress` but
+//! this process's own copy) and of each bench program, and of its own copy of the guard,
+//! attached beside the floor (`dg_egress_copy`). At end of input it detaches them, removes
+//! its pins and exits.
 
 use std::{io::BufRead as _, path::PathBuf};
 
@@ -18,8 +20,11 @@ use aya::{
     sys::{enable_stats, Stats},
 };
 use clap::Parser;
-use datalab_guard::bpf::testrun::TestRunner;
-use datalab_guard_common::maps::programs;
+use datalab_guard::{
+    blocklist::{parse_cidr, DEFAULT_BLOCKED},
+    bpf::testrun::TestRunner,
+};
+use datalab_guard_common::{maps::programs, Mode, Verdict};
 use serde_json::json;
 
 /// Attaches the floor program and reports per-program run statistics on request.
@@ -28,6 +33,10 @@ struct Args {
     /// The cgroup whose egress gets the do-nothing program (the bench's unguarded one).
     #[arg(long)]
     floor_cgroup: PathBuf,
+    /// Also attach the bench programs here (the guarded cgroup, for attribution: there they
+    /// run before the guard, which is attached at an ancestor, on the same packets).
+    #[arg(long)]
+    also_cgroup: Option<PathBuf>,
     /// A bpffs path that does not exist yet; this process's maps are pinned there and
     /// removed at exit.
     #[arg(long)]
@@ -49,18 +58,51 @@ fn main() -> Result<()> {
     )?;
     let mut runner = TestRunner::new(&args.bpffs).context("loading the eBPF object")?;
     let own_guard = runner.program_id(programs::EGRESS)?;
-    let floor = runner.program_id(programs::BENCH_EMPTY)?;
-    let _link = runner
-        .attach_floor(&args.floor_cgroup)
-        .with_context(|| format!("attaching the floor to {}", args.floor_cgroup.display()))?;
-    println!("{}", json!({ "ready": true, "floor_id": floor }));
+    let mut links = Vec::new();
+    let mut bench_ids = Vec::new();
+    let cgroups: Vec<&PathBuf> = std::iter::once(&args.floor_cgroup)
+        .chain(args.also_cgroup.as_ref())
+        .collect();
+    for name in programs::BENCH {
+        for cgroup in &cgroups {
+            links.push(
+                runner
+                    .attach_bench(name, cgroup)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?,
+            );
+        }
+        bench_ids.push((name, runner.program_id(name)?));
+    }
+    // This process's own copy of the guard, configured as the agent is by default (but
+    // exempt by default, so that it can never drop the unguarded cgroup's traffic), on the
+    // floor's cgroup: the guard program with private maps, loaded and attached by us.
+    let blocked = DEFAULT_BLOCKED
+        .iter()
+        .map(|c| parse_cidr(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    runner.configure(
+        &blocked,
+        Mode::Enforce,
+        Verdict::Exempt,
+        &Default::default(),
+    )?;
+    for cgroup in &cgroups {
+        links.push(runner.attach_bench(programs::EGRESS, cgroup)?);
+    }
+    println!("{}", json!({ "ready": true }));
     for line in std::io::stdin().lock().lines() {
         line?;
-        let (mut guard, mut empty) = (Totals::default(), Totals::default());
+        let (mut guard, mut copy) = (Totals::default(), Totals::default());
+        let mut bench: Vec<(&str, Totals)> = bench_ids
+            .iter()
+            .map(|(n, _)| (*n, Totals::default()))
+            .collect();
         for info in loaded_programs().filter_map(Result::ok) {
-            let totals = if info.id() == floor {
-                &mut empty
-            } else if info.id() != own_guard && info.name_as_str() == Some(programs::EGRESS) {
+            let totals = if let Some(i) = bench_ids.iter().position(|(_, id)| *id == info.id()) {
+                &mut bench[i].1
+            } else if info.id() == own_guard {
+                &mut copy
+            } else if info.name_as_str() == Some(programs::EGRESS) {
                 &mut guard
             } else {
                 continue;
@@ -69,13 +111,20 @@ fn main() -> Result<()> {
             totals.runs += info.run_count();
             totals.programs += 1;
         }
-        println!(
-            "{}",
-            json!({
-                "guard": { "ns": guard.ns, "runs": guard.runs, "programs": guard.programs },
-                "floor": { "ns": empty.ns, "runs": empty.runs, "programs": empty.programs },
-            })
-        );
+        let mut out = serde_json::Map::new();
+        out.insert(programs::EGRESS.into(), guard.json());
+        out.insert("dg_egress_copy".into(), copy.json());
+        for (name, t) in bench {
+            out.insert(name.into(), t.json());
+        }
+        println!("{}", serde_json::Value::Object(out));
     }
+    drop(links);
     Ok(())
+}
+
+impl Totals {
+    fn json(&self) -> serde_json::Value {
+        json!({ "ns": self.ns, "runs": self.runs, "programs": self.programs })
+    }
 }

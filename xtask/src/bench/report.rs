@@ -484,6 +484,7 @@ mod tests {
                     sent_pps: None,
                     received_pps: None,
                     cost: Some(cost(config, 27.0, 30.0)),
+                    probes: vec![],
                 })
             })
             .chain((1..=2).flat_map(|round| {
@@ -496,6 +497,7 @@ mod tests {
                     sent_pps: Some(if config == Config::Guarded { 9e5 } else { 1e6 }),
                     received_pps: Some(8e5),
                     cost: Some(cost(config, 26.0, 26.0 + f64::from(round) * 2.0)),
+                    probes: vec![],
                 })
             }))
             .collect();

@@ -109,6 +109,9 @@ pub struct Run {
     /// Kernel per-run statistics of the program that judged this run's packets: the guard
     /// for (a), the do-nothing program for (b) and (c).
     pub cost: Option<Cost>,
+    /// The bench programs that ran on the same packets beside the judging one: on (b) and
+    /// (c) the fast-path probes; on (a) all of them with `--probes-on-guarded`.
+    pub probes: Vec<Cost>,
 }
 
 /// One configuration's runs, summarised.
@@ -208,6 +211,15 @@ impl ThroughputResults {
             .collect()
     }
 
+    /// Ns per run of a bench program beside the judging one over `config`'s `traffic` runs.
+    pub fn probe_costs(&self, traffic: Traffic, config: Config, probe: Program) -> Vec<f64> {
+        self.runs_of(traffic, config)
+            .flat_map(|r| r.probes.iter())
+            .filter(|c| c.program == probe)
+            .map(|c| c.ns_per_run)
+            .collect()
+    }
+
     /// UDP packets per second the client of `config` sent.
     pub fn sent_pps(&self, config: Config) -> Vec<f64> {
         self.runs_of(Traffic::Udp64, config)
@@ -238,6 +250,9 @@ impl ThroughputResults {
                 "program": r.cost.map(|c| c.program.id()),
                 "ns_per_run": r.cost.map(|c| c.ns_per_run),
                 "program_runs": r.cost.map(|c| c.runs),
+                "probes": r.probes.iter().map(|c| json!({
+                    "program": c.program.id(), "ns_per_run": c.ns_per_run, "runs": c.runs,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "cost_deltas_ns": Traffic::ALL.map(|t| json!({
                 "traffic": t.id(),
@@ -270,6 +285,7 @@ pub fn run(
     rounds: u32,
     seconds: u32,
     progstats: Option<&Path>,
+    probes_on_guarded: bool,
 ) -> Result<ThroughputResults> {
     // Declaration order matters for teardown (reverse order): processes first, then the
     // pins (detaching the programs), then cgroups, then the namespaces.
@@ -337,7 +353,10 @@ pub fn run(
 
     // The floor program goes on the unguarded cgroup only now, after the checks.
     let mut stats = progstats
-        .map(|helper| ProgStats::start(helper, &unguarded, &bpffs.path().join("progstats")))
+        .map(|helper| {
+            let also = probes_on_guarded.then_some(guarded.as_path());
+            ProgStats::start(helper, &unguarded, also, &bpffs.path().join("progstats"))
+        })
         .transpose()
         .context("starting the per-run statistics helper")?;
     let mut runs = Vec::new();
@@ -439,6 +458,15 @@ fn run_rounds(
             let cost = before
                 .zip(after)
                 .and_then(|(b, a)| a.cost_since(&b, program));
+            // Every bench program that ran on this run's packets beside the judging one.
+            let probes = match before.zip(after) {
+                None => Vec::new(),
+                Some((b, a)) => Program::ALL
+                    .iter()
+                    .filter(|p| **p != Program::Guard && **p != program)
+                    .filter_map(|p| a.cost_since(&b, *p))
+                    .collect(),
+            };
             line.push_str(&match sample.sent_pps {
                 Some(pps) => format!("  {config} {:.0} kpps", pps / 1e3),
                 None => format!("  {config} {:.2} Gbit/s", sample.bits_per_second / 1e9),
@@ -451,6 +479,7 @@ fn run_rounds(
                 config,
                 traffic,
                 cost,
+                probes,
                 ..sample
             });
         }
@@ -714,6 +743,7 @@ fn parse_client_json(text: &str) -> Result<Run> {
         sent_pps: pps(sent, sent["packets"].as_u64()),
         received_pps: pps(received, received_packets),
         cost: None,
+        probes: Vec::new(),
     })
 }
 
