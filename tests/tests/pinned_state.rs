@@ -160,3 +160,89 @@ fn a_refused_start_leaves_the_pinned_state_untouched() {
     assert!(after.contains("\"enforcing\": true"), "{after}");
     assert!(after.contains("\"deny_raw_sockets\": false"), "{after}");
 }
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node agent's state file left on the machine, stamped with the node agent's bpffs.
+fn write_node_state_file(path: &Path, bpffs: &Path) {
+    use datalab_guard::node::state_file::{StateFile, StateFileWriter};
+    let state = StateFile {
+        node: "node-left-behind".into(),
+        written_unix: 1,
+        namespaces: [("tenant-left-behind".to_owned(), Default::default())].into(),
+        ..StateFile::default()
+    };
+    StateFileWriter::new(path.to_path_buf(), bpffs.to_path_buf()).write(&state);
+    assert!(path.exists(), "state file not written");
+}
+
+/// `status` in local mode shows only the state of the `--bpffs` it reads: a node agent's
+/// state file for other pins is ignored (and said so); one for these pins is shown.
+#[test]
+fn status_shows_only_the_state_file_of_its_own_bpffs() {
+    if !require_root() {
+        return;
+    }
+    let install = Install::new();
+    install.start_and_stop(&[]);
+    // bpffs holds no regular files: the state file goes to a private temporary directory.
+    let dir = TempDir(std::env::temp_dir().join(format!("dg-state-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let node_file = dir.0.join("node-state.json");
+    let run_status = |output: &str| {
+        let pins = install.pins().display().to_string();
+        let state = node_file.display().to_string();
+        let out = Agent::run(&[
+            "status",
+            "--output",
+            output,
+            "--bpffs",
+            pins.as_str(),
+            "--state-file",
+            state.as_str(),
+        ])
+        .expect("run status");
+        assert!(out.status.success(), "status failed: {out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+
+    // A node agent's file for the node's default pins: not these.
+    write_node_state_file(&node_file, Path::new("/sys/fs/bpf/datalab-guard"));
+    let json: serde_json::Value = serde_json::from_str(&run_status("json")).expect("json");
+    assert!(json.get("environments").is_none(), "{json:#}");
+    assert!(json.get("enforcing_from").is_none(), "{json:#}");
+    let ignored = json["state_file_ignored"]
+        .as_str()
+        .expect("says it ignored the file");
+    assert!(ignored.contains("/sys/fs/bpf/datalab-guard"), "{ignored}");
+    let text = run_status("text");
+    assert!(!text.contains("tenant-left-behind"), "{text}");
+    assert!(!text.contains("verdicts from"), "{text}");
+    assert!(text.contains("state file ignored"), "{text}");
+
+    // An older agent's file (no stamp) describes the default pins only: ignored here too.
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&node_file).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("bpffs");
+    std::fs::write(&node_file, old.to_string()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&run_status("json")).expect("json");
+    assert!(json.get("environments").is_none(), "{json:#}");
+    assert!(json["state_file_ignored"]
+        .as_str()
+        .unwrap()
+        .contains("older agent"));
+
+    // A file written for these pins is shown.
+    write_node_state_file(&node_file, &install.pins());
+    let json: serde_json::Value = serde_json::from_str(&run_status("json")).expect("json");
+    assert!(json.get("state_file_ignored").is_none(), "{json:#}");
+    assert_eq!(json["environments"]["node"], "node-left-behind", "{json:#}");
+    assert!(run_status("text").contains("tenant-left-behind"));
+}
