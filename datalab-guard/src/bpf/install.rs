@@ -1,6 +1,9 @@
 //! Installing the guard: fill the maps, then attach; adopt a running install; upgrade one.
 //!
 //! Invariants, in order of importance:
+//! - Every check that can refuse a start (the attach root opens, the kernel accepts each
+//!   program) runs before anything pinned is written, and a start over existing pins that
+//!   fails later puts the maps back: a refused start leaves the pinned state as it was.
 //! - The maps hold the verdicts and the blocked set *before* any program is attached, so
 //!   the first packet a program sees is judged with the real policy.
 //! - Nothing is ever half-attached: all new links are attached and pinned, or none is (and a
@@ -120,18 +123,12 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?;
     let events = RingBuf::try_from(events).context(names::EVENTS)?;
 
-    // 1. State first.
+    // 1. Everything that can refuse the start, before anything pinned is written: the
+    // attach root opens and the kernel accepts every program to attach (a kernel that
+    // refuses the BPF LSM program refuses it here). A refused start leaves pins, links and
+    // maps exactly as it found them.
     let mut config = req.config;
     config.root_level = req.root.level;
-    maps.reconcile_blocked(&req.blocked)?;
-    maps.write_config(config, &req.blocked)?;
-    maps.reconcile_verdicts(&req.policy)?;
-    let root_path = req.root.path.display().to_string();
-    if previous_hash.is_none() {
-        maps.write_meta(&meta_for(hash, req.root.id, &root_path, false))?;
-    }
-
-    // 2. Links.
     let wanted = wanted_programs(&config);
     let same_programs = previous_hash == Some(hash);
     let to_attach: Vec<&str> = wanted
@@ -141,16 +138,27 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         .collect();
     let cgroup = File::open(&req.root.path)
         .with_context(|| format!("cannot open cgroup {}", req.root.path.display()))?;
-    let mut fresh_links = Vec::new();
     for program in &to_attach {
-        let link = attach(&mut ebpf, program, &cgroup)
-            .with_context(|| format!("cannot attach {program} to {}", req.root.path.display()))?;
-        fresh_links.push((*program, link));
+        load_program(&mut ebpf, program)?;
     }
-    // Every new link is attached (dropping them now would detach all): pin them.
-    pin_all(layout, fresh_links)?;
 
-    // 3. Old links go only after the new ones are pinned.
+    // 2. State. What the pins held is kept, to be put back should a later step fail.
+    let prior = match previous_hash {
+        Some(_) => Some(PriorState::read(&maps)?),
+        None => None,
+    };
+    let fresh = previous_hash.is_none();
+    let written = write_state_and_attach(req, &mut maps, &mut ebpf, &cgroup, &to_attach, fresh);
+    if let Err(e) = written {
+        if let Some(prior) = prior {
+            if let Err(undo) = prior.restore(&mut maps) {
+                tracing::error!(error = %undo, "cannot restore the pinned maps after a failed start");
+            }
+        }
+        return Err(e);
+    }
+
+    // 4. Old links go only after the new ones are pinned.
     for program in &to_attach {
         let next = layout.next_link(program);
         if next.exists() {
@@ -169,6 +177,7 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
     for name in names::RETIRED {
         let _ = std::fs::remove_file(layout.map(name));
     }
+    let root_path = req.root.path.display().to_string();
     maps.write_meta(&meta_for(hash, req.root.id, &root_path, true))?;
 
     let outcome = match previous_hash {
@@ -183,6 +192,62 @@ fn install_inner(req: &InstallRequest, previous_hash: Option<u64>) -> anyhow::Re
         links: wanted.iter().map(|s| s.to_string()).collect(),
         _ebpf: ebpf,
     })
+}
+
+/// Steps 2 and 3 of an install: the maps get the wanted state, then the (already loaded)
+/// programs are attached and their links pinned, all or none.
+fn write_state_and_attach(
+    req: &InstallRequest,
+    maps: &mut GuardMaps,
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    to_attach: &[&str],
+    fresh: bool,
+) -> anyhow::Result<()> {
+    let mut config = req.config;
+    config.root_level = req.root.level;
+    maps.reconcile_blocked(&req.blocked)?;
+    maps.write_config(config, &req.blocked)?;
+    maps.reconcile_verdicts(&req.policy)?;
+    if fresh {
+        let root_path = req.root.path.display().to_string();
+        maps.write_meta(&meta_for(object_hash(), req.root.id, &root_path, false))?;
+    }
+    // 3. Links.
+    let mut fresh_links = Vec::new();
+    for program in to_attach {
+        let link = attach_loaded(ebpf, program, cgroup)
+            .with_context(|| format!("cannot attach {program} to {}", req.root.path.display()))?;
+        fresh_links.push((*program, link));
+    }
+    // Every new link is attached (dropping them now would detach all): pin them.
+    pin_all(&req.layout, fresh_links)
+}
+
+/// The pinned maps' contents before an install over existing pins wrote them.
+struct PriorState {
+    config: GuardConfig,
+    blocked: Vec<Cidr>,
+    verdicts: BTreeMap<u64, VerdictEntry>,
+}
+
+impl PriorState {
+    fn read(maps: &GuardMaps) -> anyhow::Result<PriorState> {
+        Ok(PriorState {
+            config: maps.config()?,
+            blocked: maps.blocked()?,
+            verdicts: maps.verdicts()?,
+        })
+    }
+
+    /// Blocked set first (additions before removals), then the config with its old
+    /// prefilter, then the verdicts.
+    fn restore(&self, maps: &mut GuardMaps) -> anyhow::Result<()> {
+        maps.reconcile_blocked(&self.blocked)?;
+        maps.config_set(self.config)?;
+        maps.reconcile_verdicts(&self.verdicts)?;
+        Ok(())
+    }
 }
 
 /// Attaches `names` (those not pinned yet) to an installed root and pins their links, all or
@@ -242,6 +307,42 @@ fn refuse_foreign_root(
 
 /// Loads program `name` of `ebpf` and attaches it to `cgroup` as a bpf_link.
 pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
+    load_program(ebpf, name)?;
+    attach_loaded(ebpf, name, cgroup)
+}
+
+/// Loads program `name` into the kernel (the verifier, or the kernel's LSM policy, may
+/// refuse it) without attaching it: nothing anyone else sees changes.
+fn load_program(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    if name == programs::EGRESS {
+        let prog: &mut CgroupSkb = program.try_into()?;
+        prog.load()?;
+    } else if name == programs::PACKET_SOCKET {
+        let prog: &mut LsmCgroup = program.try_into()?;
+        let btf = Btf::from_sys_fs()
+            .context("AF_PACKET denial needs kernel BTF (/sys/kernel/btf/vmlinux)")?;
+        // Only --deny-raw-sockets asks for this program, so a refusal is the operator's
+        // request meeting a kernel that cannot honour it: bad input (exit 2).
+        prog.load("socket_post_create", &btf).map_err(|e| {
+            bad_input(format!(
+                "--deny-raw-sockets: the kernel refused the BPF LSM program that refuses AF_PACKET sockets ({e}); it needs the BPF LSM: `bpf` in the lsm= boot parameter, and a kernel policy that allows LSM programs"
+            ))
+        })?;
+    } else if name == programs::SOCK_CREATE {
+        let prog: &mut CgroupSock = program.try_into()?;
+        prog.load()?;
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into()?;
+        prog.load()?;
+    }
+    Ok(())
+}
+
+/// Attaches program `name` of `ebpf`, loaded by [`load_program`], to `cgroup` as a bpf_link.
+fn attach_loaded(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Result<FdLink> {
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
@@ -250,26 +351,18 @@ pub(crate) fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> anyhow::Resu
     let mode = CgroupAttachMode::Single;
     let link: FdLink = if name == programs::EGRESS {
         let prog: &mut CgroupSkb = program.try_into()?;
-        prog.load()?;
         let id = prog.attach(cgroup, CgroupSkbAttachType::Egress, mode)?;
         prog.take_link(id)?.try_into()?
     } else if name == programs::PACKET_SOCKET {
         let prog: &mut LsmCgroup = program.try_into()?;
-        let btf = Btf::from_sys_fs()
-            .context("AF_PACKET denial needs kernel BTF (/sys/kernel/btf/vmlinux)")?;
-        prog.load("socket_post_create", &btf).context(
-            "the kernel refused the BPF LSM program that refuses AF_PACKET sockets (--deny-raw-sockets needs the BPF LSM: `bpf` in the lsm= boot parameter, and a kernel policy that allows LSM programs)",
-        )?;
         let id = prog.attach(cgroup)?;
         prog.take_link(id)?.into()
     } else if name == programs::SOCK_CREATE {
         let prog: &mut CgroupSock = program.try_into()?;
-        prog.load()?;
         let id = prog.attach(cgroup, mode)?;
         prog.take_link(id)?.try_into()?
     } else {
         let prog: &mut CgroupSockAddr = program.try_into()?;
-        prog.load()?;
         let id = prog.attach(cgroup, mode)?;
         prog.take_link(id)?.try_into()?
     };

@@ -19,7 +19,7 @@ use crate::{
         install::wanted_programs, maps::meta_root_path, object::object_hash, GuardMaps, PinLayout,
     },
     cgroups,
-    node::state_file::{EnforcingFrom, StateFile, DEFAULT_STATE_FILE, STALE_AFTER},
+    node::state_file::{EnforcingFrom, ReadStateFile, StateFile, DEFAULT_STATE_FILE, STALE_AFTER},
 };
 
 /// Bound on the cgroup directories visited to name the verdict map's entries.
@@ -45,9 +45,13 @@ pub enum OutputFormat {
 pub fn run(shared: &Shared, args: &StatusArgs) -> anyhow::Result<()> {
     let layout = PinLayout::new(&shared.bpffs);
     let mut report = collect(&layout)?;
-    // Node mode: the agent's view of each environment namespace's baseline.
-    match StateFile::read(&args.state_file) {
-        Ok(Some(state)) => add_state_file(&mut report, &layout, &state, SystemTime::now()),
+    // Node mode: the agent's view of each environment namespace's baseline, when the file
+    // describes these pins (not a node agent's left beside another --bpffs).
+    match StateFile::read_stamped(&args.state_file) {
+        Ok(Some(read)) if read.describes(layout.root(), Path::new(super::DEFAULT_BPFFS)) => {
+            add_state_file(&mut report, &layout, &read.state, SystemTime::now());
+        }
+        Ok(Some(read)) => report["state_file_ignored"] = json!(ignored_reason(args, &read)),
         Ok(None) => {}
         Err(e) => report["state_file_error"] = json!(format!("{e:#}")),
     }
@@ -60,6 +64,18 @@ pub fn run(shared: &Shared, args: &StatusArgs) -> anyhow::Result<()> {
     } else {
         Err(anyhow::anyhow!("not enforcing (see above)"))
     }
+}
+
+/// Why a state file is not shown: it describes other pins.
+fn ignored_reason(args: &StatusArgs, read: &ReadStateFile) -> String {
+    let describes = match &read.bpffs {
+        Some(dir) => dir.display().to_string(),
+        None => format!("{} (written by an older agent)", super::DEFAULT_BPFFS),
+    };
+    format!(
+        "{} describes the pins under {describes}, not these; not shown",
+        args.state_file.display()
+    )
 }
 
 /// Adds the state file (as `environments`), its age, and the exact in-kernel totals per
@@ -187,6 +203,9 @@ fn print_text(r: &serde_json::Value) {
     print_install(r);
     if let Some(error) = r["state_file_error"].as_str() {
         println!("  ! cannot read the node agent's state file: {error}");
+    }
+    if let Some(ignored) = r["state_file_ignored"].as_str() {
+        println!("  node agent state file ignored: {ignored}");
     }
     if let Some(from) = r["enforcing_from_text"].as_str() {
         println!("  verdicts from: {from}");

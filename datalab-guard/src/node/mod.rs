@@ -150,7 +150,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         config_source: plan.config_source.clone(),
         own_pod_uid: plan.own_pod_uid.clone(),
         probe_settings,
-        state_file: StateFileWriter::new(plan.state_file.clone()),
+        state_file: StateFileWriter::new(plan.state_file.clone(), plan.bpffs.clone()),
         cache: cache_writer,
         runtime,
     };

@@ -6,6 +6,10 @@
 //! policies. The agent writes it after every reconcile, and every few seconds before its
 //! first sync; `status` reads it with the same types.
 //!
+//! The writer stamps the file with the `--bpffs` directory whose pins it describes, so that
+//! `status` run against other pins (local mode on the same machine, say) does not present
+//! this agent's pods and namespaces as theirs.
+//!
 //! It stays in `/run` (a tmpfs, emptied by a reboot) rather than in the state directory:
 //! it describes this boot's enforcement, and `status` must not present what a previous boot
 //! enforced as current.
@@ -90,17 +94,67 @@ pub struct PodRow {
     pub audited_attempts: u64,
 }
 
+/// The file as written: the state and the bpffs directory whose pins it describes.
+#[derive(Serialize)]
+struct Stamped<'a> {
+    bpffs: &'a Path,
+    #[serde(flatten)]
+    state: &'a StateFile,
+}
+
+/// The stamp alone, read from the same text (absent in files of older agents).
+#[derive(Deserialize)]
+struct Stamp {
+    #[serde(default)]
+    bpffs: Option<PathBuf>,
+}
+
+/// A state file as read: the state and, where the writer recorded it, the `--bpffs`
+/// directory it describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadStateFile {
+    pub state: StateFile,
+    pub bpffs: Option<PathBuf>,
+}
+
+impl ReadStateFile {
+    /// Whether it describes the pins under `bpffs`. A file of an older agent, which did not
+    /// record its directory, is taken to describe the node agent's default directory only.
+    pub fn describes(&self, bpffs: &Path, node_default: &Path) -> bool {
+        let recorded = self.bpffs.as_deref().unwrap_or(node_default);
+        same_dir(recorded, bpffs)
+    }
+}
+
+/// Paths compared as the filesystem resolves them where it can (trailing slashes, `..`,
+/// symlinks), else as written.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a.components().eq(b.components()),
+    }
+}
+
 impl StateFile {
     /// Reads it; `Ok(None)` when there is none (not a node, or no agent has run).
     pub fn read(path: &Path) -> anyhow::Result<Option<StateFile>> {
+        Ok(StateFile::read_stamped(path)?.map(|r| r.state))
+    }
+
+    /// Reads it with the bpffs directory it describes.
+    pub fn read_stamped(path: &Path) -> anyhow::Result<Option<ReadStateFile>> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(anyhow::Error::new(e).context(path.display().to_string())),
         };
-        let state = serde_json::from_str(&text)
-            .map_err(|e| anyhow::Error::new(e).context(path.display().to_string()))?;
-        Ok(Some(state))
+        let context = |e| anyhow::Error::new(e).context(path.display().to_string());
+        let state = serde_json::from_str(&text).map_err(context)?;
+        let stamp: Stamp = serde_json::from_str(&text).map_err(context)?;
+        Ok(Some(ReadStateFile {
+            state,
+            bpffs: stamp.bpffs,
+        }))
     }
 
     /// Seconds since it was written (0 if written "in the future": clocks differ).
@@ -121,19 +175,26 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 /// streak of failures (and once when writing works again).
 pub struct StateFileWriter {
     path: PathBuf,
+    /// The `--bpffs` directory of the agent's pins, recorded in every write.
+    bpffs: PathBuf,
     failing: bool,
 }
 
 impl StateFileWriter {
-    pub fn new(path: PathBuf) -> StateFileWriter {
+    pub fn new(path: PathBuf, bpffs: PathBuf) -> StateFileWriter {
         StateFileWriter {
             path,
+            bpffs,
             failing: false,
         }
     }
 
     pub fn write(&mut self, state: &StateFile) {
-        match write_atomically(&self.path, state) {
+        let stamped = Stamped {
+            bpffs: &self.bpffs,
+            state,
+        };
+        match write_atomically(&self.path, &stamped) {
             Ok(()) if self.failing => {
                 self.failing = false;
                 tracing::info!(path = %self.path.display(), "state file written again");
@@ -150,7 +211,7 @@ impl StateFileWriter {
     }
 }
 
-fn write_atomically(path: &Path, state: &StateFile) -> io::Result<()> {
+fn write_atomically(path: &Path, state: &Stamped<'_>) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -196,11 +257,31 @@ mod tests {
     fn writes_and_reads_back_the_same_state() {
         let dir = std::env::temp_dir().join(format!("dg-state-{}", std::process::id()));
         let path = dir.join("state.json");
-        let mut writer = StateFileWriter::new(path.clone());
+        let mut writer = StateFileWriter::new(path.clone(), "/sys/fs/bpf/dg-a".into());
         writer.write(&sample());
-        let back = StateFile::read(&path).unwrap().unwrap();
+        let back = StateFile::read_stamped(&path).unwrap().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(back, sample());
+        assert_eq!(back.state, sample());
+        assert_eq!(back.bpffs.as_deref(), Some(Path::new("/sys/fs/bpf/dg-a")));
+    }
+
+    #[test]
+    fn describes_only_the_bpffs_it_was_written_for() {
+        let default = Path::new("/sys/fs/bpf/datalab-guard");
+        let stamped = |bpffs: Option<&str>| ReadStateFile {
+            state: sample(),
+            bpffs: bpffs.map(PathBuf::from),
+        };
+        let node = stamped(Some("/sys/fs/bpf/datalab-guard"));
+        assert!(node.describes(Path::new("/sys/fs/bpf/datalab-guard/"), default));
+        assert!(!node.describes(Path::new("/sys/fs/bpf/dg-local"), default));
+        let other = stamped(Some("/sys/fs/bpf/dg-local"));
+        assert!(other.describes(Path::new("/sys/fs/bpf/dg-local"), default));
+        assert!(!other.describes(default, default));
+        // Files of older agents: the node agent's default directory only.
+        let old = stamped(None);
+        assert!(old.describes(default, default));
+        assert!(!old.describes(Path::new("/sys/fs/bpf/dg-local"), default));
     }
 
     #[test]
@@ -259,7 +340,7 @@ mod tests {
         // A path under a regular file cannot be created.
         let file = std::env::temp_dir().join(format!("dg-state-file-{}", std::process::id()));
         std::fs::write(&file, "").unwrap();
-        let mut writer = StateFileWriter::new(file.join("state.json"));
+        let mut writer = StateFileWriter::new(file.join("state.json"), PathBuf::new());
         writer.write(&sample());
         assert!(writer.failing);
         writer.path = std::env::temp_dir().join(format!("dg-state-ok-{}.json", std::process::id()));
