@@ -10,6 +10,8 @@
 #[cfg(target_arch = "bpf")]
 mod decide;
 #[cfg(target_arch = "bpf")]
+mod edge;
+#[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
 mod maps;
