@@ -383,3 +383,107 @@ fn edge_iface_bad_input_exits_2_and_attaches_nothing() {
         );
     }
 }
+
+/// Kills and reaps a child on drop (also when an assertion failed).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Node mode's wiring, driven directly: from the "node" namespace, a guarded pod's network
+/// namespace is found from a process in its cgroup, the host side of its veth from the
+/// pod's interface (and confirmed from the node's side), and the edge program attached
+/// there; a hostNetwork pod and a pod with no process are reported uncovered (never an
+/// error); when the pod stops being guarded the program goes and frames arrive again.
+#[test]
+fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there() {
+    use datalab_guard::{
+        bpf::{testrun::TestRunner, PinLayout},
+        node::edge::{GuardedPod, NodeEdge},
+    };
+    use datalab_guard_common::{cidr::Cidr, Mode, Verdict};
+
+    if !require_root() {
+        return;
+    }
+    let t = EdgeLab::new();
+    let pod_dir = t.cgroup.child("pod-a").unwrap();
+    let empty_dir = t.cgroup.child("pod-empty").unwrap();
+    let _sleeper = Reaped(
+        datalab_guard_tests::process::spawn_in(&pod_dir, Some(t.lab.tenant_ns()), &["sleep", "60"])
+            .unwrap(),
+    );
+    let pins = t.bpffs.path().join("node");
+    let mut runner = TestRunner::new(&pins).unwrap();
+    let blocked: Vec<Cidr> = ["169.254.169.254/32", "fd00:ec2::254/128"]
+        .iter()
+        .map(|c| datalab_guard::blocklist::parse_cidr(c).unwrap())
+        .collect();
+    runner
+        .configure(&blocked, Mode::Enforce, Verdict::Guard, &Default::default())
+        .unwrap();
+    let pod = |uid: &str, dir: &Path, host_network: bool| GuardedPod {
+        uid: uid.into(),
+        cgroup_id: datalab_guard_tests::cgroup_id(dir).unwrap(),
+        class: 0,
+        dir: Some(dir.to_path_buf()),
+        ip: None,
+        host_network,
+    };
+    let pods = vec![
+        pod("uid-a", &pod_dir, false),
+        pod("uid-host", &pod_dir, true),
+        pod("uid-empty", &empty_dir, false),
+    ];
+    let layout = PinLayout::new(&pins);
+    let (edge_tx, edge_rx) = std::sync::mpsc::channel::<Vec<GuardedPod>>();
+    let (sample_tx, sample_rx) = std::sync::mpsc::channel();
+    // The node's agent thread: everything NodeEdge does runs in the "node" namespace.
+    let ns = t.lab.imds_ns().to_string();
+    let worker = std::thread::spawn(move || {
+        with_netns_thread(&ns, move || {
+            let mut edge = NodeEdge::new(layout, "/nonexistent-netns-dir".into());
+            while let Ok(pods) = edge_rx.recv() {
+                edge.sync(&pods);
+                sample_tx.send(edge.sample()).unwrap();
+            }
+            Ok(())
+        })
+    });
+
+    edge_tx.send(pods.clone()).unwrap();
+    let sample = sample_rx.recv().unwrap();
+    assert_eq!(sample.attached, 1, "{sample:?}");
+    let uncovered: std::collections::BTreeMap<_, _> = sample.uncovered.iter().copied().collect();
+    assert_eq!(uncovered["host_network"], 1, "{sample:?}");
+    assert_eq!(uncovered["netns_unknown"], 1, "{sample:?}");
+    assert_eq!(t.tcx_programs(IMDS_IF), 1);
+    let v4 = t.imds_v4();
+    t.send("packet-raw", IMDS4);
+    t.send("packet-dgram", IMDS4);
+    assert_eq!(
+        t.imds_v4() - v4,
+        0,
+        "the node-mode attachment drops the frames"
+    );
+
+    // Resynced with the same pods: nothing attached twice, the failures not retried yet.
+    edge_tx.send(pods).unwrap();
+    let again = sample_rx.recv().unwrap();
+    assert_eq!(again.failures, sample.failures);
+    assert_eq!(t.tcx_programs(IMDS_IF), 1);
+
+    // No longer guarded: detached, frames arrive.
+    edge_tx.send(Vec::new()).unwrap();
+    assert_eq!(sample_rx.recv().unwrap().attached, 0);
+    assert_eq!(t.tcx_programs(IMDS_IF), 0);
+    t.send("packet-raw", IMDS4);
+    assert_eq!(t.imds_v4() - v4, 1);
+    drop(edge_tx);
+    worker.join().unwrap().unwrap();
+    drop(runner);
+}

@@ -22,6 +22,7 @@
 pub mod audit_sink;
 pub mod cache;
 pub mod context;
+pub mod edge;
 pub mod index;
 pub mod probe_targets;
 pub mod reconcile;
@@ -153,6 +154,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         state_file: StateFileWriter::new(plan.state_file.clone()),
         cache: cache_writer,
         runtime,
+        edge: edge::NodeEdge::new(layout.clone(), plan.netns_dir.clone()),
     };
     startup::write_state(&mut reconciler, classified);
     // Pod cgroups that exist already and that neither the cache nor (later) the API knows
