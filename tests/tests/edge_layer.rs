@@ -122,13 +122,23 @@ impl EdgeLab {
         self.lab.counters().expect("counters").imds_v6
     }
 
-    /// Runs `datalab-guard ARGS` to completion in the node namespace.
+    /// Runs `datalab-guard ARGS` to completion in the node namespace (any exit code).
     fn run_in_node(&self, args: &[&str]) -> std::process::Output {
         let bin = Agent::bin().expect("agent bin");
         let mut argv = vec![bin.display().to_string()];
         argv.extend(args.iter().map(|a| a.to_string()));
-        let mut cmd = command_in(None, Some(self.lab.imds_ns()), &argv).expect("command");
-        run_checked(&mut cmd, "datalab-guard", None).expect("datalab-guard run")
+        command_in(None, Some(self.lab.imds_ns()), &argv)
+            .expect("command")
+            .output()
+            .expect("datalab-guard run")
+    }
+
+    /// `status --output json`'s `raw_paths`.
+    fn raw_paths_status(&self) -> String {
+        let out = self.run_in_node(&["status", "--output", "json", "--bpffs", &self.bpffs_arg()]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status JSON: {e}: {out:?}"));
+        v["raw_paths"].as_str().unwrap_or_default().to_string()
     }
 
     fn tcx_programs(&self, iface: &'static str) -> usize {
@@ -225,6 +235,7 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
         "without the edge layer an AF_PACKET frame must arrive"
     );
     t.stop_agent();
+    assert_eq!(t.raw_paths_status(), "neither");
 
     // 2. With the edge layer on the pod's veth peer.
     t.start_agent(&[IMDS_IF], &[]);
@@ -244,6 +255,13 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
     assert_eq!(t.imds_v6() - v6_before, 0, "IPv6 frames got past the edge");
     assert_eq!(t.edge_blocked("ipv4"), sent_v4);
     assert_eq!(t.edge_blocked("ipv6"), sent_v6);
+    assert_eq!(t.raw_paths_status(), "edge_layer");
+    let check = t.run_in_node(&["check", "--bpffs", &t.bpffs_arg()]);
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.contains("raw paths (AF_PACKET, AF_XDP) closed by: edge layer (1 pod interface)"),
+        "{check}"
+    );
 
     // Normal traffic through the edge program is untouched.
     let r = t.lab.probe(t.cgroup.path(), "http", OTHER4, 80).unwrap();

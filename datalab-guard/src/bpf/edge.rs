@@ -393,6 +393,23 @@ impl EdgeLayer {
         }
     }
 
+    /// Forgets records (and entries) of interfaces that no longer exist in this namespace:
+    /// their links died with them (pods deleted while no agent ran). Returns how many.
+    pub fn prune_dead(&mut self) -> usize {
+        let Ok(records) = attached(&self.layout) else {
+            return 0;
+        };
+        let mut pruned = 0;
+        for record in records {
+            if ifname_of(record.ifindex).is_none() {
+                remove_record(&record);
+                let _ = self.edge_map.remove(&record.ifindex);
+                pruned += 1;
+            }
+        }
+        pruned
+    }
+
     /// The EDGE map's entries (ifindex → entry).
     pub fn entries(&self) -> anyhow::Result<Vec<(u32, EdgeEntry)>> {
         let mut out = Vec::new();

@@ -8,6 +8,7 @@ pub mod lsm;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod raw_paths;
 pub mod session;
 pub mod testrun;
 

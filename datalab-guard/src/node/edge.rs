@@ -160,6 +160,12 @@ impl NodeEdge {
                 self.detach(&uid, ifindex);
             }
         }
+        if let Some(layer) = self.layer.as_mut() {
+            let pruned = layer.prune_dead();
+            if pruned > 0 {
+                tracing::info!(pruned, "edge records of vanished interfaces removed");
+            }
+        }
         let mut named: Option<Vec<(PathBuf, Vec<IpAddr>)>> = None;
         for pod in guarded {
             let due = match self.pods.get(&pod.uid) {
