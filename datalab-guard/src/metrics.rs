@@ -18,6 +18,7 @@
 //! | `datalab_guard_runtime_classified_pods` | gauge (likewise) | |
 //! | `datalab_guard_edge_pods` | gauge (node mode) | `state` = `covered` \| `host_network` \| `netns_unknown` \| `netns_unreadable` \| `no_veth_peer` \| `interface_gone` \| `attach_failed` |
 //! | `datalab_guard_edge_failures_total` | counter (node mode) | `reason` (the states but `covered`) |
+//! | `datalab_guard_guarded_pods_with_net_raw` | gauge (node mode) | |
 //! | `datalab_guard_build_info` | info (always 1) | `version` |
 //! | `datalab_guard_scrape_errors_total` | counter | |
 //!
@@ -94,6 +95,9 @@ pub struct EdgeSample {
     pub uncovered: Vec<(&'static str, u64)>,
     /// Attempts to cover a pod that failed, per reason.
     pub failures: Vec<(&'static str, u64)>,
+    /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers
+    /// (`None` until first counted).
+    pub net_raw_uncovered: Option<u64>,
 }
 
 /// The container runtime lookups' health (see `node::runtime_classify::RuntimeStats`).
@@ -188,6 +192,9 @@ const HELP_EDGE_PODS: &str = "Guarded pods by pod-edge layer state: covered (the
     runs on the host side of the pod's interface) or why not (host_network, netns_unknown, \
     netns_unreadable, no_veth_peer, interface_gone, attach_failed). The cgroup layer guards \
     them either way.";
+const HELP_NET_RAW: &str = "Guarded pods whose processes hold CAP_NET_RAW while neither the \
+    BPF LSM program nor the pod-edge layer closes raw paths (AF_PACKET, AF_XDP) for them. \
+    Drop NET_RAW (deploy/components/kyverno: datalab-drop-net-raw) to bring it to 0.";
 const HELP_EDGE_FAILURES: &str = "Failed attempts to give a guarded pod the pod-edge layer, by \
     reason (retried every 30 s; logged once per pod).";
 pub(crate) const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
@@ -408,6 +415,16 @@ fn encode_edge(encoder: &mut DescriptorEncoder<'_>, e: &EdgeSample) -> fmt::Resu
     )?;
     for (reason, value) in &e.failures {
         ConstCounter::new(*value).encode(failures.encode_family(&[("reason", *reason)])?)?;
+    }
+    drop(failures);
+    if let Some(n) = e.net_raw_uncovered {
+        let gauge = ConstGauge::new(n);
+        gauge.encode(encoder.encode_descriptor(
+            "guarded_pods_with_net_raw",
+            HELP_NET_RAW,
+            None,
+            gauge.metric_type(),
+        )?)?;
     }
     Ok(())
 }
@@ -645,6 +662,7 @@ mod tests {
                     attached: 3,
                     uncovered: vec![("host_network", 1), ("no_veth_peer", 0)],
                     failures: vec![("host_network", 1)],
+                    net_raw_uncovered: Some(2),
                 }),
                 ..Snapshot::default()
             })
@@ -654,6 +672,7 @@ mod tests {
             r#"datalab_guard_edge_pods{state="host_network"} 1"#,
             r#"datalab_guard_edge_pods{state="no_veth_peer"} 0"#,
             r#"datalab_guard_edge_failures_total{reason="host_network"} 1"#,
+            "datalab_guard_guarded_pods_with_net_raw 2",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -467,6 +467,7 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
             let mut edge = NodeEdge::new(layout, "/nonexistent-netns-dir".into());
             while let Ok(pods) = edge_rx.recv() {
                 edge.sync(&pods);
+                edge.count_net_raw(&pods, false);
                 sample_tx.send(edge.sample()).unwrap();
             }
             Ok(())
@@ -479,6 +480,9 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     let uncovered: std::collections::BTreeMap<_, _> = sample.uncovered.iter().copied().collect();
     assert_eq!(uncovered["host_network"], 1, "{sample:?}");
     assert_eq!(uncovered["netns_unknown"], 1, "{sample:?}");
+    // The sleeper runs as root with CAP_NET_RAW: counted for the uncovered hostNetwork
+    // entry (same cgroup), not for the covered pod; the empty pod has no process to judge.
+    assert_eq!(sample.net_raw_uncovered, Some(1), "{sample:?}");
     assert_eq!(t.tcx_programs(IMDS_IF), 1);
     let v4 = t.imds_v4();
     t.send("packet-raw", IMDS4);

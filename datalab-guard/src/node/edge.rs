@@ -131,6 +131,9 @@ pub struct NodeEdge {
     layer_error: bool,
     pods: HashMap<String, PodState>,
     failures: BTreeMap<Uncovered, u64>,
+    /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers,
+    /// and when that was counted (it reads /proc: at most every [`RETRY_EVERY`]).
+    net_raw: Option<(Instant, u64)>,
 }
 
 impl NodeEdge {
@@ -142,6 +145,7 @@ impl NodeEdge {
             layer_error: false,
             pods: HashMap::new(),
             failures: BTreeMap::new(),
+            net_raw: None,
         }
     }
 
@@ -292,6 +296,33 @@ impl NodeEdge {
         }
     }
 
+    /// Recounts (at most every [`RETRY_EVERY`]) the guarded pods whose processes hold
+    /// CAP_NET_RAW while no layer closes raw paths for them: none when the BPF LSM program
+    /// runs (`lsm`), else those the edge layer does not cover.
+    pub fn count_net_raw(&mut self, guarded: &[GuardedPod], lsm: bool) {
+        if self
+            .net_raw
+            .is_some_and(|(at, _)| at.elapsed() < RETRY_EVERY)
+        {
+            return;
+        }
+        let exposed = if lsm {
+            0
+        } else {
+            guarded
+                .iter()
+                .filter(|p| !matches!(self.pods.get(&p.uid), Some(PodState::Attached { .. })))
+                .filter(|p| {
+                    p.dir
+                        .as_deref()
+                        .and_then(super::net_raw::holds_net_raw)
+                        .unwrap_or(false)
+                })
+                .count() as u64
+        };
+        self.net_raw = Some((Instant::now(), exposed));
+    }
+
     /// Pods covered and not, and failures so far, for the metrics.
     pub fn sample(&self) -> EdgeSample {
         let mut uncovered: BTreeMap<&'static str, u64> =
@@ -306,6 +337,7 @@ impl NodeEdge {
             }
         }
         EdgeSample {
+            net_raw_uncovered: self.net_raw.map(|(_, n)| n),
             attached,
             uncovered: uncovered.into_iter().collect(),
             failures: Uncovered::ALL

@@ -24,6 +24,7 @@ pub mod cache;
 pub mod context;
 pub mod edge;
 pub mod index;
+pub mod net_raw;
 pub mod probe_targets;
 pub mod reconcile;
 pub mod runtime_classify;

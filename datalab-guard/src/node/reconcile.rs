@@ -124,6 +124,9 @@ impl Reconciler {
         self.apply(&desired);
         let guarded = super::edge::guarded_pods(&desired, &self.index, &self.ctx.view);
         self.edge.sync(&guarded);
+        let lsm = (self.ctx.session.lock().expect("session lock").as_ref())
+            .is_some_and(|s| s.settings().deny_raw_sockets);
+        self.edge.count_net_raw(&guarded, lsm);
         *self.ctx.edge.lock().expect("edge lock") = Some(self.edge.sample());
         let Desired {
             owners,
