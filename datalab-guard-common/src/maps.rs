@@ -11,8 +11,9 @@ pub const BLOCKED_V4: &str = "DG_BLOCK4_V1";
 pub const BLOCKED_V6: &str = "DG_BLOCK6_V1";
 /// Array of one [`crate::GuardConfig`].
 pub const CONFIG: &str = "DG_CONFIG_V1";
-/// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`].
-pub const COUNTERS: &str = "DG_COUNT_V1";
+/// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`]. V2: the
+/// `edge` hook made every class one slot per (action, family) longer.
+pub const COUNTERS: &str = "DG_COUNT_V2";
 /// Per-CPU array of u64 statistics, indexed by [`crate::counters::Stat`].
 pub const STATS: &str = "DG_STATS_V1";
 /// Ring buffer of [`crate::AuditEvent`].
@@ -21,16 +22,19 @@ pub const EVENTS: &str = "DG_EVENTS_V1";
 pub const RATE: &str = "DG_RATE_V1";
 /// Array of one [`crate::InstallMeta`]: what the installing agent recorded for `status`.
 pub const META: &str = "DG_META_V1";
+/// Hash host-side ifindex (u32) -> [`crate::EdgeEntry`]: the pod-edge layer's verdicts.
+pub const EDGE: &str = "DG_EDGE_V1";
 
 /// Pins of maps earlier versions made and this one no longer uses. An upgrade removes them
 /// once the old programs are detached, and `uninstall` removes them too. `DG_POLICY_V1` is
 /// the verdict map's former name (renamed so that "policy" means only the policy core and
 /// the NetworkPolicy); same layout, but a pin is never renamed under running programs.
-pub const RETIRED: [&str; 1] = ["DG_POLICY_V1"];
+/// `DG_COUNT_V1` is the counter array before the `edge` hook (a different layout).
+pub const RETIRED: [&str; 2] = ["DG_POLICY_V1", "DG_COUNT_V1"];
 
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
-pub const ALL: [&str; 9] = [
-    VERDICTS, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META,
+pub const ALL: [&str; 10] = [
+    VERDICTS, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META, EDGE,
 ];
 
 /// Pods (or cgroups) the agent can classify on one node. 64 Ki entries of 16 bytes each.
@@ -39,6 +43,8 @@ pub const VERDICTS_MAX_ENTRIES: u32 = 65_536;
 pub const BLOCKED_MAX_ENTRIES: u32 = 1_024;
 /// Ring buffer bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Guarded pod interfaces on one node (kubelet's default is 110 pods per node).
+pub const EDGE_MAX_ENTRIES: u32 = 4_096;
 /// cgroups tracked for audit rate limiting; LRU so a churn of cgroups cannot fill it.
 pub const RATE_MAX_ENTRIES: u32 = 16_384;
 
@@ -55,6 +61,9 @@ pub mod programs {
     /// The LSM hook [`PACKET_SOCKET`] is written for (its `#[lsm_cgroup(hook = ...)]`);
     /// loading an lsm_cgroup program names it again.
     pub const PACKET_SOCKET_LSM_HOOK: &str = "socket_post_create";
+    /// tc/tcx (sched_cls) on the host side of a guarded pod's interface: the pod-edge
+    /// layer. Its links are pinned under `<bpffs>/edge/`, one per interface.
+    pub const EDGE: &str = "dg_edge";
     /// Never attached: the floor that `bench` compares the guard against.
     pub const BENCH_EMPTY: &str = "dg_bench_empty";
     /// Never attached by the agent: `bench`'s probe of the fast path's CONFIG read alone.

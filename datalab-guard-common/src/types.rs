@@ -69,12 +69,20 @@ pub enum Hook {
     /// Socket creation: raw IP sockets (`cgroup/sock_create`) and packet sockets (the BPF
     /// LSM program on `socket_post_create`) share this label.
     SockCreate = 3,
+    /// The pod-edge layer: tc/tcx on the host side of a guarded pod's interface, for frames
+    /// that never met a socket hook (AF_PACKET, AF_XDP, forwarding inside the pod).
+    Edge = 4,
 }
 
 impl Hook {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Hook; Hook::COUNT] =
-        [Hook::Egress, Hook::Connect, Hook::Sendmsg, Hook::SockCreate];
+    pub const COUNT: usize = 5;
+    pub const ALL: [Hook; Hook::COUNT] = [
+        Hook::Egress,
+        Hook::Connect,
+        Hook::Sendmsg,
+        Hook::SockCreate,
+        Hook::Edge,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,6 +90,7 @@ impl Hook {
             Hook::Connect => "connect",
             Hook::Sendmsg => "sendmsg",
             Hook::SockCreate => "sock_create",
+            Hook::Edge => "edge",
         }
     }
 
@@ -146,6 +155,20 @@ pub struct VerdictEntry {
     /// Counter class: the agent maps namespaces to small integers so the in-kernel counters
     /// carry a bounded `namespace` label. 0 is "unclassified" (default verdict, local mode).
     pub class: u32,
+}
+
+/// Value of the EDGE map (key: the host-side interface's ifindex, u32): the verdict of the
+/// pod behind that interface, for the pod-edge layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct EdgeEntry {
+    /// [`Verdict`] as u32 (anything but Exempt guards).
+    pub verdict: u32,
+    /// Counter class, as in [`VerdictEntry::class`].
+    pub class: u32,
+    /// The pod's cgroup id, reported as the audit record's `cgroup_id` so the agent can name
+    /// the pod (0 when unknown, e.g. local mode).
+    pub cgroup_id: u64,
 }
 
 /// The single entry of the CONFIG array map.
@@ -267,6 +290,8 @@ mod pod_impls {
     // padding (`tests::layouts_have_no_hidden_padding`), so every bit pattern is a valid value.
     // SAFETY: two u32 fields; see above.
     unsafe impl aya::Pod for super::VerdictEntry {}
+    // SAFETY: two u32 then one u64; see above.
+    unsafe impl aya::Pod for super::EdgeEntry {}
     // SAFETY: two u32 arrays then u32 fields; see above.
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: one u64 then two u32; see above.
@@ -285,6 +310,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<VerdictEntry>(), 8);
+        assert_eq!(size_of::<EdgeEntry>(), 16);
         assert_eq!(size_of::<GuardConfig>(), 8 * 4 * 2 + 6 * 4);
         assert_eq!(size_of::<RateState>(), 16);
         assert_eq!(size_of::<AuditEvent>(), 3 * 8 + 6 * 4 + 2 + 6 + 16 + 16);

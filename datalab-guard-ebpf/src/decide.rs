@@ -23,7 +23,7 @@ use datalab_guard_common::{
     counters::{counter_index, Stat},
     ratelimit::{self, Admission},
     resolve::{resolve, Resolved},
-    Action, AuditEvent, Family, GuardConfig, Hook, Mode, Verdict, VerdictEntry,
+    Action, AuditEvent, EdgeEntry, Family, GuardConfig, Hook, Mode, Verdict, VerdictEntry,
 };
 
 use crate::maps::{config, COUNTERS, EVENTS, RATE, STATS, VERDICTS};
@@ -81,6 +81,28 @@ pub fn refuse_for_skb(cfg: &GuardConfig, skb: *mut __sk_buff, attempt: &Attempte
     let origin = Origin {
         // SAFETY: skb is the context pointer the kernel passed this program.
         cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        task_known: false,
+    };
+    judge(cfg, &resolved, origin, attempt)
+}
+
+/// For the pod-edge layer (tc on the host side of a pod's interface): judges `attempt`
+/// against the interface's EDGE entry. The program is attached only to guarded pods'
+/// interfaces, so an interface without an entry is guarded (fail closed). The task is
+/// unknown there; the entry's pod cgroup stands for the origin. `true`: drop the frame.
+#[inline(always)]
+pub fn refuse_at_edge(cfg: &GuardConfig, entry: Option<EdgeEntry>, attempt: &Attempted) -> bool {
+    let (verdict, class, cgroup_id) = match entry {
+        Some(e) => (Verdict::from_raw(e.verdict), e.class, e.cgroup_id),
+        None => (Verdict::Guard, 0, 0),
+    };
+    let resolved = Resolved {
+        verdict,
+        class,
+        policy_cgroup_id: cgroup_id,
+    };
+    let origin = Origin {
+        cgroup_id,
         task_known: false,
     };
     judge(cfg, &resolved, origin, attempt)

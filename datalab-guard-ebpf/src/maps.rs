@@ -8,8 +8,11 @@ use aya_ebpf::{
 use datalab_guard_common::{
     classify::BlockedSet,
     counters::{COUNTER_ENTRIES, STAT_ENTRIES},
-    maps::{BLOCKED_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES, VERDICTS_MAX_ENTRIES},
-    GuardConfig, InstallMeta, RateState, VerdictEntry,
+    maps::{
+        BLOCKED_MAX_ENTRIES, EDGE_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES,
+        VERDICTS_MAX_ENTRIES,
+    },
+    EdgeEntry, GuardConfig, InstallMeta, RateState, VerdictEntry,
 };
 
 #[map(name = "DG_VERDICTS_V1")]
@@ -24,7 +27,7 @@ pub static BLOCKED_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTR
 #[map(name = "DG_CONFIG_V1")]
 pub static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
-#[map(name = "DG_COUNT_V1")]
+#[map(name = "DG_COUNT_V2")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 
 #[map(name = "DG_STATS_V1")]
@@ -35,6 +38,10 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 #[map(name = "DG_RATE_V1")]
 pub static RATE: LruHashMap<u64, RateState> = LruHashMap::pinned(RATE_MAX_ENTRIES, 0);
+
+/// Host-side ifindex -> verdict of the pod behind it, for the pod-edge layer (`edge`).
+#[map(name = "DG_EDGE_V1")]
+pub static EDGE: HashMap<u32, EdgeEntry> = HashMap::pinned(EDGE_MAX_ENTRIES, 0);
 
 /// Written and read by the agent only; declared here so the loader creates and pins it
 /// with the others.

@@ -16,6 +16,8 @@ use std::{
 
 use datalab_guard_common::{cidr::Cidr, Verdict, VerdictEntry};
 
+mod edge_layer;
+
 use crate::{
     audit,
     bpf::{DatapathSettings, PinLayout, Session, StartRequest},
@@ -38,6 +40,8 @@ pub struct Plan {
     pub blocked: Vec<Cidr>,
     pub settings: DatapathSettings,
     pub metrics_addr: SocketAddr,
+    /// Host-side interfaces of guarded sandboxes for the pod-edge layer (`--edge-iface`).
+    pub edge_ifaces: Vec<String>,
 }
 
 /// The verdict-map entries local mode wants: the root guarded, each exempt directory exempt.
@@ -84,6 +88,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         verdicts: desired_verdicts(&plan.root, &plan.exempt),
     })?;
     let audit_stats = session.audit_stats();
+    let edge = edge_layer::start(&layout, &plan.edge_ifaces, plan.root.id)?;
     let session = Arc::new(Mutex::new(session));
     let state = Arc::new(http::HttpState::new(snapshot_fn(session.clone())));
     state.set_ready(true, "programs attached and maps current");
@@ -107,11 +112,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         state.clone(),
         shutdown_rx.clone(),
     ));
+    let edge_task = tokio::spawn(edge_layer::keep_attached(edge, shutdown_rx.clone()));
 
     termination.terminated().await;
     tracing::info!("exiting; enforcement stays in place (pinned under {}); `datalab-guard uninstall` removes it", layout.root().display());
     let _ = shutdown_tx.send(true);
-    for task in [http_task, audit_task, reconcile_task] {
+    for task in [http_task, audit_task, reconcile_task, edge_task] {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     Ok(())

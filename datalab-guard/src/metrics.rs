@@ -16,6 +16,9 @@
 //! | `datalab_guard_runtime_up` | gauge (node mode, `runtime.socket` not `none`) | |
 //! | `datalab_guard_runtime_errors_total` | counter (likewise) | `kind` = `socket` \| `timeout` \| `connect` \| `unimplemented` \| `call` \| `malformed` |
 //! | `datalab_guard_runtime_classified_pods` | gauge (likewise) | |
+//! | `datalab_guard_edge_pods` | gauge (node mode) | `state` = `covered` \| `host_network` \| `netns_unknown` \| `netns_unreadable` \| `no_veth_peer` \| `interface_gone` \| `attach_failed` |
+//! | `datalab_guard_edge_failures_total` | counter (node mode) | `reason` (the states but `covered`) |
+//! | `datalab_guard_guarded_pods_with_net_raw` | gauge (node mode) | |
 //! | `datalab_guard_build_info` | info (always 1) | `version` |
 //! | `datalab_guard_scrape_errors_total` | counter | |
 //!
@@ -79,6 +82,22 @@ pub struct Snapshot {
     pub watches: Vec<WatchSample>,
     /// The container runtime lookups (node mode with a runtime socket; `None`: no series).
     pub runtime: Option<RuntimeSample>,
+    /// The pod-edge layer's coverage (node mode; `None`: no series).
+    pub edge: Option<EdgeSample>,
+}
+
+/// The pod-edge layer's coverage of guarded pods (see `node::edge`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EdgeSample {
+    /// Guarded pods whose host-side interface runs the edge program.
+    pub attached: u64,
+    /// Guarded pods not covered, per reason (every reason listed, zeros included).
+    pub uncovered: Vec<(&'static str, u64)>,
+    /// Attempts to cover a pod that failed, per reason.
+    pub failures: Vec<(&'static str, u64)>,
+    /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers
+    /// (`None` until first counted).
+    pub net_raw_uncovered: Option<u64>,
 }
 
 /// The container runtime lookups' health (see `node::runtime_classify::RuntimeStats`).
@@ -169,6 +188,15 @@ const HELP_RUNTIME_ERRORS: &str = "Failed container runtime (CRI) lookups, by ki
     A pod the agent could not classify keeps the default verdict (guard).";
 const HELP_RUNTIME_PODS: &str = "Pods whose verdict comes from the container runtime because \
     the API server does not know them (yet).";
+const HELP_EDGE_PODS: &str = "Guarded pods by pod-edge layer state: covered (the edge program \
+    runs on the host side of the pod's interface) or why not (host_network, netns_unknown, \
+    netns_unreadable, no_veth_peer, interface_gone, attach_failed). The cgroup layer guards \
+    them either way.";
+const HELP_NET_RAW: &str = "Guarded pods whose processes hold CAP_NET_RAW while neither the \
+    BPF LSM program nor the pod-edge layer closes raw paths (AF_PACKET, AF_XDP) for them. \
+    Drop NET_RAW (deploy/components/kyverno: datalab-drop-net-raw) to bring it to 0.";
+const HELP_EDGE_FAILURES: &str = "Failed attempts to give a guarded pod the pod-edge layer, by \
+    reason (retried every 30 s; logged once per pod).";
 pub(crate) const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";
@@ -320,6 +348,9 @@ impl Collector for GuardCollector {
             if let Some(runtime) = &s.runtime {
                 encode_runtime(&mut encoder, runtime)?;
             }
+            if let Some(edge) = &s.edge {
+                encode_edge(&mut encoder, edge)?;
+            }
         }
         // OpenMetrics "info": the family is `build`, the sample `build_info{version} 1`.
         let mut build = encoder.encode_descriptor("build", HELP_BUILD, None, MetricType::Info)?;
@@ -364,6 +395,36 @@ pub(crate) fn encode_watches(
             ConstCounter::new(value(w))
                 .encode(family.encode_family(&[("resource", w.resource)])?)?;
         }
+    }
+    Ok(())
+}
+
+/// The pod-edge layer families.
+fn encode_edge(encoder: &mut DescriptorEncoder<'_>, e: &EdgeSample) -> fmt::Result {
+    let mut pods =
+        encoder.encode_descriptor("edge_pods", HELP_EDGE_PODS, None, MetricType::Gauge)?;
+    ConstGauge::new(e.attached).encode(pods.encode_family(&[("state", "covered")])?)?;
+    for (state, value) in &e.uncovered {
+        ConstGauge::new(*value).encode(pods.encode_family(&[("state", *state)])?)?;
+    }
+    let mut failures = encoder.encode_descriptor(
+        "edge_failures",
+        HELP_EDGE_FAILURES,
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, value) in &e.failures {
+        ConstCounter::new(*value).encode(failures.encode_family(&[("reason", *reason)])?)?;
+    }
+    drop(failures);
+    if let Some(n) = e.net_raw_uncovered {
+        let gauge = ConstGauge::new(n);
+        gauge.encode(encoder.encode_descriptor(
+            "guarded_pods_with_net_raw",
+            HELP_NET_RAW,
+            None,
+            gauge.metric_type(),
+        )?)?;
     }
     Ok(())
 }
@@ -486,6 +547,7 @@ mod tests {
             namespaces: Vec::new(),
             watches: Vec::new(),
             runtime: None,
+            edge: None,
         }
     }
 
@@ -590,6 +652,31 @@ mod tests {
         assert!(text.contains("# TYPE datalab_guard_runtime_errors counter\n"));
         // socket: none (and local mode): no runtime families at all.
         assert!(!exposition(|| Ok(snapshot())).contains("runtime_"));
+    }
+
+    #[test]
+    fn edge_coverage_has_bounded_series() {
+        let text = exposition(|| {
+            Ok(Snapshot {
+                edge: Some(EdgeSample {
+                    attached: 3,
+                    uncovered: vec![("host_network", 1), ("no_veth_peer", 0)],
+                    failures: vec![("host_network", 1)],
+                    net_raw_uncovered: Some(2),
+                }),
+                ..Snapshot::default()
+            })
+        });
+        for line in [
+            r#"datalab_guard_edge_pods{state="covered"} 3"#,
+            r#"datalab_guard_edge_pods{state="host_network"} 1"#,
+            r#"datalab_guard_edge_pods{state="no_veth_peer"} 0"#,
+            r#"datalab_guard_edge_failures_total{reason="host_network"} 1"#,
+            "datalab_guard_guarded_pods_with_net_raw 2",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert!(!exposition(|| Ok(Snapshot::default())).contains("edge_"));
     }
 
     #[test]

@@ -150,6 +150,22 @@ impl Agent {
         Self::spawn_with(&Self::bin()?, args, &[])
     }
 
+    /// Starts `datalab-guard ARGS` inside network namespace `netns` (entered before exec,
+    /// no mount changes, unlike `ip netns exec`), e.g. where a test's "node" interfaces live.
+    pub fn spawn_in_netns<S: AsRef<OsStr>>(
+        netns: &str,
+        args: &[S],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let bin = Self::bin()?;
+        let mut argv: Vec<&OsStr> = vec![bin.as_os_str()];
+        argv.extend(args.iter().map(AsRef::as_ref));
+        let mut cmd = crate::process::command_in(None, Some(netns), &argv)?;
+        cmd.envs(envs.iter().copied());
+        let shown = format!("(netns {netns}) {} {}", bin.display(), crate::process::display_argv(args));
+        Self::spawn_command(cmd, shown)
+    }
+
     /// Starts `bin ARGS` with extra environment variables.
     pub fn spawn_with<S: AsRef<OsStr>>(
         bin: &Path,
@@ -158,10 +174,14 @@ impl Agent {
     ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(args).envs(envs.iter().copied());
+        let argv = format!("{} {}", bin.display(), crate::process::display_argv(args));
+        Self::spawn_command(cmd, argv)
+    }
+
+    fn spawn_command(mut cmd: Command, argv: String) -> Result<Self> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let argv = format!("{} {}", bin.display(), crate::process::display_argv(args));
         let mut child = cmd.spawn().with_context(|| format!("starting {argv}"))?;
         let stdout: Lines = Arc::default();
         let stderr: Lines = Arc::default();

@@ -59,6 +59,12 @@ pub const TENANT_IF: &str = "veth-tenant";
 /// Interface name of the metadata host's end (inside the metadata namespace).
 pub const IMDS_IF: &str = "veth-imds";
 
+/// A second pod added by [`Lab::add_second_pod`]: its interface (inside its namespace)...
+pub const POD2_IF: &str = "veth-pod2";
+/// ...and the host side of its veth pair (inside the metadata namespace, which then plays
+/// the node's part for the pod-edge layer: every pod's veth peer lives there).
+pub const POD2_HOST_IF: &str = "veth-imds2";
+
 const NFT_TABLE: &str = "dglab";
 
 /// Packets that reached the metadata host, per destination address (see module docs).
@@ -247,6 +253,50 @@ impl Lab {
         )
         .context("nftables is required for the lab's packet counters (apt-get install nftables)")?;
         Ok(())
+    }
+
+    /// Adds a second pod-like namespace `<id>-pod2` joined to the metadata namespace by its
+    /// own veth pair ([`POD2_IF`] ↔ [`POD2_HOST_IF`], 198.51.100.2/24 ↔ .1), whose host side
+    /// feeds the same packet counters. Returns the namespace's name; it is deleted with the
+    /// lab.
+    pub fn add_second_pod(&mut self) -> Result<String> {
+        let ns = format!("{}-pod2", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.created.push(ns.clone());
+        let m = self.imds_ns.clone();
+        ip(&[
+            "-n", &ns, "link", "add", POD2_IF, "type", "veth", "peer", "name", POD2_HOST_IF,
+            "netns", &m,
+        ])?;
+        ip(&["-n", &ns, "addr", "add", "198.51.100.2/24", "dev", POD2_IF])?;
+        ip(&["-n", &m, "addr", "add", "198.51.100.1/24", "dev", POD2_HOST_IF])?;
+        for (n, dev) in [(ns.as_str(), POD2_IF), (ns.as_str(), "lo"), (m.as_str(), POD2_HOST_IF)] {
+            ip(&["-n", n, "link", "set", dev, "up"])?;
+        }
+        let ruleset = format!(
+            r#"table netdev {NFT_TABLE} {{
+  chain ingress_pod2 {{
+    type filter hook ingress device "{POD2_HOST_IF}" priority -500; policy accept;
+    ip daddr {IMDS_V4} counter name "imds_v4"
+    ip6 daddr {IMDS_V6} counter name "imds_v6"
+    ip daddr {OTHER_V4} counter name "other_v4"
+  }}
+}}
+"#
+        );
+        let mut cmd = command_in(None, Some(&self.imds_ns), &["nft", "-f", "-"])?;
+        run_checked(&mut cmd, "nft -f - (second pod's counters)", Some(ruleset.as_bytes()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let link = ip(&["-n", &m, "link", "show", "dev", POD2_HOST_IF])?;
+            if link.contains("LOWER_UP") && !link.contains("state DOWN") {
+                return Ok(ns);
+            }
+            if Instant::now() > deadline {
+                bail!("{POD2_HOST_IF} not up: {}", link.trim());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until both veth ends are up and no v6 address is tentative.

@@ -1267,7 +1267,20 @@ fn check_custom_resources(docs: &[Value], problems: &mut Vec<String>) {
                             "ClusterPolicy {name} rule {rule} must match only environment namespaces (datalab.io/environment=true)"
                         ));
                     }
-                    if r["validate"]["message"].as_str().is_none()
+                    // A mutation (datalab-drop-net-raw) needs a patch in each foreach entry.
+                    let mutate_ok = r["mutate"]["foreach"].as_array().is_some_and(|entries| {
+                        !entries.is_empty()
+                            && entries.iter().all(|e| {
+                                e["list"].as_str().is_some()
+                                    && (e.get("patchStrategicMerge").is_some()
+                                        || e["patchesJson6902"].as_str().is_some())
+                            })
+                    });
+                    if r.get("mutate").is_some() {
+                        if !mutate_ok {
+                            problems.push(format!("ClusterPolicy {name} rule {rule} needs mutate.foreach entries with a list and a patch"));
+                        }
+                    } else if r["validate"]["message"].as_str().is_none()
                         || (r["validate"].get("pattern").is_none()
                             && r["validate"].get("deny").is_none())
                     {

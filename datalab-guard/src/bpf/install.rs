@@ -418,7 +418,8 @@ fn detach_pinned(path: &std::path::Path) -> anyhow::Result<()> {
 /// Removes every pin and directory of a layout: links first (detaching), then maps.
 /// Returns what was removed. Used by `uninstall` and to undo a failed fresh install.
 pub fn remove_all_pins(layout: &PinLayout) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+    // The pod-edge layer's links and filters first (they use the maps too).
+    let mut removed = super::edge::remove_all(layout);
     if let Ok(names) = layout.pinned_links() {
         for name in names {
             let path = layout.link(&name);

@@ -281,6 +281,7 @@ fn load_program(program: &mut Program) -> anyhow::Result<()> {
         Program::CgroupSkb(p) => p.load()?,
         Program::CgroupSockAddr(p) => p.load()?,
         Program::CgroupSock(p) => p.load()?,
+        Program::SchedClassifier(p) => p.load()?,
         Program::LsmCgroup(p) => {
             let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
             p.load(programs::PACKET_SOCKET_LSM_HOOK, &btf)

@@ -101,7 +101,29 @@ pub fn checks(bpffs: &Path) -> Vec<CheckLine> {
         read("/proc/sys/kernel/unprivileged_bpf_disabled").as_deref(),
     ));
     lines.push(check_bpf_lsm(active_lsms().as_deref()));
+    lines.push(check_raw_paths(&crate::bpf::PinLayout::new(bpffs)));
     lines
+}
+
+/// What closes the paths around the IP stack here now, from the pins under `--bpffs`:
+/// the BPF LSM program, the pod-edge layer, or neither (a warning, not a failure: the
+/// cgroup layer still guards everything that goes through a socket).
+pub fn check_raw_paths(layout: &crate::bpf::PinLayout) -> CheckLine {
+    if !layout.exists() {
+        return CheckLine::new(
+            Status::Info,
+            "raw paths (AF_PACKET, AF_XDP): nothing installed under --bpffs yet",
+        );
+    }
+    let deny = crate::bpf::GuardMaps::from_pins(layout)
+        .and_then(|m| m.config())
+        .is_ok_and(|c| c.deny_raw_sockets != 0);
+    let raw = crate::bpf::raw_paths::RawPaths::read(layout, deny);
+    let status = if raw.closed() { Status::Pass } else { Status::Warn };
+    CheckLine::new(
+        status,
+        format!("raw paths (AF_PACKET, AF_XDP) closed by: {}", raw.describe()),
+    )
 }
 
 /// The BPF LSM is what lets `--deny-raw-sockets` refuse AF_PACKET sockets.
@@ -552,8 +574,9 @@ mod tests {
     #[test]
     fn run_on_this_machine_reports_every_check() {
         let lines = checks(Path::new("/sys/fs/bpf/datalab-guard"));
-        // kernel, BTF, cgroup2, bpffs, three capabilities, JIT, unprivileged BPF, BPF LSM.
-        assert_eq!(lines.len(), 10, "{lines:#?}");
+        // kernel, BTF, cgroup2, bpffs, three capabilities, JIT, unprivileged BPF, BPF LSM,
+        // raw paths.
+        assert_eq!(lines.len(), 11, "{lines:#?}");
         assert!(lines[0].message.starts_with("kernel "));
     }
 }

@@ -9,7 +9,7 @@ use datalab_guard_common::{Mode, Verdict};
 use super::Shared;
 use crate::{
     blocklist,
-    bpf::{lsm, DatapathSettings},
+    bpf::{edge, lsm, DatapathSettings},
     cgroups,
     input::bad_input,
     local::{self, Plan},
@@ -33,6 +33,11 @@ pub struct LocalArgs {
     /// Audit events per guarded cgroup per second; further attempts are still counted.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub audit_rate: u32,
+    /// The host side of a veth whose far side is a guarded sandbox (repeatable): its ingress
+    /// gets the pod-edge program, which drops frames to blocked destinations whatever sent
+    /// them (AF_PACKET, AF_XDP), also from processes outside --cgroup.
+    #[arg(long = "edge-iface", value_name = "IFACE")]
+    pub edge_ifaces: Vec<String>,
 }
 
 pub fn run(shared: &Shared, args: &LocalArgs) -> anyhow::Result<()> {
@@ -57,6 +62,9 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
         }
         exempt.push(sub.path);
     }
+    for iface in &args.edge_ifaces {
+        edge::check_edge_iface(iface).map_err(|e| bad_input(format!("--edge-iface: {e}")))?;
+    }
     if args.deny_raw_sockets {
         lsm::require_bpf_lsm().map_err(|e| bad_input(format!("--deny-raw-sockets: {e}")))?;
     }
@@ -76,5 +84,6 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
             audit_events_per_second: args.audit_rate,
         },
         metrics_addr,
+        edge_ifaces: args.edge_ifaces.clone(),
     })
 }

@@ -53,6 +53,8 @@ pub struct Context {
     pub event_budget: EventBudget,
     /// The container runtime lookups' health (metrics), written by their tasks.
     pub runtime: Arc<RuntimeStats>,
+    /// The pod-edge layer's coverage as of the last reconcile (metrics).
+    pub edge: Mutex<Option<crate::metrics::EdgeSample>>,
 }
 
 impl Context {
@@ -74,6 +76,7 @@ impl Context {
             attempts_by_pod: Mutex::new(HashMap::new()),
             event_budget,
             runtime: Arc::new(RuntimeStats::default()),
+            edge: Mutex::new(None),
         }
     }
 
@@ -112,6 +115,7 @@ impl Context {
             .collect();
         snapshot.watches = watches;
         snapshot.runtime = self.runtime.sample();
+        snapshot.edge = self.edge.lock().map_err(|_| poisoned("edge"))?.clone();
         Ok(snapshot)
     }
 

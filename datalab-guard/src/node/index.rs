@@ -98,6 +98,11 @@ impl PodIndex {
         }
     }
 
+    /// The cgroup directory of pod `uid` (API uid), once the kubelet has made it.
+    pub fn dir_of_pod(&self, uid: &str) -> Option<&CgroupDir> {
+        self.dirs.get(uid)
+    }
+
     pub fn root(&self) -> &CgroupDir {
         &self.root
     }

@@ -22,7 +22,9 @@
 pub mod audit_sink;
 pub mod cache;
 pub mod context;
+pub mod edge;
 pub mod index;
+pub mod net_raw;
 pub mod probe_targets;
 pub mod reconcile;
 pub mod runtime_classify;
@@ -153,6 +155,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         state_file: StateFileWriter::new(plan.state_file.clone(), plan.bpffs.clone()),
         cache: cache_writer,
         runtime,
+        edge: edge::NodeEdge::new(layout.clone(), plan.netns_dir.clone()),
     };
     startup::write_state(&mut reconciler, classified);
     // Pod cgroups that exist already and that neither the cache nor (later) the API knows

@@ -54,6 +54,8 @@ pub struct Reconciler {
     pub cache: CacheWriter,
     /// Container runtime lookups for pod cgroups the API does not know.
     pub runtime: RuntimeLookups,
+    /// The pod-edge layer on guarded pods' host-side interfaces.
+    pub edge: super::edge::NodeEdge,
 }
 
 /// Why the loop woke up.
@@ -120,6 +122,12 @@ impl Reconciler {
     /// publishes the owners, gauges and classes and writes the state file.
     pub fn apply_and_publish(&mut self, desired: Desired) {
         self.apply(&desired);
+        let guarded = super::edge::guarded_pods(&desired, &self.index, &self.ctx.view);
+        self.edge.sync(&guarded);
+        let lsm = (self.ctx.session.lock().expect("session lock").as_ref())
+            .is_some_and(|s| s.settings().deny_raw_sockets);
+        self.edge.count_net_raw(&guarded, lsm);
+        *self.ctx.edge.lock().expect("edge lock") = Some(self.edge.sample());
         let Desired {
             owners,
             gauges,

@@ -33,6 +33,12 @@ KIND (ok means):
   icmp6                ICMPv6 echo (SOCK_DGRAM ping socket, else SOCK_RAW) got a reply
   raw-hdrincl          SOCK_RAW/IPPROTO_RAW sendto of a hand-built IPv4/UDP packet succeeded
   packet-socket        socket(AF_PACKET, SOCK_RAW) was created (ADDR/PORT unused)
+  packet-raw           an AF_PACKET SOCK_RAW socket sent one Ethernet frame carrying UDP to
+                       ADDR:PORT (v4 or v6) on the first non-loopback interface
+                       ($DG_PROBE_IFACE overrides), to the broadcast MAC
+  packet-raw-vlan      the same frame with an 802.1Q tag (VLAN 7)
+  packet-dgram         an AF_PACKET SOCK_DGRAM socket sent the same IP packet (the kernel
+                       adds the Ethernet header)
   udp-stream           unconnected sendto in a loop (about 20,000 datagrams/s, one socket)
                        until the timeout, or until stdin closes when it is a pipe; ok means
                        at least one datagram left the socket; the line adds the counts
@@ -152,7 +158,7 @@ fn parse_args(args: &[String]) -> Result<(String, IpAddr, u16, Duration), String
     );
     match kind {
         "tcp" | "tcp-fastopen" | "http" | "udp-connected" | "udp-sendto" | "packet-socket"
-        | "udp-stream" => {}
+        | "udp-stream" | "packet-raw" | "packet-raw-vlan" | "packet-dgram" => {}
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp" if addr.is_ipv4() => {}
         "icmp6" if addr.is_ipv6() => {}
         _ if needs_v4 => return Err(format!("{kind} needs an IPv4 address")),
@@ -181,6 +187,9 @@ fn run(kind: &str, addr: IpAddr, port: u16, dl: Deadline) -> Attempt {
         "icmp6" => icmp_echo(addr, dl),
         "raw-hdrincl" => raw_hdrincl(target, dl),
         "packet-socket" => packet_socket(),
+        "packet-raw" => packet_frame(target, Framing::Raw { vlan: None }),
+        "packet-raw-vlan" => packet_frame(target, Framing::Raw { vlan: Some(7) }),
+        "packet-dgram" => packet_frame(target, Framing::Dgram),
         _ => unreachable!("checked in parse_args"),
     }
 }
@@ -446,6 +455,124 @@ fn raw_hdrincl(target: SocketAddr, _dl: Deadline) -> Attempt {
 fn packet_socket() -> Attempt {
     let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
     socket(libc::AF_PACKET, libc::SOCK_RAW, proto).map(drop)
+}
+
+/// How an AF_PACKET sender hands its packet to the device.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// SOCK_RAW: the whole Ethernet frame, built here (optionally 802.1Q-tagged).
+    Raw { vlan: Option<u16> },
+    /// SOCK_DGRAM: the IP packet; the kernel adds the link header from the address.
+    Dgram,
+}
+
+/// One UDP packet to `target` sent through an AF_PACKET socket, which no socket-address or
+/// cgroup_skb hook ever sees: exactly what the pod-edge layer exists for.
+fn packet_frame(target: SocketAddr, framing: Framing) -> Attempt {
+    const BROADCAST: [u8; 6] = [0xff; 6];
+    let ifindex = packet_ifindex()?;
+    let (ethertype, packet) = match target.ip() {
+        IpAddr::V4(dst) => (
+            libc::ETH_P_IP as u16,
+            ipv4_udp_packet(Ipv4Addr::UNSPECIFIED, dst, 40000, target.port(), PAYLOAD),
+        ),
+        IpAddr::V6(dst) => (
+            libc::ETH_P_IPV6 as u16,
+            ipv6_udp_packet(dst, 40000, target.port(), PAYLOAD),
+        ),
+    };
+    let (ty, bytes) = match framing {
+        Framing::Dgram => (libc::SOCK_DGRAM, packet),
+        Framing::Raw { vlan } => {
+            let mut frame = Vec::with_capacity(18 + packet.len());
+            frame.extend_from_slice(&BROADCAST);
+            // A locally administered source address: no real interface's.
+            frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+            if let Some(id) = vlan {
+                frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
+                frame.extend_from_slice(&id.to_be_bytes());
+            }
+            frame.extend_from_slice(&ethertype.to_be_bytes());
+            frame.extend_from_slice(&packet);
+            (libc::SOCK_RAW, frame)
+        }
+    };
+    // Protocol 0: send only, receive nothing.
+    let fd = socket(libc::AF_PACKET, ty, 0)?;
+    // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ethertype.to_be();
+    sll.sll_ifindex = ifindex;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&BROADCAST);
+    // SAFETY: valid fd, buffer and sockaddr_ll of the given size.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&raw const sll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(last_fail("sendto(AF_PACKET)"));
+    }
+    Ok(())
+}
+
+/// `$DG_PROBE_IFACE`, else the first interface that is not loopback.
+fn packet_ifindex() -> Result<i32, Fail> {
+    let wanted = std::env::var("DG_PROBE_IFACE").ok();
+    // SAFETY: if_nameindex returns a NULL-terminated array freed below, or NULL.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(last_fail("if_nameindex"));
+    }
+    let mut found = None;
+    let mut i = 0;
+    loop {
+        // SAFETY: walking the array up to its terminating zero entry.
+        let entry = unsafe { *list.add(i) };
+        if entry.if_index == 0 || entry.if_name.is_null() {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the array.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }.to_string_lossy();
+        let matches = match &wanted {
+            Some(w) => name == w.as_str(),
+            None => name != "lo",
+        };
+        if matches {
+            found = Some(entry.if_index as i32);
+            break;
+        }
+        i += 1;
+    }
+    // SAFETY: list came from if_nameindex.
+    unsafe { libc::if_freenameindex(list) };
+    found.ok_or_else(|| fail(libc::ENODEV, "no interface to send the frame on"))
+}
+
+/// A complete IPv6/UDP packet from the unspecified address. Its UDP checksum is left zero
+/// (invalid for IPv6): the packet only has to arrive, and arrivals are counted before any
+/// transport check.
+fn ipv6_udp_packet(dst: std::net::Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_len = (8 + payload.len()) as u16;
+    let mut p = Vec::with_capacity(40 + udp_len as usize);
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[libc::IPPROTO_UDP as u8, 64]);
+    p.extend_from_slice(&[0; 16]);
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
 }
 
 // ---- helpers -----------------------------------------------------------------------------

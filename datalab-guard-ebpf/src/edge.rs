@@ -1,0 +1,178 @@
+//! `tc`/`tcx` ingress on the host side of a guarded pod's interface (its veth peer): the
+//! pod-edge layer. Every frame the pod sends arrives here, whatever produced it — AF_PACKET,
+//! AF_XDP, a qdisc-bypassing socket, forwarding inside the pod — including frames that
+//! never met a socket hook. Frames to blocked destinations are dropped (enforce) or
+//! reported (audit) according to the interface's EDGE entry.
+//!
+//! Parsing: the Ethernet header, then up to [`MAX_VLAN_TAGS`] 802.1Q/802.1ad tags still in
+//! the frame (the kernel may already have moved the outer one into the skb's metadata),
+//! then the shared classifier at the L3 offset. Frames that are neither IPv4 nor IPv6 (ARP,
+//! LLDP, ...) pass: the host's IP stack never routes them to an IP destination. A frame
+//! with more tags than the bound is dropped (fail closed; no pod needs it).
+//!
+//! Fast path as in `egress`: untagged IPv4/IPv6 frames whose first bytes prove the
+//! destination cannot be blocked pass after one direct packet read.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use datalab_guard_common::{
+    classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass, Reason},
+    counters::Stat,
+    Family, GuardConfig, Hook,
+};
+
+use crate::{
+    decide::{bump_stat, refuse_at_edge, Attempted},
+    maps::{config, Tries, CONFIG, EDGE},
+};
+
+/// `TC_ACT_UNSPEC`, which tcx reads as `TCX_NEXT`: let the next program (a CNI's, say)
+/// decide, rather than `TC_ACT_OK`, which would end the chain.
+const NEXT: i32 = -1;
+/// `TC_ACT_SHOT`.
+const DROP: i32 = 2;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+/// VLAN tags walked before giving up (fail closed).
+const MAX_VLAN_TAGS: usize = 3;
+
+#[classifier]
+pub fn dg_edge(ctx: TcContext) -> i32 {
+    if fast_path(&ctx) {
+        return NEXT;
+    }
+    slow_path(&ctx)
+}
+
+/// `true` when the frame provably reaches no blocked destination: an untagged frame that is
+/// not IP at all, or untagged IPv4/IPv6 whose first bytes pass the shared fast-path test.
+#[inline(always)]
+fn fast_path(ctx: &TcContext) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    // Ethernet + a whole IPv6 header (or IPv4 and what follows); shorter frames take the
+    // slow path, which reads byte ranges with bounds checks of its own.
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + 40]>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved that h's bytes lie inside the frame.
+    let h = unsafe { &*h };
+    let ethertype = [h[12], h[13]];
+    let first = h[ETH_HLEN];
+    if ethertype == ETH_P_IP {
+        first == 0x45
+            && fast_path_pass(
+                first,
+                0,
+                h[ETH_HLEN + 16],
+                &cfg.v4_first_octet,
+                &cfg.v6_first_octet,
+            )
+    } else if ethertype == ETH_P_IPV6 {
+        first >> 4 == 6
+            && fast_path_pass(
+                first,
+                h[ETH_HLEN + 6],
+                h[ETH_HLEN + 24],
+                &cfg.v4_first_octet,
+                &cfg.v6_first_octet,
+            )
+    } else {
+        !is_vlan(ethertype)
+    }
+}
+
+#[inline(always)]
+fn is_vlan(ethertype: [u8; 2]) -> bool {
+    // 802.1Q, 802.1ad, and the pre-standard QinQ 0x9100.
+    ethertype == [0x81, 0x00] || ethertype == [0x88, 0xa8] || ethertype == [0x91, 0x00]
+}
+
+/// A `T` at `offset` from the start of the frame by direct packet access, or `None` when
+/// the frame is shorter (see `egress::ptr_at`).
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// The frame's L3 packet for the shared classifier: offset 0 is the IP header.
+struct L3Bytes<'a> {
+    ctx: &'a TcContext,
+    l3: usize,
+}
+
+impl PacketBytes for L3Bytes<'_> {
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.ctx.load::<[u8; N]>(self.l3 + offset).ok()
+    }
+}
+
+/// Where the IP header starts, or `None` when the frame carries no IP (pass), or
+/// `Some(Err(()))` when it hides behind more VLAN tags than the bound (drop).
+#[inline(always)]
+fn l3_offset(ctx: &TcContext) -> Option<Result<usize, ()>> {
+    let mut off = 12usize;
+    for _ in 0..MAX_VLAN_TAGS + 1 {
+        let ethertype = ctx.load::<[u8; 2]>(off).ok()?;
+        if ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 {
+            return Some(Ok(off + 2));
+        }
+        if !is_vlan(ethertype) {
+            return None;
+        }
+        off += 4;
+    }
+    Some(Err(()))
+}
+
+#[inline(never)]
+fn slow_path(ctx: &TcContext) -> i32 {
+    let attempted = match l3_offset(ctx) {
+        None => return NEXT,
+        Some(Err(())) => Attempted {
+            hook: Hook::Edge,
+            family: Family::Ipv4,
+            proto: 0,
+            sock_type: 0,
+            dport: 0,
+            dst: [0; 16],
+            reason: Reason::Unparseable,
+        },
+        Some(Ok(l3)) => match classify_packet(&L3Bytes { ctx, l3 }, &Tries) {
+            PacketClass::Blocked(attempt, reason) => Attempted {
+                hook: Hook::Edge,
+                family: if attempt.ipv6 {
+                    Family::Ipv6
+                } else {
+                    Family::Ipv4
+                },
+                proto: attempt.proto,
+                sock_type: 0,
+                dport: attempt.dport,
+                dst: attempt.dst,
+                reason,
+            },
+            PacketClass::Pass(_) | PacketClass::NotIp => {
+                bump_stat(Stat::SlowPathPassed);
+                return NEXT;
+            }
+        },
+    };
+    // SAFETY: skb is the context pointer the kernel passed this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: copied out at once; entries are replaced whole (see decide::policy_entry).
+    let entry = unsafe { EDGE.get(&ifindex) }.copied();
+    let cfg: GuardConfig = config();
+    if refuse_at_edge(&cfg, entry, &attempted) {
+        DROP
+    } else {
+        NEXT
+    }
+}

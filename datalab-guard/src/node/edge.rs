@@ -1,0 +1,553 @@
+//! Node mode's pod-edge layer: for every guarded pod, find its network namespace (a process
+//! of its cgroup: `/proc/<pid>/ns/net`, which needs `hostPID`; else the runtime's named
+//! namespace whose addresses hold the pod's IP, as the CNI probe does), find the host side
+//! of its interface (the pod's veth `IFLA_LINK` is the peer's ifindex, confirmed by the
+//! peer's own `IFLA_LINK` pointing back), and attach the edge program there; detach when
+//! the pod goes or stops being guarded.
+//!
+//! Never fatal: a pod whose namespace cannot be found or entered, whose interface has no
+//! host-side peer (hostNetwork, ipvlan, macvlan, SR-IOV, netkit) or disappears while
+//! attaching is logged once, counted (`edge_failures_total{reason}`) and reported as not
+//! covered (`edge_pods{state}`); the cgroup layer keeps enforcing. Failed pods are retried
+//! at most every [`RETRY_EVERY`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use datalab_guard_common::{EdgeEntry, Verdict};
+
+use crate::{
+    bpf::{
+        edge::{self, EdgeLayer, Preference},
+        PinLayout,
+    },
+    metrics::EdgeSample,
+    probe::netns::{netns_addresses, netns_of_cgroup, on_netns_thread},
+};
+
+/// How often a pod that could not be covered is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(30);
+
+/// What the edge layer needs to know of one guarded pod.
+#[derive(Clone, Debug)]
+pub struct GuardedPod {
+    pub uid: String,
+    pub cgroup_id: u64,
+    pub class: u32,
+    /// The pod's cgroup directory, once the kubelet made it.
+    pub dir: Option<PathBuf>,
+    pub ip: Option<IpAddr>,
+    pub host_network: bool,
+}
+
+/// The guarded pods of one reconcile with what the edge layer needs of each.
+pub fn guarded_pods(
+    desired: &super::index::Desired,
+    index: &super::index::PodIndex,
+    view: &crate::k8s::ClusterView,
+) -> Vec<GuardedPod> {
+    let ips = view.pod_ips();
+    let host_network: std::collections::HashSet<String> = view
+        .pods()
+        .into_iter()
+        .filter(|p| p.host_network)
+        .map(|p| p.uid)
+        .collect();
+    desired
+        .rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Guard)
+        .filter_map(|r| {
+            let cgroup_id = r.cgroup_id?;
+            let entry = desired.verdicts.get(&cgroup_id)?;
+            (Verdict::from_raw(entry.verdict) == Verdict::Guard).then(|| GuardedPod {
+                uid: r.uid.clone(),
+                cgroup_id,
+                class: entry.class,
+                dir: index.dir_of_pod(&r.uid).map(|d| d.path.clone()),
+                ip: ips.get(&r.uid).copied(),
+                host_network: host_network.contains(&r.uid),
+            })
+        })
+        .collect()
+}
+
+/// Why a guarded pod is not covered (bounded metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Uncovered {
+    /// Shares the node's network namespace: there is no pod edge.
+    HostNetwork,
+    /// No process found and no named namespace holds its IP (yet).
+    NetnsUnknown,
+    /// The namespace could not be entered or read.
+    NetnsUnreadable,
+    /// No interface with a peer in the node's namespace (ipvlan, macvlan, SR-IOV, netkit).
+    NoVethPeer,
+    /// The interface went while attaching.
+    InterfaceGone,
+    /// The kernel refused both tcx and clsact, or the pins could not be written.
+    AttachFailed,
+}
+
+impl Uncovered {
+    pub const ALL: [Uncovered; 6] = [
+        Uncovered::HostNetwork,
+        Uncovered::NetnsUnknown,
+        Uncovered::NetnsUnreadable,
+        Uncovered::NoVethPeer,
+        Uncovered::InterfaceGone,
+        Uncovered::AttachFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uncovered::HostNetwork => "host_network",
+            Uncovered::NetnsUnknown => "netns_unknown",
+            Uncovered::NetnsUnreadable => "netns_unreadable",
+            Uncovered::NoVethPeer => "no_veth_peer",
+            Uncovered::InterfaceGone => "interface_gone",
+            Uncovered::AttachFailed => "attach_failed",
+        }
+    }
+}
+
+enum PodState {
+    Attached { ifindex: u32, entry: EdgeEntry },
+    Failed { reason: Uncovered, at: Instant },
+}
+
+/// The edge layer's per-pod state on this node.
+pub struct NodeEdge {
+    layout: PinLayout,
+    netns_dir: PathBuf,
+    layer: Option<EdgeLayer>,
+    /// The layer itself could not be loaded (logged once); every pod is then uncovered.
+    layer_error: bool,
+    pods: HashMap<String, PodState>,
+    failures: BTreeMap<Uncovered, u64>,
+    /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers,
+    /// and when that was counted (it reads /proc: at most every [`RETRY_EVERY`]).
+    net_raw: Option<(Instant, u64)>,
+}
+
+impl NodeEdge {
+    pub fn new(layout: PinLayout, netns_dir: PathBuf) -> NodeEdge {
+        NodeEdge {
+            layout,
+            netns_dir,
+            layer: None,
+            layer_error: false,
+            pods: HashMap::new(),
+            failures: BTreeMap::new(),
+            net_raw: None,
+        }
+    }
+
+    /// Brings the attachments in line with `guarded` (called after every reconcile).
+    pub fn sync(&mut self, guarded: &[GuardedPod]) {
+        let wanted: HashMap<&str, &GuardedPod> =
+            guarded.iter().map(|p| (p.uid.as_str(), p)).collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|uid| !wanted.contains_key(uid.as_str()))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(PodState::Attached { ifindex, .. }) = self.pods.remove(&uid) {
+                self.detach(&uid, ifindex);
+            }
+        }
+        if let Some(layer) = self.layer.as_mut() {
+            let pruned = layer.prune_dead();
+            if pruned > 0 {
+                tracing::info!(pruned, "edge records of vanished interfaces removed");
+            }
+        }
+        let mut named: Option<Vec<(PathBuf, Vec<IpAddr>)>> = None;
+        for pod in guarded {
+            let due = match self.pods.get(&pod.uid) {
+                None => true,
+                Some(PodState::Attached { entry, .. }) => {
+                    entry.cgroup_id != pod.cgroup_id || entry.class != pod.class
+                }
+                Some(PodState::Failed { reason, at }) => {
+                    *reason != Uncovered::HostNetwork && at.elapsed() >= RETRY_EVERY
+                }
+            };
+            if due {
+                let state = self.cover(pod, &mut named);
+                self.pods.insert(pod.uid.clone(), state);
+            }
+        }
+    }
+
+    fn cover(
+        &mut self,
+        pod: &GuardedPod,
+        named: &mut Option<Vec<(PathBuf, Vec<IpAddr>)>>,
+    ) -> PodState {
+        let previous = self.pods.get(&pod.uid);
+        let first_failure = !matches!(previous, Some(PodState::Failed { .. }));
+        match self.try_cover(pod, named) {
+            Ok((ifindex, entry, backend)) => {
+                tracing::info!(pod_uid = %pod.uid, ifindex, backend, "edge layer attached");
+                PodState::Attached { ifindex, entry }
+            }
+            Err((reason, detail)) => {
+                *self.failures.entry(reason).or_default() += 1;
+                if first_failure {
+                    // Once per pod: retries that fail again stay quiet.
+                    tracing::warn!(pod_uid = %pod.uid, reason = reason.as_str(), detail = %detail, "pod not covered by the edge layer; the cgroup layer keeps enforcing");
+                }
+                PodState::Failed {
+                    reason,
+                    at: Instant::now(),
+                }
+            }
+        }
+    }
+
+    fn try_cover(
+        &mut self,
+        pod: &GuardedPod,
+        named: &mut Option<Vec<(PathBuf, Vec<IpAddr>)>>,
+    ) -> Result<(u32, EdgeEntry, &'static str), (Uncovered, String)> {
+        if pod.host_network {
+            return Err((Uncovered::HostNetwork, "hostNetwork pod".into()));
+        }
+        let netns = self.netns_of(pod, named).ok_or((
+            Uncovered::NetnsUnknown,
+            "no process and no named namespace".into(),
+        ))?;
+        let file = File::open(&netns).map_err(|e| {
+            (
+                Uncovered::NetnsUnreadable,
+                format!("{}: {e}", netns.display()),
+            )
+        })?;
+        if is_own_netns(&file) {
+            return Err((Uncovered::HostNetwork, "shares the node's namespace".into()));
+        }
+        let ifindex = host_peer(file).map_err(|e| (e.0, e.1))?;
+        let iface = edge::ifname_of(ifindex)
+            .ok_or((Uncovered::InterfaceGone, format!("ifindex {ifindex}")))?;
+        edge::check_edge_iface(&iface).map_err(|e| (Uncovered::NoVethPeer, e))?;
+        let layer = self
+            .layer()
+            .ok_or((Uncovered::AttachFailed, "edge program not loaded".into()))?;
+        let entry = EdgeEntry {
+            verdict: Verdict::Guard as u32,
+            class: pod.class,
+            cgroup_id: pod.cgroup_id,
+        };
+        match layer.attach(&iface, entry) {
+            Ok(backend) => Ok((ifindex, entry, backend.name())),
+            Err(e @ edge::EdgeError::InterfaceGone(_)) => {
+                Err((Uncovered::InterfaceGone, e.to_string()))
+            }
+            Err(e) => Err((Uncovered::AttachFailed, format!("{e:#}"))),
+        }
+    }
+
+    fn netns_of(
+        &self,
+        pod: &GuardedPod,
+        named: &mut Option<Vec<(PathBuf, Vec<IpAddr>)>>,
+    ) -> Option<PathBuf> {
+        if let Some(path) = pod.dir.as_deref().and_then(netns_of_cgroup) {
+            return Some(path);
+        }
+        let ip = pod.ip?;
+        let list =
+            named.get_or_insert_with(|| netns_addresses(&self.netns_dir).unwrap_or_default());
+        list.iter()
+            .find(|(_, addrs)| addrs.contains(&ip))
+            .map(|(path, _)| path.clone())
+    }
+
+    fn layer(&mut self) -> Option<&mut EdgeLayer> {
+        if self.layer.is_none() && !self.layer_error {
+            match EdgeLayer::new(&self.layout, Preference::from_env()) {
+                Ok(layer) => self.layer = Some(layer),
+                Err(e) => {
+                    self.layer_error = true;
+                    tracing::error!(error = %format!("{e:#}"), "cannot load the edge program; pods are covered by the cgroup layer only");
+                }
+            }
+        }
+        self.layer.as_mut()
+    }
+
+    fn detach(&mut self, uid: &str, ifindex: u32) {
+        if let Some(layer) = self.layer.as_mut() {
+            match layer.detach(ifindex) {
+                Ok(()) => tracing::info!(pod_uid = %uid, ifindex, "edge layer detached"),
+                Err(e) => {
+                    tracing::warn!(pod_uid = %uid, ifindex, error = %format!("{e:#}"), "cannot detach the edge layer")
+                }
+            }
+        }
+    }
+
+    /// Recounts (at most every [`RETRY_EVERY`]) the guarded pods whose processes hold
+    /// CAP_NET_RAW while no layer closes raw paths for them: none when the BPF LSM program
+    /// runs (`lsm`), else those the edge layer does not cover.
+    pub fn count_net_raw(&mut self, guarded: &[GuardedPod], lsm: bool) {
+        if self
+            .net_raw
+            .is_some_and(|(at, _)| at.elapsed() < RETRY_EVERY)
+        {
+            return;
+        }
+        let exposed = if lsm {
+            0
+        } else {
+            guarded
+                .iter()
+                .filter(|p| !matches!(self.pods.get(&p.uid), Some(PodState::Attached { .. })))
+                .filter(|p| {
+                    p.dir
+                        .as_deref()
+                        .and_then(super::net_raw::holds_net_raw)
+                        .unwrap_or(false)
+                })
+                .count() as u64
+        };
+        self.net_raw = Some((Instant::now(), exposed));
+    }
+
+    /// Pods covered and not, and failures so far, for the metrics.
+    pub fn sample(&self) -> EdgeSample {
+        let mut uncovered: BTreeMap<&'static str, u64> =
+            Uncovered::ALL.iter().map(|r| (r.as_str(), 0)).collect();
+        let mut attached = 0;
+        for state in self.pods.values() {
+            match state {
+                PodState::Attached { .. } => attached += 1,
+                PodState::Failed { reason, .. } => {
+                    *uncovered.entry(reason.as_str()).or_default() += 1
+                }
+            }
+        }
+        EdgeSample {
+            net_raw_uncovered: self.net_raw.map(|(_, n)| n),
+            attached,
+            uncovered: uncovered.into_iter().collect(),
+            failures: Uncovered::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.failures.get(r).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+}
+
+fn is_own_netns(file: &File) -> bool {
+    let own = std::fs::metadata("/proc/thread-self/ns/net");
+    match (file.metadata(), own) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// The ifindex, in the agent's namespace, of the host side of the pod's interface: the
+/// pod's Ethernet interface whose peer lives in another namespace (`IFLA_LINK_NETNSID`),
+/// confirmed by the host interface of that index linking back to it.
+fn host_peer(netns: File) -> Result<u32, (Uncovered, String)> {
+    let pod_links = on_netns_thread("dg-edge-peer", move |thread| {
+        thread.enter(&netns)?;
+        netlink::links()
+    })
+    .and_then(|r| r)
+    .map_err(|e| (Uncovered::NetnsUnreadable, e.to_string()))?;
+    let host_links = netlink::links().map_err(|e| (Uncovered::NetnsUnreadable, e.to_string()))?;
+    let mut candidates: Vec<&netlink::Link> = pod_links
+        .iter()
+        .filter(|l| l.ether && l.peer_in_other_netns && l.link.is_some())
+        .collect();
+    // eth0 first, as every CNI names the pod's interface.
+    candidates.sort_by_key(|l| l.name != "eth0");
+    for pod_if in candidates {
+        let Some(peer) = pod_if.link else { continue };
+        let links_back = host_links
+            .iter()
+            .any(|h| h.index == peer && h.link == Some(pod_if.index) && h.peer_in_other_netns);
+        if links_back {
+            return Ok(peer);
+        }
+    }
+    Err((
+        Uncovered::NoVethPeer,
+        "no interface with a peer in the node's namespace".into(),
+    ))
+}
+
+/// A minimal rtnetlink link dump: index, name, type, `IFLA_LINK` and whether the link's
+/// peer is in another namespace. Asked over a socket made in the calling thread's namespace.
+pub(crate) mod netlink {
+    use std::{io, os::fd::AsRawFd as _};
+
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINK: u16 = 5;
+    const IFLA_LINK_NETNSID: u16 = 37;
+    const NLMSG_HDRLEN: usize = 16;
+    const IFINFOMSG_LEN: usize = 16;
+    /// Dump replies read before giving up (each up to 64 KiB): bounds memory and time.
+    const MAX_REPLIES: usize = 256;
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Link {
+        pub index: u32,
+        pub name: String,
+        pub ether: bool,
+        pub link: Option<u32>,
+        pub peer_in_other_netns: bool,
+    }
+
+    pub fn links() -> io::Result<Vec<Link>> {
+        // SAFETY: plain socket(2); the fd is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut req = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+        req[0..4].copy_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
+        req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        req[6..8].copy_from_slice(&flags.to_ne_bytes());
+        req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        // SAFETY: valid fd and buffer.
+        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..MAX_REPLIES {
+            // SAFETY: valid fd and buffer.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if parse(&buf[..n as usize], &mut out)? {
+                return Ok(out);
+            }
+        }
+        Err(io::Error::other("netlink link dump did not end"))
+    }
+
+    /// Parses one reply datagram into `out`; `true` at the end of the dump.
+    pub fn parse(mut data: &[u8], out: &mut Vec<Link>) -> io::Result<bool> {
+        while data.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
+            if len < NLMSG_HDRLEN || len > data.len() {
+                return Err(io::Error::other("malformed netlink message"));
+            }
+            match i32::from(ty) {
+                libc::NLMSG_DONE => return Ok(true),
+                libc::NLMSG_ERROR => {
+                    let errno = data
+                        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ if ty == libc::RTM_NEWLINK => {
+                    if let Some(link) = parse_link(&data[NLMSG_HDRLEN..len]) {
+                        out.push(link);
+                    }
+                }
+                _ => {}
+            }
+            let step = (len + 3) & !3;
+            data = data.get(step..).unwrap_or(&[]);
+        }
+        Ok(false)
+    }
+
+    fn parse_link(body: &[u8]) -> Option<Link> {
+        let ifi = body.get(..IFINFOMSG_LEN)?;
+        let ty = u16::from_ne_bytes([ifi[2], ifi[3]]);
+        let index = i32::from_ne_bytes([ifi[4], ifi[5], ifi[6], ifi[7]]);
+        let mut link = Link {
+            index: u32::try_from(index).ok()?,
+            name: String::new(),
+            ether: ty == libc::ARPHRD_ETHER,
+            link: None,
+            peer_in_other_netns: false,
+        };
+        let mut attrs = &body[IFINFOMSG_LEN..];
+        while attrs.len() >= 4 {
+            let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+            let aty = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+            if alen < 4 || alen > attrs.len() {
+                break;
+            }
+            let value = &attrs[4..alen];
+            match aty {
+                IFLA_IFNAME => {
+                    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+                    link.name = String::from_utf8_lossy(&value[..end]).into_owned();
+                }
+                IFLA_LINK if value.len() >= 4 => {
+                    let peer = u32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
+                    // The kernel sends IFLA_LINK only when it differs from the link itself; a
+                    // peer in another namespace may well have the same number.
+                    link.link = (peer != 0).then_some(peer);
+                }
+                IFLA_LINK_NETNSID => link.peer_in_other_netns = true,
+                _ => {}
+            }
+            attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
+        }
+        Some(link)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_own_namespace_lists_loopback_without_a_peer() {
+        let links = netlink::links().unwrap();
+        let lo = links.iter().find(|l| l.name == "lo").expect("lo listed");
+        assert!(!lo.ether && lo.link.is_none() && !lo.peer_in_other_netns);
+    }
+
+    #[test]
+    fn truncated_and_malformed_replies_are_errors_or_ignored() {
+        let mut out = Vec::new();
+        // A header claiming more bytes than there are.
+        let mut msg = vec![0u8; 16];
+        msg[0..4].copy_from_slice(&64u32.to_ne_bytes());
+        assert!(netlink::parse(&msg, &mut out).is_err());
+        // A link message with a cut ifinfomsg is skipped.
+        let mut msg = vec![0u8; 20];
+        msg[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+        assert!(!netlink::parse(&msg, &mut out).unwrap());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn every_reason_has_a_distinct_label() {
+        let mut labels: Vec<&str> = Uncovered::ALL.iter().map(|r| r.as_str()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Uncovered::ALL.len());
+    }
+}
