@@ -79,7 +79,10 @@ impl Reconciler {
             let debounce =
                 tokio::time::sleep_until((last_reconcile + RECONCILE_MIN_INTERVAL).into());
             let wake = tokio::select! {
-                _ = changed.notified() => Wake::Dirty,
+                _ = changed.notified() => {
+                    self.on_api_change();
+                    Wake::Dirty
+                },
                 Some(event) = cgroup_events.recv() => {
                     self.on_cgroup_event(&event);
                     Wake::Dirty
@@ -202,6 +205,13 @@ impl Reconciler {
             enforcing_from: EnforcingFrom::Api,
             cache: self.cache.report(),
         });
+    }
+
+    /// A watch event: pods announced after their cgroup appeared get their entries at once.
+    fn on_api_change(&mut self) {
+        for (id, entry) in self.index.announced_with_cgroup(&self.ctx.view) {
+            self.write_entry(id, entry);
+        }
     }
 
     fn on_cgroup_event(&mut self, event: &CgroupEvent) {
