@@ -422,10 +422,11 @@ impl Reconciler {
     /// writes), if sooner than the resync.
     async fn reconcile(&mut self, s: &Settings, leading: bool) -> Option<Duration> {
         let dual = self.dual_stack(s).await;
-        let mut by_namespace: BTreeMap<String, Vec<NetworkPolicy>> = BTreeMap::new();
+        // Shared with the cache, not copied: 20 000 policies per pass add up.
+        let mut by_namespace: BTreeMap<String, Vec<Arc<NetworkPolicy>>> = BTreeMap::new();
         for p in self.caches.policies.state() {
             if let Some(ns) = p.metadata.namespace.clone() {
-                by_namespace.entry(ns).or_default().push((*p).clone());
+                by_namespace.entry(ns).or_default().push(p);
             }
         }
         let mut environments = BTreeSet::new();
@@ -510,7 +511,7 @@ impl Reconciler {
         &mut self,
         s: &Settings,
         ns: &NamespaceMeta,
-        policies: &[NetworkPolicy],
+        policies: &[Arc<NetworkPolicy>],
         dual: bool,
         leading: bool,
         terminating: bool,
@@ -521,7 +522,8 @@ impl Reconciler {
         let desired = desired_policy(&name, &np.name, &s.blocked, dual);
         let live = policies
             .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()));
+            .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()))
+            .map(|p| &**p);
         let observed = observe(live, &desired, np.manage);
         let now = Instant::now();
         let mem = self.memory.entry(name.clone()).or_default();
@@ -790,11 +792,11 @@ async fn fresh_environment(
 /// Other policies in the namespace that reopen a blocked destination: their names (sorted,
 /// no duplicates) and one line per offending rule.
 fn bypasses(
-    policies: &[NetworkPolicy],
+    policies: &[Arc<NetworkPolicy>],
     blocked: &[Cidr],
     our_name: &str,
 ) -> (Vec<String>, Vec<String>) {
-    let found = holepunch::find_bypasses(policies, blocked, our_name);
+    let found = holepunch::find_bypasses(policies.iter().map(|p| &**p), blocked, our_name);
     let names: BTreeSet<String> = found.iter().map(|b| b.policy.clone()).collect();
     let details = found
         .iter()
