@@ -120,9 +120,9 @@ impl PodIndex {
     /// pods whose directories did not change are kept rather than read again.
     pub fn desired(&mut self, view: &ClusterView, previous: CgroupOwners) -> Desired {
         let pods = view.pods();
-        let namespaces = view.namespaces();
         self.cgroup_uids = view.cgroup_uids();
-        self.free_classes_of_former_environments(&namespaces);
+        self.free_classes_of_former_environments(view);
+        let namespaces = self.namespaces_in_use(view, &pods);
         let newly_resolved = self.resolve_dirs(&pods);
         let resolved: Vec<Resolved<'_>> = pods
             .iter()
@@ -312,16 +312,36 @@ impl PodIndex {
     }
 
     /// Namespaces that left the environment set give their counter class back.
-    fn free_classes_of_former_environments(
-        &mut self,
-        namespaces: &BTreeMap<String, NamespaceInfo>,
-    ) {
+    fn free_classes_of_former_environments(&mut self, view: &ClusterView) {
         let policy = &self.policy;
         self.classes.retain(|name| {
-            namespaces
-                .get(name)
-                .is_some_and(|ns| policy.is_environment(ns))
+            view.namespace(name)
+                .is_some_and(|ns| policy.is_environment(&ns))
         });
+    }
+
+    /// The namespaces of this node's pods (the API's and the runtime's), looked up one by
+    /// one: a node needs a few hundred of them, not a copy of the cluster's tens of
+    /// thousands on every reconcile.
+    fn namespaces_in_use(
+        &self,
+        view: &ClusterView,
+        pods: &[PodInfo],
+    ) -> BTreeMap<String, NamespaceInfo> {
+        let names: HashSet<&str> = pods
+            .iter()
+            .map(|p| p.namespace.as_str())
+            .chain(
+                self.runtime_pods
+                    .values()
+                    .map(|p| p.sandbox.namespace.as_str()),
+            )
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|name| view.namespace(name))
+            .map(|ns| (ns.name.clone(), ns))
+            .collect()
     }
 
     /// Drops directories of pods that are gone and looks up those not found yet (inotify

@@ -30,9 +30,12 @@ use crate::{
     runtime::{Hangup, Termination},
 };
 
-/// Minimum time between two full reconciles: with thousands of pods a burst of watch
-/// events must not queue reconciles; new pod cgroups take the fast path meanwhile.
-pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_millis(200);
+/// Minimum time between two full reconciles: with thousands of pods (or tens of thousands
+/// of namespaces) a burst of watch events must not queue reconciles. New pods do not wait
+/// for one: a new cgroup of an announced pod, and a pod announced after its cgroup, get
+/// their entries on the event itself; the full reconcile batches the rest (deletions,
+/// relabelled namespaces, the state file).
+pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// A reconcile (and a state file write) at least this often, events or not.
 pub const PERIODIC_RECONCILE: Duration = Duration::from_secs(5);
 
