@@ -565,7 +565,8 @@ fn main() -> Result<()> {
     let (mut controller, provisioning) = provision(&api, &args, &inputs, sizes)?;
     eprintln!("datalab: {provisioning}");
 
-    let bpffs = BpffsDir::with_prefix("dgbench")?;
+    let bpffs = BpffsDir::with_prefix("dgbench")
+        .context("a private bpffs directory for the agent's pins (is bpffs mountable here?)")?;
     let pins = bpffs.path().join("guard");
     eprintln!("datalab: node agent");
     let (mut agent, _metrics, started) = start_node(&args, &inputs, &root, &pins)?;
