@@ -171,6 +171,18 @@ impl ClusterView {
             .and_then(|ns| namespace_info(&ns.metadata))
     }
 
+    /// The names of the namespaces `keep` accepts. Each namespace is converted and dropped
+    /// in turn: no copy of all of them is held at once.
+    pub fn namespace_names_where(&self, keep: impl Fn(&NamespaceInfo) -> bool) -> Vec<String> {
+        self.namespaces
+            .state()
+            .iter()
+            .filter_map(|ns| namespace_info(&ns.metadata))
+            .filter(|ns| keep(ns))
+            .map(|ns| ns.name)
+            .collect()
+    }
+
     pub fn namespaces(&self) -> BTreeMap<String, NamespaceInfo> {
         self.namespaces
             .state()

@@ -34,8 +34,8 @@ use crate::{
 /// of namespaces) a burst of watch events must not queue reconciles. New pods do not wait
 /// for one: a new cgroup of an announced pod, and a pod announced after its cgroup, get
 /// their entries on the event itself; the full reconcile batches the rest (deletions,
-/// relabelled namespaces, the state file).
-pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// relabelled namespaces, the state file) and keeps a relabel's effect under a second.
+pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// A reconcile (and a state file write) at least this often, events or not.
 pub const PERIODIC_RECONCILE: Duration = Duration::from_secs(5);
 
@@ -176,19 +176,23 @@ impl Reconciler {
     /// Drops namespaces that are no longer environments from the CNI probe's states and
     /// writes the state file with each pod's attempt count.
     fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
-        let namespaces = self.ctx.view.namespaces();
         let policy = &self.index.policy;
+        // Names only: a cluster's tens of thousands of namespaces are not copied each time.
+        let environments = self
+            .ctx
+            .view
+            .namespace_names_where(|n| policy.is_environment(n));
+        let is_environment: HashSet<&str> = environments.iter().map(String::as_str).collect();
         self.ctx
             .namespace_states
-            .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+            .retain(|ns| is_environment.contains(ns));
         // Every environment namespace, with the CNI state where this node has probed it.
         let probed = self.ctx.namespace_states.snapshot();
-        let environments = namespaces
-            .values()
-            .filter(|n| policy.is_environment(n))
-            .map(|n| {
-                let cni = probed.get(&n.name).and_then(|st| st.cni);
-                (n.name.clone(), NodeNamespaceState { cni })
+        let environments = environments
+            .into_iter()
+            .map(|name| {
+                let cni = probed.get(&name).and_then(|st| st.cni);
+                (name, NodeNamespaceState { cni })
             })
             .collect();
         {
