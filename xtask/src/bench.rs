@@ -79,7 +79,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub verdict_latency_pods: u32,
     /// Instead of the parts above, the Datalab scale scenario (see `bench-results/README.md`):
-    /// about 7 minutes at full size, release builds.
+    /// about 9 minutes at full size, release builds.
     #[arg(long)]
     pub datalab: bool,
     /// With --datalab: fraction of the scenario's object counts (0.1: 2 000 namespaces, 50
