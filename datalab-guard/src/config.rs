@@ -141,6 +141,8 @@ pub struct Config {
     /// missed filesystem events).
     pub rescan_interval: HumanDuration,
     pub leader_election: LeaderElectionConfig,
+    /// The controller's own limits (node agents ignore this section).
+    pub controller: ControllerConfig,
     /// The node's container runtime (CRI socket), asked which pod a new pod cgroup is when
     /// the API server does not know (yet): see `crate::cri` and `node::runtime_classify`.
     pub runtime: crate::cri::RuntimeConfig,
@@ -321,6 +323,31 @@ pub struct LeaderElectionConfig {
     pub retry_period: HumanDuration,
 }
 
+/// `controller:`: how hard the controller may write to the API server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControllerConfig {
+    /// Writes per second, sustained, all writes together (NetworkPolicy applies and
+    /// deletions, namespace label applies, Events); the Lease is not counted (1 to
+    /// [`MAX_CONTROLLER_WRITES_PER_SECOND`]).
+    pub writes_per_second: u32,
+    /// Writes that may go at once after a quiet spell (1 to
+    /// [`MAX_CONTROLLER_WRITES_PER_SECOND`]).
+    pub write_burst: u32,
+}
+
+/// Upper bound of `controller.writesPerSecond` and `controller.writeBurst`.
+pub const MAX_CONTROLLER_WRITES_PER_SECOND: u32 = 10_000;
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            writes_per_second: 50,
+            write_burst: 50,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Defaults (DESIGN.md; mirrored, with comments, in deploy/config.example.yaml).
 
@@ -354,6 +381,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             rescan_interval: HumanDuration::from_secs(10),
             leader_election: LeaderElectionConfig::default(),
+            controller: ControllerConfig::default(),
             runtime: crate::cri::RuntimeConfig::default(),
         }
     }
@@ -566,6 +594,18 @@ impl Config {
                     "{per_node} must be between 1 and {MAX_EVENTS_PER_MINUTE_PER_NODE} (audit.kubernetesEvents: false turns pod Events off)"
                 ),
             ));
+        }
+        let c = &self.controller;
+        for (key, value) in [
+            ("controller.writesPerSecond", c.writes_per_second),
+            ("controller.writeBurst", c.write_burst),
+        ] {
+            if !(1..=MAX_CONTROLLER_WRITES_PER_SECOND).contains(&value) {
+                return Err((
+                    key,
+                    format!("{value} must be between 1 and {MAX_CONTROLLER_WRITES_PER_SECOND}"),
+                ));
+            }
         }
         // client-go's leader election rules (leaderelection.NewLeaderElector).
         let le = &self.leader_election;
@@ -1412,6 +1452,12 @@ leaderElection:
                 &["audit.eventsPerMinutePerNode"],
             ),
             ("leaderElection:\n  namespace: \"\"\n", &["leaderElection.namespace"]),
+            (
+                "controller:\n  writesPerSecond: 0\n",
+                &["controller.writesPerSecond", "between 1 and 10000"],
+            ),
+            ("controller:\n  writeBurst: 10001\n", &["controller.writeBurst"]),
+            ("controller:\n  writesPerSecond: -5\n", &["controller.writesPerSecond"]),
             ("denyRawSockets: yes\n", &["denyRawSockets"]),
             ("probe: [1]\n", &["probe"]),
             ("mode: [enforce\n", &["line 1"]),

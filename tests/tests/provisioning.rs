@@ -899,6 +899,103 @@ async fn pod_security_is_reported_and_optionally_labelled() {
     agent.stop().await;
 }
 
+/// The most writes in any window of `window` starting at a write, and the time from the
+/// first write to the last.
+fn busiest_window(times: &[Instant], window: Duration) -> (usize, Duration) {
+    let most = times
+        .iter()
+        .map(|t0| {
+            times
+                .iter()
+                .filter(|t| **t >= *t0 && **t - *t0 < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let span = match (times.first(), times.last()) {
+        (Some(first), Some(last)) => *last - *first,
+        _ => Duration::ZERO,
+    };
+    (most, span)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_respects_the_write_limit() {
+    // 30 environments with no Pod Security label and setLabel on: per namespace a policy
+    // apply, a PodSecurityTooWeak Event and a label apply, 90 writes or more; at 20 writes/s
+    // with a burst of 5 that is at least (90 - 5) / 20 = 4.25 s.
+    const ENVIRONMENTS: usize = 30;
+    const RATE: usize = 20;
+    const BURST: usize = 5;
+    let server = FakeApiServer::start();
+    server.seed_namespaces((0..ENVIRONMENTS).map(|i| (format!("env-{i}"), vec![ENV])));
+    let mut agent = InProc::start(
+        &server,
+        "node-1",
+        true,
+        &config(&format!(
+            "networkPolicy:\n  dualStack: false\npodSecurity:\n  setLabel: true\n\
+             audit:\n  eventsPerMinutePerNode: 600\n\
+             controller:\n  writesPerSecond: {RATE}\n  writeBurst: {BURST}\n"
+        )),
+    )
+    .await;
+    eventually("leader", Duration::from_secs(5), || agent.leader()).await;
+    eventually(
+        "every environment provisioned and labelled",
+        Duration::from_secs(30),
+        || {
+            (0..ENVIRONMENTS).all(|i| {
+                let ns = format!("env-{i}");
+                policy(&server, &ns).is_some()
+                    && server
+                        .get(Kind::Namespace, None, &ns)
+                        .is_some_and(|n| n["metadata"]["labels"][ENFORCE] == "baseline")
+            })
+        },
+    )
+    .await;
+    // Let the Events of the last namespaces land too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.stop().await;
+
+    let writes: Vec<_> = server
+        .traffic()
+        .into_iter()
+        .filter(|t| t.is_write() && t.resource.as_deref() != Some("leases"))
+        .collect();
+    let kinds = |resource: &str| {
+        writes
+            .iter()
+            .filter(|t| t.resource.as_deref() == Some(resource))
+            .count()
+    };
+    let (policies, namespaces, events) = (
+        kinds("networkpolicies"),
+        kinds("namespaces"),
+        kinds("events"),
+    );
+    assert!(
+        policies >= ENVIRONMENTS && namespaces >= ENVIRONMENTS && events >= ENVIRONMENTS,
+        "every kind of write was made: {policies} policy, {namespaces} namespace, {events} Event writes"
+    );
+    let times: Vec<Instant> = writes.iter().map(|t| t.at).collect();
+    let (most, span) = busiest_window(&times, Duration::from_secs(1));
+    eprintln!(
+        "{} writes over {span:?}; at most {most} in one second (limit {RATE}/s, burst {BURST})",
+        times.len()
+    );
+    // A token bucket lets through at most burst + rate x window in any window; one write of
+    // slack for requests that arrive closer together than their slots (network jitter).
+    assert!(most <= BURST + RATE + 1, "{most} writes within one second");
+    let floor = Duration::from_secs_f64((times.len() - BURST) as f64 / RATE as f64);
+    assert!(
+        span >= floor.mul_f64(0.95),
+        "{} writes took {span:?}, less than the {floor:?} the limit allows",
+        times.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bypassing_policies_are_reported_and_left_alone() {
     let server = FakeApiServer::start();

@@ -20,10 +20,16 @@
 //! in the pinned map, for pods known from the API and pods known only from the container
 //! runtime; saved to `bench-results/verdict-latency.md` and `.json`.
 //!
+//! `--datalab` runs the Datalab scale scenario instead ([`datalab`]): 20 000 namespaces,
+//! 20 000 NetworkPolicies, 500 pods on the node under churn, the controller provisioning
+//! every environment, and the API load per agent; plus the 10 000-pods-on-one-node stress
+//! point. Release builds; saved to `bench-results/datalab.md` and `.json`.
+//!
 //! Needs root (BPF programs, network namespaces, cgroups); everything created is removed on
 //! the way out, also on failure, and leftovers of an interrupted run are removed first.
 
 mod cost_report;
+mod datalab;
 mod machine;
 mod progstats;
 mod report;
@@ -78,6 +84,20 @@ pub struct BenchArgs {
     /// Pods per class (system, tenant) per case of --verdict-latency.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub verdict_latency_pods: u32,
+    /// Instead of the parts above, the Datalab scale scenario (see `bench-results/README.md`):
+    /// about 9 minutes at full size, release builds.
+    #[arg(long)]
+    pub datalab: bool,
+    /// With --datalab: fraction of the scenario's object counts (0.1: 2 000 namespaces, 50
+    /// pods, 1 000 pods for the stress point) for a quick check.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// With --datalab: seconds of churn.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub churn_seconds: u32,
+    /// With --datalab: seconds of the quiet (steady-state) window.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub steady_seconds: u32,
     /// Directory for latest.md and latest.json [default: <workspace>/bench-results].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -96,6 +116,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let removed = cleanup_stale(PREFIX)?;
     if removed > 0 {
         println!("bench: removed {removed} leftover(s) of an earlier interrupted run");
+    }
+    if args.datalab {
+        return run_datalab(args);
     }
     let bins = testrun::build_all()?;
     bins.get("datalab-guard")?;
@@ -205,6 +228,35 @@ fn run_verdict_latency(args: &BenchArgs, bins: &crate::artifacts::Bins) -> Resul
     if doc["runtime"]["error"].is_string() {
         bail!("bench: the runtime case failed (see the report)");
     }
+    Ok(())
+}
+
+/// `--datalab`: runs the scenario, prints and saves its report.
+fn run_datalab(args: &BenchArgs) -> Result<()> {
+    println!("\n== Datalab scale scenario (scale {})", args.scale);
+    let started = Instant::now();
+    let doc = datalab::measure(&datalab::Options {
+        scale: args.scale,
+        churn_seconds: args.churn_seconds,
+        steady_seconds: args.steady_seconds,
+    })?;
+    println!("(took {:.0} s)", started.elapsed().as_secs_f64());
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let md = datalab::markdown(&doc, &command);
+    println!("\n{md}");
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| util::workspace_root().join("bench-results"));
+    datalab::save(&dir, &doc, &md)?;
+    println!(
+        "saved {} and {}",
+        dir.join("datalab.md").display(),
+        dir.join("datalab.json").display()
+    );
     Ok(())
 }
 

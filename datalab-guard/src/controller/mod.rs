@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod provision;
 pub mod psa;
+pub mod write_limit;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

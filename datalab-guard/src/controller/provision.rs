@@ -58,6 +58,7 @@ pub use self::desired::{desired_policy, is_ours, observe, Observed, MANAGED_BY_L
 use super::{
     leader::{Elector, LeaseSettings},
     psa,
+    write_limit::WriteLimiter,
 };
 use crate::{
     baseline_state::{NamespaceStates, PolicyState, PsaState},
@@ -137,6 +138,8 @@ pub struct BaselineHandle {
     elector: Option<Elector>,
     caches: Caches,
     settings: watch::Sender<Arc<Settings>>,
+    /// Every write but the Lease waits for it (`controller.writesPerSecond`).
+    writes: Arc<WriteLimiter>,
     stop: watch::Sender<bool>,
     /// The reconcile loop (stops at `stop`).
     reconciler: Option<JoinHandle<()>>,
@@ -212,7 +215,9 @@ pub fn spawn(
     ];
 
     let budget = EventBudget::per_minute(config.audit.events_per_minute_per_node);
+    let writes = Arc::new(WriteLimiter::new(&config.controller));
     let reconciler = Reconciler {
+        writes: writes.clone(),
         events: NamespaceEvents::new(client.clone(), identity.to_owned(), budget),
         client,
         states,
@@ -231,6 +236,7 @@ pub fn spawn(
         elector: Some(elector),
         caches,
         settings: settings_tx,
+        writes,
         stop,
         reconciler: Some(reconciler),
         watchers,
@@ -271,6 +277,7 @@ impl BaselineHandle {
     /// `leaderElection` settings are read once at start.
     pub fn reload(&self, config: &Config) {
         self.settings.send_replace(Arc::new(Settings::new(config)));
+        self.writes.set(&config.controller);
     }
 
     /// Stops all writes, then releases the Lease so a standby takes over at once.
@@ -355,6 +362,8 @@ impl Memory {
 
 struct Reconciler {
     client: Client,
+    /// Taken before every write (policy, namespace labels, Events).
+    writes: Arc<WriteLimiter>,
     events: NamespaceEvents,
     states: NamespaceStates,
     caches: Caches,
@@ -413,10 +422,11 @@ impl Reconciler {
     /// writes), if sooner than the resync.
     async fn reconcile(&mut self, s: &Settings, leading: bool) -> Option<Duration> {
         let dual = self.dual_stack(s).await;
-        let mut by_namespace: BTreeMap<String, Vec<NetworkPolicy>> = BTreeMap::new();
+        // Shared with the cache, not copied: 20 000 policies per pass add up.
+        let mut by_namespace: BTreeMap<String, Vec<Arc<NetworkPolicy>>> = BTreeMap::new();
         for p in self.caches.policies.state() {
             if let Some(ns) = p.metadata.namespace.clone() {
-                by_namespace.entry(ns).or_default().push((*p).clone());
+                by_namespace.entry(ns).or_default().push(p);
             }
         }
         let mut environments = BTreeSet::new();
@@ -501,7 +511,7 @@ impl Reconciler {
         &mut self,
         s: &Settings,
         ns: &NamespaceMeta,
-        policies: &[NetworkPolicy],
+        policies: &[Arc<NetworkPolicy>],
         dual: bool,
         leading: bool,
         terminating: bool,
@@ -512,7 +522,8 @@ impl Reconciler {
         let desired = desired_policy(&name, &np.name, &s.blocked, dual);
         let live = policies
             .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()));
+            .find(|p| p.metadata.name.as_deref() == Some(np.name.as_str()))
+            .map(|p| &**p);
         let observed = observe(live, &desired, np.manage);
         let now = Instant::now();
         let mem = self.memory.entry(name.clone()).or_default();
@@ -551,6 +562,7 @@ impl Reconciler {
                     {
                         // Not an environment any more (the cache lagged), or unreadable.
                     } else {
+                        self.writes.acquire().await;
                         match apply_policy(&self.client, &name, &np.name, &desired).await {
                             Ok(written) => {
                                 mem.pending =
@@ -573,7 +585,7 @@ impl Reconciler {
                                         np.name
                                     );
                                     publish(
-                                        &self.events,
+                                        (&self.events, &self.writes),
                                         ns,
                                         ("NetworkPolicyRepaired", "RepairNetworkPolicy"),
                                         note,
@@ -621,7 +633,7 @@ impl Reconciler {
                 tracing::warn!(namespace = %name, policies = %list, rules = %rules, "NetworkPolicy reopens a blocked metadata destination (left in place)");
                 let note = format!("NetworkPolicy {list} reopens a blocked metadata destination ({rules}); datalab-guard still blocks it on the nodes");
                 publish(
-                    &self.events,
+                    (&self.events, &self.writes),
                     ns,
                     ("MetadataBypassPolicy", "DetectBypass"),
                     note,
@@ -663,7 +675,7 @@ impl Reconciler {
             };
             tracing::warn!(namespace = %name, enforce = state.enforce.as_deref().unwrap_or("(none)"), required = required.as_str(), "Pod Security too weak: {what}{fix}");
             publish(
-                &self.events,
+                (&self.events, &self.writes),
                 ns,
                 ("PodSecurityTooWeak", "CheckPodSecurity"),
                 format!("{what}{fix}"),
@@ -677,6 +689,7 @@ impl Reconciler {
             let mem = self.memory.entry(name.clone()).or_default();
             let api: Api<Namespace> = Api::all(self.client.clone());
             let body = psa::label_apply_body(&name, required);
+            self.writes.acquire().await;
             match api
                 .patch(
                     &name,
@@ -735,6 +748,7 @@ impl Reconciler {
             uid: policy.metadata.uid.clone(),
             resource_version: policy.metadata.resource_version.clone(),
         });
+        self.writes.acquire().await;
         match api.delete(&name, &params).await {
             Ok(_) => {
                 tracing::info!(namespace, policy = %name, "namespace is no longer an environment: NetworkPolicy removed");
@@ -778,11 +792,11 @@ async fn fresh_environment(
 /// Other policies in the namespace that reopen a blocked destination: their names (sorted,
 /// no duplicates) and one line per offending rule.
 fn bypasses(
-    policies: &[NetworkPolicy],
+    policies: &[Arc<NetworkPolicy>],
     blocked: &[Cidr],
     our_name: &str,
 ) -> (Vec<String>, Vec<String>) {
-    let found = holepunch::find_bypasses(policies, blocked, our_name);
+    let found = holepunch::find_bypasses(policies.iter().map(|p| &**p), blocked, our_name);
     let names: BTreeSet<String> = found.iter().map(|b| b.policy.clone()).collect();
     let details = found
         .iter()
@@ -842,15 +856,17 @@ fn policy_reference(p: &NetworkPolicy) -> ObjectReference {
 }
 
 /// A Warning Event on the namespace, in that namespace (see
-/// [`crate::k8s::events::namespace_reference`]), within the controller's Event budget.
+/// [`crate::k8s::events::namespace_reference`]), within the controller's Event budget and
+/// after a token of the write limit.
 async fn publish(
-    events: &NamespaceEvents,
+    (events, writes): (&NamespaceEvents, &WriteLimiter),
     ns: &NamespaceMeta,
     reason_action: (&str, &str),
     note: String,
     related: Option<ObjectReference>,
 ) {
     let name = ns.metadata.name.as_deref().unwrap_or_default();
+    writes.acquire().await;
     events
         .warn(
             name,

@@ -98,9 +98,20 @@ pub fn slim_pod(pod: &mut Pod) {
     }
 }
 
-/// Namespaces are watched as metadata only (`PartialObjectMetadata`): labels, uid and the
-/// deletion timestamp are all either process reads; managed fields and annotations go too.
+/// Namespaces are watched as metadata only (`PartialObjectMetadata`): name, labels, uid and
+/// the deletion timestamp are all either process reads. The rest goes before a namespace is
+/// stored (twenty thousand of them on every node): managed fields, annotations, the type
+/// strings, the resourceVersion (the watch keeps its own, read before this runs), owner
+/// references, finalizers and timestamps.
 pub fn slim_namespace(ns: &mut PartialObjectMeta<Namespace>) {
-    ns.metadata.managed_fields = None;
-    ns.metadata.annotations = None;
+    ns.types = None;
+    let meta = &mut ns.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.resource_version = None;
+    meta.creation_timestamp = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.generation = None;
 }

@@ -12,7 +12,7 @@ use datalab_guard_policy::{NamespaceInfo, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     core::PartialObjectMeta,
-    runtime::reflector::{self, Store},
+    runtime::reflector::{self, ObjectRef, Store},
     Api, Client,
 };
 use tokio::sync::Notify;
@@ -120,6 +120,17 @@ impl ClusterView {
             .collect()
     }
 
+    /// The pods whose API uid `wanted` accepts; only those are converted (the per-event
+    /// path must not copy every pod of a full node).
+    pub fn pods_where(&self, wanted: impl Fn(&str) -> bool) -> Vec<PodInfo> {
+        self.pods
+            .state()
+            .iter()
+            .filter(|p| p.metadata.uid.as_deref().is_some_and(&wanted))
+            .filter_map(|p| pod_info(p))
+            .collect()
+    }
+
     /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
     pub fn pod_ips(&self) -> std::collections::HashMap<String, std::net::IpAddr> {
         self.pods
@@ -149,6 +160,26 @@ impl ClusterView {
                 let cgroup_uid = crate::cgroups::pod::cgroup_pod_uid(uid, Some(mirror));
                 (cgroup_uid != uid).then(|| (uid.to_owned(), cgroup_uid.to_owned()))
             })
+            .collect()
+    }
+
+    /// One namespace as the policy sees it: a lookup, for the per-pod paths that must not
+    /// copy tens of thousands of namespaces to judge one pod.
+    pub fn namespace(&self, name: &str) -> Option<NamespaceInfo> {
+        self.namespaces
+            .get(&ObjectRef::new(name))
+            .and_then(|ns| namespace_info(&ns.metadata))
+    }
+
+    /// The names of the namespaces `keep` accepts. Each namespace is converted and dropped
+    /// in turn: no copy of all of them is held at once.
+    pub fn namespace_names_where(&self, keep: impl Fn(&NamespaceInfo) -> bool) -> Vec<String> {
+        self.namespaces
+            .state()
+            .iter()
+            .filter_map(|ns| namespace_info(&ns.metadata))
+            .filter(|ns| keep(ns))
+            .map(|ns| ns.name)
             .collect()
     }
 

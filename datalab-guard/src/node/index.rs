@@ -125,9 +125,9 @@ impl PodIndex {
     /// pods whose directories did not change are kept rather than read again.
     pub fn desired(&mut self, view: &ClusterView, previous: CgroupOwners) -> Desired {
         let pods = view.pods();
-        let namespaces = view.namespaces();
         self.cgroup_uids = view.cgroup_uids();
-        self.free_classes_of_former_environments(&namespaces);
+        self.free_classes_of_former_environments(view);
+        let namespaces = self.namespaces_in_use(view, &pods);
         let newly_resolved = self.resolve_dirs(&pods);
         let resolved: Vec<Resolved<'_>> = pods
             .iter()
@@ -244,35 +244,31 @@ impl PodIndex {
         self.runtime_count
     }
 
-    /// Whether the API view knows the pod whose cgroup is named after `cgroup_uid`
-    /// (refreshing the index from the cache if it was announced since the last reconcile).
+    /// Whether the API view knows the pod whose cgroup is named after `cgroup_uid`. A pod
+    /// announced since the last reconcile is looked up alone (its API uid is the cgroup's,
+    /// or a static pod's mirror annotation maps to it) and remembered: a new cgroup must not
+    /// cost a copy of every pod on the node.
     pub fn api_knows(&mut self, view: &ClusterView, cgroup_uid: &str) -> bool {
-        if !self.by_uid.contains_key(cgroup_uid) {
-            self.refresh_by_uid(view);
+        if self.by_uid.contains_key(cgroup_uid) {
+            return true;
         }
-        self.by_uid.contains_key(cgroup_uid)
+        let api_uid = view
+            .cgroup_uids()
+            .into_iter()
+            .find(|(_, c)| c == cgroup_uid)
+            .map_or_else(|| cgroup_uid.to_owned(), |(api, _)| api);
+        match view.pods_where(|uid| uid == api_uid).pop() {
+            Some(pod) => {
+                self.by_uid.insert(cgroup_uid.to_owned(), pod);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether the runtime already told us about the pod of this cgroup uid.
     pub fn runtime_knows(&self, cgroup_uid: &str) -> bool {
         self.runtime_pods.contains_key(cgroup_uid)
-    }
-
-    fn refresh_by_uid(&mut self, view: &ClusterView) {
-        let cgroup_uids = view.cgroup_uids();
-        self.by_uid = view
-            .pods()
-            .into_iter()
-            .map(|p| {
-                (
-                    cgroup_uids
-                        .get(&p.uid)
-                        .cloned()
-                        .unwrap_or_else(|| p.uid.clone()),
-                    p,
-                )
-            })
-            .collect();
     }
 
     /// The runtime reported `sandbox` as the pod of the cgroup `pod<uid>` (at `path` when the
@@ -292,11 +288,11 @@ impl PodIndex {
             Some(path) => cgroups::validate_cgroup_dir(path).ok()?,
             None => self.dir_of_cgroup_uid(&uid)?,
         };
-        let namespaces = view.namespaces();
         // The live view's labels; before the first sync (or for a namespace the view lost),
         // the state cache's; else name-only rules (fail closed).
-        let namespace = namespaces
-            .get(&sandbox.namespace)
+        let live = view.namespace(&sandbox.namespace);
+        let namespace = live
+            .as_ref()
             .or_else(|| self.cached_namespaces.get(&sandbox.namespace));
         let (decision, entry) = self.runtime_entry(&sandbox, namespace);
         tracing::info!(
@@ -321,16 +317,36 @@ impl PodIndex {
     }
 
     /// Namespaces that left the environment set give their counter class back.
-    fn free_classes_of_former_environments(
-        &mut self,
-        namespaces: &BTreeMap<String, NamespaceInfo>,
-    ) {
+    fn free_classes_of_former_environments(&mut self, view: &ClusterView) {
         let policy = &self.policy;
         self.classes.retain(|name| {
-            namespaces
-                .get(name)
-                .is_some_and(|ns| policy.is_environment(ns))
+            view.namespace(name)
+                .is_some_and(|ns| policy.is_environment(&ns))
         });
+    }
+
+    /// The namespaces of this node's pods (the API's and the runtime's), looked up one by
+    /// one: a node needs a few hundred of them, not a copy of the cluster's tens of
+    /// thousands on every reconcile.
+    fn namespaces_in_use(
+        &self,
+        view: &ClusterView,
+        pods: &[PodInfo],
+    ) -> BTreeMap<String, NamespaceInfo> {
+        let names: HashSet<&str> = pods
+            .iter()
+            .map(|p| p.namespace.as_str())
+            .chain(
+                self.runtime_pods
+                    .values()
+                    .map(|p| p.sandbox.namespace.as_str()),
+            )
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|name| view.namespace(name))
+            .map(|ns| (ns.name.clone(), ns))
+            .collect()
     }
 
     /// Drops directories of pods that are gone and looks up those not found yet (inotify
@@ -478,8 +494,8 @@ impl PodIndex {
             return None;
         }
         let pod = self.by_uid.get(&uid)?.clone();
-        let namespaces = view.namespaces();
-        let decision = policy::verdict(&pod, namespaces.get(&pod.namespace), &self.policy);
+        let namespace = view.namespace(&pod.namespace);
+        let decision = policy::verdict(&pod, namespace.as_ref(), &self.policy);
         let dir = cgroups::validate_cgroup_dir(path).ok()?;
         let class = if decision.verdict == Verdict::Guard {
             self.classes.class_of(&pod.namespace)
@@ -493,6 +509,37 @@ impl PodIndex {
         let id = dir.id;
         self.dirs.insert(pod.uid, dir);
         Some((id, entry))
+    }
+
+    /// After a watch event: pods the API announced whose cgroup the watcher has already
+    /// seen (the cgroup came first) and that have no directory yet get their entry now,
+    /// not at the next debounced reconcile. Only such pods are converted and looked up, so
+    /// this stays cheap on a node with thousands of pods.
+    pub fn announced_with_cgroup(&mut self, view: &ClusterView) -> Vec<(u64, VerdictEntry)> {
+        let pods =
+            view.pods_where(|uid| !self.dirs.contains_key(uid) && self.discovered.contains(uid));
+        let mut entries = Vec::new();
+        for pod in pods {
+            let Some(dir) = self.pod_dir(&pod) else {
+                continue;
+            };
+            let namespace = view.namespace(&pod.namespace);
+            let decision = policy::verdict(&pod, namespace.as_ref(), &self.policy);
+            let class = match decision.verdict {
+                Verdict::Guard => self.classes.class_of(&pod.namespace),
+                Verdict::Exempt => 0,
+            };
+            entries.push((
+                dir.id,
+                VerdictEntry {
+                    verdict: decision.verdict as u32,
+                    class,
+                },
+            ));
+            self.by_uid.insert(pod.uid.clone(), pod.clone());
+            self.dirs.insert(pod.uid, dir);
+        }
+        entries
     }
 
     /// The pod's cgroup directory, if the kubelet has created it. The QoS class decides the

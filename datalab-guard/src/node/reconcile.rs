@@ -30,8 +30,11 @@ use crate::{
     runtime::{Hangup, Termination},
 };
 
-/// Minimum time between two full reconciles: with thousands of pods a burst of watch
-/// events must not queue reconciles; new pod cgroups take the fast path meanwhile.
+/// Minimum time between two full reconciles: with thousands of pods (or tens of thousands
+/// of namespaces) a burst of watch events must not queue reconciles. New pods do not wait
+/// for one: a new cgroup of an announced pod, and a pod announced after its cgroup, get
+/// their entries on the event itself; the full reconcile batches the rest (deletions,
+/// relabelled namespaces, the state file) and keeps a relabel's effect under a second.
 pub const RECONCILE_MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// A reconcile (and a state file write) at least this often, events or not.
 pub const PERIODIC_RECONCILE: Duration = Duration::from_secs(5);
@@ -81,7 +84,10 @@ impl Reconciler {
             let debounce =
                 tokio::time::sleep_until((last_reconcile + RECONCILE_MIN_INTERVAL).into());
             let wake = tokio::select! {
-                _ = changed.notified() => Wake::Dirty,
+                _ = changed.notified() => {
+                    self.on_api_change();
+                    Wake::Dirty
+                },
                 Some(event) = cgroup_events.recv() => {
                     self.on_cgroup_event(&event);
                     Wake::Dirty
@@ -178,19 +184,23 @@ impl Reconciler {
     /// Drops namespaces that are no longer environments from the CNI probe's states and
     /// writes the state file with each pod's attempt count.
     fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
-        let namespaces = self.ctx.view.namespaces();
         let policy = &self.index.policy;
+        // Names only: a cluster's tens of thousands of namespaces are not copied each time.
+        let environments = self
+            .ctx
+            .view
+            .namespace_names_where(|n| policy.is_environment(n));
+        let is_environment: HashSet<&str> = environments.iter().map(String::as_str).collect();
         self.ctx
             .namespace_states
-            .retain(|ns| namespaces.get(ns).is_some_and(|n| policy.is_environment(n)));
+            .retain(|ns| is_environment.contains(ns));
         // Every environment namespace, with the CNI state where this node has probed it.
         let probed = self.ctx.namespace_states.snapshot();
-        let environments = namespaces
-            .values()
-            .filter(|n| policy.is_environment(n))
-            .map(|n| {
-                let cni = probed.get(&n.name).and_then(|st| st.cni);
-                (n.name.clone(), NodeNamespaceState { cni })
+        let environments = environments
+            .into_iter()
+            .map(|name| {
+                let cni = probed.get(&name).and_then(|st| st.cni);
+                (name, NodeNamespaceState { cni })
             })
             .collect();
         {
@@ -210,6 +220,13 @@ impl Reconciler {
             enforcing_from: EnforcingFrom::Api,
             cache: self.cache.report(),
         });
+    }
+
+    /// A watch event: pods announced after their cgroup appeared get their entries at once.
+    fn on_api_change(&mut self) {
+        for (id, entry) in self.index.announced_with_cgroup(&self.ctx.view) {
+            self.write_entry(id, entry);
+        }
     }
 
     fn on_cgroup_event(&mut self, event: &CgroupEvent) {

@@ -58,6 +58,7 @@
 //!   back to the legacy documents).
 
 pub mod apply;
+pub mod bulk;
 pub mod discovery;
 pub mod faults;
 pub mod resources;
@@ -65,6 +66,7 @@ pub mod selectors;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod traffic;
 pub mod watch;
 
 use std::{
@@ -155,6 +157,8 @@ pub(crate) struct Shared {
     pub dark: tokio::sync::watch::Sender<bool>,
     pub faults: Mutex<Faults>,
     pub requests: Mutex<Vec<RequestLog>>,
+    /// When each request came and how many bytes its response took ([`traffic`]).
+    pub traffic: traffic::Traffic,
     pub settings: Mutex<Settings>,
     pub open_watches: AtomicUsize,
     pub token: String,
@@ -470,6 +474,7 @@ impl FakeApiServer {
             dark: tokio::sync::watch::Sender::new(false),
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
+            traffic: traffic::Traffic::default(),
             settings: Mutex::new(Settings {
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
                 default_watch_timeout: DEFAULT_WATCH_TIMEOUT,

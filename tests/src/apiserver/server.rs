@@ -303,6 +303,7 @@ fn verb_of(method: &Method, r: &ResourceRoute, q: &Query) -> &'static str {
 // ---- the request handler ----
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let arrived = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let query = Query(parse_query(parts.uri.query().unwrap_or("")));
     let route = classify(parts.uri.path(), shared.addr());
@@ -395,6 +396,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             log.method, log.path, log.query
         );
     }
+    let resp = shared.traffic.record(arrived, &log, resp);
     lock(&shared.requests).push(log);
     resp
 }

@@ -12,12 +12,14 @@
 //! the tree was dirty, kernel, CPU, load average before and after). Everything it creates
 //! is removed on the way out.
 
+#[path = "kubelet_tree.rs"]
+mod kubelet_tree;
 #[path = "machine.rs"]
 mod machine;
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -29,6 +31,8 @@ use datalab_guard_tests::{
     free_loopback_addr, Agent, BpffsDir, TestCgroup,
 };
 use serde_json::json;
+
+use self::kubelet_tree::{cgroup_id, container_id, cpu_seconds, pod_dir, qos, rss_kib, uid};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -49,31 +53,6 @@ struct Args {
 const NODE: &str = "bench-node";
 const NAMESPACES: u32 = 100;
 
-fn uid(n: u32) -> String {
-    format!("{n:08x}-aaaa-bbbb-cccc-dddddddddddd")
-}
-
-fn qos(n: u32) -> &'static str {
-    match n % 3 {
-        0 => "Guaranteed",
-        1 => "Burstable",
-        _ => "BestEffort",
-    }
-}
-
-fn pod_dir(root: &Path, n: u32) -> PathBuf {
-    let u = uid(n).replace('-', "_");
-    match qos(n) {
-        "Guaranteed" => root.join(format!("kubepods-pod{u}.slice")),
-        "Burstable" => root
-            .join("kubepods-burstable.slice")
-            .join(format!("kubepods-burstable-pod{u}.slice")),
-        _ => root
-            .join("kubepods-besteffort.slice")
-            .join(format!("kubepods-besteffort-pod{u}.slice")),
-    }
-}
-
 fn namespace(n: u32) -> String {
     // One in ten namespaces is a system namespace (exempt); the rest are environments.
     let ns = n % NAMESPACES;
@@ -90,22 +69,9 @@ fn announce(api: &FakeApiServer, n: u32) {
             .uid(&uid(n))
             .node(NODE)
             .qos_class(qos(n))
-            .container("main", Some(&format!("containerd://{n:064x}")))
+            .container("main", Some(&container_id(n)))
             .build(),
     );
-}
-
-fn rss_kib(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -129,9 +95,7 @@ fn main() -> Result<()> {
     }
     let cgroup = TestCgroup::with_prefix("dgbench").context("cgroup")?;
     let root = cgroup.path().join("kubepods.slice");
-    for q in ["", "kubepods-burstable.slice", "kubepods-besteffort.slice"] {
-        std::fs::create_dir_all(root.join(q))?;
-    }
+    kubelet_tree::make_root(&root)?;
     // After the fixture is up, before anything is measured.
     let mut machine = machine::Machine::collect();
     let setup_start = Instant::now();
@@ -148,7 +112,11 @@ fn main() -> Result<()> {
     api.write_kubeconfig(dir.join("kubeconfig"))?;
     // The CNI probe would connect to the metadata address from the agent's own network
     // namespace (the machine's here): off, nothing is ever sent there.
-    std::fs::write(dir.join("config.yaml"), "probe:\n  enabled: false\n")?;
+    // No runtime lookups and no startup taint either (no containerd, no Node object here).
+    std::fs::write(
+        dir.join("config.yaml"),
+        "probe:\n  enabled: false\nruntime:\n  socket: none\nstartupTaint: \"\"\n",
+    )?;
     let metrics = free_loopback_addr()?;
     let spawn = Instant::now();
     let mut agent = Agent::spawn_with(
@@ -206,7 +174,7 @@ fn main() -> Result<()> {
             let dir = pod_dir(&root, n);
             std::fs::create_dir(&dir)?;
             let t0 = Instant::now();
-            let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&dir)?);
+            let id = cgroup_id(&dir)?;
             pending.insert(id, t0);
             // Delete the oldest pod: API first, then its cgroup (as the kubelet does).
             let old = created;
@@ -231,6 +199,7 @@ fn main() -> Result<()> {
     }
     let churn_s = churn_start.elapsed().as_secs_f64();
     let (rss_after, hwm_after) = rss_kib(agent.pid())?;
+    let cpu_after = cpu_seconds(&agent.pid().to_string())?;
     latencies_ms.sort_by(f64::total_cmp);
     machine.finish();
     let result = json!({
@@ -244,6 +213,7 @@ fn main() -> Result<()> {
         "hwm_ready_kib": hwm_ready,
         "rss_after_churn_kib": rss_after,
         "hwm_after_churn_kib": hwm_after,
+        "cpu_s_after_churn": cpu_after,
         "churn_rate_per_s": args.rate,
         "churn_seconds": args.seconds,
         "churn_wall_s": churn_s,

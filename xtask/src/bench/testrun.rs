@@ -27,20 +27,34 @@ const HELPER: &str = "xtask-bench-testrun";
 /// invocation, so the agent's library is compiled once, with one feature set; the xtask
 /// binary that is running is left alone.
 pub fn build_all() -> Result<Bins> {
+    build(
+        false,
+        &[
+            "datalab-guard",
+            "dg-probe",
+            "dg-fake-imds",
+            HELPER,
+            super::verifier::HELPER,
+            super::verdict_latency::HELPER,
+            super::progstats::HELPER,
+        ],
+    )
+}
+
+/// Builds `bins` (of the agent, the kit and xtask with feature `bench-testrun`) in one cargo
+/// invocation, `--release` if asked; returns where each landed.
+pub fn build(release: bool, bins: &[&str]) -> Result<Bins> {
     let mut cmd = cargo_cmd();
     cmd.arg("build");
-    for p in ["datalab-guard", "datalab-guard-tests", "xtask"] {
-        cmd.args(["-p", p]);
+    if release {
+        cmd.arg("--release");
     }
-    for b in [
-        "datalab-guard",
-        "dg-probe",
-        "dg-fake-imds",
-        HELPER,
-        super::verifier::HELPER,
-        super::verdict_latency::HELPER,
-        super::progstats::HELPER,
-    ] {
+    cmd.args(["-p", "datalab-guard", "-p", "xtask"]);
+    // The kit's own binaries (probe, fake metadata server) live in datalab-guard-tests.
+    if bins.iter().any(|b| b.starts_with("dg-")) {
+        cmd.args(["-p", "datalab-guard-tests"]);
+    }
+    for b in bins {
         cmd.args(["--bin", b]);
     }
     cmd.args(["--features", "xtask/bench-testrun"]);

@@ -79,7 +79,11 @@ pub struct Bypass {
 
 /// The rules of `policies` (one namespace's NetworkPolicies) that reopen any of `blocked`;
 /// see the module docs. Our own policy, `our_name`, is skipped.
-pub fn find_bypasses(policies: &[NetworkPolicy], blocked: &[Cidr], our_name: &str) -> Vec<Bypass> {
+pub fn find_bypasses<'a>(
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    blocked: &[Cidr],
+    our_name: &str,
+) -> Vec<Bypass> {
     let mut found = Vec::new();
     for policy in policies {
         let name = policy.metadata.name.as_deref().unwrap_or("<unnamed>");
