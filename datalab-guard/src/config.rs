@@ -1487,6 +1487,17 @@ leaderElection:
             ),
             ("leaderElection:\n  namespace: \"\"\n", &["leaderElection.namespace"]),
             ("denyRawSockets: yes\n", &["denyRawSockets"]),
+            ("tunnels:\n  vxlanPorts: [0]\n", &["tunnels", "port 0"]),
+            ("tunnels:\n  vxlanPorts: [70000]\n", &["tunnels"]),
+            (
+                "tunnels:\n  genevePorts: [4789]\n",
+                &["tunnels", "4789", "two encapsulations"],
+            ),
+            (
+                "tunnels:\n  vxlanPorts: [1, 2, 3, 4, 5, 6, 7]\n",
+                &["tunnels", "more than 8"],
+            ),
+            ("tunnels:\n  udpPorts: [4789]\n", &["udpPorts"]),
             ("probe: [1]\n", &["probe"]),
             ("mode: [enforce\n", &["line 1"]),
         ];
@@ -1584,6 +1595,32 @@ leaderElection:
                 && e.to_string().contains("missing.yaml")
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tunnels_reach_the_kernel_config_and_the_flag_denies_them() {
+        use datalab_guard_common::UdpTunnel;
+        let c = parse("tunnels:\n  vxlanPorts: [9999]\n  teredoPorts: []\n").unwrap();
+        let k = c.datapath().tunnels;
+        assert_eq!(k.udp_kind(9999), Some(UdpTunnel::Vxlan));
+        assert_eq!(k.udp_kind(4789), None);
+        assert_eq!(k.udp_kind(3544), None);
+        assert_eq!(k.udp_kind(6081), Some(UdpTunnel::Geneve));
+        assert_eq!(k.deny_all, 0);
+        let d = Config::default().datapath().tunnels;
+        for (port, kind) in [
+            (4789, UdpTunnel::Vxlan),
+            (8472, UdpTunnel::Vxlan),
+            (6081, UdpTunnel::Geneve),
+            (3544, UdpTunnel::Teredo),
+        ] {
+            assert_eq!(d.udp_kind(port), Some(kind));
+        }
+        let source = ConfigSource {
+            deny_tunnels: true,
+            ..ConfigSource::default()
+        };
+        assert_eq!(source.load().unwrap().datapath().tunnels.deny_all, 1);
     }
 
     #[test]
