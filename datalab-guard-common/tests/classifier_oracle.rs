@@ -108,7 +108,7 @@ fn generated_packets_cover_every_verdict() {
             Ok(e) => {
                 *tunnel_counts
                     .entry(format!("{:?}", e.judgement))
-                    .or_default() += 1
+                    .or_default() += 1;
             }
             Err(e) => panic!("disagreement on an encapsulated packet: {e}"),
         }

@@ -439,8 +439,8 @@ pub fn tunnel_packet() -> BoxedStrategy<Vec<u8>> {
                         t.extend_from_slice(&inner);
                         (17, udp(3544, &t))
                     }
-                    4 => (4, inner.clone()),
-                    5 => (41, inner.clone()),
+                    4 => (4, inner),
+                    5 => (41, inner),
                     6 | 7 => {
                         // GRE: any of checksum, key, sequence; IP, Ethernet, or MPLS.
                         let flags = byte & 0xb0;
