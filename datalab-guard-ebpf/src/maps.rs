@@ -9,8 +9,7 @@ use datalab_guard_common::{
     classify::BlockedSet,
     counters::{COUNTER_ENTRIES, STAT_ENTRIES},
     maps::{
-        BLOCKED_MAX_ENTRIES, EDGE_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES,
-        VERDICTS_MAX_ENTRIES,
+        BLOCKED_MAX_ENTRIES, EDGE_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES, VERDICTS_MAX_ENTRIES,
     },
     EdgeEntry, GuardConfig, InstallMeta, RateState, VerdictEntry,
 };
@@ -24,7 +23,7 @@ pub static BLOCKED_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRI
 #[map(name = "DG_BLOCK6_V1")]
 pub static BLOCKED_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRIES, 0);
 
-#[map(name = "DG_CONFIG_V1")]
+#[map(name = "DG_CONFIG_V2")]
 pub static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
 #[map(name = "DG_COUNT_V2")]

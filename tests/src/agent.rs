@@ -162,7 +162,11 @@ impl Agent {
         argv.extend(args.iter().map(AsRef::as_ref));
         let mut cmd = crate::process::command_in(None, Some(netns), &argv)?;
         cmd.envs(envs.iter().copied());
-        let shown = format!("(netns {netns}) {} {}", bin.display(), crate::process::display_argv(args));
+        let shown = format!(
+            "(netns {netns}) {} {}",
+            bin.display(),
+            crate::process::display_argv(args)
+        );
         Self::spawn_command(cmd, shown)
     }
 

@@ -265,12 +265,34 @@ impl Lab {
         self.created.push(ns.clone());
         let m = self.imds_ns.clone();
         ip(&[
-            "-n", &ns, "link", "add", POD2_IF, "type", "veth", "peer", "name", POD2_HOST_IF,
-            "netns", &m,
+            "-n",
+            &ns,
+            "link",
+            "add",
+            POD2_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            POD2_HOST_IF,
+            "netns",
+            &m,
         ])?;
         ip(&["-n", &ns, "addr", "add", "198.51.100.2/24", "dev", POD2_IF])?;
-        ip(&["-n", &m, "addr", "add", "198.51.100.1/24", "dev", POD2_HOST_IF])?;
-        for (n, dev) in [(ns.as_str(), POD2_IF), (ns.as_str(), "lo"), (m.as_str(), POD2_HOST_IF)] {
+        ip(&[
+            "-n",
+            &m,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            POD2_HOST_IF,
+        ])?;
+        for (n, dev) in [
+            (ns.as_str(), POD2_IF),
+            (ns.as_str(), "lo"),
+            (m.as_str(), POD2_HOST_IF),
+        ] {
             ip(&["-n", n, "link", "set", dev, "up"])?;
         }
         let ruleset = format!(
@@ -285,7 +307,11 @@ impl Lab {
 "#
         );
         let mut cmd = command_in(None, Some(&self.imds_ns), &["nft", "-f", "-"])?;
-        run_checked(&mut cmd, "nft -f - (second pod's counters)", Some(ruleset.as_bytes()))?;
+        run_checked(
+            &mut cmd,
+            "nft -f - (second pod's counters)",
+            Some(ruleset.as_bytes()),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let link = ip(&["-n", &m, "link", "show", "dev", POD2_HOST_IF])?;

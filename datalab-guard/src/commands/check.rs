@@ -119,10 +119,17 @@ pub fn check_raw_paths(layout: &crate::bpf::PinLayout) -> CheckLine {
         .and_then(|m| m.config())
         .is_ok_and(|c| c.deny_raw_sockets != 0);
     let raw = crate::bpf::raw_paths::RawPaths::read(layout, deny);
-    let status = if raw.closed() { Status::Pass } else { Status::Warn };
+    let status = if raw.closed() {
+        Status::Pass
+    } else {
+        Status::Warn
+    };
     CheckLine::new(
         status,
-        format!("raw paths (AF_PACKET, AF_XDP) closed by: {}", raw.describe()),
+        format!(
+            "raw paths (AF_PACKET, AF_XDP) closed by: {}",
+            raw.describe()
+        ),
     )
 }
 

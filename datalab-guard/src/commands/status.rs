@@ -172,8 +172,7 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<serde_json::Value> {
         .map(|c| json!({ "action": format!("{:?}", c.action).to_lowercase(), "family": c.family.name(), "hook": c.hook.name(), "count": c.value }))
         .collect();
     let complete = meta.complete == 1;
-    let raw_paths =
-        crate::bpf::raw_paths::RawPaths::read(layout, config.deny_raw_sockets != 0);
+    let raw_paths = crate::bpf::raw_paths::RawPaths::read(layout, config.deny_raw_sockets != 0);
     Ok(json!({
         "raw_paths": raw_paths.label(),
         "raw_paths_text": raw_paths.describe(),
@@ -247,7 +246,10 @@ fn print_install(r: &serde_json::Value) {
         s(&r["default_verdict"])
     );
     println!("  raw/packet sockets denied: {}", r["deny_raw_sockets"]);
-    println!("  raw paths (AF_PACKET, AF_XDP) closed by: {}", s(&r["raw_paths_text"]));
+    println!(
+        "  raw paths (AF_PACKET, AF_XDP) closed by: {}",
+        s(&r["raw_paths_text"])
+    );
     println!(
         "  programs: {}{}",
         s(&r["programs_hash"]),
