@@ -65,7 +65,10 @@ pub mod selectors;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod throttle;
+pub mod tls;
 pub mod watch;
+pub mod watch_cache;
 
 use std::{
     collections::BTreeMap,
@@ -118,6 +121,8 @@ pub(crate) struct Settings {
     pub bookmark_interval: Duration,
     pub default_watch_timeout: (Duration, Duration),
     pub expired_watch: ExpiredWatch,
+    /// The resourceVersion the watch cache is stuck at ([`FakeApiServer::lag_watch_cache`]).
+    pub cache_frozen_at: Option<u64>,
 }
 
 impl Settings {
@@ -160,6 +165,8 @@ pub(crate) struct Shared {
     pub token: String,
     /// Set once the first bind has picked the port; every rebind uses the same one.
     pub addr: OnceLock<SocketAddr>,
+    /// HTTPS with a per-fixture CA ([`FakeApiServer::start_tls`]); plain HTTP without.
+    pub tls: Option<Arc<tls::ServerTls>>,
 }
 
 impl Shared {
@@ -452,8 +459,19 @@ pub struct FakeApiServer {
 
 impl FakeApiServer {
     /// Starts the server on `127.0.0.1:<ephemeral port>` with the system namespaces
-    /// (`default`, `kube-system`, `kube-public`, `kube-node-lease`).
+    /// (`default`, `kube-system`, `kube-public`, `kube-node-lease`), plain HTTP.
     pub fn start() -> FakeApiServer {
+        Self::start_with(None)
+    }
+
+    /// Like [`FakeApiServer::start`], but serving HTTPS with a certificate from a CA made
+    /// for this fixture; [`FakeApiServer::kubeconfig_yaml`] then carries that CA as
+    /// `certificate-authority-data`, so clients verify the server as on a real cluster.
+    pub fn start_tls() -> FakeApiServer {
+        Self::start_with(Some(tls::ServerTls::generate()))
+    }
+
+    fn start_with(tls: Option<tls::ServerTls>) -> FakeApiServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("fake-apiserver")
@@ -474,10 +492,12 @@ impl FakeApiServer {
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
                 default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
                 expired_watch: ExpiredWatch::default(),
+                cache_frozen_at: None,
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
             addr: OnceLock::new(),
+            tls: tls.map(Arc::new),
         });
         let (addr, listener) = server::spawn_listener(
             &runtime,
@@ -497,24 +517,49 @@ impl FakeApiServer {
         self.shared.addr()
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` after [`FakeApiServer::start_tls`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr())
+        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.shared.addr())
+    }
+
+    /// The PEM of the CA that signed the server's certificate (HTTPS fixtures only).
+    pub fn ca_pem(&self) -> Option<String> {
+        self.shared.tls.as_ref().map(|t| t.ca_pem())
+    }
+
+    /// Connections the HTTPS fixture refused before HTTP: plaintext ones and failed
+    /// handshakes (all zero for a plain HTTP fixture).
+    pub fn tls_stats(&self) -> Option<Arc<tls::TlsStats>> {
+        self.shared.tls.as_ref().map(|t| t.stats.clone())
     }
 
     pub fn token(&self) -> &str {
         &self.shared.token
     }
 
-    /// A kubeconfig for this server: plain http, bearer token [`FAKE_TOKEN`], default
-    /// namespace `default`. kube-rs sends the token over http (it only refuses https
-    /// without a TLS stack).
+    /// A kubeconfig for this server: bearer token [`FAKE_TOKEN`], default namespace
+    /// `default`; for an HTTPS fixture, the fixture's CA as `certificate-authority-data`.
+    /// kube-rs sends the token over http too (it only refuses https without a TLS stack).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_yaml_trusting(self.ca_pem().as_deref())
+    }
+
+    /// [`FakeApiServer::kubeconfig_yaml`] with `ca_pem` as the cluster's CA (a wrong one,
+    /// for tests of what a client does when it cannot verify the server), or none.
+    pub fn kubeconfig_yaml_trusting(&self, ca_pem: Option<&str>) -> String {
+        use base64::Engine as _;
+        let ca = ca_pem.map_or_else(String::new, |pem| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            )
+        });
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
              clusters:\n\
-             - name: fake\n  cluster:\n    server: {url}\n\
+             - name: fake\n  cluster:\n    server: {url}\n{ca}\
              contexts:\n\
              - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
              current-context: fake\n\
@@ -678,6 +723,23 @@ impl FakeApiServer {
         lock(&self.shared.settings).expired_watch = how;
     }
 
+    /// The watch cache stops following etcd (see [`watch_cache`]): from now on, lists with
+    /// `resourceVersion=0` are served as of now (stale once anything changes), watches
+    /// deliver nothing newer, and a request from a newer resourceVersion (e.g. one a
+    /// consistent list handed out) waits 3 s, then gets 504 "Too large resource version".
+    pub fn lag_watch_cache(&self) {
+        let rv = self.resource_version();
+        lock(&self.shared.settings).cache_frozen_at = Some(rv);
+    }
+
+    /// The watch cache catches up: held requests go on and every open watch receives the
+    /// changes it missed.
+    pub fn catch_up_watch_cache(&self) {
+        lock(&self.shared.settings).cache_frozen_at = None;
+        let rv = self.resource_version();
+        self.shared.changed.send_replace(rv);
+    }
+
     /// How many changes the watch history keeps (default 10 000); older resourceVersions
     /// then get 410 Gone.
     pub fn set_history_limit(&self, limit: usize) {
@@ -701,6 +763,14 @@ impl FakeApiServer {
     /// Answers the next `n` requests (any path) with `status` and a Status body.
     pub fn fail_next(&self, n: u32, status: u16) {
         lock(&self.shared.faults).fail_next(n, status);
+    }
+
+    /// API Priority and Fairness turns a flow away: for `window`, every request whose verb
+    /// is in `verbs` (`list`, `watch`, `get`, `create`, `update`, `patch`, `delete`, ...) gets
+    /// `429 Too Many Requests` with `Retry-After: <retry_after in s>` (header and
+    /// `details.retryAfterSeconds`), logged with `injected_fault`.
+    pub fn throttle(&self, verbs: &[&str], retry_after: Duration, window: Duration) {
+        lock(&self.shared.faults).throttle = Some(throttle::Throttle::new(verbs, retry_after, window));
     }
 
     /// Delays every response by `latency` (zero: none).
