@@ -112,7 +112,7 @@ enum Failure {
 impl Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Api(e) => write!(f, "{e}"),
+            Failure::Api(e) => write!(f, "{}", crate::cri::error::error_chain(e)),
             Failure::ErrorEvent(s) => {
                 write!(f, "ERROR event {} {}: {}", s.code, s.reason, s.message)
             }

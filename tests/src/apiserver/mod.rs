@@ -65,8 +65,10 @@ pub mod selectors;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod termination;
 pub mod throttle;
 pub mod tls;
+pub mod validation;
 pub mod watch;
 pub mod watch_cache;
 
@@ -608,6 +610,20 @@ impl FakeApiServer {
         });
         ns["metadata"]["labels"] = labels_json(labels);
         self.put(Kind::Namespace, ns, "set_namespace_labels")
+    }
+
+    /// Starts deleting the namespace as a real cluster does (see [`termination`]): it gets a
+    /// `deletionTimestamp` and the phase `Terminating` and stays, with everything in it,
+    /// until [`FakeApiServer::delete_namespace`]; meanwhile creates in it are refused (403).
+    pub fn terminate_namespace(&self, name: &str) -> Value {
+        let ns = self.get(Kind::Namespace, None, name).unwrap_or_else(|| {
+            panic!("fake API server: terminate_namespace: no namespace {name:?}")
+        });
+        self.put(
+            Kind::Namespace,
+            termination::mark_terminating(ns),
+            "terminate_namespace",
+        )
     }
 
     /// Deletes the namespace and everything in it.
