@@ -22,7 +22,6 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     api::{ListParams, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{reflector, watcher, WatchStreamExt as _},
     Api, Client, Config,
 };
 use serde_json::Value;
@@ -281,9 +280,11 @@ fn assert_spaced(what: &str, times: &[Instant], at_least: Duration) {
 
 async fn kube_client(server: &FakeApiServer) -> Client {
     let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("kubeconfig parses");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube-rs accepts the kubeconfig");
+    // As the agent's client: kube-rs's own retries of 429/503/504 would hide the answers.
+    config.default_retry = false;
     Client::try_from(config).expect("client")
 }
 
@@ -468,8 +469,7 @@ fn controller_honours_retry_after_on_writes() {
 
 /// Fixture self-test with kube-rs: a lagging watch cache serves `resourceVersion=0` lists
 /// stale, refuses a newer resourceVersion with 504 Too large resource version after ~3 s,
-/// and a watch from the stale list's version delivers the newer state once it catches up;
-/// kube-runtime's watcher listing with `resourceVersion=0` converges through it.
+/// and a watch from the stale list's version delivers the newer state once it catches up.
 /// `sendInitialEvents` without `resourceVersionMatch=NotOlderThan` is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_watch_cache_rv0_is_stale_and_future_versions_are_refused() {
@@ -514,47 +514,18 @@ async fn lagging_watch_cache_rv0_is_stale_and_future_versions_are_refused() {
     assert!(causes.iter().any(|c| c.reason == "ResourceVersionTooLarge"), "{err:?}");
     assert!(err.message.contains("Too large resource version"), "{err:?}");
 
-    // kube-runtime's watcher with `any_semantic` lists with resourceVersion=0: it starts
-    // stale...
-    let (reader, writer) = reflector::store::<Namespace>();
-    let cfg = watcher::Config::default().any_semantic();
-    let stream = reflector(writer, watcher(api.clone(), cfg).default_backoff());
-    let task = tokio::spawn(async move { stream.applied_objects().for_each(|_| async {}).await });
-    tokio::time::timeout(PATIENCE, reader.wait_until_ready()).await.unwrap().unwrap();
-    let cached = |r: &reflector::Store<Namespace>| {
-        r.state()
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some("tenant-a"))
-            .and_then(|n| label(n))
-    };
-    assert_eq!(
-        cached(&reader).as_deref(),
-        Some("true"),
-        "{:#?}",
-        server
-            .requests()
-            .iter()
-            .map(|r| format!("{} {}?{} -> {}", r.method, r.path, r.query, r.status))
-            .collect::<Vec<_>>()
-    );
-    // ... and a plain watch from the stale version is open but silent while the cache lags.
+    // A watch from the stale list's version is open but silent while the cache lags.
     let mut from_stale = api.watch(&WatchParams::default(), &stale_rv).await.unwrap().boxed();
     assert!(
         tokio::time::timeout(Duration::from_millis(500), from_stale.next()).await.is_err(),
         "a lagging cache delivered a change it has not seen"
     );
-    // The cache catches up: the watch delivers the newer state, the watcher converges.
+    // The cache catches up: the watch delivers the newer state.
     server.catch_up_watch_cache();
     match tokio::time::timeout(PATIENCE, from_stale.next()).await.unwrap() {
         Some(Ok(WatchEvent::Modified(ns))) => assert_eq!(label(&ns), None),
         other => panic!("expected the relabel, got {other:?}"),
     }
-    let start = Instant::now();
-    while cached(&reader).is_some() {
-        assert!(start.elapsed() < PATIENCE, "kube-runtime's watcher never converged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    task.abort();
 
     // sendInitialEvents needs resourceVersionMatch=NotOlderThan (and bookmarks).
     let req = http::Request::get("/api/v1/namespaces?watch=true&sendInitialEvents=true&allowWatchBookmarks=true")
@@ -670,7 +641,13 @@ fn controller_leaves_a_terminating_namespace_alone() {
     let forbidden: Vec<&RequestLog> = after.iter().filter(|r| r.status == 403).collect();
     assert!(forbidden.is_empty(), "{forbidden:?}");
     let new_lines = &ctl.log()[log_before..];
-    for bad in ["repaired", "not as configured", "cannot apply", "Forbidden"] {
+    for bad in [
+        "NetworkPolicy repaired",
+        "NetworkPolicy provisioned",
+        "not as configured",
+        "cannot apply",
+        "Forbidden",
+    ] {
         assert!(
             !new_lines.iter().any(|l| l.contains(bad)),
             "{bad:?} logged for a Terminating namespace:\n{}",

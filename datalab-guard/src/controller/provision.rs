@@ -597,6 +597,9 @@ impl Reconciler {
                             }
                         }
                     }
+                } else if terminating {
+                    // Being deleted: its content (our policy too) goes first; neither a
+                    // repair (the create would be 403) nor a problem to report.
                 } else if mem.logged.as_ref() != Some(&observed) && !ours_before {
                     // Report-only (or not the leader: then quietly, the leader reports).
                     let what = describe(&observed);
