@@ -2,7 +2,8 @@
 //!
 //! Our machines have no kube-apiserver, kind, k3s or envtest (see `TOOLCHAIN.md`), so the
 //! Kubernetes side of datalab-guard is tested against [`FakeApiServer`]: an in-process HTTP/1.1
-//! server on `127.0.0.1`, on its own tokio runtime (usable from sync and async tests), that
+//! server on `127.0.0.1` (plain, or HTTPS with a per-fixture CA in the kubeconfig:
+//! [`FakeApiServer::start_tls`], see [`tls`]), on its own tokio runtime (usable from sync and async tests), that
 //! answers kube-rs — and the real `datalab-guard node` binary through
 //! [`FakeApiServer::write_kubeconfig`] — the way a Kubernetes 1.33 API server does.
 //!
@@ -27,7 +28,11 @@
 //!   a blackholed server that answers nothing ([`FakeApiServer::go_dark`]), a quiet return
 //!   ([`FakeApiServer::come_back`] sends nothing), a restart that loses the watch history
 //!   ([`FakeApiServer::restart`]: every old resourceVersion gets 410), compaction, dropped
-//!   and stalled watch streams, injected error statuses and latency;
+//!   and stalled watch streams, injected error statuses and latency, 429 + Retry-After
+//!   ([`FakeApiServer::throttle`]), a lagging watch cache ([`watch_cache`]: stale
+//!   `resourceVersion=0` lists, 504 "Too large resource version" after 3 s);
+//! - Terminating namespaces ([`termination`]: creates in them are 403) and Event validation
+//!   per API group ([`validation`]: 422);
 //! - `Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io` (kube-rs metadata watchers);
 //! - optimistic concurrency: a stale `metadata.resourceVersion` in a PUT or patch is a 409,
 //!   an existing name on create is a 409 `AlreadyExists`; no-op writes do not bump the
@@ -51,9 +56,10 @@
 //! - No authorization: every request is allowed. A bearer token other than the kubeconfig's
 //!   is a 401; none at all is accepted. [`FakeApiServer::requests`] records the verb,
 //!   group, resource and namespace of each request so tests can check RBAC needs.
-//! - No admission, no validation beyond type/name/namespace consistency; subresources
-//!   (`status`, `scale`, ...) are 404; a resourceVersion newer than the server's is a 504
-//!   at once (the real server waits ~3 s first).
+//! - No admission but NamespaceLifecycle, no validation beyond type/name/namespace
+//!   consistency and Events; subresources (`status`, `scale`, ...) are 404. A DELETE of a
+//!   namespace through the API is still immediate (only the control methods make one
+//!   Terminating).
 //! - Responses are JSON only (no protobuf, no Table, no aggregated discovery: clients fall
 //!   back to the legacy documents).
 
