@@ -101,7 +101,12 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let lines = self.agent.stderr_lines();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("---- {} stderr (last {}) ----\n{}", self.name, tail.len(), tail.join("\n"));
+            eprintln!(
+                "---- {} stderr (last {}) ----\n{}",
+                self.name,
+                tail.len(),
+                tail.join("\n")
+            );
         }
         let _ = self.agent.sigterm();
         let _ = self.agent.wait_exit(Duration::from_secs(10));
@@ -312,19 +317,30 @@ fn node_and_controller_work_over_tls_with_the_kubeconfig_ca() {
         node.verdict(tenant).as_deref() == Some("guard")
     });
     wait_for(PATIENCE, "policy provisioned over TLS", || {
-        server.get(Kind::NetworkPolicy, Some("tenant-a"), POLICY).is_some()
+        server
+            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+            .is_some()
     });
     let stats = server.tls_stats().expect("TLS fixture");
     let requests = server.requests();
     assert!(requests.iter().any(|r| r.sent_by("node")));
-    assert!(requests.iter().any(|r| r.sent_by("controller") && r.is_write()));
+    assert!(requests
+        .iter()
+        .any(|r| r.sent_by("controller") && r.is_write()));
     assert_eq!(stats.plaintext_connections(), 0, "someone spoke plaintext");
     assert_eq!(stats.failed_handshakes(), 0, "a handshake failed");
     // Events pass the real validation of their group (events.k8s.io/v1: regarding,
     // reportingController, reportingInstance, action, eventTime): none answered 422.
-    wait_for(PATIENCE, "the controller's PodSecurityTooWeak Event", || {
-        server.events().iter().any(|e| e["reason"] == "PodSecurityTooWeak")
-    });
+    wait_for(
+        PATIENCE,
+        "the controller's PodSecurityTooWeak Event",
+        || {
+            server
+                .events()
+                .iter()
+                .any(|e| e["reason"] == "PodSecurityTooWeak")
+        },
+    );
     let invalid: Vec<RequestLog> = server
         .requests()
         .into_iter()
@@ -364,8 +380,19 @@ fn a_wrong_ca_is_refused_clearly_and_never_bypassed() {
         .iter()
         .filter(|l| l.to_lowercase().contains("certificate"))
         .collect();
-    eprintln!("certificate lines:\n{}", cert_lines.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n"));
-    assert!(!cert_lines.is_empty(), "no line names the certificate problem:\n{}", log.join("\n"));
+    eprintln!(
+        "certificate lines:\n{}",
+        cert_lines
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        !cert_lines.is_empty(),
+        "no line names the certificate problem:\n{}",
+        log.join("\n")
+    );
     // Not a line per retry: one per failing watch (namespaces, policies) and the elector.
     assert!(
         cert_lines.len() <= 6,
@@ -414,7 +441,11 @@ fn node_agent_honours_retry_after_on_list_and_watch() {
             eprintln!("{verb} {resource}: {} requests answered 429", times.len());
             assert!(times.len() >= 2, "{verb} {resource}: {} 429s", times.len());
             // 8 s of throttling with Retry-After 3 s: at most 4 attempts (0, 3, 6, <8).
-            assert!(times.len() <= 4, "{verb} {resource}: hammered ({} 429s)", times.len());
+            assert!(
+                times.len() <= 4,
+                "{verb} {resource}: hammered ({} 429s)",
+                times.len()
+            );
             assert_spaced(&format!("{verb} {resource}"), &times, retry_after);
         }
     }
@@ -424,7 +455,10 @@ fn node_agent_honours_retry_after_on_list_and_watch() {
         node.verdict(tenant).as_deref() == Some("exempt")
     });
     assert!(took < Duration::from_secs(5), "relabel took {took:?}");
-    assert!(node.proc().agent.try_status().is_none(), "the agent never restarted");
+    assert!(
+        node.proc().agent.try_status().is_none(),
+        "the agent never restarted"
+    );
 }
 
 /// The controller's writes (server-side apply of its NetworkPolicy) throttled with
@@ -437,7 +471,9 @@ fn controller_honours_retry_after_on_writes() {
     let mut ctl = controller(&dir, "ctl-1", &server.kubeconfig_yaml());
     ctl.wait_ready();
     wait_for(PATIENCE, "policy provisioned", || {
-        server.get(Kind::NetworkPolicy, Some("tenant-a"), POLICY).is_some()
+        server
+            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+            .is_some()
     });
     let mut clock = RequestClock::default();
     clock.poll(&server);
@@ -450,14 +486,20 @@ fn controller_honours_retry_after_on_writes() {
         server.apply_namespace(&format!("noise-{i}"), &[]);
     }
     let start = Instant::now();
-    while server.get(Kind::NetworkPolicy, Some("tenant-a"), POLICY).is_none() {
-        assert!(start.elapsed() < PATIENCE, "policy never restored after the throttling");
+    while server
+        .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "policy never restored after the throttling"
+        );
         clock.poll(&server);
         std::thread::sleep(Duration::from_millis(20));
     }
     clock.poll(&server);
-    let times =
-        clock.throttled(|r| r.sent_by("controller") && r.resource.as_deref() == Some("networkpolicies"));
+    let times = clock
+        .throttled(|r| r.sent_by("controller") && r.resource.as_deref() == Some("networkpolicies"));
     eprintln!("policy patches answered 429: {}", times.len());
     assert!(times.len() >= 2, "{} 429s", times.len());
     assert!(times.len() <= 4, "hammered: {} 429s in 8 s", times.len());
@@ -494,7 +536,11 @@ async fn lagging_watch_cache_rv0_is_stale_and_future_versions_are_refused() {
     server.lag_watch_cache();
     server.set_namespace_labels("tenant-a", &[]);
     let stale = api.list(&ListParams::default().match_any()).await.unwrap();
-    assert_eq!(label(&tenant(&stale)).as_deref(), Some("true"), "rv=0 list not stale");
+    assert_eq!(
+        label(&tenant(&stale)).as_deref(),
+        Some("true"),
+        "rv=0 list not stale"
+    );
     let fresh = api.list(&ListParams::default()).await.unwrap();
     assert_eq!(label(&tenant(&fresh)), None, "consistent list stale");
     let fresh_rv = fresh.metadata.resource_version.clone().unwrap();
@@ -508,29 +554,50 @@ async fn lagging_watch_cache_rv0_is_stale_and_future_versions_are_refused() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a watch from a version the cache has not reached was accepted"),
     };
-    assert!(asked.elapsed() >= Duration::from_millis(2_900), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2_900),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!((err.code, err.reason.as_str()), (504, "Timeout"), "{err:?}");
     let causes = &err.details.as_ref().unwrap().causes;
-    assert!(causes.iter().any(|c| c.reason == "ResourceVersionTooLarge"), "{err:?}");
-    assert!(err.message.contains("Too large resource version"), "{err:?}");
+    assert!(
+        causes.iter().any(|c| c.reason == "ResourceVersionTooLarge"),
+        "{err:?}"
+    );
+    assert!(
+        err.message.contains("Too large resource version"),
+        "{err:?}"
+    );
 
     // A watch from the stale list's version is open but silent while the cache lags.
-    let mut from_stale = api.watch(&WatchParams::default(), &stale_rv).await.unwrap().boxed();
+    let mut from_stale = api
+        .watch(&WatchParams::default(), &stale_rv)
+        .await
+        .unwrap()
+        .boxed();
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), from_stale.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(500), from_stale.next())
+            .await
+            .is_err(),
         "a lagging cache delivered a change it has not seen"
     );
     // The cache catches up: the watch delivers the newer state.
     server.catch_up_watch_cache();
-    match tokio::time::timeout(PATIENCE, from_stale.next()).await.unwrap() {
+    match tokio::time::timeout(PATIENCE, from_stale.next())
+        .await
+        .unwrap()
+    {
         Some(Ok(WatchEvent::Modified(ns))) => assert_eq!(label(&ns), None),
         other => panic!("expected the relabel, got {other:?}"),
     }
 
     // sendInitialEvents needs resourceVersionMatch=NotOlderThan (and bookmarks).
-    let req = http::Request::get("/api/v1/namespaces?watch=true&sendInitialEvents=true&allowWatchBookmarks=true")
-        .body(Vec::new())
-        .unwrap();
+    let req = http::Request::get(
+        "/api/v1/namespaces?watch=true&sendInitialEvents=true&allowWatchBookmarks=true",
+    )
+    .body(Vec::new())
+    .unwrap();
     match client.request_text(req).await {
         Err(kube::Error::Api(s)) => {
             assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"), "{s:?}");
@@ -578,9 +645,11 @@ fn node_agent_relists_on_too_large_resource_version() {
     });
     // A change while the cache still lags: only a relist can show it.
     server.set_namespace_labels("tenant-b", &[]);
-    let took = wait_for(PATIENCE, "tenant-b relabel seen while the cache lags", || {
-        node.verdict(b).as_deref() == Some("exempt")
-    });
+    let took = wait_for(
+        PATIENCE,
+        "tenant-b relabel seen while the cache lags",
+        || node.verdict(b).as_deref() == Some("exempt"),
+    );
     eprintln!("change seen {took:?} after it was made, watch cache still lagging");
     assert!(took < Duration::from_secs(15), "took {took:?}");
 
@@ -600,10 +669,16 @@ fn node_agent_relists_on_too_large_resource_version() {
         .collect();
     assert!(node_lists.len() >= 4, "{} lists", node_lists.len());
     for r in &node_lists {
-        assert_eq!(r.param("resourceVersion"), None, "a list that may be stale: {r:?}");
+        assert_eq!(
+            r.param("resourceVersion"),
+            None,
+            "a list that may be stale: {r:?}"
+        );
     }
     assert!(
-        requests.iter().all(|r| r.param("sendInitialEvents").is_none()),
+        requests
+            .iter()
+            .all(|r| r.param("sendInitialEvents").is_none()),
         "sendInitialEvents sent"
     );
 }
@@ -621,7 +696,9 @@ fn controller_leaves_a_terminating_namespace_alone() {
     let mut ctl = controller(&dir, "ctl-1", &server.kubeconfig_yaml());
     ctl.wait_ready();
     wait_for(PATIENCE, "policy provisioned", || {
-        server.get(Kind::NetworkPolicy, Some("tenant-a"), POLICY).is_some()
+        server
+            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+            .is_some()
     });
     let before = server.requests().len();
     let log_before = ctl.log().len();
@@ -637,7 +714,10 @@ fn controller_leaves_a_terminating_namespace_alone() {
         .filter(|r| r.sent_by("controller") && r.is_write())
         .filter(|r| r.namespace.as_deref() == Some("tenant-a"))
         .collect();
-    assert!(writes_into.is_empty(), "writes into a Terminating namespace: {writes_into:?}");
+    assert!(
+        writes_into.is_empty(),
+        "writes into a Terminating namespace: {writes_into:?}"
+    );
     let forbidden: Vec<&RequestLog> = after.iter().filter(|r| r.status == 403).collect();
     assert!(forbidden.is_empty(), "{forbidden:?}");
     let new_lines = &ctl.log()[log_before..];
@@ -672,9 +752,15 @@ fn controller_leaves_a_terminating_namespace_alone() {
     match status {
         Err(kube::Error::Api(s)) => {
             assert_eq!((s.code, s.reason.as_str()), (403, "Forbidden"), "{s:?}");
-            assert!(s.message.ends_with("because it is being terminated"), "{s:?}");
+            assert!(
+                s.message.ends_with("because it is being terminated"),
+                "{s:?}"
+            );
             let causes = &s.details.as_ref().unwrap().causes;
-            assert!(causes.iter().any(|c| c.reason == "NamespaceTerminating"), "{s:?}");
+            assert!(
+                causes.iter().any(|c| c.reason == "NamespaceTerminating"),
+                "{s:?}"
+            );
         }
         other => panic!("create in a Terminating namespace: {other:?}"),
     }
@@ -704,12 +790,19 @@ fn node_keeps_guarding_pods_in_a_terminating_namespace() {
     // Several rescans (1 s) and watch events later: still guarded.
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(node.verdict(pod).as_deref(), Some("guard"), "unguarded while terminating");
+        assert_eq!(
+            node.verdict(pod).as_deref(),
+            Some("guard"),
+            "unguarded while terminating"
+        );
     }
     server.delete_pod("tenant-a", "notebook");
     server.delete_namespace("tenant-a");
     std::thread::sleep(Duration::from_secs(2));
     // Its cgroup is still there (the kubelet has not removed it yet): guarded by default.
     assert_ne!(node.verdict(pod).as_deref(), Some("exempt"));
-    assert!(node.proc().agent.try_status().is_none(), "the agent never restarted");
+    assert!(
+        node.proc().agent.try_status().is_none(),
+        "the agent never restarted"
+    );
 }

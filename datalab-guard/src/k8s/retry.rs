@@ -32,10 +32,11 @@ pub fn delay_after(error: &kube::Error, backoff: Duration) -> Duration {
 /// 504 "Too large resource version": the server (or its watch cache) has not reached the
 /// resourceVersion asked for; a list without one (a consistent read) resynchronises.
 pub fn is_too_large_resource_version(status: &Status) -> bool {
-    let by_cause = status
-        .details
-        .as_ref()
-        .is_some_and(|d| d.causes.iter().any(|c| c.reason == "ResourceVersionTooLarge"));
+    let by_cause = status.details.as_ref().is_some_and(|d| {
+        d.causes
+            .iter()
+            .any(|c| c.reason == "ResourceVersionTooLarge")
+    });
     by_cause || status.message.contains("Too large resource version")
 }
 
@@ -70,12 +71,19 @@ mod tests {
         assert_eq!(delay_after(&e(0), backoff), backoff);
         assert_eq!(delay_after(&e(3600), backoff), MAX_RETRY_AFTER);
         // Our own backoff, when longer, wins.
-        assert_eq!(delay_after(&e(1), Duration::from_secs(4)), Duration::from_secs(4));
+        assert_eq!(
+            delay_after(&e(1), Duration::from_secs(4)),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]
     fn too_large_resource_version_is_recognised() {
-        assert!(is_too_large_resource_version(&status(504, 1, "ResourceVersionTooLarge")));
+        assert!(is_too_large_resource_version(&status(
+            504,
+            1,
+            "ResourceVersionTooLarge"
+        )));
         let plain = Status::failure("Too large resource version: 9, current: 7", "Timeout");
         assert!(is_too_large_resource_version(&plain));
         assert!(!is_too_large_resource_version(&status(504, 1, "")));

@@ -17,7 +17,9 @@ use super::{resources::Kind, status::ApiError, store::now_rfc3339};
 /// Whether a stored namespace object is Terminating.
 pub(crate) fn is_terminating(ns: &Value) -> bool {
     ns.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating")
-        || ns.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null())
+        || ns
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|t| !t.is_null())
 }
 
 /// `ns` marked as deleted but not gone: what a DELETE of a namespace leaves.
@@ -67,8 +69,14 @@ mod tests {
         assert!(is_terminating(&t));
         assert_eq!(t["spec"]["finalizers"], json!(["kubernetes"]));
         let e = forbidden(Kind::EventV1, "e1", "a").to_status();
-        assert_eq!((e["code"].as_u64(), e["reason"].as_str()), (Some(403), Some("Forbidden")));
+        assert_eq!(
+            (e["code"].as_u64(), e["reason"].as_str()),
+            (Some(403), Some("Forbidden"))
+        );
         assert_eq!(e["details"]["causes"][0]["reason"], "NamespaceTerminating");
-        assert!(e["message"].as_str().unwrap().ends_with("because it is being terminated"));
+        assert!(e["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("because it is being terminated"));
     }
 }

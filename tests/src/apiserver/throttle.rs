@@ -47,8 +47,10 @@ pub(crate) fn too_many_requests(retry_after_secs: u32) -> ApiError {
 /// The 429 response: the Status above and the `Retry-After` header.
 pub(crate) fn response(retry_after_secs: u32) -> http::Response<super::Body> {
     let mut resp = super::server::error_response(&too_many_requests(retry_after_secs));
-    resp.headers_mut()
-        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(retry_after_secs));
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(retry_after_secs),
+    );
     resp
 }
 
@@ -58,7 +60,11 @@ mod tests {
 
     #[test]
     fn refuses_only_its_verbs_and_only_within_the_window() {
-        let t = Throttle::new(&["list", "watch"], Duration::from_secs(3), Duration::from_millis(200));
+        let t = Throttle::new(
+            &["list", "watch"],
+            Duration::from_secs(3),
+            Duration::from_millis(200),
+        );
         assert_eq!(t.refuses("list"), Some(3));
         assert_eq!(t.refuses("watch"), Some(3));
         assert_eq!(t.refuses("patch"), None);

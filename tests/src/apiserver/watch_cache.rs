@@ -40,7 +40,10 @@ pub(crate) async fn wait_until_fresh(
     shared: &Arc<Shared>,
     requested: Option<&str>,
 ) -> Result<(), ApiError> {
-    let Some(rv) = requested.and_then(|s| s.parse::<u64>().ok()).filter(|&rv| rv > 0) else {
+    let Some(rv) = requested
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&rv| rv > 0)
+    else {
         return Ok(());
     };
     let mut changed = shared.changed.subscribe();
