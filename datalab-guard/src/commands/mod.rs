@@ -141,8 +141,11 @@ pub enum LogFormat {
 /// Operational logs on stderr, filtered by `DATALAB_GUARD_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter};
-    let filter =
-        EnvFilter::try_from_env("DATALAB_GUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // kube-rs logs every failed request at ERROR without context ("failed with error client
+    // error (Connect)"): during an outage that is a line per retry. Our own retry loops say
+    // it once per failure streak, with the cause; DATALAB_GUARD_LOG can bring them back.
+    let filter = EnvFilter::try_from_env("DATALAB_GUARD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second initialisation (a test that runs two commands) keeps the first.
     let _ = match format {

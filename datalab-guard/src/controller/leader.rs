@@ -435,7 +435,7 @@ impl Campaign {
             }
             Ok(Err(e)) => {
                 if !self.failing {
-                    tracing::warn!(lease = %name, namespace = %self.settings.namespace, error = %e, "leader election: cannot read or write the lease; retrying");
+                    tracing::warn!(lease = %name, namespace = %self.settings.namespace, error = %crate::cri::error::error_chain(&e), "leader election: cannot read or write the lease; retrying");
                     self.failing = true;
                 }
                 None

@@ -68,6 +68,7 @@ use crate::{
         convert::{namespace_info, slim_namespace},
         events::{EventBudget, NamespaceEvents},
         informer::{Informer, WatchStats},
+        retry,
     },
     metrics::WatchSample,
 };
@@ -599,11 +600,18 @@ impl Reconciler {
                                 mem.logged = None;
                             }
                             Err(e) => {
-                                tracing::warn!(namespace = %name, policy = %np.name, error = %e, "cannot apply the NetworkPolicy; retrying");
-                                soon(Duration::from_secs(2));
+                                // Not sooner than the server asked (429 Retry-After), even
+                                // if a watch event wakes the loop before.
+                                let delay = retry::delay_after(&e, Duration::from_secs(2));
+                                tracing::warn!(namespace = %name, policy = %np.name, error = %e, "cannot apply the NetworkPolicy; retrying in {delay:?}");
+                                mem.next_repair = Some(now + delay);
+                                soon(delay);
                             }
                         }
                     }
+                } else if terminating {
+                    // Being deleted: its content (our policy too) goes first; neither a
+                    // repair (the create would be 403) nor a problem to report.
                 } else if mem.logged.as_ref() != Some(&observed) && !ours_before {
                     // Report-only (or not the leader: then quietly, the leader reports).
                     let what = describe(&observed);
@@ -703,7 +711,9 @@ impl Reconciler {
                     mem.psa_pending_until = Some(Instant::now() + WRITE_SETTLE);
                 }
                 Err(e) => {
-                    tracing::warn!(namespace = %name, error = %e, "cannot set the Pod Security label; retrying");
+                    let delay = retry::delay_after(&e, Duration::from_secs(2));
+                    tracing::warn!(namespace = %name, error = %e, "cannot set the Pod Security label; retrying in {delay:?}");
+                    mem.psa_pending_until = Some(Instant::now() + delay);
                 }
             }
         }

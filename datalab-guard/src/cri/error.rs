@@ -85,8 +85,9 @@ pub(super) fn bounded(text: &str) -> String {
     out
 }
 
-/// An error and its sources on one line.
-pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its sources on one line (kube-rs's "client error (Connect)" alone does not
+/// say that the server's certificate was refused; its sources do).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

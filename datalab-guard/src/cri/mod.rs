@@ -40,7 +40,7 @@
 
 mod client;
 mod config;
-mod error;
+pub(crate) mod error;
 mod sandbox;
 
 pub use client::{RuntimeClient, RuntimeVersion};

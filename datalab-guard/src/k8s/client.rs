@@ -33,6 +33,11 @@ pub async fn connect(kubeconfig: Option<&Path>, component: &str) -> anyhow::Resu
             ))
         })?,
     };
+    // kube-rs retries 429/503/504 inside a request, up to 15 times with a backoff growing to
+    // minutes. Our loops own retries instead (informer, controller writes, lease, taint):
+    // they honour Retry-After (`retry`), keep the node's staleness bound of a few seconds,
+    // and must see a 504 "Too large resource version" at once to relist.
+    config.default_retry = false;
     let agent = format!("datalab-guard-{component}/{}", crate::VERSION);
     if let Ok(value) = HeaderValue::from_str(&agent) {
         config.headers.push((USER_AGENT, value));

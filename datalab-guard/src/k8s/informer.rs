@@ -39,7 +39,10 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use super::backoff::{unit_random, WatchBackoff};
+use super::{
+    backoff::{unit_random, WatchBackoff},
+    retry,
+};
 
 /// Longest wait for a list page or for the API server to start answering a watch.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -109,12 +112,24 @@ enum Failure {
 impl Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Api(e) => write!(f, "{e}"),
+            Failure::Api(e) => write!(f, "{}", crate::cri::error::error_chain(e)),
             Failure::ErrorEvent(s) => {
                 write!(f, "ERROR event {} {}: {}", s.code, s.reason, s.message)
             }
             Failure::TimedOut(what) => write!(f, "{what}: no answer within {REQUEST_TIMEOUT:?}"),
             Failure::Stalled => write!(f, "no event or bookmark for {IDLE_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl Failure {
+    /// How long to wait before the next attempt: `backoff`, or the server's Retry-After
+    /// (429 Too Many Requests, 5xx) if it asked for longer.
+    fn delay(&self, backoff: Duration) -> Duration {
+        match self {
+            Failure::Api(e) => retry::delay_after(e, backoff),
+            Failure::ErrorEvent(s) => retry::asked_delay(s).map_or(backoff, |d| d.max(backoff)),
+            Failure::TimedOut(_) | Failure::Stalled => backoff,
         }
     }
 }
@@ -193,7 +208,7 @@ where
                 Ok(rv) => rv,
                 Err(e) => {
                     self.failed("list", &e);
-                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    tokio::time::sleep(e.delay(self.backoff.next_delay())).await;
                     continue;
                 }
             };
@@ -261,7 +276,12 @@ where
             let stream =
                 match tokio::time::timeout(REQUEST_TIMEOUT, self.api.watch(&params, &rv)).await {
                     Ok(Ok(stream)) => stream,
-                    Ok(Err(kube::Error::Api(status))) if is_expired(&status) => {
+                    // 410: history lost. 504 "Too large resource version": the server's
+                    // watch cache is behind our list (another API server instance, a
+                    // lagging cache); only a fresh list resynchronises either.
+                    Ok(Err(kube::Error::Api(status)))
+                        if is_expired(&status) || retry::is_too_large_resource_version(&status) =>
+                    {
                         self.desynced(&Failure::Api(kube::Error::Api(status)));
                         return Desync { delivered };
                     }
@@ -364,9 +384,10 @@ where
         }
     }
 
+    /// Logs the failure and waits the backoff, or the server's Retry-After if longer.
     async fn retry_after(&mut self, step: &'static str, e: &Failure) {
         self.failed(step, e);
-        tokio::time::sleep(self.backoff.next_delay()).await;
+        tokio::time::sleep(e.delay(self.backoff.next_delay())).await;
     }
 
     fn desynced(&self, e: &Failure) {

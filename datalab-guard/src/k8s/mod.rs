@@ -7,6 +7,7 @@ pub mod client;
 pub mod convert;
 pub mod events;
 pub mod informer;
+pub mod retry;
 pub mod taint;
 pub mod watch;
 

@@ -101,7 +101,7 @@ async fn remove_until_done(client: &kube::Client, node: &str, key: &str) {
                     tracing::warn!(node, taint = key, error = %e, "cannot remove the startup taint yet; retrying");
                     failing = true;
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
+                tokio::time::sleep(super::retry::delay_after(&e, backoff.next_delay())).await;
             }
         }
     }

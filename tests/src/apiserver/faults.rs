@@ -4,11 +4,14 @@
 
 use std::time::Duration;
 
+use super::throttle::Throttle;
+
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     fail_remaining: u32,
     fail_status: u16,
     pub latency: Duration,
+    pub throttle: Option<Throttle>,
 }
 
 impl Faults {
@@ -25,5 +28,10 @@ impl Faults {
         }
         self.fail_remaining -= 1;
         Some(self.fail_status)
+    }
+
+    /// The Retry-After (seconds) of a 429 for a request of `verb`, while throttled.
+    pub fn throttled(&self, verb: &str) -> Option<u32> {
+        self.throttle.as_ref()?.refuses(verb)
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Our machines have no kube-apiserver, kind, k3s or envtest (see `TOOLCHAIN.md`), so the
 //! Kubernetes side of datalab-guard is tested against [`FakeApiServer`]: an in-process HTTP/1.1
-//! server on `127.0.0.1`, on its own tokio runtime (usable from sync and async tests), that
+//! server on `127.0.0.1` (plain, or HTTPS with a per-fixture CA in the kubeconfig:
+//! [`FakeApiServer::start_tls`], see [`tls`]), on its own tokio runtime (usable from sync and async tests), that
 //! answers kube-rs — and the real `datalab-guard node` binary through
 //! [`FakeApiServer::write_kubeconfig`] — the way a Kubernetes 1.33 API server does.
 //!
@@ -27,7 +28,11 @@
 //!   a blackholed server that answers nothing ([`FakeApiServer::go_dark`]), a quiet return
 //!   ([`FakeApiServer::come_back`] sends nothing), a restart that loses the watch history
 //!   ([`FakeApiServer::restart`]: every old resourceVersion gets 410), compaction, dropped
-//!   and stalled watch streams, injected error statuses and latency;
+//!   and stalled watch streams, injected error statuses and latency, 429 + Retry-After
+//!   ([`FakeApiServer::throttle`]), a lagging watch cache ([`watch_cache`]: stale
+//!   `resourceVersion=0` lists, 504 "Too large resource version" after 3 s);
+//! - Terminating namespaces ([`termination`]: creates in them are 403) and Event validation
+//!   per API group ([`validation`]: 422);
 //! - `Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io` (kube-rs metadata watchers);
 //! - optimistic concurrency: a stale `metadata.resourceVersion` in a PUT or patch is a 409,
 //!   an existing name on create is a 409 `AlreadyExists`; no-op writes do not bump the
@@ -51,9 +56,10 @@
 //! - No authorization: every request is allowed. A bearer token other than the kubeconfig's
 //!   is a 401; none at all is accepted. [`FakeApiServer::requests`] records the verb,
 //!   group, resource and namespace of each request so tests can check RBAC needs.
-//! - No admission, no validation beyond type/name/namespace consistency; subresources
-//!   (`status`, `scale`, ...) are 404; a resourceVersion newer than the server's is a 504
-//!   at once (the real server waits ~3 s first).
+//! - No admission but NamespaceLifecycle, no validation beyond type/name/namespace
+//!   consistency and Events; subresources (`status`, `scale`, ...) are 404. A DELETE of a
+//!   namespace through the API is still immediate (only the control methods make one
+//!   Terminating).
 //! - Responses are JSON only (no protobuf, no Table, no aggregated discovery: clients fall
 //!   back to the legacy documents).
 
@@ -66,8 +72,13 @@ pub mod selectors;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod termination;
+pub mod throttle;
+pub mod tls;
 pub mod traffic;
+pub mod validation;
 pub mod watch;
+pub mod watch_cache;
 
 use std::{
     collections::BTreeMap,
@@ -120,6 +131,8 @@ pub(crate) struct Settings {
     pub bookmark_interval: Duration,
     pub default_watch_timeout: (Duration, Duration),
     pub expired_watch: ExpiredWatch,
+    /// The resourceVersion the watch cache is stuck at ([`FakeApiServer::lag_watch_cache`]).
+    pub cache_frozen_at: Option<u64>,
 }
 
 impl Settings {
@@ -164,6 +177,8 @@ pub(crate) struct Shared {
     pub token: String,
     /// Set once the first bind has picked the port; every rebind uses the same one.
     pub addr: OnceLock<SocketAddr>,
+    /// HTTPS with a per-fixture CA ([`FakeApiServer::start_tls`]); plain HTTP without.
+    pub tls: Option<Arc<tls::ServerTls>>,
 }
 
 impl Shared {
@@ -456,8 +471,19 @@ pub struct FakeApiServer {
 
 impl FakeApiServer {
     /// Starts the server on `127.0.0.1:<ephemeral port>` with the system namespaces
-    /// (`default`, `kube-system`, `kube-public`, `kube-node-lease`).
+    /// (`default`, `kube-system`, `kube-public`, `kube-node-lease`), plain HTTP.
     pub fn start() -> FakeApiServer {
+        Self::start_with(None)
+    }
+
+    /// Like [`FakeApiServer::start`], but serving HTTPS with a certificate from a CA made
+    /// for this fixture; [`FakeApiServer::kubeconfig_yaml`] then carries that CA as
+    /// `certificate-authority-data`, so clients verify the server as on a real cluster.
+    pub fn start_tls() -> FakeApiServer {
+        Self::start_with(Some(tls::ServerTls::generate()))
+    }
+
+    fn start_with(tls: Option<tls::ServerTls>) -> FakeApiServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("fake-apiserver")
@@ -479,10 +505,12 @@ impl FakeApiServer {
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
                 default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
                 expired_watch: ExpiredWatch::default(),
+                cache_frozen_at: None,
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
             addr: OnceLock::new(),
+            tls: tls.map(Arc::new),
         });
         let (addr, listener) = server::spawn_listener(
             &runtime,
@@ -502,24 +530,49 @@ impl FakeApiServer {
         self.shared.addr()
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` after [`FakeApiServer::start_tls`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr())
+        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.shared.addr())
+    }
+
+    /// The PEM of the CA that signed the server's certificate (HTTPS fixtures only).
+    pub fn ca_pem(&self) -> Option<String> {
+        self.shared.tls.as_ref().map(|t| t.ca_pem())
+    }
+
+    /// Connections the HTTPS fixture refused before HTTP: plaintext ones and failed
+    /// handshakes (all zero for a plain HTTP fixture).
+    pub fn tls_stats(&self) -> Option<Arc<tls::TlsStats>> {
+        self.shared.tls.as_ref().map(|t| t.stats.clone())
     }
 
     pub fn token(&self) -> &str {
         &self.shared.token
     }
 
-    /// A kubeconfig for this server: plain http, bearer token [`FAKE_TOKEN`], default
-    /// namespace `default`. kube-rs sends the token over http (it only refuses https
-    /// without a TLS stack).
+    /// A kubeconfig for this server: bearer token [`FAKE_TOKEN`], default namespace
+    /// `default`; for an HTTPS fixture, the fixture's CA as `certificate-authority-data`.
+    /// kube-rs sends the token over http too (it only refuses https without a TLS stack).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_yaml_trusting(self.ca_pem().as_deref())
+    }
+
+    /// [`FakeApiServer::kubeconfig_yaml`] with `ca_pem` as the cluster's CA (a wrong one,
+    /// for tests of what a client does when it cannot verify the server), or none.
+    pub fn kubeconfig_yaml_trusting(&self, ca_pem: Option<&str>) -> String {
+        use base64::Engine as _;
+        let ca = ca_pem.map_or_else(String::new, |pem| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            )
+        });
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
              clusters:\n\
-             - name: fake\n  cluster:\n    server: {url}\n\
+             - name: fake\n  cluster:\n    server: {url}\n{ca}\
              contexts:\n\
              - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
              current-context: fake\n\
@@ -568,6 +621,20 @@ impl FakeApiServer {
         });
         ns["metadata"]["labels"] = labels_json(labels);
         self.put(Kind::Namespace, ns, "set_namespace_labels")
+    }
+
+    /// Starts deleting the namespace as a real cluster does (see [`termination`]): it gets a
+    /// `deletionTimestamp` and the phase `Terminating` and stays, with everything in it,
+    /// until [`FakeApiServer::delete_namespace`]; meanwhile creates in it are refused (403).
+    pub fn terminate_namespace(&self, name: &str) -> Value {
+        let ns = self.get(Kind::Namespace, None, name).unwrap_or_else(|| {
+            panic!("fake API server: terminate_namespace: no namespace {name:?}")
+        });
+        self.put(
+            Kind::Namespace,
+            termination::mark_terminating(ns),
+            "terminate_namespace",
+        )
     }
 
     /// Deletes the namespace and everything in it.
@@ -683,6 +750,23 @@ impl FakeApiServer {
         lock(&self.shared.settings).expired_watch = how;
     }
 
+    /// The watch cache stops following etcd (see [`watch_cache`]): from now on, lists with
+    /// `resourceVersion=0` are served as of now (stale once anything changes), watches
+    /// deliver nothing newer, and a request from a newer resourceVersion (e.g. one a
+    /// consistent list handed out) waits 3 s, then gets 504 "Too large resource version".
+    pub fn lag_watch_cache(&self) {
+        let rv = self.resource_version();
+        lock(&self.shared.settings).cache_frozen_at = Some(rv);
+    }
+
+    /// The watch cache catches up: held requests go on and every open watch receives the
+    /// changes it missed.
+    pub fn catch_up_watch_cache(&self) {
+        lock(&self.shared.settings).cache_frozen_at = None;
+        let rv = self.resource_version();
+        self.shared.changed.send_replace(rv);
+    }
+
     /// How many changes the watch history keeps (default 10 000); older resourceVersions
     /// then get 410 Gone.
     pub fn set_history_limit(&self, limit: usize) {
@@ -706,6 +790,14 @@ impl FakeApiServer {
     /// Answers the next `n` requests (any path) with `status` and a Status body.
     pub fn fail_next(&self, n: u32, status: u16) {
         lock(&self.shared.faults).fail_next(n, status);
+    }
+
+    /// API Priority and Fairness turns a flow away: for `window`, every request whose verb
+    /// is in `verbs` (`list`, `watch`, `get`, `create`, `update`, `patch`, `delete`, ...) gets
+    /// `429 Too Many Requests` with `Retry-After: <retry_after in s>` (header and
+    /// `details.retryAfterSeconds`), logged with `injected_fault`.
+    pub fn throttle(&self, verbs: &[&str], retry_after: Duration, window: Duration) {
+        lock(&self.shared.faults).throttle = Some(throttle::Throttle::new(verbs, retry_after, window));
     }
 
     /// Delays every response by `latency` (zero: none).

@@ -23,8 +23,9 @@ use super::{
     selectors::{FieldSelector, LabelSelector},
     status::{success_status, ApiError},
     store::{PatchType, Writer},
+    throttle,
     watch::{self, partial_object_metadata, WatchRequest},
-    Body, RequestLog, Shared,
+    watch_cache, Body, RequestLog, Shared,
 };
 
 /// The real API server's request body limit.
@@ -103,7 +104,22 @@ async fn accept_loop(
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
+    match shared.tls.clone() {
+        // HTTPS (see `tls`): a client that does not speak TLS or rejects the certificate
+        // is counted and cut before any HTTP request is read.
+        Some(tls) => {
+            if let Some(stream) = tls.accept(stream).await {
+                serve_http(TokioIo::new(stream), shared).await;
+            }
+        }
+        None => serve_http(TokioIo::new(stream), shared).await,
+    }
+}
+
+async fn serve_http<I>(io: I, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let shared = shared.clone();
         async move {
@@ -141,7 +157,7 @@ fn json_response(code: u16, v: &Value) -> Response<Body> {
     resp
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.to_status())
 }
 
@@ -347,12 +363,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(latency).await;
     }
     let injected = lock(&shared.faults).take_failure();
+    let throttled = lock(&shared.faults).throttled(&log.verb);
     let resp = if let Some(code) = injected {
         log.injected_fault = true;
         error_response(&ApiError::new(
             code,
             format!("injected failure (HTTP {code}) by the API server fixture"),
         ))
+    } else if let Some(secs) = throttled {
+        log.injected_fault = true;
+        throttle::response(secs)
     } else if log
         .bearer_token
         .as_deref()
@@ -413,7 +433,13 @@ async fn dispatch(
         Route::Doc(doc) if parts.method == Method::GET => Ok(json_response(200, &doc)),
         Route::Text(text) if parts.method == Method::GET => Ok(text_response(text)),
         Route::Doc(_) | Route::Text(_) => Err(ApiError::method_not_allowed(parts.method.as_str())),
-        Route::Resource(r) => resource(shared, parts, query, &r, &body),
+        Route::Resource(r) => {
+            if parts.method == Method::GET && query.get("continue").is_none() {
+                // Served from the watch cache: a version it has not reached is waited for.
+                watch_cache::wait_until_fresh(shared, query.nonempty("resourceVersion")).await?;
+            }
+            resource(shared, parts, query, &r, &body)
+        }
     }
 }
 
@@ -513,6 +539,11 @@ fn resource(
                     .map(Duration::from_secs),
                 metadata_only: meta_only,
             };
+            watch_cache::check_send_initial_events(
+                kind,
+                req.send_initial_events,
+                query.nonempty("resourceVersionMatch"),
+            )?;
             if req.send_initial_events && !req.bookmarks {
                 return Err(ApiError::invalid(
                     kind,
@@ -709,6 +740,7 @@ fn list(
             .map_err(|_| ApiError::bad_request(format!("invalid resource version {s:?}")))
     };
 
+    let frozen = lock(&shared.settings).cache_frozen_at;
     let (rv, items, start_after) = {
         let store = lock(&shared.store);
         if let Some(token) = query.nonempty("continue") {
@@ -758,7 +790,13 @@ fn list(
                             return Err(ApiError::too_large(rv, store.rv()));
                         }
                     }
-                    let rv = store.rv();
+                    // With a resourceVersion (0: any) the list is served from the watch
+                    // cache, which may lag; without one it is a consistent read.
+                    let rv = if rv_param.is_some() {
+                        watch_cache::cache_rv(frozen, store.rv())
+                    } else {
+                        store.rv()
+                    };
                     (rv, store.snapshot_at(kind, rv)?, None)
                 }
                 Some(other) => {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{json, Map, Value};
 
-use super::{apply, resources::Kind, status::ApiError};
+use super::{apply, resources::Kind, status::ApiError, termination, validation};
 
 /// How many changes the history keeps before the oldest are forgotten (then a watch from a
 /// resourceVersion older than the history gets 410 Gone, as after an etcd compaction).
@@ -360,6 +360,14 @@ impl Store {
         Ok(())
     }
 
+    /// NamespaceLifecycle: no new content in a Terminating namespace (see `termination`).
+    fn check_not_terminating(&self, kind: Kind, name: &str, ns: &str) -> Result<(), ApiError> {
+        match self.get(Kind::Namespace, "", ns) {
+            Some(n) if termination::is_terminating(n) => Err(termination::forbidden(kind, name, ns)),
+            _ => Ok(()),
+        }
+    }
+
     fn check_namespace_exists(&self, kind: Kind, ns: &str) -> Result<(), ApiError> {
         if kind.is_namespaced() && self.get(Kind::Namespace, "", ns).is_none() {
             return Err(ApiError::not_found(Kind::Namespace, ns));
@@ -561,6 +569,9 @@ impl Store {
             meta_mut(&mut body).insert("name".into(), json!(name));
         }
         self.check_namespace_exists(kind, ns)?;
+        if w.client && kind.is_namespaced() {
+            self.check_not_terminating(kind, &name, ns)?;
+        }
         let key_ns = if kind.is_namespaced() { ns } else { "" };
         if self.get(kind, key_ns, &name).is_some() {
             return Err(ApiError::already_exists(kind, &name));
@@ -585,6 +596,9 @@ impl Store {
             }
         }
         Self::normalize(kind, key_ns, &mut body);
+        if w.client {
+            validation::validate(kind, &body)?;
+        }
         apply::record_update(
             None,
             &mut body,
@@ -610,6 +624,7 @@ impl Store {
         Self::check_precondition(kind, &old, &body)?;
         meta_mut(&mut body).insert("name".into(), json!(name));
         Self::normalize(kind, ns, &mut body);
+        validation::validate(kind, &body)?;
         Ok(self.finish_update(kind, &old, body, w))
     }
 
@@ -672,6 +687,10 @@ impl Store {
             .map_err(|c| ApiError::apply_conflict(kind, name, &c))?;
             meta_mut(&mut new).insert("name".into(), json!(name));
             Self::normalize(kind, ns, &mut new);
+            validation::validate(kind, &new)?;
+            if old.is_none() && kind.is_namespaced() {
+                self.check_not_terminating(kind, name, ns)?;
+            }
             return Ok(match old {
                 Some(old) => (self.commit_update(kind, &old, new, w), false),
                 None => (self.commit_create(kind, new, w.dry_run), true),
@@ -698,6 +717,7 @@ impl Store {
         // A resourceVersion in a patch is a precondition, as on the real API server.
         Self::check_precondition(kind, &old, &new)?;
         Self::normalize(kind, ns, &mut new);
+        validation::validate(kind, &new)?;
         Ok((self.finish_update(kind, &old, new, w), false))
     }
 

@@ -32,7 +32,7 @@ use super::{
     selectors::{FieldSelector, LabelSelector},
     status::ApiError,
     store::{Change, ChangeType},
-    Body, Shared,
+    watch_cache, Body, Shared,
 };
 
 pub(crate) struct WatchRequest {
@@ -149,12 +149,13 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
         ),
     };
 
-    let (interval, timeout, expired_watch) = {
+    let (interval, timeout, expired_watch, frozen) = {
         let settings = lock(&shared.settings);
         (
             settings.bookmark_interval,
             settings.watch_timeout(req.timeout),
             settings.expired_watch,
+            settings.cache_frozen_at,
         )
     };
     let mut initial: Vec<Bytes> = Vec::new();
@@ -162,7 +163,8 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
     let mut cursor;
     {
         let store = lock(&shared.store);
-        cursor = store.rv();
+        // A lagging watch cache (see `watch_cache`) serves nothing newer than its own state.
+        cursor = watch_cache::cache_rv(frozen, store.rv());
         match requested {
             Some(rv) if !req.send_initial_events => {
                 if rv < store.oldest_rv() {
@@ -173,13 +175,26 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
                     initial.push(expired_frame(message));
                     expired = true;
                 } else if let Some(changes) = store.changes_after(rv) {
-                    initial.extend(changes.iter().filter_map(|c| req.convert(c)));
+                    initial.extend(
+                        changes
+                            .iter()
+                            .filter(|c| c.rv <= cursor)
+                            .filter_map(|c| req.convert(c)),
+                    );
                     // A resourceVersion from the future: nothing up to it is delivered.
                     cursor = cursor.max(rv);
                 }
             }
             _ => {
-                for obj in store.objects(req.kind, req.namespace.as_deref()) {
+                let lagging = (cursor < store.rv())
+                    .then(|| store.snapshot_at(req.kind, cursor).ok())
+                    .flatten();
+                let current = || store.objects(req.kind, req.namespace.as_deref());
+                let objects: Vec<&Value> = match &lagging {
+                    Some(snapshot) => snapshot.iter().collect(),
+                    None => current(),
+                };
+                for obj in objects {
                     if req.matches(obj) {
                         initial.push(frame("ADDED", &req.object(obj)));
                     }
@@ -231,13 +246,18 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Response<
                     if r.is_err() {
                         break;
                     }
+                    let frozen = lock(&shared.settings).cache_frozen_at;
                     let (frames, gap) = {
                         let store = lock(&shared.store);
+                        let upto = watch_cache::cache_rv(frozen, store.rv()).max(cursor);
                         match store.changes_after(cursor) {
                             Some(changes) => {
-                                let frames: Vec<Bytes> =
-                                    changes.iter().filter_map(|c| req.convert(c)).collect();
-                                cursor = store.rv();
+                                let frames: Vec<Bytes> = changes
+                                    .iter()
+                                    .filter(|c| c.rv <= upto)
+                                    .filter_map(|c| req.convert(c))
+                                    .collect();
+                                cursor = upto;
                                 (frames, None)
                             }
                             None => (Vec::new(), Some(store.oldest_rv())),
