@@ -48,9 +48,17 @@
 //!   deleting a namespace deletes its objects at once (each with a DELETED event).
 //! - core/v1 and events.k8s.io/v1 Events are stored apart (a real server converts between
 //!   them); [`FakeApiServer::events`] returns both.
-//! - No authorization: every request is allowed. A bearer token other than the kubeconfig's
-//!   is a 401; none at all is accepted. [`FakeApiServer::requests`] records the verb,
-//!   group, resource and namespace of each request so tests can check RBAC needs.
+//! - Authentication by bearer token only (no client certificates, no anonymous user): a
+//!   request without a token, or with one the fixture did not issue, is a 401. Each
+//!   [`rbac::Identity`] has its own token: the test admin ([`FakeApiServer::kubeconfig_yaml`],
+//!   `system:masters`, allowed everything) and the node agent's and controller's
+//!   ServiceAccounts ([`FakeApiServer::kubeconfig_yaml_as`]), which get exactly what the RBAC
+//!   of the rendered manifests grants them (see [`rbac`]); anything else is a 403. A
+//!   ServiceAccount's 403 fails the test when the server is dropped, and every call the
+//!   ServiceAccounts were granted is appended to `target/api-calls-observed/` (see
+//!   [`observed`]) for `cargo xtask test` to check against deploy/api-calls.yaml.
+//!   [`FakeApiServer::requests`] records identity, verb, group, resource, subresource and
+//!   namespace of each request.
 //! - No admission, no validation beyond type/name/namespace consistency; subresources
 //!   (`status`, `scale`, ...) are 404; a resourceVersion newer than the server's is a 504
 //!   at once (the real server waits ~3 s first).
@@ -60,6 +68,8 @@
 pub mod apply;
 pub mod discovery;
 pub mod faults;
+pub mod observed;
+pub mod rbac;
 pub mod resources;
 pub mod selectors;
 pub mod server;
@@ -158,6 +168,12 @@ pub(crate) struct Shared {
     pub settings: Mutex<Settings>,
     pub open_watches: AtomicUsize,
     pub token: String,
+    /// Every bearer token issued, and whose it is.
+    pub tokens: Mutex<BTreeMap<String, rbac::Identity>>,
+    /// The rendered manifests whose RBAC is enforced (`target/manifests/<variant>.yaml`).
+    pub rbac_variant: Mutex<String>,
+    /// Set by [`FakeApiServer::expect_forbidden`]: a 403 does not fail the test on drop.
+    pub forbidden_expected: std::sync::atomic::AtomicBool,
     /// Set once the first bind has picked the port; every rebind uses the same one.
     pub addr: OnceLock<SocketAddr>,
 }
@@ -198,10 +214,18 @@ pub struct RequestLog {
     /// The Kubernetes verb: get, list, watch, create, update, patch, delete,
     /// deletecollection; empty for non-resource requests (discovery, health).
     pub verb: String,
+    /// Who sent it: deploy/api-calls.yaml's identity name (`node-agent`, `controller`) or
+    /// `admin`; None when authentication failed (401).
+    pub user: Option<String>,
+    /// For a granted resource request of a ServiceAccount: where the grant came from, as
+    /// api-calls.yaml's `scope` (`cluster`, `agent-namespace`).
+    pub grant_scope: Option<String>,
     /// The API group (`""` for core) for resource requests.
     pub api_group: Option<String>,
     /// The resource (`pods`, `leases`, or `namespaces/status` for a subresource).
     pub resource: Option<String>,
+    /// The subresource alone (`status`), if any.
+    pub subresource: Option<String>,
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub content_type: Option<String>,
@@ -477,6 +501,14 @@ impl FakeApiServer {
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
+            tokens: Mutex::new(
+                [rbac::Identity::Admin, rbac::Identity::NodeAgent, rbac::Identity::Controller]
+                    .into_iter()
+                    .map(|i| (i.default_token().to_string(), i))
+                    .collect(),
+            ),
+            rbac_variant: Mutex::new(rbac::DEFAULT_VARIANT.to_string()),
+            forbidden_expected: std::sync::atomic::AtomicBool::new(false),
             addr: OnceLock::new(),
         });
         let (addr, listener) = server::spawn_listener(
@@ -506,10 +538,62 @@ impl FakeApiServer {
         &self.shared.token
     }
 
-    /// A kubeconfig for this server: plain http, bearer token [`FAKE_TOKEN`], default
-    /// namespace `default`. kube-rs sends the token over http (it only refuses https
-    /// without a TLS stack).
+    /// A kubeconfig for this server as the test admin: plain http, bearer token
+    /// [`FAKE_TOKEN`], default namespace `default`. kube-rs sends the token over http (it
+    /// only refuses https without a TLS stack).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_yaml_with_token(&self.shared.token)
+    }
+
+    /// A kubeconfig that authenticates as `who` (its first token). For a ServiceAccount,
+    /// the RBAC this server enforces is loaded now, so a missing or stale render fails here
+    /// with the command that fixes it.
+    pub fn kubeconfig_yaml_as(&self, who: rbac::Identity) -> String {
+        if who != rbac::Identity::Admin {
+            let variant = lock(&self.shared.rbac_variant).clone();
+            if let Err(e) = rbac::rendered_policy(&variant) {
+                panic!("fake API server: {e}");
+            }
+        }
+        self.kubeconfig_yaml_with_token(who.default_token())
+    }
+
+    /// Writes [`FakeApiServer::kubeconfig_yaml_as`] to `path`.
+    pub fn write_kubeconfig_as(
+        &self,
+        path: impl AsRef<Path>,
+        who: rbac::Identity,
+    ) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml_as(who))
+    }
+
+    /// Issues another token of `who` (two replicas of one Deployment hold different tokens
+    /// of the same ServiceAccount; the request log's `bearer_token` tells them apart).
+    pub fn issue_token(&self, who: rbac::Identity) -> String {
+        let mut tokens = lock(&self.shared.tokens);
+        let token = format!("{}-{}", who.default_token(), tokens.len());
+        tokens.insert(token.clone(), who);
+        token
+    }
+
+    /// Enforces the RBAC of `target/manifests/<variant>.yaml` (e.g. `base_psa-labels`)
+    /// instead of the base's. Panics if it cannot be read.
+    pub fn use_rbac_variant(&self, variant: &str) {
+        if let Err(e) = rbac::rendered_policy(variant) {
+            panic!("fake API server: {e}");
+        }
+        *lock(&self.shared.rbac_variant) = variant.to_string();
+    }
+
+    /// This test provokes 403s on purpose: they do not fail it when the server is dropped.
+    pub fn expect_forbidden(&self) {
+        self.shared
+            .forbidden_expected
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A kubeconfig carrying `token`.
+    pub fn kubeconfig_yaml_with_token(&self, token: &str) -> String {
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
@@ -522,7 +606,6 @@ impl FakeApiServer {
              users:\n\
              - name: fake\n  user:\n    token: {token}\n",
             url = self.url(),
-            token = self.shared.token,
         )
     }
 
@@ -805,6 +888,25 @@ impl Drop for FakeApiServer {
         if let Some(rt) = self.runtime.take() {
             // Safe in async tests too (a plain drop would block inside a runtime).
             rt.shutdown_background();
+        }
+        let requests = self.requests();
+        if let Err(e) = observed::append(&requests) {
+            eprintln!("fake API server: cannot record the observed API calls: {e}");
+        }
+        let expected = self
+            .shared
+            .forbidden_expected
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let denied = observed::forbidden(&requests);
+        // Not while unwinding: a second panic would abort the test binary.
+        if !denied.is_empty() && !expected && !std::thread::panicking() {
+            panic!(
+                "the API server refused {} call(s) of datalab-guard's ServiceAccounts (403): \
+                 the RBAC in deploy/ does not grant them (a real cluster would refuse them \
+                 too):\n{}",
+                denied.len(),
+                denied.join("\n")
+            );
         }
     }
 }
