@@ -502,10 +502,14 @@ impl FakeApiServer {
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
             tokens: Mutex::new(
-                [rbac::Identity::Admin, rbac::Identity::NodeAgent, rbac::Identity::Controller]
-                    .into_iter()
-                    .map(|i| (i.default_token().to_string(), i))
-                    .collect(),
+                [
+                    rbac::Identity::Admin,
+                    rbac::Identity::NodeAgent,
+                    rbac::Identity::Controller,
+                ]
+                .into_iter()
+                .map(|i| (i.default_token().to_string(), i))
+                .collect(),
             ),
             rbac_variant: Mutex::new(rbac::DEFAULT_VARIANT.to_string()),
             forbidden_expected: std::sync::atomic::AtomicBool::new(false),
@@ -567,13 +571,15 @@ impl FakeApiServer {
         std::fs::write(path, self.kubeconfig_yaml_as(who))
     }
 
-    /// Issues another token of `who` (two replicas of one Deployment hold different tokens
-    /// of the same ServiceAccount; the request log's `bearer_token` tells them apart).
-    pub fn issue_token(&self, who: rbac::Identity) -> String {
-        let mut tokens = lock(&self.shared.tokens);
-        let token = format!("{}-{}", who.default_token(), tokens.len());
-        tokens.insert(token.clone(), who);
-        token
+    /// Accepts `token` as another token of `who` from now on (two replicas of one
+    /// Deployment hold different tokens of the same ServiceAccount; the request log's
+    /// `bearer_token` tells them apart). Panics if the token belongs to someone else.
+    pub fn add_token(&self, who: rbac::Identity, token: &str) {
+        let old = lock(&self.shared.tokens).insert(token.to_string(), who);
+        assert!(
+            old.is_none_or(|o| o == who),
+            "fake API server: token {token:?} already belongs to {old:?}"
+        );
     }
 
     /// Enforces the RBAC of `target/manifests/<variant>.yaml` (e.g. `base_psa-labels`)
