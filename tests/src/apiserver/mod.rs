@@ -220,6 +220,9 @@ pub struct RequestLog {
     /// For a granted resource request of a ServiceAccount: where the grant came from, as
     /// api-calls.yaml's `scope` (`cluster`, `agent-namespace`).
     pub grant_scope: Option<String>,
+    /// Verbs the request was authorized as besides `verb`: `create` for a server-side
+    /// apply that creates its object.
+    pub also_authorized_as: Vec<String>,
     /// The API group (`""` for core) for resource requests.
     pub api_group: Option<String>,
     /// The resource (`pods`, `leases`, or `namespaces/status` for a subresource).

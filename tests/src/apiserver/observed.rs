@@ -29,19 +29,20 @@ pub fn lines(requests: &[RequestLog]) -> BTreeSet<String> {
     requests
         .iter()
         .filter(|r| by_agent(r) && r.status != 403)
-        .filter_map(|r| {
-            let scope = r.grant_scope.as_deref()?;
-            let resource = r.resource.as_deref()?;
-            Some(
-                json!({
-                    "identity": r.user,
-                    "verb": r.verb,
-                    "group": r.api_group,
-                    "resource": resource,
-                    "scope": scope,
+        .filter(|r| r.grant_scope.is_some() && r.resource.is_some())
+        .flat_map(|r| {
+            std::iter::once(&r.verb)
+                .chain(&r.also_authorized_as)
+                .map(move |verb| {
+                    json!({
+                        "identity": r.user,
+                        "verb": verb,
+                        "group": r.api_group,
+                        "resource": r.resource,
+                        "scope": r.grant_scope,
+                    })
+                    .to_string()
                 })
-                .to_string(),
-            )
         })
         .collect()
 }

@@ -326,8 +326,9 @@ pub(crate) fn authenticate(shared: &Shared, token: Option<&str>) -> Option<Ident
     super::lock(&shared.tokens).get(token?).copied()
 }
 
-/// Authorization of one resource request, as the real server's RBAC authorizer decides it.
-/// A server-side apply (PATCH) of an object that does not exist yet is a creation too: it
+/// Authorization of one resource request, as the real server's RBAC authorizer decides it:
+/// where the grant came from, and the verbs it was authorized as besides its own. A
+/// server-side apply (PATCH) of an object that does not exist yet is a creation too: it
 /// also needs `create` with the object's name.
 pub(crate) fn authorize_request(
     shared: &Shared,
@@ -335,13 +336,14 @@ pub(crate) fn authorize_request(
     kind: Kind,
     a: &Attributes,
     is_apply: bool,
-) -> Result<GrantScope, ApiError> {
+) -> Result<(GrantScope, Vec<String>), ApiError> {
     let variant = super::lock(&shared.rbac_variant).clone();
     let policy = rendered_policy(&variant).map_err(|e| {
         eprintln!("fake-apiserver: {e}");
         ApiError::internal(e)
     })?;
     let scope = policy.authorize(who, a).ok_or_else(|| forbidden(who, a))?;
+    let mut also = Vec::new();
     if is_apply && a.verb == "patch" && a.subresource.is_none() {
         let ns = a.namespace.as_deref().unwrap_or("");
         let name = a.name.as_deref().unwrap_or("");
@@ -354,9 +356,10 @@ pub(crate) fn authorize_request(
             policy
                 .authorize(who, &create)
                 .ok_or_else(|| forbidden(who, &create))?;
+            also.push(create.verb);
         }
     }
-    Ok(scope)
+    Ok((scope, also))
 }
 
 // ---- the rendered manifests ----

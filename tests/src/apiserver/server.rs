@@ -321,6 +321,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         verb: String::new(),
         user: None,
         grant_scope: None,
+        also_authorized_as: Vec::new(),
         api_group: None,
         resource: None,
         subresource: None,
@@ -359,8 +360,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     let authorized = match (identity, &route) {
         (Some(who), Route::Resource(r)) if injected.is_none() => {
-            authorize(&shared, who, r, &parts, &query, &log.verb)
-                .map(|scope| log.grant_scope = Some(scope.api_calls_scope()))
+            authorize(&shared, who, r, &parts, &query, &log.verb).map(|(scope, also)| {
+                log.grant_scope = Some(scope.api_calls_scope());
+                log.also_authorized_as = also;
+            })
         }
         _ => Ok(()),
     };
@@ -424,7 +427,7 @@ fn authorize(
     parts: &Parts,
     query: &Query,
     verb: &str,
-) -> Result<rbac::GrantScope, ApiError> {
+) -> Result<(rbac::GrantScope, Vec<String>), ApiError> {
     let mut name = r.name.clone();
     if name.is_none() && matches!(verb, "list" | "watch") {
         name = query
