@@ -1457,6 +1457,8 @@ fn kubectl_as_another_field_manager() {
         panic!("kubectl (client only) not found: run `cargo xtask manifests` (it installs the pinned one) and set KUBECTL, or run through `cargo xtask test`");
     }
     let server = FakeApiServer::start();
+    // client-go sends no bearer token over plain http.
+    server.insecure_port_admin();
     server.apply_namespace("env", &[("datalab.io/environment", "true")]);
     let dir = std::env::temp_dir().join(format!("dg-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

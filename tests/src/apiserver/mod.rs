@@ -174,6 +174,8 @@ pub(crate) struct Shared {
     pub rbac_variant: Mutex<String>,
     /// Set by [`FakeApiServer::expect_forbidden`]: a 403 does not fail the test on drop.
     pub forbidden_expected: std::sync::atomic::AtomicBool,
+    /// Set by [`FakeApiServer::insecure_port_admin`].
+    pub insecure_port_admin: std::sync::atomic::AtomicBool,
     /// Set once the first bind has picked the port; every rebind uses the same one.
     pub addr: OnceLock<SocketAddr>,
 }
@@ -516,6 +518,7 @@ impl FakeApiServer {
             ),
             rbac_variant: Mutex::new(rbac::DEFAULT_VARIANT.to_string()),
             forbidden_expected: std::sync::atomic::AtomicBool::new(false),
+            insecure_port_admin: std::sync::atomic::AtomicBool::new(false),
             addr: OnceLock::new(),
         });
         let (addr, listener) = server::spawn_listener(
@@ -592,6 +595,15 @@ impl FakeApiServer {
             panic!("fake API server: {e}");
         }
         *lock(&self.shared.rbac_variant) = variant.to_string();
+    }
+
+    /// A request without credentials is the admin, as on the API server's old insecure
+    /// port: for kubectl, whose client-go never sends a bearer token over plain http. Only
+    /// for tests that run no agent (an agent that lost its token would pass as the admin).
+    pub fn insecure_port_admin(&self) {
+        self.shared
+            .insecure_port_admin
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// This test provokes 403s on purpose: they do not fail it when the server is dropped.
