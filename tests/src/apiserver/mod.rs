@@ -919,8 +919,15 @@ impl Drop for FakeApiServer {
             .forbidden_expected
             .load(std::sync::atomic::Ordering::SeqCst);
         let denied = observed::forbidden(&requests);
-        // Not while unwinding: a second panic would abort the test binary.
-        if !denied.is_empty() && !expected && !std::thread::panicking() {
+        if !denied.is_empty() && !expected && std::thread::panicking() {
+            // Not a second panic (it would abort the test binary), but the likely cause.
+            eprintln!(
+                "fake API server: the API server refused {} call(s) of datalab-guard's \
+                 ServiceAccounts (403), which may be why this test failed:\n{}",
+                denied.len(),
+                denied.join("\n")
+            );
+        } else if !denied.is_empty() && !expected {
             panic!(
                 "the API server refused {} call(s) of datalab-guard's ServiceAccounts (403): \
                  the RBAC in deploy/ does not grant them (a real cluster would refuse them \
