@@ -224,7 +224,7 @@ fn get_as(server: &FakeApiServer, token: Option<&str>, path: &str) -> (u16, Valu
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
