@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    apiserver::{FakeApiServer, PodBuilder},
+    apiserver::{rbac::Identity, FakeApiServer, PodBuilder},
     free_loopback_addr, Agent, BpffsDir, Lab, ProbeResult, TestCgroup,
 };
 
@@ -100,7 +100,9 @@ impl FakeNode {
         let dir =
             std::env::temp_dir().join(format!("dg-node-{}-{}", std::process::id(), cgroup.id()));
         std::fs::create_dir_all(&dir).unwrap();
-        api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+        // As the DaemonSet's ServiceAccount: the fixture enforces the manifests' RBAC.
+        api.write_kubeconfig_as(dir.join("kubeconfig"), Identity::NodeAgent)
+            .unwrap();
         std::fs::write(dir.join("config.yaml"), BASE_CONFIG).unwrap();
         FakeNode {
             agent: None,

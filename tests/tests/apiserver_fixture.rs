@@ -12,7 +12,7 @@ use std::{
 };
 
 use datalab_guard_tests::{
-    apiserver::{Kind, FAKE_TOKEN},
+    apiserver::{rbac::Identity, Kind, FAKE_TOKEN},
     FakeApiServer, PodBuilder,
 };
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -202,6 +202,139 @@ async fn kubeconfig_discovery_and_token() {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+}
+
+/// One GET with `token` (None: no Authorization header): status and body as JSON (Null
+/// when not JSON).
+fn get_as(server: &FakeApiServer, token: Option<&str>, path: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn service_accounts_get_only_what_the_rendered_rbac_grants() {
+    let server = FakeApiServer::start();
+    // This test provokes 403s on purpose.
+    server.expect_forbidden();
+    server.apply_namespace("datalab-guard", &[]);
+    let node = Some(Identity::NodeAgent.default_token());
+    let controller = Some(Identity::Controller.default_token());
+
+    // Granted by the base's ClusterRole: list pods everywhere.
+    assert_eq!(get_as(&server, node, "/api/v1/pods").0, 200);
+    // Discovery: any authenticated user.
+    assert_eq!(get_as(&server, node, "/apis").0, 200);
+    // No token, or one the server never issued: 401 with a Status.
+    let (code, body) = get_as(&server, None, "/api/v1/pods");
+    assert_eq!((code, body["reason"].as_str()), (401, Some("Unauthorized")));
+    assert_eq!(get_as(&server, Some("made-up"), "/version").0, 401);
+
+    // The node agent may not read NetworkPolicies (the controller may).
+    let np = "/apis/networking.k8s.io/v1/networkpolicies";
+    let (code, body) = get_as(&server, node, np);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["kind"], "Status");
+    assert_eq!(body["reason"], "Forbidden");
+    assert_eq!(
+        body["message"],
+        "networkpolicies.networking.k8s.io is forbidden: User \
+         \"system:serviceaccount:datalab-guard:datalab-guard-node\" cannot list resource \
+         \"networkpolicies\" in API group \"networking.k8s.io\" at the cluster scope"
+    );
+    assert_eq!(get_as(&server, controller, np).0, 200);
+
+    // The controller's Lease: its Role holds in its own namespace, for its Lease's name only.
+    let lease = |ns: &str, name: &str| {
+        format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}")
+    };
+    // Authorized, then not found: the Role granted it.
+    assert_eq!(
+        get_as(
+            &server,
+            controller,
+            &lease("datalab-guard", "datalab-guard-leader")
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        get_as(&server, controller, &lease("datalab-guard", "other")).0,
+        403
+    );
+    let (code, body) = get_as(
+        &server,
+        controller,
+        &lease("kube-system", "datalab-guard-leader"),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("in the namespace \"kube-system\""),
+        "{body}"
+    );
+    assert_eq!(
+        get_as(
+            &server,
+            node,
+            &lease("datalab-guard", "datalab-guard-leader")
+        )
+        .0,
+        403
+    );
+    // The admin may do anything.
+    assert_eq!(get_as(&server, Some(FAKE_TOKEN), np).0, 200);
+
+    // The log says who asked, and where a grant came from.
+    let log = server.requests();
+    let denied: Vec<_> = log.iter().filter(|r| r.status == 403).collect();
+    assert_eq!(denied.len(), 4, "{denied:?}");
+    assert!(denied.iter().all(|r| r.grant_scope.is_none()));
+    let leader = log
+        .iter()
+        .find(|r| r.status == 404 && r.resource.as_deref() == Some("leases"))
+        .unwrap();
+    assert_eq!(leader.user.as_deref(), Some("controller"));
+    assert_eq!(leader.grant_scope.as_deref(), Some("agent-namespace"));
+    let pods = log
+        .iter()
+        .find(|r| r.path == "/api/v1/pods" && r.status == 200)
+        .unwrap();
+    assert_eq!(
+        (pods.user.as_deref(), pods.grant_scope.as_deref()),
+        (Some("node-agent"), Some("cluster"))
+    );
+}
+
+#[test]
+#[should_panic(expected = "refused 1 call(s) of datalab-guard's ServiceAccounts (403)")]
+fn a_forbidden_agent_call_fails_the_test() {
+    let server = FakeApiServer::start();
+    let node = Some(Identity::NodeAgent.default_token());
+    assert_eq!(
+        get_as(&server, node, "/apis/networking.k8s.io/v1/networkpolicies").0,
+        403
+    );
+    // Dropping the server fails the test, naming the call.
+    drop(server);
 }
 
 #[tokio::test]
@@ -852,6 +985,7 @@ async fn server_side_apply_ownership_and_conflicts() {
     write!(
         s,
         "PUT /apis/networking.k8s.io/v1/namespaces/env/networkpolicies/allow-web-egress HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {FAKE_TOKEN}\r\n\
          User-Agent: kubectl/v1.33.0 (linux/amd64)\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{payload}",
         payload.len()
@@ -1323,6 +1457,8 @@ fn kubectl_as_another_field_manager() {
         panic!("kubectl (client only) not found: run `cargo xtask manifests` (it installs the pinned one) and set KUBECTL, or run through `cargo xtask test`");
     }
     let server = FakeApiServer::start();
+    // client-go sends no bearer token over plain http.
+    server.insecure_port_admin();
     server.apply_namespace("env", &[("datalab.io/environment", "true")]);
     let dir = std::env::temp_dir().join(format!("dg-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -16,7 +16,10 @@ use datalab_guard::{
     config::Config,
     k8s::events::{publish_pod_events, EventBudget, PodAttempt, PodEvents, MAX_PODS},
 };
-use datalab_guard_tests::{apiserver::RequestLog, FakeApiServer};
+use datalab_guard_tests::{
+    apiserver::{rbac::Identity, RequestLog},
+    FakeApiServer,
+};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     Client, Config as KubeConfig,
@@ -27,7 +30,9 @@ use tokio::sync::mpsc;
 const NODE: &str = "node-1";
 
 async fn client(server: &FakeApiServer) -> Client {
-    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("kubeconfig");
+    // The node agent's publisher, as its ServiceAccount (RBAC enforced).
+    let yaml = server.kubeconfig_yaml_as(Identity::NodeAgent);
+    let kubeconfig = Kubeconfig::from_yaml(&yaml).expect("kubeconfig");
     let config = KubeConfig::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube config");

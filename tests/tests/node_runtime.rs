@@ -19,8 +19,10 @@ use std::{
 };
 
 use datalab_guard_tests::{
-    apiserver::FakeApiServer, cgroup2_root, cri_lab::LabPod, free_loopback_addr, require_root,
-    Agent, BpffsDir, CriLab, Lab, PodSpec, TestCgroup,
+    apiserver::{rbac::Identity, FakeApiServer},
+    cgroup2_root,
+    cri_lab::LabPod,
+    free_loopback_addr, require_root, Agent, BpffsDir, CriLab, Lab, PodSpec, TestCgroup,
 };
 
 const NODE: &str = "node-1";
@@ -70,7 +72,9 @@ impl RuntimeNode {
             Instant::now().elapsed().as_nanos()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+        // As the DaemonSet's ServiceAccount: the fixture enforces the manifests' RBAC.
+        api.write_kubeconfig_as(dir.join("kubeconfig"), Identity::NodeAgent)
+            .unwrap();
         let socket =
             runtime_socket.map_or_else(|| cri.socket().display().to_string(), str::to_owned);
         // kube-system is exempt by name; cni-system too, and the API never hears of it.
@@ -108,7 +112,7 @@ impl RuntimeNode {
         let dead = free_loopback_addr().unwrap();
         let yaml = self
             .api
-            .kubeconfig_yaml()
+            .kubeconfig_yaml_as(Identity::NodeAgent)
             .replace(&self.api.url(), &format!("http://{dead}"));
         std::fs::write(self.dir.join("kubeconfig"), yaml).unwrap();
     }

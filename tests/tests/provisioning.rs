@@ -11,10 +11,14 @@
 //!   steals nor loses the Lease; a controller waits for an unreachable API server; bad input
 //!   exits 2; and (root) a node agent beside them writes nothing but Events.
 //!
-//! Who wrote what: the fixture does not authenticate, but it rejects a wrong bearer token and
-//! accepts none, so one controller gets the fixture's kubeconfig (token) and the other a copy
-//! without credentials; the request log's `bearer_token` then says which of the two sent
-//! each request. Node agents and controllers also differ in their `User-Agent`.
+//! Who wrote what: the fixture authenticates bearer tokens and enforces the RBAC of the
+//! rendered manifests, so every controller runs as the controller's ServiceAccount and every
+//! node agent as the node agent's (a call the RBAC does not grant fails the test). One
+//! controller gets the ServiceAccount's first token and the others a second token of the
+//! same ServiceAccount ([`REPLICA_TOKEN`], as two replicas of a Deployment hold different
+//! tokens); the request log's `bearer_token` then says which of the two sent each request.
+//! The test's own edits ("kubectl") use the fixture's admin. The Lease lives in the
+//! controller's namespace (`datalab-guard`), where the manifests' Role grants it.
 
 use std::{
     net::SocketAddr,
@@ -31,7 +35,11 @@ use datalab_guard::{
     },
 };
 use datalab_guard_tests::{
-    apiserver::{node_agent_violations, Kind, RequestLog},
+    apiserver::{
+        node_agent_violations,
+        rbac::{Identity, AGENT_NAMESPACE},
+        Kind, RequestLog,
+    },
     free_loopback_addr, http_get, require_root, Agent, BpffsDir, FakeApiServer, PodBuilder,
     TestCgroup,
 };
@@ -49,7 +57,7 @@ use serde_json::{json, Value};
 const ENV: (&str, &str) = ("datalab.io/environment", "true");
 const POLICY: &str = "allow-web-egress";
 const LEASE: &str = "datalab-guard-leader";
-const LEASE_NS: &str = "kube-system";
+const LEASE_NS: &str = AGENT_NAMESPACE;
 const MANAGER: &str = "datalab-guard";
 const ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 const ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
@@ -65,7 +73,7 @@ const TAKEOVER_WITHIN: Duration = Duration::from_millis(3_000 + 1_200 + 400);
 /// Appended to the config of a node agent (see `node_agents_beside_controllers_only_read`).
 const NO_PROBE: &str = "probe:\n  enabled: false\n";
 
-const LEADER_ELECTION: &str = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 3s\n  renewDeadline: 2s\n  retryPeriod: 500ms\n";
+const LEADER_ELECTION: &str = "leaderElection:\n  namespace: datalab-guard\n  leaseDuration: 3s\n  renewDeadline: 2s\n  retryPeriod: 500ms\n";
 
 // ---------------------------------------------------------------------------------------
 // Helpers shared by both layers.
@@ -78,24 +86,45 @@ fn config(extra: &str) -> Config {
     .expect("test config")
 }
 
-/// The fixture's kubeconfig without credentials (see the module docs).
-fn tokenless_kubeconfig(server: &FakeApiServer) -> String {
-    let yaml = server.kubeconfig_yaml();
-    let with = format!("  user:\n    token: {}\n", server.token());
-    assert!(
-        yaml.contains(&with),
-        "the fixture's kubeconfig changed shape: {yaml}"
-    );
-    yaml.replace(&with, "  user: {}\n")
+/// The second token of the controller's ServiceAccount (see the module docs).
+const REPLICA_TOKEN: &str = "datalab-guard-controller-replica-token";
+
+/// A controller's kubeconfig: the ServiceAccount's first token (`token`) or
+/// [`REPLICA_TOKEN`]. Also makes the Lease's namespace, as deploy/ does.
+fn controller_kubeconfig(server: &FakeApiServer, token: bool) -> String {
+    if server.get(Kind::Namespace, None, LEASE_NS).is_none() {
+        server.apply_namespace(LEASE_NS, &[]);
+    }
+    if token {
+        server.kubeconfig_yaml_as(Identity::Controller)
+    } else {
+        server.add_token(Identity::Controller, REPLICA_TOKEN);
+        server.kubeconfig_yaml_with_token(REPLICA_TOKEN)
+    }
 }
 
-async fn client(server: &FakeApiServer, token: bool) -> Client {
-    let yaml = if token {
-        server.kubeconfig_yaml()
+/// Sent by the controller holding the first token (`true`) or [`REPLICA_TOKEN`].
+fn sent_with(r: &RequestLog, token: bool) -> bool {
+    let want = if token {
+        Identity::Controller.default_token()
     } else {
-        tokenless_kubeconfig(server)
+        REPLICA_TOKEN
     };
-    let kubeconfig = Kubeconfig::from_yaml(&yaml).expect("kubeconfig parses");
+    r.bearer_token.as_deref() == Some(want)
+}
+
+/// A controller's client (see [`controller_kubeconfig`]).
+async fn client(server: &FakeApiServer, token: bool) -> Client {
+    client_from(&controller_kubeconfig(server, token)).await
+}
+
+/// The test's own client ("kubectl"): the fixture's admin.
+async fn admin_client(server: &FakeApiServer) -> Client {
+    client_from(&server.kubeconfig_yaml()).await
+}
+
+async fn client_from(yaml: &str) -> Client {
+    let kubeconfig = Kubeconfig::from_yaml(yaml).expect("kubeconfig parses");
     let config = KubeConfig::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube config");
@@ -316,7 +345,7 @@ async fn leader_election_elects_one_and_hands_over() {
     let standby_writes: Vec<_> = server
         .requests()
         .into_iter()
-        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .filter(|r| sent_with(r, false) && is_write(r))
         .collect();
     assert!(
         standby_writes.is_empty(),
@@ -421,7 +450,7 @@ async fn provisions_repairs_and_removes_only_its_own_policy() {
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
     server.apply_namespace("plain", &[]);
-    let kubectl = client(&server, true).await;
+    let kubectl = admin_client(&server).await;
     // A policy with our name in a non-environment namespace, made by someone else.
     let mut lookalike = tenant_policy("plain", POLICY, "0.0.0.0/0");
     lookalike.metadata.labels = Some(
@@ -758,6 +787,8 @@ async fn except_lists_follow_the_blocked_set_and_the_stack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_security_is_reported_and_optionally_labelled() {
     let server = FakeApiServer::start();
+    // setLabel needs the psa-labels component's grant (namespaces patch).
+    server.use_rbac_variant("base_psa-labels");
     server.apply_namespace("none", &[ENV]);
     server.apply_namespace("weak", &[ENV, (ENFORCE, "privileged")]);
     server.apply_namespace("strong", &[ENV, (ENFORCE, "restricted")]);
@@ -1000,7 +1031,7 @@ async fn every_write_respects_the_write_limit() {
 async fn bypassing_policies_are_reported_and_left_alone() {
     let server = FakeApiServer::start();
     server.apply_namespace("tenant-a", &[ENV]);
-    let kubectl = client(&server, true).await;
+    let kubectl = admin_client(&server).await;
     let mut agent = InProc::start(
         &server,
         "node-1",
@@ -1133,7 +1164,7 @@ async fn only_the_leader_writes_and_standbys_still_know_the_state() {
     let standby_writes: Vec<_> = server
         .requests()
         .into_iter()
-        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .filter(|r| sent_with(r, false) && is_write(r))
         .collect();
     assert!(
         standby_writes.is_empty(),
@@ -1193,7 +1224,7 @@ struct BinController {
 #[derive(Clone, Debug)]
 struct Launch<'a> {
     name: &'a str,
-    /// With the fixture's token (see the module docs for who-wrote-what).
+    /// With the ServiceAccount's first token, else [`REPLICA_TOKEN`] (see the module docs).
     token: bool,
     /// libfaketime offset of the process's wall clock (`+10m`, `-10m`); its monotonic clock
     /// stays true (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as on a node whose NTP is off.
@@ -1249,24 +1280,15 @@ fn candidate_args(c: &BinController, kubeconfig: &Path, config: &Path) -> Vec<St
     ]
 }
 
-/// Writes the kubeconfig (with or without the token) and config of `name` into `dir`.
+/// Writes the kubeconfig and config of `name` into `dir`.
 fn write_inputs(
-    server: &FakeApiServer,
     dir: &Path,
     name: &str,
-    token: bool,
+    kubeconfig_yaml: &str,
     config_yaml: &str,
 ) -> (PathBuf, PathBuf) {
     let kubeconfig = dir.join(format!("kubeconfig-{name}"));
-    std::fs::write(
-        &kubeconfig,
-        if token {
-            server.kubeconfig_yaml()
-        } else {
-            tokenless_kubeconfig(server)
-        },
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, kubeconfig_yaml).unwrap();
     let config = dir.join(format!("config-{name}.yaml"));
     std::fs::write(&config, config_yaml).unwrap();
     (kubeconfig, config)
@@ -1305,7 +1327,12 @@ impl BinController {
         how: &Launch<'_>,
         config_yaml: &str,
     ) -> BinController {
-        let (kubeconfig, config) = write_inputs(server, dir, how.name, how.token, config_yaml);
+        let (kubeconfig, config) = write_inputs(
+            dir,
+            how.name,
+            &controller_kubeconfig(server, how.token),
+            config_yaml,
+        );
         let mut c = BinController {
             name: how.name.to_owned(),
             agent: None,
@@ -1436,7 +1463,7 @@ fn sync_client(server: &FakeApiServer) -> (tokio::runtime::Runtime, Client) {
         .enable_all()
         .build()
         .unwrap();
-    let c = rt.block_on(client(server, true));
+    let c = rt.block_on(admin_client(server));
     (rt, c)
 }
 
@@ -1446,7 +1473,7 @@ fn controllers_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("kill");
     let cfg = bin_config("");
-    // ctl-1 starts first and takes the Lease; ctl-2 has no credentials (see module docs).
+    // ctl-1 starts first and takes the Lease; ctl-2 has the replica token (see module docs).
     let mut c1 = BinController::start(&server, &dir.0, "ctl-1", true, &cfg);
     eventually_sync("ctl-1 leads", Duration::from_secs(10), || {
         lease_holder(&server).as_deref() == Some("ctl-1")
@@ -1505,10 +1532,11 @@ fn controllers_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
     eventually_sync("both repairs reported", Duration::from_secs(5), || {
         event_count(&server, "NetworkPolicyRepaired", "tenant-a") == 2
     });
-    assert!(
-        c1.log_has("NetworkPolicy repaired"),
-        "a log line for each repair"
-    );
+    // The Event can reach the fixture before the test has read the log line that goes
+    // with it.
+    eventually_sync("a log line for each repair", Duration::from_secs(5), || {
+        c1.log_has("NetworkPolicy repaired")
+    });
     assert_eq!(
         server
             .get(Kind::NetworkPolicy, Some("tenant-a"), "notebook-egress")
@@ -1522,22 +1550,22 @@ fn controllers_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
         policy(&server, "tenant-b").is_none()
     });
 
-    // Only the leader wrote: ctl-2 (no token) sent no write at all — no policy, namespace,
+    // Only the leader wrote: ctl-2 (replica token) sent no write at all — no policy, namespace,
     // Event or Lease write — while ctl-1's lease was valid.
     let requests = server.requests();
     let standby_writes: Vec<_> = requests
         .iter()
-        .filter(|r| r.bearer_token.is_none() && is_write(r))
+        .filter(|r| sent_with(r, false) && is_write(r))
         .collect();
     assert!(standby_writes.is_empty(), "ctl-2 wrote: {standby_writes:?}");
     assert!(
-        requests.iter().any(|r| r.bearer_token.is_none()
+        requests.iter().any(|r| sent_with(r, false)
             && r.resource.as_deref() == Some("networkpolicies")
             && r.is_watch()),
         "ctl-2 watches the policies too"
     );
     assert!(
-        requests.iter().any(|r| r.bearer_token.is_none()
+        requests.iter().any(|r| sent_with(r, false)
             && r.resource.as_deref() == Some("leases")
             && r.verb == "get"),
         "ctl-2 stands by on the Lease"
@@ -1545,9 +1573,7 @@ fn controllers_elect_one_writer_and_hand_over_when_the_leader_is_killed() {
     let leader_np_writes = requests
         .iter()
         .filter(|r| {
-            r.bearer_token.is_some()
-                && is_write(r)
-                && r.resource.as_deref() == Some("networkpolicies")
+            sent_with(r, true) && is_write(r) && r.resource.as_deref() == Some("networkpolicies")
         })
         .count();
     assert!(
@@ -1614,16 +1640,12 @@ fn lease_stays(server: &FakeApiServer, holder: &str, transitions: i64, how_long:
 }
 
 /// Lease writes (create, update, patch, delete) in the request log, from the agent with the
-/// token (`true`) or the one without.
+/// first token (`true`) or the replica token.
 fn lease_writes(server: &FakeApiServer, token: bool) -> Vec<RequestLog> {
     server
         .requests()
         .into_iter()
-        .filter(|r| {
-            r.bearer_token.is_some() == token
-                && r.resource.as_deref() == Some("leases")
-                && is_write(r)
-        })
+        .filter(|r| sent_with(r, token) && r.resource.as_deref() == Some("leases") && is_write(r))
         .collect()
 }
 
@@ -1702,9 +1724,10 @@ fn skewed_clocks_neither_steal_nor_lose_the_lease() {
     let stolen = lease_writes(&server, true);
     assert!(stolen.is_empty(), "ctl-3 wrote the Lease: {stolen:?}");
     // Only Lease reads from ctl-3, and it did read.
-    assert!(server.requests().iter().any(|r| r.bearer_token.is_some()
-        && r.resource.as_deref() == Some("leases")
-        && r.verb == "get"));
+    assert!(server
+        .requests()
+        .iter()
+        .any(|r| sent_with(r, true) && r.resource.as_deref() == Some("leases") && r.verb == "get"));
 
     // kill -9 the healthy leader: the skewed standby takes over in time (neither at once nor
     // ten minutes late), and keeps it.
@@ -1729,7 +1752,7 @@ fn a_stopping_leader_releases_the_lease_at_once() {
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("term");
     // A long lease: a handover well under it can only come from the release.
-    let cfg = "leaderElection:\n  namespace: kube-system\n  leaseDuration: 20s\n  renewDeadline: 10s\n  retryPeriod: 500ms\nnetworkPolicy:\n  dualStack: false\n";
+    let cfg = "leaderElection:\n  namespace: datalab-guard\n  leaseDuration: 20s\n  renewDeadline: 10s\n  retryPeriod: 500ms\nnetworkPolicy:\n  dualStack: false\n";
     let mut c1 = BinController::start(&server, &dir.0, "ctl-1", true, cfg);
     eventually_sync("ctl-1 leads", Duration::from_secs(10), || {
         lease_holder(&server).as_deref() == Some("ctl-1")
@@ -1772,6 +1795,8 @@ fn a_stopping_leader_releases_the_lease_at_once() {
 #[test]
 fn dual_stack_and_pod_security_through_the_binary() {
     let server = FakeApiServer::start();
+    // setLabel needs the psa-labels component's grant (namespaces patch).
+    server.use_rbac_variant("base_psa-labels");
     server.apply_namespace("tenant-a", &[ENV]);
     let dir = TempDir::new("psa");
     let cfg = format!("{LEADER_ELECTION}networkPolicy:\n  dualStack: true\npodSecurity:\n  level: restricted\n  setLabel: true\n");
@@ -1830,8 +1855,12 @@ fn node_agents_beside_controllers_only_read() {
             .build(),
     );
     let bpffs = BpffsDir::new().expect("bpffs");
-    let (kubeconfig, config) =
-        write_inputs(&server, &dir.0, "node-1", true, &format!("{cfg}{NO_PROBE}"));
+    let (kubeconfig, config) = write_inputs(
+        &dir.0,
+        "node-1",
+        &server.kubeconfig_yaml_as(Identity::NodeAgent),
+        &format!("{cfg}{NO_PROBE}"),
+    );
     let metrics = free_loopback_addr().unwrap();
     let args = [
         "node".to_owned(),

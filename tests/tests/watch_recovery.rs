@@ -16,8 +16,8 @@ use std::{
 
 use datalab_guard::k8s::{ClusterView, WatchHealth};
 use datalab_guard_tests::{
-    apiserver::ExpiredWatch, free_loopback_addr, require_root, Agent, BpffsDir, FakeApiServer,
-    PodBuilder, TestCgroup,
+    apiserver::{rbac::Identity, ExpiredWatch},
+    free_loopback_addr, require_root, Agent, BpffsDir, FakeApiServer, PodBuilder, TestCgroup,
 };
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
@@ -35,7 +35,9 @@ const OUTAGE: Duration = Duration::from_secs(15);
 const PATIENCE: Duration = Duration::from_secs(120);
 
 async fn client(server: &FakeApiServer) -> Client {
-    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("kubeconfig parses");
+    // The node agent's watchers, as its ServiceAccount (RBAC enforced).
+    let yaml = server.kubeconfig_yaml_as(Identity::NodeAgent);
+    let kubeconfig = Kubeconfig::from_yaml(&yaml).expect("kubeconfig parses");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube-rs accepts the kubeconfig");
@@ -196,7 +198,9 @@ impl Node {
             cgroup.id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+        // As the DaemonSet's ServiceAccount: the fixture enforces the manifests' RBAC.
+        api.write_kubeconfig_as(dir.join("kubeconfig"), Identity::NodeAgent)
+            .unwrap();
         // The CNI probe is off: it would connect from the machine's own network namespace.
         std::fs::write(
             dir.join("config.yaml"),

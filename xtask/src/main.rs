@@ -6,10 +6,12 @@
 //! - `bench`: benchmarks.
 //! - `verifier`: record (or `--check`) each eBPF program's verified instruction count.
 //! - `manifests`: render and check the kustomize manifests under deploy/.
+//! - `api-calls`: check the API calls the last test run observed against deploy/api-calls.yaml.
 //! - `image`: build the release image from the Containerfile without a registry (OCI archive).
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 //! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
 
+mod api_calls;
 mod artifacts;
 mod bench;
 mod demo;
@@ -53,6 +55,9 @@ enum Cmd {
     /// Render deploy/ (base, components, overlays) and validate it: schemas, RBAC against
     /// deploy/api-calls.yaml, the DaemonSet's security settings.
     Manifests,
+    /// Check the API calls the last `cargo xtask test` observed (target/api-calls-observed/)
+    /// against deploy/api-calls.yaml, both ways (`test` does this after the tests).
+    ApiCalls,
     /// rustfmt check, clippy with warnings denied (host workspace and the eBPF crate),
     /// the policy core's dependency purity, and cargo-deny (licences, bans, sources).
     Lint,
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Verifier(args) => bench::verifier::run(args),
         Cmd::Manifests => manifests::run_all(),
+        Cmd::ApiCalls => api_calls::check(true),
         Cmd::Lint => lint::run_all(),
         Cmd::Fuzz(args) => fuzz::run_args(args),
         Cmd::Image(args) => image::run_image(args),

@@ -453,21 +453,34 @@ fn validate_schemas(tools: &Tools, rendered: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // API calls and RBAC
 
+/// deploy/api-calls.yaml, read with the manifest tools' YAML parser (for `cargo xtask test`'s
+/// check of the calls the tests observed, see `api_calls.rs`).
+pub(crate) fn load_api_calls() -> Result<Vec<ApiCall>> {
+    let root = util::workspace_root();
+    let tools = Tools::ensure(&root.join(VENV))?;
+    ApiCall::load(&tools, &root.join("deploy/api-calls.yaml"), &root)
+}
+
 /// One entry of deploy/api-calls.yaml.
-struct ApiCall {
+pub(crate) struct ApiCall {
     /// `node-agent` or `controller` (see [`IDENTITIES`]).
-    identity: String,
-    group: String,
-    resource: String,
-    verbs: Vec<String>,
+    pub identity: String,
+    pub group: String,
+    pub resource: String,
+    pub verbs: Vec<String>,
     /// true: the agent's own namespace (Role); false: cluster-wide (ClusterRole).
-    agent_namespace: bool,
-    resource_names: Vec<String>,
+    pub agent_namespace: bool,
+    /// `status: planned`: not written yet, so no test can observe it.
+    pub planned: bool,
+    /// Why no test makes this call (`notExercisedBecause:`); `cargo xtask test` then does
+    /// not require it to be observed.
+    pub not_exercised_because: Option<String>,
+    pub resource_names: Vec<String>,
     /// A config key whose value is the only resource name.
-    resource_names_from_config: Option<String>,
-    component: String,
+    pub resource_names_from_config: Option<String>,
+    pub component: String,
     /// `key=value` conditions on the shipped config, all of which must hold.
-    when: Vec<(String, String)>,
+    pub when: Vec<(String, String)>,
 }
 
 impl ApiCall {
@@ -507,7 +520,8 @@ impl ApiCall {
                 scope == "cluster" || scope == "agent-namespace",
                 "{at}: scope must be cluster or agent-namespace, not {scope}"
             );
-            match field("status")?.as_str() {
+            let status = field("status")?;
+            match status.as_str() {
                 "planned" => {}
                 "implemented" => {
                     let code = field("code")?;
@@ -528,6 +542,11 @@ impl ApiCall {
                 .collect::<Result<_>>()?;
             let verbs = strings(&e["verbs"]);
             ensure!(!verbs.is_empty(), "{at}: no verbs");
+            let not_exercised_because = match &e["notExercisedBecause"] {
+                Value::Null => None,
+                Value::String(why) if !why.trim().is_empty() => Some(why.trim().to_owned()),
+                other => bail!("{at}: notExercisedBecause must be a non-empty reason, not {other}"),
+            };
             calls.push(ApiCall {
                 identity,
                 group: e["group"]
@@ -537,6 +556,8 @@ impl ApiCall {
                 resource: field("resource")?,
                 verbs,
                 agent_namespace: scope == "agent-namespace",
+                planned: status == "planned",
+                not_exercised_because,
                 resource_names: strings(&e["resourceNames"]),
                 resource_names_from_config: e["resourceNamesFromConfig"]
                     .as_str()

@@ -11,7 +11,9 @@
 //! arguments: what `./x test` and CI do) also runs the lint gate (`cargo xtask lint`) before
 //! the privileged tests and, once the binaries are built, `cargo xtask verifier --check`
 //! (each program's verified instruction count against `bench-results/verifier.md`); a
-//! filtered run skips both, so iterating on one test stays quick.
+//! filtered run skips both, so iterating on one test stays quick. After the tests, the API
+//! calls the fixture saw the agents make are checked against deploy/api-calls.yaml
+//! (`api_calls.rs`; both ways only when every agent test ran).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -85,6 +87,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .collect(),
         );
     }
+    // The fixture appends the calls it grants the agents' ServiceAccounts (api_calls.rs).
+    crate::api_calls::clear()?;
+    // Every agent test runs: the listed calls must all have been observed too.
+    let all_agent_tests = args.test_args.is_empty()
+        && (args.packages.is_empty() || args.packages.iter().any(|p| p == "datalab-guard-tests"));
     let mut skipped = Vec::new();
     for selection in runs {
         let mut cmd = cargo_cmd();
@@ -108,6 +115,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             skipped.join("\n")
         );
     }
+    crate::api_calls::check(all_agent_tests)?;
     println!("cargo xtask test: all tests passed, none skipped");
     Ok(())
 }

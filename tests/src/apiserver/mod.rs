@@ -53,9 +53,17 @@
 //!   deleting a namespace deletes its objects at once (each with a DELETED event).
 //! - core/v1 and events.k8s.io/v1 Events are stored apart (a real server converts between
 //!   them); [`FakeApiServer::events`] returns both.
-//! - No authorization: every request is allowed. A bearer token other than the kubeconfig's
-//!   is a 401; none at all is accepted. [`FakeApiServer::requests`] records the verb,
-//!   group, resource and namespace of each request so tests can check RBAC needs.
+//! - Authentication by bearer token only (no client certificates, no anonymous user): a
+//!   request without a token, or with one the fixture did not issue, is a 401. Each
+//!   [`rbac::Identity`] has its own token: the test admin ([`FakeApiServer::kubeconfig_yaml`],
+//!   `system:masters`, allowed everything) and the node agent's and controller's
+//!   ServiceAccounts ([`FakeApiServer::kubeconfig_yaml_as`]), which get exactly what the RBAC
+//!   of the rendered manifests grants them (see [`rbac`]); anything else is a 403. A
+//!   ServiceAccount's 403 fails the test when the server is dropped, and every call the
+//!   ServiceAccounts were granted is appended to `target/api-calls-observed/` (see
+//!   [`observed`]) for `cargo xtask test` to check against deploy/api-calls.yaml.
+//!   [`FakeApiServer::requests`] records identity, verb, group, resource, subresource and
+//!   namespace of each request.
 //! - No admission but NamespaceLifecycle, no validation beyond type/name/namespace
 //!   consistency and Events; subresources (`status`, `scale`, ...) are 404. A DELETE of a
 //!   namespace through the API is still immediate (only the control methods make one
@@ -67,6 +75,8 @@ pub mod apply;
 pub mod bulk;
 pub mod discovery;
 pub mod faults;
+pub mod observed;
+pub mod rbac;
 pub mod resources;
 pub mod selectors;
 pub mod server;
@@ -175,6 +185,14 @@ pub(crate) struct Shared {
     pub settings: Mutex<Settings>,
     pub open_watches: AtomicUsize,
     pub token: String,
+    /// Every bearer token issued, and whose it is.
+    pub tokens: Mutex<BTreeMap<String, rbac::Identity>>,
+    /// The rendered manifests whose RBAC is enforced (`target/manifests/<variant>.yaml`).
+    pub rbac_variant: Mutex<String>,
+    /// Set by [`FakeApiServer::expect_forbidden`]: a 403 does not fail the test on drop.
+    pub forbidden_expected: std::sync::atomic::AtomicBool,
+    /// Set by [`FakeApiServer::insecure_port_admin`].
+    pub insecure_port_admin: std::sync::atomic::AtomicBool,
     /// Set once the first bind has picked the port; every rebind uses the same one.
     pub addr: OnceLock<SocketAddr>,
     /// HTTPS with a per-fixture CA ([`FakeApiServer::start_tls`]); plain HTTP without.
@@ -217,10 +235,21 @@ pub struct RequestLog {
     /// The Kubernetes verb: get, list, watch, create, update, patch, delete,
     /// deletecollection; empty for non-resource requests (discovery, health).
     pub verb: String,
+    /// Who sent it: deploy/api-calls.yaml's identity name (`node-agent`, `controller`) or
+    /// `admin`; None when authentication failed (401).
+    pub user: Option<String>,
+    /// For a granted resource request of a ServiceAccount: where the grant came from, as
+    /// api-calls.yaml's `scope` (`cluster`, `agent-namespace`).
+    pub grant_scope: Option<String>,
+    /// Verbs the request was authorized as besides `verb`: `create` for a server-side
+    /// apply that creates its object.
+    pub also_authorized_as: Vec<String>,
     /// The API group (`""` for core) for resource requests.
     pub api_group: Option<String>,
     /// The resource (`pods`, `leases`, or `namespaces/status` for a subresource).
     pub resource: Option<String>,
+    /// The subresource alone (`status`), if any.
+    pub subresource: Option<String>,
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub content_type: Option<String>,
@@ -509,6 +538,19 @@ impl FakeApiServer {
             }),
             open_watches: AtomicUsize::new(0),
             token: FAKE_TOKEN.to_string(),
+            tokens: Mutex::new(
+                [
+                    rbac::Identity::Admin,
+                    rbac::Identity::NodeAgent,
+                    rbac::Identity::Controller,
+                ]
+                .into_iter()
+                .map(|i| (i.default_token().to_string(), i))
+                .collect(),
+            ),
+            rbac_variant: Mutex::new(rbac::DEFAULT_VARIANT.to_string()),
+            forbidden_expected: std::sync::atomic::AtomicBool::new(false),
+            insecure_port_admin: std::sync::atomic::AtomicBool::new(false),
             addr: OnceLock::new(),
             tls: tls.map(Arc::new),
         });
@@ -551,16 +593,84 @@ impl FakeApiServer {
         &self.shared.token
     }
 
-    /// A kubeconfig for this server: bearer token [`FAKE_TOKEN`], default namespace
-    /// `default`; for an HTTPS fixture, the fixture's CA as `certificate-authority-data`.
-    /// kube-rs sends the token over http too (it only refuses https without a TLS stack).
+    /// A kubeconfig for this server as the test admin: bearer token [`FAKE_TOKEN`], default
+    /// namespace `default`; for an HTTPS fixture, the fixture's CA as
+    /// `certificate-authority-data`. kube-rs sends the token over http too (it only refuses
+    /// https without a TLS stack).
     pub fn kubeconfig_yaml(&self) -> String {
-        self.kubeconfig_yaml_trusting(self.ca_pem().as_deref())
+        self.kubeconfig_yaml_with_token(&self.shared.token)
     }
 
     /// [`FakeApiServer::kubeconfig_yaml`] with `ca_pem` as the cluster's CA (a wrong one,
     /// for tests of what a client does when it cannot verify the server), or none.
     pub fn kubeconfig_yaml_trusting(&self, ca_pem: Option<&str>) -> String {
+        self.kubeconfig(&self.shared.token, ca_pem)
+    }
+
+    /// A kubeconfig that authenticates as `who` (its first token). For a ServiceAccount,
+    /// the RBAC this server enforces is loaded now, so a missing or stale render fails here
+    /// with the command that fixes it.
+    pub fn kubeconfig_yaml_as(&self, who: rbac::Identity) -> String {
+        if who != rbac::Identity::Admin {
+            let variant = lock(&self.shared.rbac_variant).clone();
+            if let Err(e) = rbac::rendered_policy(&variant) {
+                panic!("fake API server: {e}");
+            }
+        }
+        self.kubeconfig_yaml_with_token(who.default_token())
+    }
+
+    /// Writes [`FakeApiServer::kubeconfig_yaml_as`] to `path`.
+    pub fn write_kubeconfig_as(
+        &self,
+        path: impl AsRef<Path>,
+        who: rbac::Identity,
+    ) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml_as(who))
+    }
+
+    /// Accepts `token` as another token of `who` from now on (two replicas of one
+    /// Deployment hold different tokens of the same ServiceAccount; the request log's
+    /// `bearer_token` tells them apart). Panics if the token belongs to someone else.
+    pub fn add_token(&self, who: rbac::Identity, token: &str) {
+        let old = lock(&self.shared.tokens).insert(token.to_string(), who);
+        assert!(
+            old.is_none_or(|o| o == who),
+            "fake API server: token {token:?} already belongs to {old:?}"
+        );
+    }
+
+    /// Enforces the RBAC of `target/manifests/<variant>.yaml` (e.g. `base_psa-labels`)
+    /// instead of the base's. Panics if it cannot be read.
+    pub fn use_rbac_variant(&self, variant: &str) {
+        if let Err(e) = rbac::rendered_policy(variant) {
+            panic!("fake API server: {e}");
+        }
+        *lock(&self.shared.rbac_variant) = variant.to_string();
+    }
+
+    /// A request without credentials is the admin, as on the API server's old insecure
+    /// port: for kubectl, whose client-go never sends a bearer token over plain http. Only
+    /// for tests that run no agent (an agent that lost its token would pass as the admin).
+    pub fn insecure_port_admin(&self) {
+        self.shared
+            .insecure_port_admin
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This test provokes 403s on purpose: they do not fail it when the server is dropped.
+    pub fn expect_forbidden(&self) {
+        self.shared
+            .forbidden_expected
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A kubeconfig carrying `token` (and, for an HTTPS fixture, its CA).
+    pub fn kubeconfig_yaml_with_token(&self, token: &str) -> String {
+        self.kubeconfig(token, self.ca_pem().as_deref())
+    }
+
+    fn kubeconfig(&self, token: &str, ca_pem: Option<&str>) -> String {
         use base64::Engine as _;
         let ca = ca_pem.map_or_else(String::new, |pem| {
             format!(
@@ -580,7 +690,6 @@ impl FakeApiServer {
              users:\n\
              - name: fake\n  user:\n    token: {token}\n",
             url = self.url(),
-            token = self.shared.token,
         )
     }
 
@@ -902,6 +1011,32 @@ impl Drop for FakeApiServer {
         if let Some(rt) = self.runtime.take() {
             // Safe in async tests too (a plain drop would block inside a runtime).
             rt.shutdown_background();
+        }
+        let requests = self.requests();
+        if let Err(e) = observed::append(&requests) {
+            eprintln!("fake API server: cannot record the observed API calls: {e}");
+        }
+        let expected = self
+            .shared
+            .forbidden_expected
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let denied = observed::forbidden(&requests);
+        if !denied.is_empty() && !expected && std::thread::panicking() {
+            // Not a second panic (it would abort the test binary), but the likely cause.
+            eprintln!(
+                "fake API server: the API server refused {} call(s) of datalab-guard's \
+                 ServiceAccounts (403), which may be why this test failed:\n{}",
+                denied.len(),
+                denied.join("\n")
+            );
+        } else if !denied.is_empty() && !expected {
+            panic!(
+                "the API server refused {} call(s) of datalab-guard's ServiceAccounts (403): \
+                 the RBAC in deploy/ does not grant them (a real cluster would refuse them \
+                 too):\n{}",
+                denied.len(),
+                denied.join("\n")
+            );
         }
     }
 }

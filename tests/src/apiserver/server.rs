@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use super::{
-    discovery, lock,
+    discovery, lock, rbac,
     resources::Kind,
     selectors::{FieldSelector, LabelSelector},
     status::{success_status, ApiError},
@@ -336,8 +336,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         query: parts.uri.query().unwrap_or("").to_string(),
         status: 0,
         verb: String::new(),
+        user: None,
+        grant_scope: None,
+        also_authorized_as: Vec::new(),
         api_group: None,
         resource: None,
+        subresource: None,
         namespace: None,
         name: None,
         content_type: header(http::header::CONTENT_TYPE),
@@ -354,17 +358,40 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             Some(sub) => format!("{}/{sub}", r.kind.plural()),
             None => r.kind.plural().to_string(),
         });
+        log.subresource = r.subresource.clone();
         log.namespace = r.namespace.clone();
         log.name = r.name.clone();
     }
+    let identity = rbac::authenticate(&shared, log.bearer_token.as_deref());
+    log.user = identity.map(|i| i.api_calls_name().to_string());
 
     let latency = lock(&shared.faults).latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let injected = lock(&shared.faults).take_failure();
-    let throttled = lock(&shared.faults).throttled(&log.verb);
-    let resp = if let Some(code) = injected {
+    // Authentication comes first, as in the real handler chain (then priority and fairness,
+    // where injected failures and 429s stand, then authorization).
+    let injected = match identity {
+        Some(_) => lock(&shared.faults).take_failure(),
+        None => None,
+    };
+    let throttled = match (identity, injected) {
+        (Some(_), None) => lock(&shared.faults).throttled(&log.verb),
+        _ => None,
+    };
+    let authorized = match (identity, &route) {
+        (Some(who), Route::Resource(r)) if injected.is_none() && throttled.is_none() => {
+            authorize(&shared, who, r, &parts, &query, &log.verb).map(|(scope, also)| {
+                log.grant_scope = Some(scope.api_calls_scope());
+                log.also_authorized_as = also;
+            })
+        }
+        _ => Ok(()),
+    };
+    let resp = if identity.is_none() {
+        // No token, an unknown one, or another scheme.
+        error_response(&ApiError::new(401, "Unauthorized"))
+    } else if let Some(code) = injected {
         log.injected_fault = true;
         error_response(&ApiError::new(
             code,
@@ -373,13 +400,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else if let Some(secs) = throttled {
         log.injected_fault = true;
         throttle::response(secs)
-    } else if log
-        .bearer_token
-        .as_deref()
-        .is_some_and(|t| t != shared.token)
-        || (log.bearer_token.is_none() && parts.headers.contains_key(http::header::AUTHORIZATION))
-    {
-        error_response(&ApiError::new(401, "Unauthorized"))
+    } else if let Err(e) = authorized {
+        error_response(&e)
     } else {
         match Limited::new(body, MAX_BODY).collect().await {
             Err(e) => error_response(&ApiError::new(413, format!("request body rejected: {e}"))),
@@ -419,6 +441,40 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let resp = shared.traffic.record(arrived, &log, resp);
     lock(&shared.requests).push(log);
     resp
+}
+
+/// The RBAC decision on a resource request (see [`rbac`]); list and watch carry the name of
+/// a `metadata.name=` field selector, as the real request info does.
+fn authorize(
+    shared: &Shared,
+    who: rbac::Identity,
+    r: &ResourceRoute,
+    parts: &Parts,
+    query: &Query,
+    verb: &str,
+) -> Result<(rbac::GrantScope, Vec<String>), ApiError> {
+    let mut name = r.name.clone();
+    if name.is_none() && matches!(verb, "list" | "watch") {
+        name = query
+            .get("fieldSelector")
+            .and_then(|f| f.strip_prefix("metadata.name="))
+            .filter(|n| !n.contains(','))
+            .map(str::to_string);
+    }
+    let attrs = rbac::Attributes {
+        verb: verb.to_string(),
+        group: r.kind.group().to_string(),
+        resource: r.kind.plural().to_string(),
+        subresource: r.subresource.clone(),
+        namespace: r.namespace.clone(),
+        name,
+    };
+    let is_apply = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/apply-patch"));
+    rbac::authorize_request(shared, who, r.kind, &attrs, is_apply)
 }
 
 async fn dispatch(
