@@ -342,9 +342,9 @@ fn kill_processes_in(root: &Path) -> Result<()> {
 
 /// Spawns `cmd` in its own process group and waits for it; on SIGINT/SIGTERM/SIGHUP kills
 /// the group (and, through the guard, whatever left it) and fails.
-fn run_interruptible(cmd: &mut Command) -> Result<()> {
-    let line = show(cmd);
-    println!("$ {line}");
+fn run_interruptible(cmd: &mut Command, what: &str) -> Result<()> {
+    println!("$ {}", show(cmd));
+    let line = what;
     let mut child: Child = cmd
         .process_group(0)
         .spawn()
@@ -382,6 +382,7 @@ fn bootstrap(root: &Path, cache: &Path, mirror: &str) -> Result<()> {
             .arg(SUITE)
             .arg(root)
             .arg(mirror),
+        "debootstrap",
     )
     .context("debootstrap of the fresh root failed")
 }
@@ -451,6 +452,7 @@ mount --bind '{crates_cache}' '{crates}'
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(sh),
+        "the newcomer's script in the chroot",
     )
     .context("the newcomer's path failed in the fresh Debian 12 root (see above)")
 }
