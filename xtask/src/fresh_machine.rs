@@ -407,11 +407,14 @@ fn run_newcomer(root: &Path, cache: &Path, network: &MachineNetwork) -> Result<(
     let r = root.display().to_string();
     let crates = format!("{r}/root/.cargo/registry/cache");
     fs::create_dir_all(&crates)?;
-    // proc fresh; the machine's /sys with its cgroup mounts (the privileged tests make
+    // The root a mount point; proc fresh; the machine's /sys with its cgroup mounts (the privileged tests make
     // cgroups there); a fresh empty bpffs as a booted Debian 12 has (not the machine's
     // pins); /dev; a tmpfs /run; the download caches (see the module docs).
+    // The root bound onto itself first: inside the chroot "/" must be a mount point, or
+    // `ip netns exec`/`ip -n` (which remount / as a slave) fail with EINVAL.
     let mounts = format!(
         "set -e
+mount --bind '{r}' '{r}'
 mount -t proc proc '{r}/proc'
 mount --rbind /sys '{r}/sys'
 mount -t bpf bpf '{r}/sys/fs/bpf'
