@@ -21,7 +21,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    setup::{BPF_TOOLCHAIN_ENV, DEBIAN_TOOLCHAIN},
+    setup::{self, BPF_TOOLCHAIN_ENV, DEBIAN_TOOLCHAIN},
     util::{self, cargo_cmd, run},
 };
 
@@ -78,10 +78,17 @@ fn clippy_ebpf() -> Result<()> {
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| DEBIAN_TOOLCHAIN.to_owned());
     let target_dir = util::workspace_root().join("target").join("clippy-bpf");
-    run(Command::new("rustup")
-        .args([
-            "run", &toolchain, "cargo", "clippy", "--locked", "-p", EBPF_CRATE,
-        ])
+    // Without rustup (only Debian's Rust, as `./x` installs it on a plain Debian 12) the
+    // host cargo is already Debian's, which has rust-src: run it directly.
+    let mut clippy = if setup::have_rustup() {
+        let mut c = Command::new("rustup");
+        c.args(["run", &toolchain, "cargo"]);
+        c
+    } else {
+        Command::new("cargo")
+    };
+    run(clippy
+        .args(["clippy", "--locked", "-p", EBPF_CRATE])
         .args([
             "--target",
             "bpfel-unknown-none",

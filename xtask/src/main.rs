@@ -10,11 +10,13 @@
 //! - `image`: build the release image from the Containerfile without a registry (OCI archive).
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 //! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
+//! - `fresh-machine`: the README's setup and a smoke test in a fresh Debian 12 root.
 
 mod api_calls;
 mod artifacts;
 mod bench;
 mod demo;
+mod fresh_machine;
 mod fuzz;
 mod image;
 mod lint;
@@ -67,6 +69,9 @@ enum Cmd {
     /// Build the release image from the Containerfile with buildah and local Debian base
     /// images (no registry, no daemon); saves target/image/datalab-guard-<version>.oci.tar.
     Image(image::ImageArgs),
+    /// Follow the README as a newcomer in a fresh Debian 12 root (debootstrap, chroot in a
+    /// private mount namespace): clone, `./x demo`, a smoke test run (needs root; CI).
+    FreshMachine(fresh_machine::FreshMachineArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Lint => lint::run_all(),
         Cmd::Fuzz(args) => fuzz::run_args(args),
         Cmd::Image(args) => image::run_image(args),
+        Cmd::FreshMachine(args) => fresh_machine::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

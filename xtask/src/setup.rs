@@ -39,6 +39,9 @@ pub const DEBIAN_TOOLCHAIN: &str = "debian-web";
 /// Debian's Rust with library sources (for `-Z build-std=core`) and its clippy, which
 /// `cargo xtask lint` runs on the eBPF crate through the `debian-web` link.
 const DEBIAN_RUST: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "rust-web-clippy"];
+/// `cargo fmt` for Debian's host cargo, which `cargo xtask lint` runs, where there is no
+/// rustup to add the rustfmt component.
+const DEBIAN_RUSTFMT: &str = "rustfmt-web";
 const LLVM: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -76,6 +79,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
+/// Is there a rustup (else the host toolchain is Debian's own, installed by `./x`)?
+pub fn have_rustup() -> bool {
+    output(Command::new("rustup").arg("--version")).is_ok_and(|o| o.status.success())
+}
+
 fn step(name: &str, outcome: &str) {
     println!("setup: {name}: {outcome}");
 }
@@ -112,6 +120,11 @@ fn apt_packages(debian_rust: bool) -> Result<()> {
     let mut wanted: Vec<&str> = Vec::new();
     if debian_rust {
         wanted.extend(DEBIAN_RUST);
+    }
+    // Without rustup (a plain Debian 12: `./x` installed Debian's Rust) the host cargo is
+    // Debian's, whose `cargo fmt` is a package of its own; with rustup it is a component.
+    if !have_rustup() {
+        wanted.push(DEBIAN_RUSTFMT);
     }
     wanted.extend(LLVM);
     wanted.extend(TEST_TOOLS);
@@ -234,7 +247,7 @@ fn host_lint_tools() -> Result<()> {
         step(name, "already present");
         return Ok(());
     }
-    if output(Command::new("rustup").arg("--version")).is_err() {
+    if !have_rustup() {
         bail!(
             "`cargo clippy` or `cargo fmt` is missing and there is no rustup to add them; \
              install Debian's rust-web-clippy and rustfmt-web"

@@ -35,6 +35,10 @@ pub struct TestArgs {
     /// Test only these packages (default: the whole workspace, then the common crate again).
     #[arg(short, long = "package")]
     pub packages: Vec<String>,
+    /// Only these integration-test files (`cargo test --test FILE`), so that a filtered run
+    /// builds only their binaries; the release image is then built only for image_runtime.
+    #[arg(long = "test", value_name = "FILE")]
+    pub tests: Vec<String>,
     /// Arguments for the test binaries, after `--` (e.g. a test name filter).
     #[arg(last = true)]
     pub test_args: Vec<String>,
@@ -54,7 +58,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     setup::run_all()?;
     // Not privileged and quick: the manifests under deploy/ (schemas, RBAC, security).
     crate::manifests::run_all()?;
-    let full_run = args.packages.is_empty() && args.test_args.is_empty();
+    let full_run = args.packages.is_empty() && args.test_args.is_empty() && args.tests.is_empty();
     if full_run {
         crate::lint::run_all()?;
     }
@@ -69,10 +73,28 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::bench::verifier::check()?;
     }
     // The release image tests/tests/image_runtime.rs runs under containerd.
-    crate::image::build_for_tests()?;
+    if args.tests.is_empty() || args.tests.iter().any(|t| t == "image_runtime") {
+        crate::image::build_for_tests()?;
+    }
 
     let mut runs: Vec<Vec<String>> = Vec::new();
-    if args.packages.is_empty() {
+    let only_files: Vec<String> = args
+        .tests
+        .iter()
+        .flat_map(|t| ["--test".to_string(), t.clone()])
+        .collect();
+    if !only_files.is_empty() {
+        let mut selection: Vec<String> = if args.packages.is_empty() {
+            vec!["--workspace".into(), "--exclude".into(), EBPF_CRATE.into()]
+        } else {
+            args.packages
+                .iter()
+                .flat_map(|p| ["-p".to_string(), p.clone()])
+                .collect()
+        };
+        selection.extend(only_files);
+        runs.push(selection);
+    } else if args.packages.is_empty() {
         runs.push(vec![
             "--workspace".into(),
             "--exclude".into(),
