@@ -11,8 +11,9 @@ pub const BLOCKED_V4: &str = "DG_BLOCK4_V1";
 pub const BLOCKED_V6: &str = "DG_BLOCK6_V1";
 /// Array of one [`crate::GuardConfig`].
 pub const CONFIG: &str = "DG_CONFIG_V1";
-/// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`].
-pub const COUNTERS: &str = "DG_COUNT_V1";
+/// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`]. V2: the
+/// `xdp` family made the array longer.
+pub const COUNTERS: &str = "DG_COUNT_V2";
 /// Per-CPU array of u64 statistics, indexed by [`crate::counters::Stat`].
 pub const STATS: &str = "DG_STATS_V1";
 /// Ring buffer of [`crate::AuditEvent`].
@@ -26,7 +27,8 @@ pub const META: &str = "DG_META_V1";
 /// once the old programs are detached, and `uninstall` removes them too. `DG_POLICY_V1` is
 /// the verdict map's former name (renamed so that "policy" means only the policy core and
 /// the NetworkPolicy); same layout, but a pin is never renamed under running programs.
-pub const RETIRED: [&str; 1] = ["DG_POLICY_V1"];
+/// `DG_COUNT_V1` is the counter array before the `xdp` family (shorter).
+pub const RETIRED: [&str; 2] = ["DG_POLICY_V1", "DG_COUNT_V1"];
 
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
 pub const ALL: [&str; 9] = [
@@ -50,7 +52,7 @@ pub mod programs {
     pub const SENDMSG4: &str = "dg_sendmsg4";
     pub const SENDMSG6: &str = "dg_sendmsg6";
     pub const SOCK_CREATE: &str = "dg_sock_create";
-    /// BPF LSM (lsm_cgroup/socket_post_create): AF_PACKET refusal.
+    /// BPF LSM (lsm_cgroup/socket_post_create): AF_PACKET and AF_XDP refusal.
     pub const PACKET_SOCKET: &str = "dg_packet_socket";
     /// The LSM hook [`PACKET_SOCKET`] is written for (its `#[lsm_cgroup(hook = ...)]`);
     /// loading an lsm_cgroup program names it again.

@@ -24,7 +24,7 @@ pub static BLOCKED_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTR
 #[map(name = "DG_CONFIG_V1")]
 pub static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
-#[map(name = "DG_COUNT_V1")]
+#[map(name = "DG_COUNT_V2")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 
 #[map(name = "DG_STATS_V1")]
