@@ -9,6 +9,7 @@
 //! - `image`: build the release image from the Containerfile without a registry (OCI archive).
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 //! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
+//! - `vm`:    the tests that need Debian 12's 6.1 kernel (BPF LSM), in a QEMU VM.
 
 mod artifacts;
 mod bench;
@@ -20,6 +21,10 @@ mod manifests;
 mod setup;
 mod test;
 mod util;
+mod vm;
+mod vm_image;
+mod vm_markers;
+mod vm_qemu;
 
 use std::process::ExitCode;
 
@@ -62,6 +67,10 @@ enum Cmd {
     /// Build the release image from the Containerfile with buildah and local Debian base
     /// images (no registry, no daemon); saves target/image/datalab-guard-<version>.oci.tar.
     Image(image::ImageArgs),
+    /// Run the tests that need another kernel in a QEMU VM with Debian 12's 6.1 kernel and
+    /// its BPF LSM: the raw-socket refusals, `check`, the denyRawSockets reload, and the
+    /// datapath end to end (needs root; `./x test` runs it after the host tests).
+    Vm(vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +85,7 @@ fn main() -> ExitCode {
         Cmd::Lint => lint::run_all(),
         Cmd::Fuzz(args) => fuzz::run_args(args),
         Cmd::Image(args) => image::run_image(args),
+        Cmd::Vm(args) => vm::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
