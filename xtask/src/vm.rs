@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    artifacts::{self, Bins},
+    artifacts::{self, Bins, EBPF_CRATE},
     setup, test,
     util::{cargo_cmd, show, workspace_root},
     vm_image,
@@ -174,15 +174,17 @@ pub fn run_steps(bins: &Bins, steps: &[Step], timeout: Duration) -> Result<VmRep
     Ok(VmReport { lsm: seen.lsm })
 }
 
-/// `cargo test --no-run` for the given integration tests of the test kit; their
-/// executables by test name.
+/// `cargo test --no-run` for the given integration tests (tests/tests/); their executables
+/// by test name.
 fn build_test_binaries(names: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     let mut found = BTreeMap::new();
     if names.is_empty() {
         return Ok(found);
     }
     let mut cmd = cargo_cmd();
-    cmd.args(["test", "--no-run", "-p", "datalab-guard-tests"]);
+    // The whole workspace, as the host run builds it: the same feature set, so in a full
+    // run these binaries are already built (a `-p` selection would rebuild dependencies).
+    cmd.args(["test", "--no-run", "--workspace", "--exclude", EBPF_CRATE]);
     for name in names {
         cmd.args(["--test", name]);
     }
@@ -231,7 +233,7 @@ fn guest_script(
     steps: &[Step],
 ) -> Result<String> {
     let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let mut s = String::from("set -u\nexport RUST_BACKTRACE=1\n");
+    let mut s = String::from("set -u\n");
     for (var, path) in bins.kit_env() {
         s.push_str(&format!("export {var}={}\n", q(&path.to_string_lossy())));
     }
