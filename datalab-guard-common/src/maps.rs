@@ -12,7 +12,7 @@ pub const BLOCKED_V6: &str = "DG_BLOCK6_V1";
 /// Array of one [`crate::GuardConfig`]. V2: the tunnel settings were appended.
 pub const CONFIG: &str = "DG_CONFIG_V2";
 /// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`]. V2: the
-/// `edge` hook made every class one slot per (action, family) longer.
+/// `edge` hook and the `xdp` family made every class longer.
 pub const COUNTERS: &str = "DG_COUNT_V2";
 /// Per-CPU array of u64 statistics, indexed by [`crate::counters::Stat`].
 pub const STATS: &str = "DG_STATS_V1";
@@ -29,8 +29,9 @@ pub const EDGE: &str = "DG_EDGE_V1";
 /// once the old programs are detached, and `uninstall` removes them too. `DG_POLICY_V1` is
 /// the verdict map's former name (renamed so that "policy" means only the policy core and
 /// the NetworkPolicy); same layout, but a pin is never renamed under running programs.
-/// `DG_COUNT_V1` is the counter array before the `edge` hook (a different layout);
-/// `DG_CONFIG_V1` is the config map before the tunnel settings grew its value.
+/// `DG_COUNT_V1` is the counter array before the `edge` hook and the `xdp` family (a
+/// different layout); `DG_CONFIG_V1` is the config map before the tunnel settings grew its
+/// value.
 pub const RETIRED: [&str; 3] = ["DG_POLICY_V1", "DG_COUNT_V1", "DG_CONFIG_V1"];
 
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
@@ -57,7 +58,7 @@ pub mod programs {
     pub const SENDMSG4: &str = "dg_sendmsg4";
     pub const SENDMSG6: &str = "dg_sendmsg6";
     pub const SOCK_CREATE: &str = "dg_sock_create";
-    /// BPF LSM (lsm_cgroup/socket_post_create): AF_PACKET refusal.
+    /// BPF LSM (lsm_cgroup/socket_post_create): AF_PACKET and AF_XDP refusal.
     pub const PACKET_SOCKET: &str = "dg_packet_socket";
     /// The LSM hook [`PACKET_SOCKET`] is written for (its `#[lsm_cgroup(hook = ...)]`);
     /// loading an lsm_cgroup program names it again.

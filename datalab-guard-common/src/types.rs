@@ -108,17 +108,21 @@ pub enum Family {
     /// AF_PACKET sockets, refused by `packet_socket` (the BPF LSM program; counted under
     /// the `sock_create` hook).
     Packet = 2,
+    /// AF_XDP sockets, refused by `packet_socket` like AF_PACKET (same hook and program).
+    Xdp = 3,
 }
 
 impl Family {
-    pub const COUNT: usize = 3;
-    pub const ALL: [Family; Family::COUNT] = [Family::Ipv4, Family::Ipv6, Family::Packet];
+    pub const COUNT: usize = 4;
+    pub const ALL: [Family; Family::COUNT] =
+        [Family::Ipv4, Family::Ipv6, Family::Packet, Family::Xdp];
 
     pub fn name(self) -> &'static str {
         match self {
             Family::Ipv4 => "ipv4",
             Family::Ipv6 => "ipv6",
             Family::Packet => "packet",
+            Family::Xdp => "xdp",
         }
     }
 
@@ -326,6 +330,7 @@ pub mod abi {
     pub const AF_INET: u32 = 2;
     pub const AF_INET6: u32 = 10;
     pub const AF_PACKET: u32 = 17;
+    pub const AF_XDP: u32 = 44;
     pub const SOCK_RAW: u32 = 3;
 }
 

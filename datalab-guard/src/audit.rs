@@ -200,7 +200,8 @@ pub fn record(event: &AuditEvent, clock: &BootClock, who: &Attribution) -> Value
             .map_or_else(|| event.family.to_string(), |f| f.name().to_owned())
             .into(),
     );
-    if family != Some(Family::Packet) {
+    // Link-layer sockets have no IP protocol (AF_PACKET's is an ethertype, AF_XDP's is 0).
+    if !matches!(family, Some(Family::Packet | Family::Xdp)) {
         r.insert("proto".into(), proto_name(event.proto).into());
     }
     if hook != Some(Hook::SockCreate) {
@@ -539,6 +540,13 @@ mod tests {
         for absent in ["dst", "dport", "proto"] {
             assert!(r.get(absent).is_none(), "{absent} present in {r}");
         }
+        // AF_XDP: its own family, no protocol either.
+        e.family = Family::Xdp as u8;
+        e.proto = 0;
+        let r = record(&e, &clock(), &Attribution::default());
+        assert_eq!(r["family"], "xdp");
+        assert_eq!(r["sock_type"], "raw");
+        assert!(r.get("proto").is_none(), "proto present in {r}");
         // A raw IPv4 socket keeps its IP protocol.
         e.family = Family::Ipv4 as u8;
         e.proto = classify::IPPROTO_ICMP;

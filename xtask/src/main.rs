@@ -11,6 +11,7 @@
 //! - `lint`:  rustfmt, clippy (host and eBPF), the policy core's purity, cargo-deny.
 //! - `fuzz`:  the classifier fuzz target for a bounded time (nightly, cargo-fuzz).
 //! - `fresh-machine`: the README's setup and a smoke test in a fresh Debian 12 root.
+//! - `vm`:    the tests that need Debian 12's 6.1 kernel (BPF LSM), in a QEMU VM.
 
 mod api_calls;
 mod artifacts;
@@ -24,6 +25,10 @@ mod manifests;
 mod setup;
 mod test;
 mod util;
+mod vm;
+mod vm_image;
+mod vm_markers;
+mod vm_qemu;
 
 use std::process::ExitCode;
 
@@ -72,6 +77,10 @@ enum Cmd {
     /// Follow the README as a newcomer in a fresh Debian 12 root (debootstrap, chroot in a
     /// private mount namespace): clone, `./x demo`, a smoke test run (needs root; CI).
     FreshMachine(fresh_machine::FreshMachineArgs),
+    /// Run the tests that need another kernel in a QEMU VM with Debian 12's 6.1 kernel and
+    /// its BPF LSM: the raw-socket refusals, `check`, the denyRawSockets reload, and the
+    /// datapath end to end (needs root; `./x test` runs it after the host tests).
+    Vm(vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::Fuzz(args) => fuzz::run_args(args),
         Cmd::Image(args) => image::run_image(args),
         Cmd::FreshMachine(args) => fresh_machine::run(args),
+        Cmd::Vm(args) => vm::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

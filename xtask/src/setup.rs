@@ -60,6 +60,12 @@ const TEST_TOOLS: &[&str] = &[
     "python3",
     "python3-venv",
     "faketime",
+    // `cargo xtask vm`: Debian 12's 6.1 kernel (BPF LSM) in a QEMU VM with an mmdebstrap
+    // root; xz unpacks the kernel (busybox-static, for its initramfs, is in CRI below).
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "mmdebstrap",
+    "xz-utils",
 ];
 /// The real container runtime the CRI tests start (`tests/src/cri_lab`, CRI-LAB.md), and
 /// protoc, which the `k8s-cri` crate's build script runs to generate the agent's CRI client.

@@ -14,6 +14,11 @@
 //! filtered run skips both, so iterating on one test stays quick. After the tests, the API
 //! calls the fixture saw the agents make are checked against deploy/api-calls.yaml
 //! (`api_calls.rs`; both ways only when every agent test ran).
+//!
+//! A full run ends with the VM step (`cargo xtask vm`): the tests that need Debian 12's 6.1
+//! kernel with its BPF LSM, run in a QEMU VM. Every run, full or filtered, fails unless each
+//! test that has a BPF LSM branch ran that branch somewhere, on the host or in the VM
+//! (`vm_markers`); a full run requires it of every such test.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -27,6 +32,8 @@ use crate::{
     artifacts::{self, EBPF_CRATE},
     setup,
     util::{self, cargo_cmd, show},
+    vm,
+    vm_markers::{self, LsmMarkers},
 };
 
 /// Options of `cargo xtask test`.
@@ -49,7 +56,7 @@ pub const SKIP_MARKER: &str = "SKIPPED:";
 
 /// Does this output line report a skip? Case-insensitive: a test that prints `skipped:` or
 /// `Skipped:` has skipped all the same.
-fn is_skip_line(text: &str) -> bool {
+pub fn is_skip_line(text: &str) -> bool {
     text.to_ascii_uppercase().contains(SKIP_MARKER)
 }
 
@@ -114,7 +121,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // Every agent test runs: the listed calls must all have been observed too.
     let all_agent_tests = args.test_args.is_empty()
         && (args.packages.is_empty() || args.packages.iter().any(|p| p == "datalab-guard-tests"));
-    let mut skipped = Vec::new();
+    let mut seen = Scanned::default();
     for selection in runs {
         let mut cmd = cargo_cmd();
         // --no-fail-fast: one failing test binary must not hide the results of the others.
@@ -128,18 +135,47 @@ pub fn run(args: &TestArgs) -> Result<()> {
         cmd.env("KUBECTL", crate::manifests::kubectl());
         // Never let a developer's opt-in skip leak into the real run.
         cmd.env_remove(datalab_guard_tests::ALLOW_SKIP_ENV);
-        skipped.extend(run_scanning(&mut cmd)?);
+        seen.merge(run_scanning(&mut cmd)?);
     }
-    if !skipped.is_empty() {
+    if !seen.skipped.is_empty() {
         bail!(
             "{} test(s) printed `{SKIP_MARKER}`; every test must run here:\n{}",
-            skipped.len(),
-            skipped.join("\n")
+            seen.skipped.len(),
+            seen.skipped.join("\n")
         );
     }
     crate::api_calls::check(all_agent_tests)?;
+    if full_run {
+        let report = vm::run_steps(&bins, &vm::Step::ALL, VM_TIMEOUT)?;
+        seen.lsm.merge(&report.lsm);
+    }
+    vm_markers::require_lsm_branches(&seen.lsm, full_run)?;
     println!("cargo xtask test: all tests passed, none skipped");
     Ok(())
+}
+
+/// How long a full run gives the VM step (it takes about four minutes on an idle machine).
+const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1200);
+
+/// What the output of the test runs showed: skip notices and BPF LSM branch markers.
+#[derive(Debug, Default)]
+struct Scanned {
+    skipped: Vec<String>,
+    lsm: LsmMarkers,
+}
+
+impl Scanned {
+    fn observe(&mut self, text: &str) {
+        if is_skip_line(text) {
+            self.skipped.push(text.trim_end().to_string());
+        }
+        self.lsm.observe(text);
+    }
+
+    fn merge(&mut self, other: Scanned) {
+        self.skipped.extend(other.skipped);
+        self.lsm.merge(&other.lsm);
+    }
 }
 
 /// Exits 1 with a clear message unless running as root.
@@ -153,9 +189,9 @@ pub fn require_root(what: &str) {
     }
 }
 
-/// Runs `cmd`, streaming its stdout and stderr through, and returns the lines that contain
-/// the skip marker. Fails if the command fails.
-fn run_scanning(cmd: &mut Command) -> Result<Vec<String>> {
+/// Runs `cmd`, streaming its stdout and stderr through, and returns the skip and BPF LSM
+/// markers it printed. Fails if the command fails.
+fn run_scanning(cmd: &mut Command) -> Result<Scanned> {
     let line = show(cmd);
     println!("$ {line}");
     let mut child = cmd
@@ -164,7 +200,7 @@ fn run_scanning(cmd: &mut Command) -> Result<Vec<String>> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{line}`"))?;
-    let found = Arc::new(Mutex::new(Vec::new()));
+    let found = Arc::new(Mutex::new(Scanned::default()));
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
     let f1 = Arc::clone(&found);
@@ -177,20 +213,18 @@ fn run_scanning(cmd: &mut Command) -> Result<Vec<String>> {
     if !status.success() {
         bail!("`{line}` failed: {status}");
     }
-    let found = found.lock().unwrap().clone();
+    let found = std::mem::take(&mut *found.lock().unwrap());
     Ok(found)
 }
 
-/// Copies `pipe` to `sink` line by line, collecting lines that contain the skip marker.
-fn scan(pipe: impl std::io::Read, found: &Mutex<Vec<String>>, sink: &mut dyn std::io::Write) {
+/// Copies `pipe` to `sink` line by line, collecting skip notices and BPF LSM markers.
+fn scan(pipe: impl std::io::Read, found: &Mutex<Scanned>, sink: &mut dyn std::io::Write) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
     // Byte lines: test output is not guaranteed to be UTF-8.
     while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
         let text = String::from_utf8_lossy(&buf);
-        if is_skip_line(&text) {
-            found.lock().unwrap().push(text.trim_end().to_string());
-        }
+        found.lock().unwrap().observe(&text);
         let _ = sink.write_all(&buf);
         let _ = sink.flush();
         buf.clear();
@@ -203,13 +237,13 @@ mod tests {
 
     #[test]
     fn scan_finds_skip_lines_anywhere() {
-        let found = Mutex::new(Vec::new());
+        let found = Mutex::new(Scanned::default());
         let out: &[u8] = b"running 2 tests\nSKIPPED: needs root (x)\ntest a ... ok\nnote SKIPPED: kernel too old\xff\nskipped: no cgroup2 mount\ntest b ... ok\n\tSkIpPeD: mixed case\nnothing skipped here\n";
         // Into a buffer: echoing these lines would trip the real run's own scan.
         let mut sink = Vec::new();
         scan(out, &found, &mut sink);
         assert_eq!(sink, out);
-        let found = found.into_inner().unwrap();
+        let found = found.into_inner().unwrap().skipped;
         assert_eq!(found.len(), 4, "{found:?}");
         assert!(found[1].contains("kernel too old"));
         assert!(found[2].starts_with("skipped: no cgroup2"));

@@ -1,5 +1,5 @@
 //! Whether the kernel runs BPF LSM programs: `--deny-raw-sockets` / `denyRawSockets` needs
-//! one (the `lsm_cgroup` program that refuses AF_PACKET sockets). Checked at start (as bad
+//! one (the `lsm_cgroup` program that refuses AF_PACKET and AF_XDP sockets). Checked at start (as bad
 //! input) and before a reload turns the switch on (the reload is then refused).
 
 use std::fs;
@@ -26,7 +26,7 @@ pub fn require_bpf_lsm() -> Result<(), String> {
     let lsms = active_lsms();
     match bpf_lsm_active(lsms.as_deref()) {
         Some(false) => Err(format!(
-            "denying raw sockets needs the BPF LSM to refuse AF_PACKET sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
+            "denying raw sockets needs the BPF LSM to refuse AF_PACKET and AF_XDP sockets, and it is not active (LSMs: {}); add `bpf` to the lsm= kernel parameter",
             lsms.unwrap_or_default()
         )),
         _ => Ok(()),

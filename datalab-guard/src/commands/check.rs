@@ -136,7 +136,7 @@ pub fn check_raw_paths(layout: &crate::bpf::PinLayout) -> CheckLine {
 /// The BPF LSM is what lets `--deny-raw-sockets` refuse AF_PACKET sockets.
 pub fn check_bpf_lsm(lsms: Option<&str>) -> CheckLine {
     match bpf_lsm_active(lsms) {
-        Some(true) => CheckLine::new(Status::Pass, "BPF LSM active (--deny-raw-sockets can refuse AF_PACKET sockets)"),
+        Some(true) => CheckLine::new(Status::Pass, "BPF LSM active (--deny-raw-sockets can refuse AF_PACKET and AF_XDP sockets)"),
         Some(false) => CheckLine::new(
             Status::Warn,
             format!(

@@ -574,7 +574,11 @@ impl FakeApiServer {
 
     /// `http://127.0.0.1:<port>`, or `https://` after [`FakeApiServer::start_tls`].
     pub fn url(&self) -> String {
-        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.shared.addr())
     }
 
@@ -906,7 +910,8 @@ impl FakeApiServer {
     /// `429 Too Many Requests` with `Retry-After: <retry_after in s>` (header and
     /// `details.retryAfterSeconds`), logged with `injected_fault`.
     pub fn throttle(&self, verbs: &[&str], retry_after: Duration, window: Duration) {
-        lock(&self.shared.faults).throttle = Some(throttle::Throttle::new(verbs, retry_after, window));
+        lock(&self.shared.faults).throttle =
+            Some(throttle::Throttle::new(verbs, retry_after, window));
     }
 
     /// Delays every response by `latency` (zero: none).

@@ -363,7 +363,9 @@ impl Store {
     /// NamespaceLifecycle: no new content in a Terminating namespace (see `termination`).
     fn check_not_terminating(&self, kind: Kind, name: &str, ns: &str) -> Result<(), ApiError> {
         match self.get(Kind::Namespace, "", ns) {
-            Some(n) if termination::is_terminating(n) => Err(termination::forbidden(kind, name, ns)),
+            Some(n) if termination::is_terminating(n) => {
+                Err(termination::forbidden(kind, name, ns))
+            }
             _ => Ok(()),
         }
     }

@@ -39,11 +39,14 @@ KIND (ok means):
   packet-raw-vlan      the same frame with an 802.1Q tag (VLAN 7)
   packet-dgram         an AF_PACKET SOCK_DGRAM socket sent the same IP packet (the kernel
                        adds the Ethernet header)
+  packet-dgram-socket  socket(AF_PACKET, SOCK_DGRAM) was created (ADDR/PORT unused)
+  xdp-socket           socket(AF_XDP, SOCK_RAW) was created (ADDR/PORT unused)
   udp-stream           unconnected sendto in a loop (about 20,000 datagrams/s, one socket)
                        until the timeout, or until stdin closes when it is a pipe; ok means
                        at least one datagram left the socket; the line adds the counts
                        sent, refused (EPERM) and failed (any other error)
-PORT is ignored by icmp, icmp6 and packet-socket. Default timeout 2000 ms.";
+ADDR and PORT are ignored by the socket-only kinds (packet-socket, packet-dgram,
+xdp-socket); PORT by icmp and icmp6. Default timeout 2000 ms.";
 
 const PAYLOAD: &[u8] = b"dg-probe";
 
@@ -157,8 +160,18 @@ fn parse_args(args: &[String]) -> Result<(String, IpAddr, u16, Duration), String
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp"
     );
     match kind {
-        "tcp" | "tcp-fastopen" | "http" | "udp-connected" | "udp-sendto" | "packet-socket"
-        | "udp-stream" | "packet-raw" | "packet-raw-vlan" | "packet-dgram" => {}
+        "tcp"
+        | "tcp-fastopen"
+        | "http"
+        | "udp-connected"
+        | "udp-sendto"
+        | "packet-socket"
+        | "udp-stream"
+        | "packet-raw"
+        | "packet-raw-vlan"
+        | "packet-dgram"
+        | "packet-dgram-socket"
+        | "xdp-socket" => {}
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp" if addr.is_ipv4() => {}
         "icmp6" if addr.is_ipv6() => {}
         _ if needs_v4 => return Err(format!("{kind} needs an IPv4 address")),
@@ -186,7 +199,9 @@ fn run(kind: &str, addr: IpAddr, port: u16, dl: Deadline) -> Attempt {
         "icmp" => icmp_echo(addr, dl),
         "icmp6" => icmp_echo(addr, dl),
         "raw-hdrincl" => raw_hdrincl(target, dl),
-        "packet-socket" => packet_socket(),
+        "packet-socket" => packet_socket(libc::SOCK_RAW),
+        "packet-dgram-socket" => packet_socket(libc::SOCK_DGRAM),
+        "xdp-socket" => socket(libc::AF_XDP, libc::SOCK_RAW, 0).map(drop),
         "packet-raw" => packet_frame(target, Framing::Raw { vlan: None }),
         "packet-raw-vlan" => packet_frame(target, Framing::Raw { vlan: Some(7) }),
         "packet-dgram" => packet_frame(target, Framing::Dgram),
@@ -452,9 +467,9 @@ fn raw_hdrincl(target: SocketAddr, _dl: Deadline) -> Attempt {
     Ok(())
 }
 
-fn packet_socket() -> Attempt {
+fn packet_socket(ty: i32) -> Attempt {
     let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
-    socket(libc::AF_PACKET, libc::SOCK_RAW, proto).map(drop)
+    socket(libc::AF_PACKET, ty, proto).map(drop)
 }
 
 /// How an AF_PACKET sender hands its packet to the device.
