@@ -156,9 +156,7 @@ fn impure_dependencies(tree: &str) -> Vec<String> {
 }
 
 fn deny() -> Result<()> {
-    if !util::have_cargo_subcommand("deny") {
-        bail!("cargo-deny is not installed; `cargo xtask setup` installs it");
-    }
+    crate::setup::cargo_deny()?;
     run(cargo_cmd().args(["deny", "--locked", "check", "licenses", "bans", "sources"]))
         .context("cargo deny (deny.toml)")
 }

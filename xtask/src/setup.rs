@@ -11,9 +11,10 @@
 //!    buildah and debootstrap for `cargo xtask image`, prometheus (and promtool) for the
 //!    Prometheus tests.
 //! 2. `bpf-linker` 0.13.0 built against LLVM 22.
-//! 3. `cargo-deny` for the lint gate's licence, ban and source checks, and clippy and
-//!    rustfmt for the host toolchain (`rustup component add` when rustup's minimal profile
-//!    left them out).
+//! 3. clippy and rustfmt for the host toolchain (`rustup component add` when rustup's
+//!    minimal profile left them out). `cargo-deny`, for the lint gate's licence, ban and
+//!    source checks, is built by `cargo xtask lint` when it first needs it (five minutes of
+//!    cold build that the demo and a filtered test run do not need).
 //! 4. `rustup toolchain link debian-web /usr`, the toolchain datalab-guard's build.rs uses.
 //!
 //! (bpffs is not mounted here: tests use private bpffs mounts, the agent mounts /sys/fs/bpf itself when it needs it.)
@@ -101,7 +102,6 @@ pub fn run_all() -> Result<()> {
         .filter(|t| !t.is_empty());
     apt_packages(custom.is_none())?;
     bpf_linker()?;
-    cargo_deny()?;
     host_lint_tools()?;
     match &custom {
         Some(t) => step(
@@ -224,7 +224,8 @@ fn bpf_linker() -> Result<()> {
     }
 }
 
-fn cargo_deny() -> Result<()> {
+/// Builds cargo-deny at the pinned version unless it is there (for `cargo xtask lint`).
+pub fn cargo_deny() -> Result<()> {
     let name = format!("cargo-deny {CARGO_DENY_VERSION}");
     let present = output(Command::new(util::cargo()).args(["deny", "--version"]))
         .ok()
