@@ -156,7 +156,7 @@ fn impure_dependencies(tree: &str) -> Vec<String> {
 }
 
 fn deny() -> Result<()> {
-    crate::setup::cargo_deny()?;
+    setup::cargo_deny()?;
     run(cargo_cmd().args(["deny", "--locked", "check", "licenses", "bans", "sources"]))
         .context("cargo deny (deny.toml)")
 }
