@@ -416,7 +416,6 @@ fn encode_edge(encoder: &mut DescriptorEncoder<'_>, e: &EdgeSample) -> fmt::Resu
     for (reason, value) in &e.failures {
         ConstCounter::new(*value).encode(failures.encode_family(&[("reason", *reason)])?)?;
     }
-    drop(failures);
     if let Some(n) = e.net_raw_uncovered {
         let gauge = ConstGauge::new(n);
         gauge.encode(encoder.encode_descriptor(

@@ -116,23 +116,20 @@ fn a_refused_start_leaves_the_pinned_state_untouched() {
     assert!(before.contains("\"enforcing\": true"), "{before}");
 
     let mut agent = Agent::spawn(&install.local_args(&["--deny-raw-sockets"])).expect("spawn");
-    let exit = match agent.wait_exit(Duration::from_secs(20)) {
-        Ok(exit) => exit,
-        Err(_) => {
-            // The kernel runs BPF LSM programs (e.g. the 6.1 VM): the start is not refused
-            // here, so the refusal cannot be provoked this way. It must then be a clean
-            // adopt with the socket programs attached.
-            agent
-                .wait_ready(install.metrics, Duration::from_secs(5))
-                .expect("ready");
-            agent.sigterm().expect("sigterm");
-            agent.wait_exit(Duration::from_secs(10)).expect("exit");
-            let after = install.status_json(&no_state_file);
-            assert!(after.contains("\"deny_raw_sockets\": true"), "{after}");
-            assert!(after.contains("\"enforcing\": true"), "{after}");
-            eprintln!("this kernel accepts the BPF LSM program: refusal branch not reachable");
-            return;
-        }
+    let Ok(exit) = agent.wait_exit(Duration::from_secs(20)) else {
+        // The kernel runs BPF LSM programs (e.g. the 6.1 VM): the start is not refused
+        // here, so the refusal cannot be provoked this way. It must then be a clean
+        // adopt with the socket programs attached.
+        agent
+            .wait_ready(install.metrics, Duration::from_secs(5))
+            .expect("ready");
+        agent.sigterm().expect("sigterm");
+        agent.wait_exit(Duration::from_secs(10)).expect("exit");
+        let after = install.status_json(&no_state_file);
+        assert!(after.contains("\"deny_raw_sockets\": true"), "{after}");
+        assert!(after.contains("\"enforcing\": true"), "{after}");
+        eprintln!("this kernel accepts the BPF LSM program: refusal branch not reachable");
+        return;
     };
     let stderr = agent.stderr_lines();
     assert_eq!(exit.code(), Some(2), "exit {exit:?}: {stderr:?}");

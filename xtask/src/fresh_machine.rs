@@ -220,9 +220,10 @@ pub fn run(args: &FreshMachineArgs) -> Result<()> {
 }
 
 fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
+    fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 /// Removes the root when dropped (unless `--keep`), whatever happened before.
@@ -580,12 +581,13 @@ impl MachineNetwork {
                 files.push((path.into(), path.into()));
             }
         }
-        let cargo_home = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
+        let cargo_home = std::env::var_os("CARGO_HOME").map_or_else(
+            || {
                 Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
                     .join(".cargo")
-            });
+            },
+            PathBuf::from,
+        );
         for name in ["config.toml", "config"] {
             let path = cargo_home.join(name);
             if path.is_file() {

@@ -137,7 +137,7 @@ mod tests {
             "{err}"
         );
         // The VM's run supplies it.
-        let mut all = host.clone();
+        let mut all = host;
         all.merge(&seen(&[&format!("{LSM_BRANCH_RAN}{}", REQUIRED[0].1)]));
         require_lsm_branches(&all, false).unwrap();
         // A full run needs every required test, even one that printed nothing at all.

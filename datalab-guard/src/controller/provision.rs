@@ -313,6 +313,27 @@ impl Drop for BaselineHandle {
     }
 }
 
+/// Logs, once per distinct problem, that `namespace`'s `policy` is not as configured and is
+/// not repaired here: report-only (`networkPolicy.manage` false), or not the leader (then
+/// quietly: the leader reports).
+fn report_unrepaired(
+    mem: &mut Memory,
+    leading: bool,
+    (namespace, policy): (&str, &str),
+    observed: &Observed,
+) {
+    if mem.logged.as_ref() == Some(observed) {
+        return;
+    }
+    let what = describe(observed);
+    if leading {
+        tracing::warn!(namespace, policy, problem = %what, "NetworkPolicy not as configured (networkPolicy.manage is false: not repaired)");
+    } else {
+        tracing::debug!(namespace, policy, problem = %what, "NetworkPolicy not as configured; the leader repairs it");
+    }
+    mem.logged = Some(observed.clone());
+}
+
 /// What the loop remembers about one environment namespace.
 #[derive(Default)]
 struct Memory {
@@ -612,15 +633,8 @@ impl Reconciler {
                 } else if terminating {
                     // Being deleted: its content (our policy too) goes first; neither a
                     // repair (the create would be 403) nor a problem to report.
-                } else if mem.logged.as_ref() != Some(&observed) && !ours_before {
-                    // Report-only (or not the leader: then quietly, the leader reports).
-                    let what = describe(&observed);
-                    if leading {
-                        tracing::warn!(namespace = %name, policy = %np.name, problem = %what, "NetworkPolicy not as configured (networkPolicy.manage is false: not repaired)");
-                    } else {
-                        tracing::debug!(namespace = %name, policy = %np.name, problem = %what, "NetworkPolicy not as configured; the leader repairs it");
-                    }
-                    mem.logged = Some(observed.clone());
+                } else if !ours_before {
+                    report_unrepaired(mem, leading, (&name, &np.name), &observed);
                 }
             }
         }

@@ -290,7 +290,7 @@ impl NodeEdge {
             match layer.detach(ifindex) {
                 Ok(()) => tracing::info!(pod_uid = %uid, ifindex, "edge layer detached"),
                 Err(e) => {
-                    tracing::warn!(pod_uid = %uid, ifindex, error = %format!("{e:#}"), "cannot detach the edge layer")
+                    tracing::warn!(pod_uid = %uid, ifindex, error = %format!("{e:#}"), "cannot detach the edge layer");
                 }
             }
         }
@@ -332,7 +332,7 @@ impl NodeEdge {
             match state {
                 PodState::Attached { .. } => attached += 1,
                 PodState::Failed { reason, .. } => {
-                    *uncovered.entry(reason.as_str()).or_default() += 1
+                    *uncovered.entry(reason.as_str()).or_default() += 1;
                 }
             }
         }

@@ -109,7 +109,7 @@ fn env_name(i: u32) -> String {
 /// Pod `n`'s namespace: one in ten in a non-environment namespace, the rest spread over the
 /// environments.
 fn namespace_of(sizes: Sizes, n: u32) -> (String, bool) {
-    if n % 10 == 0 {
+    if n.is_multiple_of(10) {
         (format!("team-{:05}", (n / 10) % sizes.others), false)
     } else {
         (env_name(n.wrapping_mul(7919) % sizes.environments), true)
