@@ -202,7 +202,7 @@ fn slow_path(ctx: &TcContext) -> i32 {
     // SAFETY: skb is the context pointer the kernel passed this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: copied out at once; entries are replaced whole (see decide::policy_entry).
-    let entry = unsafe { EDGE.get(&ifindex) }.copied();
+    let entry = unsafe { EDGE.get(ifindex) }.copied();
     if refuse_at_edge(&cfg, entry, &attempted) {
         DROP
     } else {
