@@ -959,6 +959,8 @@ async fn every_write_respects_the_write_limit() {
     const RATE: usize = 20;
     const BURST: usize = 5;
     let server = FakeApiServer::start();
+    // setLabel writes namespace labels: the RBAC of the psa-labels component grants that.
+    server.use_rbac_variant("base_psa-labels");
     server.seed_namespaces((0..ENVIRONMENTS).map(|i| (format!("env-{i}"), vec![ENV])));
     let mut agent = InProc::start(
         &server,
