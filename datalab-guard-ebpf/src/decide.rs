@@ -19,7 +19,7 @@ use aya_ebpf::{
     },
 };
 use datalab_guard_common::{
-    classify::Reason,
+    classify::{Attempt, Reason},
     counters::{counter_index, Stat},
     ratelimit::{self, Admission},
     resolve::{resolve, Resolved},
@@ -46,6 +46,26 @@ pub struct Attempted {
     pub dport: u16,
     pub dst: [u8; 16],
     pub reason: Reason,
+}
+
+impl Attempted {
+    /// A packet the classifier blocked, as seen by a packet hook (no socket type there).
+    #[inline(always)]
+    pub fn packet(hook: Hook, attempt: &Attempt, reason: Reason) -> Attempted {
+        Attempted {
+            hook,
+            family: if attempt.ipv6 {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            },
+            proto: attempt.proto,
+            sock_type: 0,
+            dport: attempt.dport,
+            dst: attempt.dst,
+            reason,
+        }
+    }
 }
 
 /// For hooks that run in the calling task's context (socket address and socket creation

@@ -146,19 +146,9 @@ fn slow_path(ctx: &TcContext) -> i32 {
             reason: Reason::Unparseable,
         },
         Some(Ok(l3)) => match classify_packet(&L3Bytes { ctx, l3 }, &Tries) {
-            PacketClass::Blocked(attempt, reason) => Attempted {
-                hook: Hook::Edge,
-                family: if attempt.ipv6 {
-                    Family::Ipv6
-                } else {
-                    Family::Ipv4
-                },
-                proto: attempt.proto,
-                sock_type: 0,
-                dport: attempt.dport,
-                dst: attempt.dst,
-                reason,
-            },
+            PacketClass::Blocked(attempt, reason) => {
+                Attempted::packet(Hook::Edge, &attempt, reason)
+            }
             PacketClass::Pass(_) | PacketClass::NotIp => {
                 bump_stat(Stat::SlowPathPassed);
                 return NEXT;

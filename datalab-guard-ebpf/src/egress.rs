@@ -8,7 +8,7 @@ use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use datalab_guard_common::{
     classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass},
     counters::Stat,
-    Family, GuardConfig, Hook,
+    GuardConfig, Hook,
 };
 
 use crate::{
@@ -99,19 +99,7 @@ fn slow_path(ctx: &SkBuffContext) -> i32 {
             return PASS;
         }
     };
-    let attempted = Attempted {
-        hook: Hook::Egress,
-        family: if attempt.ipv6 {
-            Family::Ipv6
-        } else {
-            Family::Ipv4
-        },
-        proto: attempt.proto,
-        sock_type: 0,
-        dport: attempt.dport,
-        dst: attempt.dst,
-        reason,
-    };
+    let attempted = Attempted::packet(Hook::Egress, &attempt, reason);
     let cfg: GuardConfig = config();
     if refuse_for_skb(&cfg, ctx.skb.skb, &attempted) {
         DROP
