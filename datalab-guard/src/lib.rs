@@ -40,6 +40,7 @@ pub mod http;
 pub mod input;
 pub mod k8s;
 pub mod local;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod probe;

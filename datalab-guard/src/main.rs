@@ -11,6 +11,7 @@ use datalab_guard::{
 };
 
 fn main() {
+    datalab_guard::memory::limit_arenas();
     let Cli { command, shared } = Cli::parse();
     commands::init_logging(shared.log_format);
     let result = match command {

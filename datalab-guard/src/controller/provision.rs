@@ -69,6 +69,7 @@ use crate::{
         events::{EventBudget, NamespaceEvents},
         informer::{Informer, WatchStats},
         retry,
+        store::SlimWriter,
     },
     metrics::WatchSample,
 };
@@ -190,8 +191,7 @@ pub fn spawn(
                 "namespaces",
                 Api::<NamespaceMeta>::all(client.clone()),
                 None,
-                slim_namespace,
-                ns_writer,
+                SlimWriter::new(ns_writer, slim_namespace),
                 caches.namespace_stats.clone(),
                 changed.clone(),
             )
@@ -205,8 +205,7 @@ pub fn spawn(
                 "networkpolicies",
                 Api::<NetworkPolicy>::all(client.clone()),
                 None,
-                |np| np.metadata.annotations = None,
-                np_writer,
+                SlimWriter::new(np_writer, |np| np.metadata.annotations = None),
                 caches.policy_stats.clone(),
                 changed.clone(),
             )

@@ -2,6 +2,8 @@
 //! and the cgroup resolver need. Never fails: a field the API server left out becomes
 //! `None`/empty, which the policy treats conservatively.
 
+use std::collections::BTreeMap;
+
 use datalab_guard_policy::{ContainerInfo, NamespaceInfo, PodInfo};
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod},
@@ -18,82 +20,98 @@ pub fn namespace_info(meta: &ObjectMeta) -> Option<NamespaceInfo> {
     })
 }
 
-pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
-    let meta = &pod.metadata;
-    let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
+/// A pod of this node as the node agent keeps it: what the policy reads, plus what finds
+/// its cgroup (a static pod's cgroup uid) and its network namespace (its IP). Built from
+/// the owned object, moving its strings rather than copying them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePod {
+    pub info: PodInfo,
+    /// The uid the kubelet named the pod's cgroup with, where it differs from the API uid
+    /// (a static pod: its mirror annotation).
+    pub cgroup_uid: Option<String>,
+    /// `status.podIP`.
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// Converts a pod into its [`NodePod`]; `None` without a uid, namespace or name.
+pub fn node_pod(pod: Pod) -> Option<NodePod> {
+    let Pod {
+        metadata,
+        spec,
+        status,
+    } = pod;
+    let uid = metadata.uid?;
+    let mirror = metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::cgroups::pod::MIRROR_POD_ANNOTATION));
+    let cgroup_uid = mirror
+        .map(|m| crate::cgroups::pod::cgroup_pod_uid(&uid, Some(m)).to_owned())
+        .filter(|c| *c != uid);
     let mut containers = Vec::new();
+    let (mut qos_class, mut phase, mut ip) = (None, None, None);
     if let Some(status) = status {
         for list in [
-            &status.container_statuses,
-            &status.init_container_statuses,
-            &status.ephemeral_container_statuses,
+            status.container_statuses,
+            status.init_container_statuses,
+            status.ephemeral_container_statuses,
         ]
         .into_iter()
         .flatten()
         {
-            for c in list {
-                containers.push(ContainerInfo {
-                    name: c.name.clone(),
-                    container_id: c.container_id.clone(),
-                });
-            }
+            containers.extend(list.into_iter().map(|c| ContainerInfo {
+                name: c.name,
+                container_id: c.container_id,
+            }));
         }
+        qos_class = status.qos_class;
+        phase = status.phase;
+        ip = status.pod_ip.and_then(|ip| ip.parse().ok());
     }
-    Some(PodInfo {
-        uid: meta.uid.clone()?,
-        namespace: meta.namespace.clone()?,
-        name: meta.name.clone()?,
-        labels: meta.labels.clone().unwrap_or_default(),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        node_name: spec.and_then(|s| s.node_name.clone()),
-        qos_class: status.and_then(|s| s.qos_class.clone()),
-        phase: status.and_then(|s| s.phase.clone()),
-        containers,
+    containers.shrink_to_fit();
+    let (host_network, node_name) = spec.map_or((false, None), |s| {
+        (s.host_network.unwrap_or(false), s.node_name)
+    });
+    Some(NodePod {
+        info: PodInfo {
+            uid,
+            namespace: metadata.namespace?,
+            name: metadata.name?,
+            labels: metadata.labels.unwrap_or_default(),
+            host_network,
+            node_name,
+            qos_class,
+            phase,
+            containers,
+        },
+        cgroup_uid,
+        ip,
     })
 }
 
-/// Drops what the agent never reads, so 10 000 cached pods stay small: managed fields,
-/// annotations (but the mirror one), the container specs, volumes and conditions.
-pub fn slim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    if let Some(annotations) = pod.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| k == crate::cgroups::pod::MIRROR_POD_ANNOTATION);
-        if annotations.is_empty() {
-            pod.metadata.annotations = None;
+/// The label the API server sets on every namespace to its own name (since 1.22): dropped
+/// from the stored label set, so that namespaces with the same labels share one set.
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A namespace's labels as the node agent keeps them: shared with every namespace that has
+/// the same set (a Datalab's environments mostly do), [`NAME_LABEL`] taken out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceLabels {
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
+    /// Whether the namespace carried [`NAME_LABEL`] set to its name.
+    pub name_label: bool,
+}
+
+impl NamespaceLabels {
+    /// The namespace as the policy sees it, [`NAME_LABEL`] put back.
+    pub fn info(&self, name: &str) -> NamespaceInfo {
+        let mut labels = (*self.labels).clone();
+        if self.name_label {
+            labels.insert(NAME_LABEL.to_owned(), name.to_owned());
         }
-    }
-    pod.metadata.owner_references = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.containers.clear();
-        spec.init_containers = None;
-        spec.ephemeral_containers = None;
-        spec.volumes = None;
-        spec.affinity = None;
-        spec.tolerations = None;
-        spec.topology_spread_constraints = None;
-    }
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
-        status.pod_ips = None;
-        status.host_ips = None;
-        for list in [
-            &mut status.container_statuses,
-            &mut status.init_container_statuses,
-            &mut status.ephemeral_container_statuses,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            for c in list.iter_mut() {
-                c.image = String::new();
-                c.image_id = String::new();
-                c.last_state = None;
-                c.state = None;
-                c.volume_mounts = None;
-                c.resources = None;
-                c.allocated_resources = None;
-            }
+        NamespaceInfo {
+            name: name.to_owned(),
+            labels,
         }
     }
 }

@@ -33,7 +33,7 @@ use futures::{Stream, StreamExt as _};
 use kube::{
     api::{ListParams, WatchEvent, WatchParams},
     core::Status,
-    runtime::{reflector::store::Writer, watcher::Event},
+    runtime::watcher::Event,
     Api, Resource, ResourceExt as _,
 };
 use serde::de::DeserializeOwned;
@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 use super::{
     backoff::{unit_random, WatchBackoff},
     retry,
+    store::WatchSink,
 };
 
 /// Longest wait for a list page or for the API server to start answering a watch.
@@ -146,12 +147,11 @@ struct Desync {
 }
 
 /// The loop for one resource. Build with [`Informer::new`], run with [`Informer::run`].
-pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
+pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static, S: WatchSink<K>> {
     what: &'static str,
     api: Api<K>,
     field_selector: Option<String>,
-    slim: fn(&mut K),
-    writer: Writer<K>,
+    sink: S,
     stats: Arc<WatchStats>,
     changed: Arc<Notify>,
     backoff: WatchBackoff,
@@ -160,18 +160,18 @@ pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     note: &'static str,
 }
 
-impl<K> Informer<K>
+impl<K, S> Informer<K, S>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    S: WatchSink<K>,
 {
-    /// `what` names the resource in logs; `slim` strips what the agent does not need before
-    /// an object is stored; `changed` is poked on every change of the store.
+    /// `what` names the resource in logs; `sink` stores what arrives (see [`super::store`]);
+    /// `changed` is poked on every change of the store.
     pub fn new(
         what: &'static str,
         api: Api<K>,
         field_selector: Option<String>,
-        slim: fn(&mut K),
-        writer: Writer<K>,
+        sink: S,
         stats: Arc<WatchStats>,
         changed: Arc<Notify>,
     ) -> Self {
@@ -179,8 +179,7 @@ where
             what,
             api,
             field_selector,
-            slim,
-            writer,
+            sink,
             stats,
             changed,
             backoff: WatchBackoff::default(),
@@ -237,21 +236,20 @@ where
         };
         // The store keeps its contents until InitDone; an interrupted list is simply
         // restarted by the next Init.
-        self.writer.apply_watcher_event(&Event::Init);
+        self.sink.apply(Event::Init);
         loop {
             let page = tokio::time::timeout(REQUEST_TIMEOUT, self.api.list(&params))
                 .await
                 .map_err(|_| Failure::TimedOut("list"))?
                 .map_err(Failure::Api)?;
-            for mut obj in page.items {
-                (self.slim)(&mut obj);
-                self.writer.apply_watcher_event(&Event::InitApply(obj));
+            for obj in page.items {
+                self.sink.apply(Event::InitApply(obj));
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params.continue_token = Some(token),
                 None => {
                     let rv = page.metadata.resource_version.unwrap_or_default();
-                    self.writer.apply_watcher_event(&Event::InitDone);
+                    self.sink.apply(Event::InitDone);
                     self.changed.notify_one();
                     self.answered();
                     self.stats.heard_from_server();
@@ -352,14 +350,13 @@ where
             *delivered = true;
             self.stats.heard_from_server();
             self.answered();
-            if let Some(mut event) = event {
-                if let Event::Apply(obj) | Event::Delete(obj) = &mut event {
+            if let Some(event) = event {
+                if let Event::Apply(obj) | Event::Delete(obj) = &event {
                     if let Some(v) = obj.resource_version().filter(|v| !v.is_empty()) {
                         *rv = v;
                     }
-                    (self.slim)(obj);
                 }
-                self.writer.apply_watcher_event(&event);
+                self.sink.apply(event);
                 self.changed.notify_one();
             }
         }

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod events;
 pub mod informer;
 pub mod retry;
+pub mod store;
 pub mod taint;
 pub mod watch;
 

@@ -1,25 +1,27 @@
-//! Node-local caches of the cluster: every Namespace, as metadata only (labels are all a node
-//! needs: `Accept: ...;as=PartialObjectMetadata`, a fraction of the memory of full objects),
-//! and the Pods scheduled on this node (`spec.nodeName` field selector), kept in kube-rs
-//! reflector stores with managed fields and other unused parts stripped. Every change pokes a `Notify` so the agent reconciles at
-//! once. The list-and-watch loops ([`super::informer`]) recover from API outages, 410 Gone
+//! Node-local caches of the cluster: every Namespace, listed and watched as metadata only
+//! (`Accept: ...;as=PartialObjectMetadata`: labels are all a node needs), and the Pods
+//! scheduled on this node (`spec.nodeName` field selector), each converted on arrival into
+//! the agent's own compact record ([`super::store::CompactStore`]: a name and a shared label
+//! set per namespace, a [`NodePod`] per pod), so that 20 000 namespaces cost a few MiB.
+//! Every change pokes a `Notify` so the agent reconciles at once. The list-and-watch loops ([`super::informer`]) recover from API outages, 410 Gone
 //! and stalled streams within seconds and never touch what is enforced; their health
 //! (staleness, relists, errors) is in [`WatchHealth`].
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use datalab_guard_policy::{NamespaceInfo, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{
-    core::PartialObjectMeta,
-    runtime::reflector::{self, ObjectRef, Store},
-    Api, Client,
-};
+use kube::{core::PartialObjectMeta, Api, Client};
 use tokio::sync::Notify;
 
 use super::{
-    convert::{namespace_info, pod_info, slim_namespace, slim_pod},
+    convert::{node_pod, NamespaceLabels, NodePod, NAME_LABEL},
     informer::{Informer, WatchStats},
+    store::{Compact, CompactStore},
 };
 use crate::metrics::WatchSample;
 
@@ -43,10 +45,83 @@ impl WatchHealth {
 }
 
 pub struct ClusterView {
-    pods: Store<Pod>,
-    namespaces: Store<PartialObjectMeta<Namespace>>,
+    pods: CompactStore<Arc<NodePod>>,
+    namespaces: CompactStore<NamespaceLabels>,
     changed: Arc<Notify>,
     health: WatchHealth,
+}
+
+/// Pods keyed by uid, as [`NodePod`]s.
+struct PodRecords;
+
+impl Compact<Pod> for PodRecords {
+    type Record = Arc<NodePod>;
+
+    fn key(pod: &Pod) -> Option<Box<str>> {
+        pod.metadata.uid.as_deref().map(Box::from)
+    }
+
+    fn record(&mut self, pod: Pod) -> Option<Arc<NodePod>> {
+        node_pod(pod).map(Arc::new)
+    }
+}
+
+/// Namespaces keyed by name, their label sets interned.
+#[derive(Default)]
+struct NamespaceRecords {
+    sets: HashSet<Arc<BTreeMap<String, String>>>,
+    /// Records written since the last sweep of unused sets.
+    since_sweep: usize,
+}
+
+/// Label sets are swept of unused ones after every list and after this many writes, so
+/// that relabelling cannot grow the interner without bound.
+const SWEEP_EVERY: usize = 4096;
+
+impl NamespaceRecords {
+    fn intern(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        if let Some(set) = self.sets.get(&labels) {
+            return set.clone();
+        }
+        let set = Arc::new(labels);
+        self.sets.insert(set.clone());
+        set
+    }
+
+    /// Drops the sets no stored namespace uses any more (only the interner holds them).
+    fn sweep(&mut self) {
+        self.sets.retain(|set| Arc::strong_count(set) > 1);
+        self.since_sweep = 0;
+    }
+}
+
+impl Compact<PartialObjectMeta<Namespace>> for NamespaceRecords {
+    type Record = NamespaceLabels;
+
+    fn key(ns: &PartialObjectMeta<Namespace>) -> Option<Box<str>> {
+        ns.metadata.name.as_deref().map(Box::from)
+    }
+
+    fn record(&mut self, ns: PartialObjectMeta<Namespace>) -> Option<NamespaceLabels> {
+        let name = ns.metadata.name?;
+        let mut labels = ns.metadata.labels.unwrap_or_default();
+        let name_label = labels.get(NAME_LABEL) == Some(&name);
+        if name_label {
+            labels.remove(NAME_LABEL);
+        }
+        self.since_sweep += 1;
+        if self.since_sweep >= SWEEP_EVERY {
+            self.sweep();
+        }
+        Some(NamespaceLabels {
+            labels: self.intern(labels),
+            name_label,
+        })
+    }
+
+    fn after_list(&mut self) {
+        self.sweep();
+    }
 }
 
 impl ClusterView {
@@ -54,13 +129,12 @@ impl ClusterView {
     pub fn start(client: Client, node_name: &str, health: WatchHealth) -> ClusterView {
         let changed = Arc::new(Notify::new());
 
-        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (pods, pod_writer) = CompactStore::new(PodRecords);
         tokio::spawn(
             Informer::new(
                 "pods",
                 Api::<Pod>::all(client.clone()),
                 Some(format!("spec.nodeName={node_name}")),
-                slim_pod,
                 pod_writer,
                 health.pods.clone(),
                 changed.clone(),
@@ -68,14 +142,13 @@ impl ClusterView {
             .run(),
         );
 
-        let (namespaces, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+        let (namespaces, ns_writer) = CompactStore::new(NamespaceRecords::default());
         tokio::spawn(
             Informer::new(
                 "namespaces",
                 // An Api of PartialObjectMeta lists and watches with the metadata Accept header.
                 Api::<PartialObjectMeta<Namespace>>::all(client),
                 None,
-                slim_namespace,
                 ns_writer,
                 health.namespaces.clone(),
                 changed.clone(),
@@ -93,13 +166,23 @@ impl ClusterView {
 
     /// Resolves once both initial lists are complete.
     pub async fn wait_synced(&self) {
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
+        self.pods.wait_until_ready().await;
+        self.namespaces.wait_until_ready().await;
     }
 
-    /// Notified on every change seen by either reflector.
+    /// Notified on every change seen by either watch.
     pub fn changed(&self) -> Arc<Notify> {
         self.changed.clone()
+    }
+
+    /// Changes of the namespace cache so far: equal numbers mean the same namespaces.
+    pub fn namespaces_generation(&self) -> u64 {
+        self.namespaces.generation()
+    }
+
+    /// Changes of the pod cache so far.
+    pub fn pods_generation(&self) -> u64 {
+        self.pods.generation()
     }
 
     /// Watch errors so far, both watches (API unreachable, 410, 5xx, stalled streams).
@@ -112,83 +195,153 @@ impl ClusterView {
         &self.health
     }
 
+    /// This node's pods as stored (shared records, no copies).
+    pub fn node_pods(&self) -> Vec<Arc<NodePod>> {
+        self.pods.values()
+    }
+
     pub fn pods(&self) -> Vec<PodInfo> {
-        self.pods
-            .state()
-            .iter()
-            .filter_map(|p| pod_info(p))
-            .collect()
+        let mut pods = Vec::with_capacity(self.pods.len());
+        self.pods.for_each(|_, p| pods.push(p.info.clone()));
+        pods
+    }
+
+    /// The pod with this API uid.
+    pub fn pod(&self, uid: &str) -> Option<PodInfo> {
+        self.pods.get(uid).map(|p| p.info.clone())
     }
 
     /// The pods whose API uid `wanted` accepts; only those are converted (the per-event
     /// path must not copy every pod of a full node).
     pub fn pods_where(&self, wanted: impl Fn(&str) -> bool) -> Vec<PodInfo> {
-        self.pods
-            .state()
-            .iter()
-            .filter(|p| p.metadata.uid.as_deref().is_some_and(&wanted))
-            .filter_map(|p| pod_info(p))
-            .collect()
+        let mut pods = Vec::new();
+        self.pods.for_each(|uid, p| {
+            if wanted(uid) {
+                pods.push(p.info.clone());
+            }
+        });
+        pods
     }
 
     /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
-    pub fn pod_ips(&self) -> std::collections::HashMap<String, std::net::IpAddr> {
-        self.pods
-            .state()
-            .iter()
-            .filter_map(|p| {
-                Some((
-                    p.metadata.uid.clone()?,
-                    p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
-                ))
-            })
-            .collect()
+    pub fn pod_ips(&self) -> HashMap<String, IpAddr> {
+        let mut ips = HashMap::new();
+        self.pods.for_each(|uid, p| {
+            if let Some(ip) = p.ip {
+                ips.insert(uid.to_owned(), ip);
+            }
+        });
+        ips
     }
 
     /// API uid → cgroup uid, for the static pods whose mirror annotation names another uid.
-    pub fn cgroup_uids(&self) -> std::collections::HashMap<String, String> {
-        self.pods
-            .state()
-            .iter()
-            .filter_map(|p| {
-                let uid = p.metadata.uid.as_deref()?;
-                let mirror = p
-                    .metadata
-                    .annotations
-                    .as_ref()?
-                    .get(crate::cgroups::pod::MIRROR_POD_ANNOTATION)?;
-                let cgroup_uid = crate::cgroups::pod::cgroup_pod_uid(uid, Some(mirror));
-                (cgroup_uid != uid).then(|| (uid.to_owned(), cgroup_uid.to_owned()))
-            })
-            .collect()
+    pub fn cgroup_uids(&self) -> HashMap<String, String> {
+        let mut uids = HashMap::new();
+        self.pods.for_each(|uid, p| {
+            if let Some(cgroup_uid) = &p.cgroup_uid {
+                uids.insert(uid.to_owned(), cgroup_uid.clone());
+            }
+        });
+        uids
+    }
+
+    /// The API uid of the pod whose cgroup is named after `cgroup_uid` (itself, or a static
+    /// pod's mirror), if the cache holds it.
+    pub fn api_uid_of_cgroup(&self, cgroup_uid: &str) -> Option<String> {
+        if self.pods.get(cgroup_uid).is_some() {
+            return Some(cgroup_uid.to_owned());
+        }
+        let mut found = None;
+        self.pods.for_each(|uid, p| {
+            if found.is_none() && p.cgroup_uid.as_deref() == Some(cgroup_uid) {
+                found = Some(uid.to_owned());
+            }
+        });
+        found
     }
 
     /// One namespace as the policy sees it: a lookup, for the per-pod paths that must not
     /// copy tens of thousands of namespaces to judge one pod.
     pub fn namespace(&self, name: &str) -> Option<NamespaceInfo> {
-        self.namespaces
-            .get(&ObjectRef::new(name))
-            .and_then(|ns| namespace_info(&ns.metadata))
+        self.namespaces.get(name).map(|ns| ns.info(name))
     }
 
     /// The names of the namespaces `keep` accepts. Each namespace is converted and dropped
     /// in turn: no copy of all of them is held at once.
     pub fn namespace_names_where(&self, keep: impl Fn(&NamespaceInfo) -> bool) -> Vec<String> {
-        self.namespaces
-            .state()
-            .iter()
-            .filter_map(|ns| namespace_info(&ns.metadata))
-            .filter(|ns| keep(ns))
-            .map(|ns| ns.name)
-            .collect()
+        let mut names = Vec::new();
+        self.namespaces.for_each(|name, ns| {
+            let info = ns.info(name);
+            if keep(&info) {
+                names.push(info.name);
+            }
+        });
+        names
     }
 
     pub fn namespaces(&self) -> BTreeMap<String, NamespaceInfo> {
-        self.namespaces
-            .state()
-            .iter()
-            .filter_map(|ns| namespace_info(&ns.metadata))
-            .map(|ns| (ns.name.clone(), ns))
-            .collect()
+        let mut all = BTreeMap::new();
+        self.namespaces.for_each(|name, ns| {
+            all.insert(name.to_owned(), ns.info(name));
+        });
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    use crate::k8s::store::WatchSink as _;
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Namespace> {
+        let mut ns = PartialObjectMeta::<Namespace>::default();
+        ns.metadata.name = Some(name.to_owned());
+        ns.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        ns
+    }
+
+    #[test]
+    fn namespaces_with_the_same_labels_share_one_set_and_keep_their_name_label() {
+        let (store, mut writer) = CompactStore::new(NamespaceRecords::default());
+        writer.apply(Event::Init);
+        for name in ["env-a", "env-b"] {
+            writer.apply(Event::InitApply(namespace(
+                name,
+                &[("datalab.io/environment", "true"), (NAME_LABEL, name)],
+            )));
+        }
+        // A name label that is not the namespace's own name is an ordinary label.
+        writer.apply(Event::InitApply(namespace("odd", &[(NAME_LABEL, "other")])));
+        writer.apply(Event::InitDone);
+
+        let (a, b) = (store.get("env-a").unwrap(), store.get("env-b").unwrap());
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        let info = a.info("env-a");
+        assert_eq!(info.labels.get(NAME_LABEL).map(String::as_str), Some("env-a"));
+        assert_eq!(
+            info.labels.get("datalab.io/environment").map(String::as_str),
+            Some("true")
+        );
+        let odd = store.get("odd").unwrap().info("odd");
+        assert_eq!(odd.labels.get(NAME_LABEL).map(String::as_str), Some("other"));
+    }
+
+    #[test]
+    fn unused_label_sets_are_swept() {
+        let mut records = NamespaceRecords::default();
+        let kept = records
+            .record(namespace("a", &[("team", "x")]))
+            .unwrap();
+        drop(records.record(namespace("b", &[("team", "y")])));
+        records.sweep();
+        assert_eq!(records.sets.len(), 1);
+        assert!(records.sets.contains(&kept.labels));
     }
 }

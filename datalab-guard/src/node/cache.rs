@@ -358,7 +358,8 @@ pub struct CacheWriter {
     /// `None`: no state directory (nothing is written).
     path: Option<PathBuf>,
     node: String,
-    written: Option<Contents>,
+    /// Digest of the contents last written (not a copy: they hold every namespace).
+    written: Option<u64>,
     last_write: Option<Instant>,
     /// When the last successful write happened (seconds since the epoch).
     pub last_written_unix: Option<u64>,
@@ -417,7 +418,8 @@ impl CacheWriter {
     /// Writes `contents` unless they are what was last written or the last write was less
     /// than [`MIN_WRITE_INTERVAL`] ago (then a later offer writes them).
     pub fn offer(&mut self, contents: Contents) {
-        if !self.due() || self.written.as_ref() == Some(&contents) {
+        let digest = digest_of(&contents);
+        if !self.due() || self.written == Some(digest) {
             return;
         }
         let Some(path) = &self.path else {
@@ -438,7 +440,7 @@ impl CacheWriter {
                     self.failing = false;
                 }
                 self.last_written_unix = Some(now);
-                self.written = Some(file.contents);
+                self.written = Some(digest);
             }
             Err(e) if !self.failing => {
                 self.failing = true;
@@ -449,6 +451,17 @@ impl CacheWriter {
             }
         }
     }
+}
+
+/// A digest of the contents as serialized (what is written), to see whether they changed.
+fn digest_of(contents: &Contents) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    // Serializing these types cannot fail.
+    serde_json::to_vec(contents)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 fn write_atomically(path: &Path, file: &CacheFile) -> io::Result<()> {

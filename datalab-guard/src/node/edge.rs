@@ -54,10 +54,10 @@ pub fn guarded_pods(
 ) -> Vec<GuardedPod> {
     let ips = view.pod_ips();
     let host_network: std::collections::HashSet<String> = view
-        .pods()
+        .node_pods()
         .into_iter()
-        .filter(|p| p.host_network)
-        .map(|p| p.uid)
+        .filter(|p| p.info.host_network)
+        .map(|p| p.info.uid.clone())
         .collect();
     desired
         .rows

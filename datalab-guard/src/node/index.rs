@@ -252,12 +252,10 @@ impl PodIndex {
         if self.by_uid.contains_key(cgroup_uid) {
             return true;
         }
-        let api_uid = view
-            .cgroup_uids()
-            .into_iter()
-            .find(|(_, c)| c == cgroup_uid)
-            .map_or_else(|| cgroup_uid.to_owned(), |(api, _)| api);
-        match view.pods_where(|uid| uid == api_uid).pop() {
+        match view
+            .api_uid_of_cgroup(cgroup_uid)
+            .and_then(|api_uid| view.pod(&api_uid))
+        {
             Some(pod) => {
                 self.by_uid.insert(cgroup_uid.to_owned(), pod);
                 true

@@ -20,11 +20,13 @@
 //! `status` reads), [`probe_targets`] (where the CNI probe runs from).
 
 pub mod audit_sink;
+pub mod background;
 pub mod cache;
 pub mod context;
 pub mod edge;
 pub mod index;
 pub mod net_raw;
+pub mod outputs;
 pub mod probe_targets;
 pub mod reconcile;
 pub mod runtime_classify;
@@ -46,6 +48,7 @@ use self::{
     cache::{CacheWriter, Classified, Loaded, LoadedCache},
     context::Context,
     index::PodIndex,
+    outputs::Outputs,
     reconcile::Reconciler,
     startup::SyncOutcome,
     state_file::StateFileWriter,
@@ -142,8 +145,6 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         shutdown_rx,
     ));
     let mut cgroup_events = watch_cgroups(&plan)?;
-    let mut cache_writer = CacheWriter::new(plan.state_dir.as_deref(), &plan.node);
-    cache_writer.note_loaded(&loaded);
     let runtime = runtime_classify::RuntimeLookups::new(&plan.config.runtime, ctx.runtime.clone());
     let mut reconciler = Reconciler {
         ctx,
@@ -152,8 +153,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         config_source: plan.config_source.clone(),
         own_pod_uid: plan.own_pod_uid.clone(),
         probe_settings,
-        state_file: StateFileWriter::new(plan.state_file.clone(), plan.bpffs.clone()),
-        cache: cache_writer,
+        outputs: outputs_of(&plan, &view, &loaded)?,
         runtime,
         edge: edge::NodeEdge::new(layout.clone(), plan.netns_dir.clone()),
     };
@@ -178,6 +178,9 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         &mut termination,
     )
     .await;
+    // The state cache loaded at start has served its purpose: the API is the authority now.
+    drop(loaded);
+    reconciler.index.cached_namespaces.clear();
     match outcome {
         SyncOutcome::Terminated => {}
         SyncOutcome::Synced => {
@@ -245,6 +248,14 @@ fn attach_first(plan: &Plan) -> anyhow::Result<Attached> {
         loaded,
         layout,
     })
+}
+
+/// The state file and state cache writers.
+fn outputs_of(plan: &Plan, view: &Arc<ClusterView>, loaded: &Loaded) -> anyhow::Result<Outputs> {
+    let mut cache = CacheWriter::new(plan.state_dir.as_deref(), &plan.node);
+    cache.note_loaded(loaded);
+    let state_file = StateFileWriter::new(plan.state_file.clone(), plan.bpffs.clone());
+    Outputs::new(view.clone(), state_file, cache).context("cannot start the state file writers")
 }
 
 fn cache_of(loaded: &Loaded) -> Option<&LoadedCache> {

@@ -70,7 +70,6 @@ fn probe_targets(
     netns_dir: PathBuf,
 ) -> impl Fn() -> Vec<(String, PathBuf)> + Send + Sync + 'static {
     move || {
-        let namespaces = view.namespaces();
         let ips = view.pod_ips();
         let by_ip: Vec<(PathBuf, Vec<IpAddr>)> =
             probe::netns_addresses(&netns_dir).unwrap_or_default();
@@ -82,10 +81,11 @@ fn probe_targets(
             {
                 continue;
             }
-            let Some(ns) = namespaces.get(&pod.namespace) else {
+            // One lookup per pod: not a copy of the cluster's namespaces per probe round.
+            let Some(ns) = view.namespace(&pod.namespace) else {
                 continue;
             };
-            if !resolver.policy.is_environment(ns) {
+            if !resolver.policy.is_environment(&ns) {
                 continue;
             }
             let from_ip = ips.get(&pod.uid).and_then(|ip| {

@@ -6,7 +6,6 @@
 //! back as one more wake-up and their entries are written at once.
 
 use std::{
-    collections::HashSet,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -15,11 +14,10 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{
-    cache::{CacheWriter, Contents},
     context::Context,
     index::{pod_uid_of, Desired, PodIndex},
+    outputs::Outputs,
     runtime_classify::{RuntimeAnswer, RuntimeLookups, NEW_CGROUP_WAIT},
-    state_file::{unix_secs, EnforcingFrom, NodeNamespaceState, StateFile, StateFileWriter},
 };
 use crate::{
     cgroups::{pod::DiscoveredPod, watch::CgroupEvent},
@@ -52,9 +50,9 @@ pub struct Reconciler {
     pub own_pod_uid: Option<String>,
     /// The CNI probe's settings; a reload sends the new ones (next probe round).
     pub probe_settings: tokio::sync::watch::Sender<ProbeSettings>,
-    pub state_file: StateFileWriter,
-    /// The state cache, written from API-synced reconciles only.
-    pub cache: CacheWriter,
+    /// The state file and the state cache (the cache from API-synced reconciles only),
+    /// written off the loop.
+    pub outputs: Outputs,
     /// Container runtime lookups for pod cgroups the API does not know.
     pub runtime: RuntimeLookups,
     /// The pod-edge layer on guarded pods' host-side interfaces.
@@ -65,6 +63,7 @@ pub struct Reconciler {
 enum Wake {
     Reconcile,
     Dirty,
+    StateFile,
     Stop,
 }
 
@@ -83,6 +82,10 @@ impl Reconciler {
         loop {
             let debounce =
                 tokio::time::sleep_until((last_reconcile + RECONCILE_MIN_INTERVAL).into());
+            let state_file_due = self.outputs.state_file_due();
+            let state_file = tokio::time::sleep_until(
+                state_file_due.unwrap_or_else(Instant::now).into(),
+            );
             let wake = tokio::select! {
                 _ = changed.notified() => {
                     self.on_api_change();
@@ -97,6 +100,7 @@ impl Reconciler {
                     Wake::Dirty
                 },
                 _ = debounce, if dirty => Wake::Reconcile,
+                _ = state_file, if state_file_due.is_some() => Wake::StateFile,
                 _ = hangup.received() => {
                     self.reload();
                     Wake::Reconcile
@@ -106,6 +110,7 @@ impl Reconciler {
             };
             match wake {
                 Wake::Dirty => dirty = true,
+                Wake::StateFile => self.outputs.write_state_file(&self.ctx, &self.index.policy),
                 Wake::Stop => return,
                 Wake::Reconcile => {
                     dirty = false;
@@ -143,13 +148,7 @@ impl Reconciler {
         *self.ctx.owners.write().expect("owners lock") = owners;
         *self.ctx.gauges.lock().expect("gauges lock") = gauges;
         *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
-        if self.cache.due() {
-            let view = &self.ctx.view;
-            let cached =
-                Contents::from_api(&view.namespaces(), &view.pods(), &view.cgroup_uids(), &rows);
-            self.cache.offer(cached);
-        }
-        self.write_state(rows);
+        self.outputs.synced(rows, &self.ctx, &self.index.policy);
     }
 
     /// Writes the verdict map and reports readiness accordingly.
@@ -179,47 +178,6 @@ impl Reconciler {
                 self.http.set_ready(false, "verdict map not reconciled");
             }
         }
-    }
-
-    /// Drops namespaces that are no longer environments from the CNI probe's states and
-    /// writes the state file with each pod's attempt count.
-    fn write_state(&mut self, mut rows: Vec<super::state_file::PodRow>) {
-        let policy = &self.index.policy;
-        // Names only: a cluster's tens of thousands of namespaces are not copied each time.
-        let environments = self
-            .ctx
-            .view
-            .namespace_names_where(|n| policy.is_environment(n));
-        let is_environment: HashSet<&str> = environments.iter().map(String::as_str).collect();
-        self.ctx
-            .namespace_states
-            .retain(|ns| is_environment.contains(ns));
-        // Every environment namespace, with the CNI state where this node has probed it.
-        let probed = self.ctx.namespace_states.snapshot();
-        let environments = environments
-            .into_iter()
-            .map(|name| {
-                let cni = probed.get(&name).and_then(|st| st.cni);
-                (name, NodeNamespaceState { cni })
-            })
-            .collect();
-        {
-            let mut counts = self.ctx.attempts_by_pod.lock().expect("attempts lock");
-            let live: HashSet<&str> = rows.iter().map(|r| r.uid.as_str()).collect();
-            counts.retain(|uid, _| live.contains(uid.as_str()));
-            for row in &mut rows {
-                row.audited_attempts = counts.get(&row.uid).copied().unwrap_or(0);
-            }
-        }
-        self.state_file.write(&StateFile {
-            node: self.ctx.node.clone(),
-            written_unix: unix_secs(std::time::SystemTime::now()),
-            namespaces: environments,
-            pods: rows,
-            counter_classes: self.index.classes.snapshot(),
-            enforcing_from: EnforcingFrom::Api,
-            cache: self.cache.report(),
-        });
     }
 
     /// A watch event: pods announced after their cgroup appeared get their entries at once.
@@ -343,6 +301,7 @@ impl Reconciler {
             }
         }
         self.index.policy = config.policy_config(self.own_pod_uid.clone());
+        self.outputs.policy_changed();
         self.probe_settings
             .send_replace(ProbeSettings::from_config(&config, &config.blocklist()));
         for warning in config.warnings() {

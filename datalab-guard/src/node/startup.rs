@@ -171,8 +171,8 @@ pub fn write_state(reconciler: &mut Reconciler, classified: Classified) {
     let ctx = &reconciler.ctx;
     ctx.owners.write().expect("owners lock").pods = classified.owners;
     *ctx.classes.write().expect("classes lock") = reconciler.index.classes.snapshot();
-    let report = reconciler.cache.report();
-    reconciler.state_file.write(&StateFile {
+    let report = reconciler.outputs.cache_report();
+    reconciler.outputs.write_from_cache(StateFile {
         node: ctx.node.clone(),
         written_unix: unix_secs(SystemTime::now()),
         namespaces: BTreeMap::new(),
