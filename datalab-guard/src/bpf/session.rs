@@ -191,7 +191,7 @@ impl Session {
             counters,
             events_lost: self.maps.stat(Stat::EventsLost)?,
             events_suppressed: self.maps.stat(Stat::EventsSuppressed)?,
-            verdict_entries: self.maps.verdicts()?.len() as u64,
+            verdict_entries: self.maps.verdict_count()? as u64,
             ..empty_snapshot()
         };
         add_consumer_stats(&mut snapshot, &self.audit_stats);

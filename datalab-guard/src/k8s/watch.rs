@@ -207,20 +207,8 @@ impl ClusterView {
     }
 
     /// The pod with this API uid.
-    pub fn pod(&self, uid: &str) -> Option<PodInfo> {
-        self.pods.get(uid).map(|p| p.info.clone())
-    }
-
-    /// The pods whose API uid `wanted` accepts; only those are converted (the per-event
-    /// path must not copy every pod of a full node).
-    pub fn pods_where(&self, wanted: impl Fn(&str) -> bool) -> Vec<PodInfo> {
-        let mut pods = Vec::new();
-        self.pods.for_each(|uid, p| {
-            if wanted(uid) {
-                pods.push(p.info.clone());
-            }
-        });
-        pods
+    pub fn node_pod(&self, uid: &str) -> Option<Arc<NodePod>> {
+        self.pods.get(uid)
     }
 
     /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
@@ -279,6 +267,16 @@ impl ClusterView {
         names
     }
 
+    /// Every namespace's record (shared label sets), sorted by name: for writing them all
+    /// without copying their labels.
+    pub fn namespace_records(&self) -> Vec<(String, NamespaceLabels)> {
+        let mut all = Vec::with_capacity(self.namespaces.len());
+        self.namespaces
+            .for_each(|name, ns| all.push((name.to_owned(), ns.clone())));
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn namespaces(&self) -> BTreeMap<String, NamespaceInfo> {
         let mut all = BTreeMap::new();
         self.namespaces.for_each(|name, ns| {
@@ -324,21 +322,27 @@ mod tests {
         let (a, b) = (store.get("env-a").unwrap(), store.get("env-b").unwrap());
         assert!(Arc::ptr_eq(&a.labels, &b.labels));
         let info = a.info("env-a");
-        assert_eq!(info.labels.get(NAME_LABEL).map(String::as_str), Some("env-a"));
         assert_eq!(
-            info.labels.get("datalab.io/environment").map(String::as_str),
+            info.labels.get(NAME_LABEL).map(String::as_str),
+            Some("env-a")
+        );
+        assert_eq!(
+            info.labels
+                .get("datalab.io/environment")
+                .map(String::as_str),
             Some("true")
         );
         let odd = store.get("odd").unwrap().info("odd");
-        assert_eq!(odd.labels.get(NAME_LABEL).map(String::as_str), Some("other"));
+        assert_eq!(
+            odd.labels.get(NAME_LABEL).map(String::as_str),
+            Some("other")
+        );
     }
 
     #[test]
     fn unused_label_sets_are_swept() {
         let mut records = NamespaceRecords::default();
-        let kept = records
-            .record(namespace("a", &[("team", "x")]))
-            .unwrap();
+        let kept = records.record(namespace("a", &[("team", "x")])).unwrap();
         drop(records.record(namespace("b", &[("team", "y")])));
         records.sweep();
         assert_eq!(records.sets.len(), 1);

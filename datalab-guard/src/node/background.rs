@@ -37,13 +37,15 @@ impl<T: Send + 'static> LatestWriter<T> {
             Condvar::new(),
         ));
         let theirs = shared.clone();
-        thread::Builder::new().name(name.to_owned()).spawn(move || {
-            let mut last: Option<Instant> = None;
-            while let Some(value) = next(&theirs, last, min_interval) {
-                write(value);
-                last = Some(Instant::now());
-            }
-        })?;
+        thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let mut last: Option<Instant> = None;
+                while let Some(value) = next(&theirs, last, min_interval) {
+                    write(value);
+                    last = Some(Instant::now());
+                }
+            })?;
         Ok(LatestWriter { shared })
     }
 

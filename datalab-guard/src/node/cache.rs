@@ -35,7 +35,10 @@ use super::{
     audit_sink::PodRef,
     state_file::{unix_secs, PodRow},
 };
-use crate::cgroups::pod::{is_valid_uid, DiscoveredPod};
+use crate::{
+    cgroups::pod::{is_valid_uid, DiscoveredPod},
+    k8s::convert::{NamespaceLabels, NAME_LABEL},
+};
 
 /// The cache's file name inside the state directory.
 pub const CACHE_FILE: &str = "cache.json";
@@ -47,13 +50,59 @@ pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 /// A larger file is not read (bounded memory whatever is on disk).
 const MAX_FILE_BYTES: u64 = 64 << 20;
 
-/// What is cached (without the header).
+/// Namespace name → labels, as read back.
+pub type LabelsByNamespace = BTreeMap<String, BTreeMap<String, String>>;
+
+/// What is cached (without the header). Written with the namespaces as the live view holds
+/// them ([`NamespacesOut`]: no copy of every namespace's labels), read back as
+/// [`LabelsByNamespace`]; both serialize alike.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Contents {
-    /// Namespace name → labels.
-    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+pub struct Contents<N = LabelsByNamespace> {
+    pub namespaces: N,
     /// This node's pods, by uid.
     pub pods: Vec<CachedPod>,
+}
+
+/// The live view's namespaces (sorted by name) as they are written: each one's shared label
+/// set with [`NAME_LABEL`] put back in its sorted place, so the bytes are those of the
+/// equivalent [`LabelsByNamespace`].
+pub struct NamespacesOut(pub Vec<(String, NamespaceLabels)>);
+
+impl Serialize for NamespacesOut {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, ns) in &self.0 {
+            map.serialize_entry(name, &LabelsOut { ns, name })?;
+        }
+        map.end()
+    }
+}
+
+struct LabelsOut<'a> {
+    ns: &'a NamespaceLabels,
+    name: &'a str,
+}
+
+impl Serialize for LabelsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let labels = &*self.ns.labels;
+        let mut map =
+            serializer.serialize_map(Some(labels.len() + usize::from(self.ns.name_label)))?;
+        let mut name_label_due = self.ns.name_label;
+        for (key, value) in labels {
+            if name_label_due && key.as_str() > NAME_LABEL {
+                map.serialize_entry(NAME_LABEL, self.name)?;
+                name_label_due = false;
+            }
+            map.serialize_entry(key, value)?;
+        }
+        if name_label_due {
+            map.serialize_entry(NAME_LABEL, self.name)?;
+        }
+        map.end()
+    }
 }
 
 /// One pod of this node.
@@ -95,27 +144,27 @@ impl CachedPod {
 
 /// The file: a header and the contents.
 #[derive(Debug, Serialize, Deserialize)]
-struct CacheFile {
+struct CacheFile<N = LabelsByNamespace> {
     version: u32,
     node: String,
     written_unix: u64,
     #[serde(flatten)]
-    contents: Contents,
+    contents: Contents<N>,
 }
 
-impl Contents {
+impl<N> Contents<N> {
     /// What to cache from the API caches as of a reconcile: every namespace's labels, and
     /// this node's pods that still run (`rows` give their verdicts).
-    pub fn from_api(
-        namespaces: &BTreeMap<String, NamespaceInfo>,
-        pods: &[PodInfo],
+    pub fn from_api<'a>(
+        namespaces: N,
+        pods: impl IntoIterator<Item = &'a PodInfo>,
         cgroup_uids: &HashMap<String, String>,
         rows: &[PodRow],
-    ) -> Contents {
+    ) -> Contents<N> {
         let verdicts: HashMap<&str, Verdict> =
             rows.iter().map(|r| (r.uid.as_str(), r.verdict)).collect();
         let mut pods: Vec<CachedPod> = pods
-            .iter()
+            .into_iter()
             .filter(|p| !p.is_terminated())
             .map(|p| CachedPod {
                 uid: p.uid.clone(),
@@ -131,13 +180,7 @@ impl Contents {
             })
             .collect();
         pods.sort_by(|a, b| a.uid.cmp(&b.uid));
-        Contents {
-            namespaces: namespaces
-                .iter()
-                .map(|(name, ns)| (name.clone(), ns.labels.clone()))
-                .collect(),
-            pods,
-        }
+        Contents { namespaces, pods }
     }
 }
 
@@ -417,7 +460,7 @@ impl CacheWriter {
 
     /// Writes `contents` unless they are what was last written or the last write was less
     /// than [`MIN_WRITE_INTERVAL`] ago (then a later offer writes them).
-    pub fn offer(&mut self, contents: Contents) {
+    pub fn offer<N: Serialize>(&mut self, contents: Contents<N>) {
         let digest = digest_of(&contents);
         if !self.due() || self.written == Some(digest) {
             return;
@@ -454,7 +497,7 @@ impl CacheWriter {
 }
 
 /// A digest of the contents as serialized (what is written), to see whether they changed.
-fn digest_of(contents: &Contents) -> u64 {
+fn digest_of<N: Serialize>(contents: &Contents<N>) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::hash::DefaultHasher::new();
     // Serializing these types cannot fail.
@@ -464,7 +507,7 @@ fn digest_of(contents: &Contents) -> u64 {
     hasher.finish()
 }
 
-fn write_atomically(path: &Path, file: &CacheFile) -> io::Result<()> {
+fn write_atomically<N: Serialize>(path: &Path, file: &CacheFile<N>) -> io::Result<()> {
     // Per process: two agents sharing a directory by mistake never mix their bytes.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let bytes = serde_json::to_vec(file)?;
@@ -566,10 +609,42 @@ mod tests {
         dir
     }
 
+    /// Namespace name → labels, from `ns` pairs.
+    fn labels_of(namespaces: &[(String, NamespaceInfo)]) -> LabelsByNamespace {
+        (namespaces.iter())
+            .map(|(name, ns)| (name.clone(), ns.labels.clone()))
+            .collect()
+    }
+
     fn sample() -> Contents {
-        let namespaces = BTreeMap::from([ns("tenant", &[("env", "true")]), ns("kube-system", &[])]);
-        let pods = vec![pod(1, "tenant"), pod(2, "kube-system"), pod(3, "gone-ns")];
-        Contents::from_api(&namespaces, &pods, &HashMap::new(), &[])
+        let namespaces = labels_of(&[ns("tenant", &[("env", "true")]), ns("kube-system", &[])]);
+        let pods = [pod(1, "tenant"), pod(2, "kube-system"), pod(3, "gone-ns")];
+        Contents::from_api(namespaces, &pods, &HashMap::new(), &[])
+    }
+
+    #[test]
+    fn the_live_views_namespaces_are_written_as_their_labels_would_be() {
+        let shared = std::sync::Arc::new(BTreeMap::from([
+            ("a-first".to_owned(), "1".to_owned()),
+            ("z-last".to_owned(), "2".to_owned()),
+        ]));
+        let live = |name_label| NamespaceLabels {
+            labels: shared.clone(),
+            name_label,
+        };
+        let out = NamespacesOut(vec![
+            ("env-a".to_owned(), live(true)),
+            ("env-b".to_owned(), live(false)),
+        ]);
+        let expected: LabelsByNamespace = BTreeMap::from([
+            ("env-a".to_owned(), live(true).info("env-a").labels),
+            ("env-b".to_owned(), live(false).info("env-b").labels),
+        ]);
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            serde_json::to_string(&expected).unwrap()
+        );
+        assert!(expected["env-a"].contains_key(NAME_LABEL));
     }
 
     #[test]
@@ -615,9 +690,9 @@ mod tests {
 
     #[test]
     fn static_pods_are_found_by_their_cgroup_uid() {
-        let namespaces = BTreeMap::from([ns("kube-system", &[])]);
+        let namespaces = labels_of(&[ns("kube-system", &[])]);
         let cgroup_uids = HashMap::from([(uid(5), uid(6))]);
-        let contents = Contents::from_api(&namespaces, &[pod(5, "kube-system")], &cgroup_uids, &[]);
+        let contents = Contents::from_api(namespaces, &[pod(5, "kube-system")], &cgroup_uids, &[]);
         let cache = LoadedCache::from_contents(1, contents);
         assert!(cache.pod_by_cgroup_uid(&uid(6)).is_some());
         assert!(cache.pod_by_cgroup_uid(&uid(5)).is_none());

@@ -27,6 +27,7 @@ use crate::{
         edge::{self, EdgeLayer, Preference},
         PinLayout,
     },
+    k8s::convert::NodePod,
     metrics::EdgeSample,
     probe::netns::{netns_addresses, netns_of_cgroup, on_netns_thread},
 };
@@ -52,12 +53,11 @@ pub fn guarded_pods(
     index: &super::index::PodIndex,
     view: &crate::k8s::ClusterView,
 ) -> Vec<GuardedPod> {
-    let ips = view.pod_ips();
-    let host_network: std::collections::HashSet<String> = view
-        .node_pods()
-        .into_iter()
-        .filter(|p| p.info.host_network)
-        .map(|p| p.info.uid.clone())
+    // The stored records, by uid: no copy of every pod's strings per reconcile.
+    let records = view.node_pods();
+    let by_uid: HashMap<&str, &NodePod> = records
+        .iter()
+        .map(|p| (p.info.uid.as_str(), &**p))
         .collect();
     desired
         .rows
@@ -71,8 +71,10 @@ pub fn guarded_pods(
                 cgroup_id,
                 class: entry.class,
                 dir: index.dir_of_pod(&r.uid).map(|d| d.path.clone()),
-                ip: ips.get(&r.uid).copied(),
-                host_network: host_network.contains(&r.uid),
+                ip: by_uid.get(r.uid.as_str()).and_then(|p| p.ip),
+                host_network: by_uid
+                    .get(r.uid.as_str())
+                    .is_some_and(|p| p.info.host_network),
             })
         })
         .collect()

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     os::unix::fs::MetadataExt as _,
     path::Path,
+    sync::Arc,
 };
 
 use super::runtime_classify::{self, RuntimePod};
@@ -35,7 +36,7 @@ use crate::{
         CgroupDir,
     },
     cri::SandboxInfo,
-    k8s::ClusterView,
+    k8s::{convert::NodePod, ClusterView},
 };
 
 /// What one reconcile computed.
@@ -66,7 +67,10 @@ pub struct PodIndex {
     /// Pod uids of the cgroup directories the watcher has seen.
     discovered: HashSet<String>,
     /// cgroup uid → pod, as of the last reconcile (for the new-cgroup fast path).
-    by_uid: HashMap<String, PodInfo>,
+    by_uid: HashMap<String, Arc<NodePod>>,
+    /// Pod cgroups the watcher has seen whose pod has no directory here yet (the cgroup
+    /// came first): what a watch event may resolve, looked at instead of every pod.
+    awaiting_pod: HashSet<String>,
     /// cgroup uid → pod the runtime reported, while its cgroup exists.
     runtime_pods: HashMap<String, RuntimePod>,
     /// Of those, the ones the API did not know at the last reconcile.
@@ -92,6 +96,7 @@ impl PodIndex {
             container_scan: HashSet::new(),
             discovered,
             by_uid: HashMap::new(),
+            awaiting_pod: HashSet::new(),
             runtime_pods: HashMap::new(),
             runtime_count: 0,
             cached_namespaces: BTreeMap::new(),
@@ -116,7 +121,7 @@ impl PodIndex {
         PodCgroupResolver {
             root: self.root.path.clone(),
             driver: self.driver,
-            policy: std::sync::Arc::new(self.policy.clone()),
+            policy: Arc::new(self.policy.clone()),
         }
     }
 
@@ -124,7 +129,9 @@ impl PodIndex {
     /// cgroup tree. `previous` are the owners of the last reconcile: container entries of
     /// pods whose directories did not change are kept rather than read again.
     pub fn desired(&mut self, view: &ClusterView, previous: CgroupOwners) -> Desired {
-        let pods = view.pods();
+        // Shared records, borrowed: a node's pods are not copied on every reconcile.
+        let records = view.node_pods();
+        let pods: Vec<&PodInfo> = records.iter().map(|p| &p.info).collect();
         self.cgroup_uids = view.cgroup_uids();
         self.free_classes_of_former_environments(view);
         let namespaces = self.namespaces_in_use(view, &pods);
@@ -133,7 +140,7 @@ impl PodIndex {
             .iter()
             .map(|pod| {
                 let dir = self.dirs.get(&pod.uid).map(|d| d.id);
-                (pod, namespaces.get(&pod.namespace), dir)
+                (*pod, namespaces.get(&pod.namespace), dir)
             })
             .collect();
         let (mut verdicts, summary) =
@@ -149,10 +156,12 @@ impl PodIndex {
             exempt: summary.exempt as u64,
             unknown: 0,
         };
-        self.by_uid = pods
+        self.by_uid = records
             .iter()
-            .map(|p| (self.cgroup_uid(p).to_owned(), p.clone()))
+            .map(|p| (self.cgroup_uid(&p.info).to_owned(), p.clone()))
             .collect();
+        let dirs = &self.dirs;
+        self.awaiting_pod.retain(|uid| !dirs.contains_key(uid));
         self.add_runtime_pods(
             &namespaces,
             &mut verdicts,
@@ -254,7 +263,7 @@ impl PodIndex {
         }
         match view
             .api_uid_of_cgroup(cgroup_uid)
-            .and_then(|api_uid| view.pod(&api_uid))
+            .and_then(|api_uid| view.node_pod(&api_uid))
         {
             Some(pod) => {
                 self.by_uid.insert(cgroup_uid.to_owned(), pod);
@@ -329,7 +338,7 @@ impl PodIndex {
     fn namespaces_in_use(
         &self,
         view: &ClusterView,
-        pods: &[PodInfo],
+        pods: &[&PodInfo],
     ) -> BTreeMap<String, NamespaceInfo> {
         let names: HashSet<&str> = pods
             .iter()
@@ -349,7 +358,7 @@ impl PodIndex {
 
     /// Drops directories of pods that are gone and looks up those not found yet (inotify
     /// removals invalidate the rest). Returns the ids found now.
-    fn resolve_dirs(&mut self, pods: &[PodInfo]) -> Vec<u64> {
+    fn resolve_dirs(&mut self, pods: &[&PodInfo]) -> Vec<u64> {
         let live: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
         self.dirs.retain(|uid, _| live.contains(uid.as_str()));
         let mut newly_resolved = Vec::new();
@@ -382,7 +391,7 @@ impl PodIndex {
             .collect()
     }
 
-    fn pod_owners(&self, pods: &[PodInfo]) -> HashMap<u64, PodRef> {
+    fn pod_owners(&self, pods: &[&PodInfo]) -> HashMap<u64, PodRef> {
         pods.iter()
             .filter_map(|pod| {
                 let dir = self.dirs.get(&pod.uid)?;
@@ -402,7 +411,7 @@ impl PodIndex {
     /// for the first time and pods whose directory gained a child since; kept for the rest.
     fn container_owners(
         &mut self,
-        pods: &[PodInfo],
+        pods: &[&PodInfo],
         newly_resolved: Vec<u64>,
         previous: CgroupOwners,
         owners: &CgroupOwners,
@@ -428,7 +437,7 @@ impl PodIndex {
     }
 
     /// Pod cgroups with no pod behind them, from the watcher's last full scan.
-    fn unknown_cgroups(&self, pods: &[PodInfo]) -> u64 {
+    fn unknown_cgroups(&self, pods: &[&PodInfo]) -> u64 {
         let known: HashSet<&str> = pods
             .iter()
             .flat_map(|p| [p.uid.as_str(), self.cgroup_uid(p)])
@@ -459,18 +468,27 @@ impl PodIndex {
                     }
                 }
                 if let Some(uid) = pod_uid_of(path) {
+                    if !self.dirs.contains_key(&uid) {
+                        self.awaiting_pod.insert(uid.clone());
+                    }
                     self.discovered.insert(uid);
                 }
             }
             CgroupEvent::Removed(path) => {
-                self.dirs.retain(|_, d| d.path != *path);
-                self.runtime_pods.retain(|_, p| p.dir.path != *path);
+                // Only pod directories are held; a container's removal changes nothing here.
                 if let Some(uid) = pod_uid_of(path) {
+                    self.forget_pod_dir(&uid, path);
                     self.discovered.remove(&uid);
+                    self.awaiting_pod.remove(&uid);
                 }
             }
             CgroupEvent::Rescan(found) => {
                 self.discovered = found.iter().map(|d| d.uid.clone()).collect();
+                let dirs = &self.dirs;
+                self.awaiting_pod = (self.discovered.iter())
+                    .filter(|uid| !dirs.contains_key(*uid))
+                    .cloned()
+                    .collect();
                 let by_path: HashSet<&Path> = found.iter().map(|d| d.dir.path.as_path()).collect();
                 self.dirs.retain(|_, d| by_path.contains(d.path.as_path()));
                 self.runtime_pods
@@ -491,7 +509,7 @@ impl PodIndex {
         if !self.api_knows(view, &uid) {
             return None;
         }
-        let pod = self.by_uid.get(&uid)?.clone();
+        let pod = self.by_uid.get(&uid)?.info.clone();
         let namespace = view.namespace(&pod.namespace);
         let decision = policy::verdict(&pod, namespace.as_ref(), &self.policy);
         let dir = cgroups::validate_cgroup_dir(path).ok()?;
@@ -514,15 +532,18 @@ impl PodIndex {
     /// not at the next debounced reconcile. Only such pods are converted and looked up, so
     /// this stays cheap on a node with thousands of pods.
     pub fn announced_with_cgroup(&mut self, view: &ClusterView) -> Vec<(u64, VerdictEntry)> {
-        let pods =
-            view.pods_where(|uid| !self.dirs.contains_key(uid) && self.discovered.contains(uid));
+        let records: Vec<Arc<NodePod>> = (self.awaiting_pod.iter())
+            .filter(|uid| !self.dirs.contains_key(*uid))
+            .filter_map(|uid| view.node_pod(uid))
+            .collect();
         let mut entries = Vec::new();
-        for pod in pods {
-            let Some(dir) = self.pod_dir(&pod) else {
+        for record in records {
+            let pod = &record.info;
+            let Some(dir) = self.pod_dir(pod) else {
                 continue;
             };
             let namespace = view.namespace(&pod.namespace);
-            let decision = policy::verdict(&pod, namespace.as_ref(), &self.policy);
+            let decision = policy::verdict(pod, namespace.as_ref(), &self.policy);
             let class = match decision.verdict {
                 Verdict::Guard => self.classes.class_of(&pod.namespace),
                 Verdict::Exempt => 0,
@@ -534,10 +555,34 @@ impl PodIndex {
                     class,
                 },
             ));
-            self.by_uid.insert(pod.uid.clone(), pod.clone());
-            self.dirs.insert(pod.uid, dir);
+            self.awaiting_pod.remove(&pod.uid);
+            self.by_uid.insert(pod.uid.clone(), record.clone());
+            self.dirs.insert(pod.uid.clone(), dir);
         }
         entries
+    }
+
+    /// The pod directory at `path` (named after cgroup uid `uid`) is gone: forget it. The
+    /// directories are keyed by API uid, which is the cgroup's uid for all but static pods.
+    fn forget_pod_dir(&mut self, uid: &str, path: &Path) {
+        let api_uid = match self.dirs.get(uid) {
+            Some(dir) if dir.path == path => Some(uid.to_owned()),
+            _ => (self.cgroup_uids.iter())
+                .find(|(_, cgroup_uid)| cgroup_uid.as_str() == uid)
+                .map(|(api_uid, _)| api_uid.clone()),
+        };
+        if let Some(api_uid) = api_uid {
+            if self.dirs.get(&api_uid).is_some_and(|d| d.path == path) {
+                self.dirs.remove(&api_uid);
+            }
+        }
+        if self
+            .runtime_pods
+            .get(uid)
+            .is_some_and(|p| p.dir.path == path)
+        {
+            self.runtime_pods.remove(uid);
+        }
     }
 
     /// The pod's cgroup directory, if the kubelet has created it. The QoS class decides the

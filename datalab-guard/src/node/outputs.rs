@@ -23,9 +23,11 @@ use datalab_guard_policy::PolicyConfig;
 
 use super::{
     background::LatestWriter,
-    cache::{CacheReport, CacheWriter, Contents},
+    cache::{CacheReport, CacheWriter, Contents, NamespacesOut},
     context::Context,
-    state_file::{unix_secs, EnforcingFrom, NodeNamespaceState, PodRow, StateFile, StateFileWriter},
+    state_file::{
+        unix_secs, EnforcingFrom, NodeNamespaceState, PodRow, StateFile, StateFileWriter,
+    },
 };
 use crate::k8s::ClusterView;
 
@@ -94,7 +96,10 @@ impl Outputs {
     pub fn synced(&mut self, rows: Vec<PodRow>, ctx: &Context, policy: &PolicyConfig) {
         self.offer_cache(&rows);
         self.pending_rows = Some(rows);
-        if self.state_file_due().is_some_and(|due| due <= Instant::now()) {
+        if self
+            .state_file_due()
+            .is_some_and(|due| due <= Instant::now())
+        {
             self.write_state_file(ctx, policy);
         }
     }
@@ -203,7 +208,14 @@ fn cache_job(
 ) -> impl FnMut(Vec<PodRow>) + Send + 'static {
     move |rows| {
         let cgroup_uids: HashMap<String, String> = view.cgroup_uids();
-        let contents = Contents::from_api(&view.namespaces(), &view.pods(), &cgroup_uids, &rows);
+        let pods = view.node_pods();
+        let namespaces = NamespacesOut(view.namespace_records());
+        let contents = Contents::from_api(
+            namespaces,
+            pods.iter().map(|p| &p.info),
+            &cgroup_uids,
+            &rows,
+        );
         cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
