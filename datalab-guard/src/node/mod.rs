@@ -17,7 +17,8 @@
 //! [`startup`] (before the first sync), [`reconcile`] (the loop), [`cache`] (the state
 //! directory), [`runtime_classify`] (pods the API does not know, classified from the
 //! container runtime), [`audit_sink`] (audit lines and pod Events), [`state_file`] (what
-//! `status` reads), [`probe_targets`] (where the CNI probe runs from).
+//! `status` reads), [`outputs`] (the state file and cache, written off the loop by
+//! [`background`] threads), [`probe_targets`] (where the CNI probe runs from).
 
 pub mod audit_sink;
 pub mod background;

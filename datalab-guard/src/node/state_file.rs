@@ -3,8 +3,9 @@
 //! attempts; the counter classes' namespaces; where the verdicts come from: the API server
 //! or, before the first full sync, the state cache). The NetworkPolicy and Pod Security
 //! state is the controller's (its metrics and logs), not the node's: nodes do not watch
-//! policies. The agent writes it after every reconcile, and every few seconds before its
-//! first sync; `status` reads it with the same types.
+//! policies. The agent writes it after reconciles (at most once a second, off the reconcile
+//! loop: [`super::outputs`]), and every few seconds before its first sync; `status` reads it
+//! with the same types.
 //!
 //! The writer stamps the file with the `--bpffs` directory whose pins it describes, so that
 //! `status` run against other pins (local mode on the same machine, say) does not present
