@@ -132,8 +132,18 @@ pub struct NodeEdge {
     pods: HashMap<String, PodState>,
     failures: BTreeMap<Uncovered, u64>,
     /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers,
-    /// and when that was counted (it reads /proc: at most every [`RETRY_EVERY`]).
-    net_raw: Option<(Instant, u64)>,
+    /// as of the last count.
+    net_raw: Option<NetRawCount>,
+}
+
+/// One count of the pods exposed by CAP_NET_RAW: it reads /proc, so it is redone every
+/// [`RETRY_EVERY`], or at once when what it judged changed (the guarded pods, the LSM).
+struct NetRawCount {
+    at: Instant,
+    lsm: bool,
+    /// The guarded pods it judged (uids, sorted).
+    judged: Vec<String>,
+    exposed: Vec<super::net_raw::Exposed>,
 }
 
 impl NodeEdge {
@@ -296,31 +306,50 @@ impl NodeEdge {
         }
     }
 
-    /// Recounts (at most every [`RETRY_EVERY`]) the guarded pods whose processes hold
-    /// CAP_NET_RAW while no layer closes raw paths for them: none when the BPF LSM program
-    /// runs (`lsm`), else those the edge layer does not cover.
+    /// Recounts the guarded pods whose processes hold CAP_NET_RAW while no layer closes
+    /// raw paths for them: none when the BPF LSM program runs (`lsm`), else those the edge
+    /// layer does not cover. At most every [`RETRY_EVERY`], unless the guarded pods or the
+    /// LSM changed since the last count (a new pod shows up at the next reconcile).
     pub fn count_net_raw(&mut self, guarded: &[GuardedPod], lsm: bool) {
-        if self
+        let mut judged: Vec<String> = guarded.iter().map(|p| p.uid.clone()).collect();
+        judged.sort_unstable();
+        let fresh = self
             .net_raw
-            .is_some_and(|(at, _)| at.elapsed() < RETRY_EVERY)
-        {
+            .as_ref()
+            .is_some_and(|c| c.at.elapsed() < RETRY_EVERY && c.lsm == lsm && c.judged == judged);
+        if fresh {
             return;
         }
         let exposed = if lsm {
-            0
+            Vec::new()
         } else {
             guarded
                 .iter()
-                .filter(|p| !matches!(self.pods.get(&p.uid), Some(PodState::Attached { .. })))
-                .filter(|p| {
-                    p.dir
-                        .as_deref()
-                        .and_then(super::net_raw::holds_net_raw)
-                        .unwrap_or(false)
+                .filter_map(|p| {
+                    let edge = match self.pods.get(&p.uid) {
+                        Some(PodState::Attached { .. }) => return None,
+                        Some(PodState::Failed { reason, .. }) => reason.as_str(),
+                        None => "pending",
+                    };
+                    let holds = p.dir.as_deref().and_then(super::net_raw::holds_net_raw);
+                    holds.unwrap_or(false).then(|| super::net_raw::Exposed {
+                        uid: p.uid.clone(),
+                        edge,
+                    })
                 })
-                .count() as u64
+                .collect()
         };
-        self.net_raw = Some((Instant::now(), exposed));
+        self.net_raw = Some(NetRawCount {
+            at: Instant::now(),
+            lsm,
+            judged,
+            exposed,
+        });
+    }
+
+    /// The pods of the last CAP_NET_RAW count (`None` before the first).
+    pub fn net_raw_exposed(&self) -> Option<&[super::net_raw::Exposed]> {
+        self.net_raw.as_ref().map(|c| c.exposed.as_slice())
     }
 
     /// Pods covered and not, and failures so far, for the metrics.
@@ -337,7 +366,7 @@ impl NodeEdge {
             }
         }
         EdgeSample {
-            net_raw_uncovered: self.net_raw.map(|(_, n)| n),
+            net_raw_uncovered: self.net_raw.as_ref().map(|c| c.exposed.len() as u64),
             attached,
             uncovered: uncovered.into_iter().collect(),
             failures: Uncovered::ALL
@@ -541,6 +570,62 @@ mod tests {
         msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
         assert!(!netlink::parse(&msg, &mut out).unwrap());
         assert!(out.is_empty());
+    }
+
+    /// This test process's own cgroup directory and whether a process in it holds
+    /// CAP_NET_RAW (as root, this one does): the pod the bookkeeping below is about.
+    fn own_cgroup() -> Option<(PathBuf, bool)> {
+        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let dir = crate::cgroups::cgroup2_mount()
+            .ok()?
+            .join(rel.trim_start_matches('/'));
+        let holds = super::super::net_raw::holds_net_raw(&dir) == Some(true);
+        Some((dir, holds))
+    }
+
+    #[test]
+    fn net_raw_exposure_names_uncovered_pods_and_recounts_when_its_inputs_change() {
+        let Some((dir, holds)) = own_cgroup() else {
+            return;
+        };
+        // A hostNetwork pod is never attached (nothing is loaded for it): uncovered.
+        let pod = |uid: &str| GuardedPod {
+            uid: uid.into(),
+            cgroup_id: 1,
+            class: 0,
+            dir: Some(dir.clone()),
+            ip: None,
+            host_network: true,
+        };
+        let mut edge = NodeEdge::new(
+            PinLayout::new(std::path::Path::new("/nonexistent-dg-pins")),
+            "/nonexistent-netns".into(),
+        );
+        assert_eq!(edge.net_raw_exposed(), None, "not counted yet");
+        let one = vec![pod("a")];
+        edge.sync(&one);
+        edge.count_net_raw(&one, false);
+        let exposed: Vec<_> = edge.net_raw_exposed().unwrap().to_vec();
+        if holds {
+            let want = super::super::net_raw::Exposed {
+                uid: "a".into(),
+                edge: "host_network",
+            };
+            assert_eq!(exposed, [want]);
+        } else {
+            assert!(exposed.is_empty());
+        }
+        assert_eq!(edge.sample().net_raw_uncovered, Some(exposed.len() as u64));
+        // A new guarded pod is judged at once, not after the recount interval.
+        let two = vec![pod("a"), pod("b")];
+        edge.sync(&two);
+        edge.count_net_raw(&two, false);
+        let n = if holds { 2 } else { 0 };
+        assert_eq!(edge.net_raw_exposed().unwrap().len(), n);
+        // The BPF LSM turned on closes raw paths for every pod: recounted at once.
+        edge.count_net_raw(&two, true);
+        assert_eq!(edge.net_raw_exposed(), Some(&[][..]));
     }
 
     #[test]

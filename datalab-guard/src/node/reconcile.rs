@@ -211,7 +211,10 @@ impl Reconciler {
                 row.audited_attempts = counts.get(&row.uid).copied().unwrap_or(0);
             }
         }
+        let net_raw = (self.edge.net_raw_exposed())
+            .map(|exposed| super::net_raw::NetRawReport::new(exposed, &rows));
         self.state_file.write(&StateFile {
+            net_raw,
             node: self.ctx.node.clone(),
             written_unix: unix_secs(std::time::SystemTime::now()),
             namespaces: environments,
