@@ -100,7 +100,7 @@ fn setsockopt<T>(fd: &OwnedFd, name: i32, value: &T, step: &str) -> Result<(), X
             fd.as_raw_fd(),
             libc::SOL_XDP,
             name,
-            (value as *const T).cast(),
+            std::ptr::from_ref(value).cast(),
             size_of::<T>() as libc::socklen_t,
         )
     };

@@ -68,7 +68,9 @@ impl EdgeLab {
         }
         let mut agent =
             Agent::spawn_in_netns(self.lab.imds_ns(), &args, envs).expect("spawn agent");
-        wait_ready_in(&mut agent, self.lab.imds_ns(), self.metrics);
+        agent
+            .wait_ready_in_netns(self.lab.imds_ns(), self.metrics, Duration::from_secs(30))
+            .expect("agent ready");
         self.agent = Some(agent);
     }
 
@@ -174,33 +176,6 @@ impl EdgeLab {
         .expect("command");
         let out = run_checked(&mut cmd, "tc filter show", None).expect("tc");
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-fn wait_ready_in(agent: &mut Agent, ns: &str, addr: SocketAddr) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = agent.try_status() {
-            panic!(
-                "agent exited with {status}; stderr:\n{}",
-                agent.stderr_lines().join("\n")
-            );
-        }
-        let ready =
-            with_netns_thread(ns, move || {
-                Ok(http_get(addr, "/readyz", Duration::from_millis(500))
-                    .is_ok_and(|r| r.status == 200))
-            })
-            .expect("netns thread");
-        if ready {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent not ready; stderr:\n{}",
-            agent.stderr_lines().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -486,16 +461,6 @@ fn edge_iface_bad_input_exits_2_and_attaches_nothing() {
     }
 }
 
-/// Kills and reaps a child on drop (also when an assertion failed).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Node mode's wiring, driven directly: from the "node" namespace, a guarded pod's network
 /// namespace is found from a process in its cgroup, the host side of its veth from the
 /// pod's interface (and confirmed from the node's side), and the edge program attached
@@ -515,7 +480,7 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     let t = EdgeLab::new();
     let pod_dir = t.cgroup.child("pod-a").unwrap();
     let empty_dir = t.cgroup.child("pod-empty").unwrap();
-    let _sleeper = Reaped(
+    let _sleeper = datalab_guard_tests::process::Reaped(
         datalab_guard_tests::process::spawn_in(&pod_dir, Some(t.lab.tenant_ns()), &["sleep", "60"])
             .unwrap(),
     );

@@ -17,16 +17,6 @@ use datalab_guard_tests::{
     require_root, Agent, BpffsDir,
 };
 
-/// Kills and reaps a child on drop (also when an assertion failed).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     if !require_root() {
@@ -161,8 +151,9 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
     );
     // A process that stays in it, holding CAP_NET_RAW (it runs as root): a hostNetwork pod
     // has no pod edge and this node runs no BPF LSM program, so nothing closes its raw paths.
-    let _net_raw_holder =
-        Reaped(datalab_guard_tests::spawn_in(&hostnet, None, &["sleep", "300"]).expect("sleep"));
+    let _net_raw_holder = datalab_guard_tests::process::Reaped(
+        datalab_guard_tests::spawn_in(&hostnet, None, &["sleep", "300"]).expect("sleep"),
+    );
 
     // Relabelling the namespace flips its pods' verdicts within a second.
     node.api.set_namespace_labels("tenant-a", &[]);

@@ -381,7 +381,7 @@ impl GuestOutput {
                         match count {
                             Ok(n) => println!("vm: verified instructions: {name} {n}"),
                             Err(why) => {
-                                problems.push(format!("the VM's kernel refused {name}: {why}"))
+                                problems.push(format!("the VM's kernel refused {name}: {why}"));
                             }
                         }
                     }

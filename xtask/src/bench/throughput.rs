@@ -28,9 +28,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use datalab_guard_tests::{
-    command_in, free_loopback_addr, http_get,
+    command_in, free_loopback_addr,
     lab::{IMDS_V4, IMDS_V6, OTHER_V4},
-    process::{run_checked, with_netns_thread},
+    process::run_checked,
     Agent, BpffsDir, Lab, TestCgroup,
 };
 use serde_json::{json, Value};
@@ -673,26 +673,10 @@ impl EdgeAgent {
             netns: setup.netns.to_string(),
             pins: setup.pins.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = edge.agent.try_status() {
-                bail!(
-                    "datalab-guard --edge-iface {EDGE_IF} exited ({status}): {}",
-                    edge.agent.stderr_lines().join("\n")
-                );
-            }
-            let ready = with_netns_thread(setup.netns, move || {
-                Ok(http_get(metrics, "/readyz", Duration::from_millis(500))
-                    .is_ok_and(|r| r.status == 200))
-            })?;
-            if ready {
-                return Ok(edge);
-            }
-            if Instant::now() > deadline {
-                bail!("datalab-guard --edge-iface {EDGE_IF} not ready within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        edge.agent
+            .wait_ready_in_netns(setup.netns, metrics, Duration::from_secs(30))
+            .with_context(|| format!("datalab-guard --edge-iface {EDGE_IF}"))?;
+        Ok(edge)
     }
 }
 
