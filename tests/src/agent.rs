@@ -236,6 +236,27 @@ impl Agent {
     /// Polls `http://ADDR/readyz` until it answers 200. Fails early, with the agent's
     /// stderr, if the agent exits; fails with the last answer seen on timeout.
     pub fn wait_ready(&mut self, addr: SocketAddr, timeout: Duration) -> Result<()> {
+        self.wait_ready_in(None, addr, timeout)
+    }
+
+    /// [`Agent::wait_ready`] for an agent started in network namespace `netns` (its
+    /// loopback is that namespace's): asked from a thread that entered it.
+    pub fn wait_ready_in_netns(
+        &mut self,
+        netns: &str,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.wait_ready_in(Some(netns), addr, timeout)
+    }
+
+    fn wait_ready_in(
+        &mut self,
+        netns: Option<&str>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<()> {
+        let readyz = move || http_get(addr, "/readyz", Duration::from_millis(500));
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_status() {
@@ -247,7 +268,11 @@ impl Agent {
                     self.stdout_lines().join("\n")
                 );
             }
-            let last = match http_get(addr, "/readyz", Duration::from_millis(500)) {
+            let answer = match netns {
+                None => readyz(),
+                Some(ns) => crate::process::with_netns_thread(ns, readyz),
+            };
+            let last = match answer {
                 Ok(r) if r.status == 200 => return Ok(()),
                 Ok(r) => format!("HTTP {} {}", r.status, r.body.trim()),
                 Err(e) => format!("{e:#}"),

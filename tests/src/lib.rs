@@ -30,10 +30,12 @@
 //! - [`fake_node`]: [`fake_node::FakeNode`], one node as the node agent sees it (pod cgroup
 //!   tree, API server fixture, pins, state directory, network lab) for end-to-end tests.
 //! - [`bins`]: locating the helper binaries and the agent binary.
+//! - [`af_xdp`]: a minimal AF_XDP copy-mode transmitter (raw syscalls) for `dg-probe xdp-tx`.
 //!
 //! Every resource type removes what it created in `Drop`, which also runs when a test panics.
 //! Nothing here touches an interface, route or firewall rule of the root network namespace.
 
+pub mod af_xdp;
 pub mod agent;
 pub mod apiserver;
 pub mod bins;

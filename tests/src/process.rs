@@ -139,6 +139,16 @@ pub fn spawn_in<S: AsRef<OsStr>>(cgroup: &Path, netns: Option<&str>, argv: &[S])
         .with_context(|| format!("spawning {} in {}", display_argv(argv), cgroup.display()))
 }
 
+/// A child process killed and reaped when dropped (also when a test panics).
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `argv` to completion inside `cgroup` and (optionally) `netns`, collecting its output.
 /// A non-zero exit is *not* an error here; check `output.status`.
 pub fn run_in<S: AsRef<OsStr>>(cgroup: &Path, netns: Option<&str>, argv: &[S]) -> Result<Output> {

@@ -68,7 +68,9 @@ impl EdgeLab {
         }
         let mut agent =
             Agent::spawn_in_netns(self.lab.imds_ns(), &args, envs).expect("spawn agent");
-        wait_ready_in(&mut agent, self.lab.imds_ns(), self.metrics);
+        agent
+            .wait_ready_in_netns(self.lab.imds_ns(), self.metrics, Duration::from_secs(30))
+            .expect("agent ready");
         self.agent = Some(agent);
     }
 
@@ -141,7 +143,12 @@ impl EdgeLab {
         v["raw_paths"].as_str().unwrap_or_default().to_string()
     }
 
+    /// The tcx programs on `iface`'s ingress; 0 on a kernel without tcx (before 6.6, e.g.
+    /// Debian 12's 6.1 in the VM step), where the query itself is refused.
     fn tcx_programs(&self, iface: &'static str) -> usize {
+        if !kernel_has_tcx() {
+            return 0;
+        }
         with_netns_thread(self.lab.imds_ns(), move || {
             let (_, progs) = aya::programs::SchedClassifier::query_tcx(
                 iface,
@@ -150,6 +157,14 @@ impl EdgeLab {
             Ok(progs.len())
         })
         .expect("query tcx")
+    }
+
+    /// Edge programs attached to `iface`'s ingress either way: tcx programs plus clsact
+    /// filters running `dg_edge` (one line each in `tc filter show`).
+    fn edge_attachments(&self, iface: &'static str) -> usize {
+        let filters = self.tc_filters(iface);
+        let clsact = filters.lines().filter(|l| l.contains("dg_edge")).count();
+        self.tcx_programs(iface) + clsact
     }
 
     fn tc_filters(&self, iface: &str) -> String {
@@ -164,31 +179,10 @@ impl EdgeLab {
     }
 }
 
-fn wait_ready_in(agent: &mut Agent, ns: &str, addr: SocketAddr) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = agent.try_status() {
-            panic!(
-                "agent exited with {status}; stderr:\n{}",
-                agent.stderr_lines().join("\n")
-            );
-        }
-        let ready =
-            with_netns_thread(ns, move || {
-                Ok(http_get(addr, "/readyz", Duration::from_millis(500))
-                    .is_ok_and(|r| r.status == 200))
-            })
-            .expect("netns thread");
-        if ready {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent not ready; stderr:\n{}",
-            agent.stderr_lines().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// tcx came with Linux 6.6; below it the edge layer must fall back to clsact by itself.
+fn kernel_has_tcx() -> bool {
+    let version = aya::util::KernelVersion::current().expect("kernel version");
+    version >= aya::util::KernelVersion::new(6, 6, 0)
 }
 
 fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
@@ -239,7 +233,16 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
 
     // 2. With the edge layer on the pod's veth peer.
     t.start_agent(&[IMDS_IF], &[]);
-    assert_eq!(edge_pins(t.bpffs.path()).len(), 1, "one pinned edge link");
+    let pins = edge_pins(t.bpffs.path());
+    assert_eq!(pins.len(), 1, "one edge record: {pins:?}");
+    // Without the test knob: tcx where the kernel has it, clsact by itself where not.
+    let clsact = pins[0].contains("-tc-");
+    eprintln!(
+        "edge backend chosen on this kernel: {}",
+        if clsact { "clsact" } else { "tcx" }
+    );
+    assert_eq!(clsact, !kernel_has_tcx(), "backend record {pins:?}");
+    assert_eq!(t.edge_attachments(IMDS_IF), 1);
     let (v4_before, v6_before) = (t.imds_v4(), t.imds_v6());
     let (mut sent_v4, mut sent_v6) = (0, 0);
     for _ in 0..3 {
@@ -276,7 +279,7 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
         2,
         "the unlisted interface must be unaffected"
     );
-    assert_eq!(t.tcx_programs(POD2_HOST_IF), 0);
+    assert_eq!(t.edge_attachments(POD2_HOST_IF), 0);
     assert_eq!(t.edge_blocked("ipv4"), sent_v4);
 
     // 3. The agent dies: the pinned link keeps dropping.
@@ -290,7 +293,11 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
     // 4. A new agent adopts the link: still one program on the interface, still dropping,
     //    and the counters kept what the dead agent's program counted.
     t.start_agent(&[IMDS_IF], &[]);
-    assert_eq!(t.tcx_programs(IMDS_IF), 1, "adopted, not attached twice");
+    assert_eq!(
+        t.edge_attachments(IMDS_IF),
+        1,
+        "adopted, not attached twice"
+    );
     t.send("packet-dgram", IMDS4);
     sent_v4 += 1;
     assert_eq!(t.imds_v4() - v4, 0);
@@ -301,7 +308,7 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
     let out = t.run_in_node(&["uninstall", "--bpffs", &t.bpffs_arg()]);
     assert!(out.status.success(), "{out:?}");
     assert!(edge_pins(t.bpffs.path()).is_empty());
-    assert_eq!(t.tcx_programs(IMDS_IF), 0);
+    assert_eq!(t.edge_attachments(IMDS_IF), 0);
     let v4 = t.imds_v4();
     t.send("packet-raw", IMDS4);
     assert_eq!(
@@ -309,6 +316,58 @@ fn af_packet_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
         1,
         "after uninstall the frame arrives again"
     );
+}
+
+/// AF_XDP in copy mode (`dg-probe xdp-tx`: UMEM, TX and completion rings, bound with
+/// `XDP_COPY` to queue 0 of the pod's veth): without the edge layer its frames reach the
+/// metadata host (which proves the sender sends: the rest of the test cannot pass
+/// vacuously); with it none does, counted exactly as `hook="edge"`; a pod whose interface is
+/// not listed still gets its AF_XDP frames through.
+#[test]
+fn af_xdp_frames_from_a_guarded_pod_are_dropped_at_its_veth_peer() {
+    if !require_root() {
+        return;
+    }
+    let mut t = EdgeLab::new();
+
+    // 1. The cgroup layer alone: AF_XDP frames arrive, IPv4 and IPv6.
+    t.start_agent(&[], &[]);
+    let (v4, v6) = (t.imds_v4(), t.imds_v6());
+    t.send("xdp-tx", IMDS4);
+    t.send("xdp-tx", IMDS6);
+    assert_eq!(
+        t.imds_v4() - v4,
+        1,
+        "without the edge layer an AF_XDP frame must arrive"
+    );
+    assert_eq!(
+        t.imds_v6() - v6,
+        1,
+        "without the edge layer an AF_XDP frame must arrive"
+    );
+    t.stop_agent();
+
+    // 2. With the edge layer on the pod's veth peer: nothing gets past it.
+    t.start_agent(&[IMDS_IF], &[]);
+    let (v4, v6) = (t.imds_v4(), t.imds_v6());
+    for _ in 0..3 {
+        t.send("xdp-tx", IMDS4);
+        t.send("xdp-tx", IMDS6);
+    }
+    assert_eq!(t.imds_v4() - v4, 0, "IPv4 AF_XDP frames got past the edge");
+    assert_eq!(t.imds_v6() - v6, 0, "IPv6 AF_XDP frames got past the edge");
+    assert_eq!(t.edge_blocked("ipv4"), 3);
+    assert_eq!(t.edge_blocked("ipv6"), 3);
+
+    // 3. The pod whose interface is not listed: the same sender gets through.
+    t.send_from_pod2("xdp-tx", IMDS4);
+    assert_eq!(
+        t.imds_v4() - v4,
+        1,
+        "the unlisted interface must be unaffected"
+    );
+    assert_eq!(t.edge_blocked("ipv4"), 3);
+    t.stop_agent();
 }
 
 /// Where the kernel has no tcx the edge layer uses a clsact filter; forced here with the
@@ -402,16 +461,6 @@ fn edge_iface_bad_input_exits_2_and_attaches_nothing() {
     }
 }
 
-/// Kills and reaps a child on drop (also when an assertion failed).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Node mode's wiring, driven directly: from the "node" namespace, a guarded pod's network
 /// namespace is found from a process in its cgroup, the host side of its veth from the
 /// pod's interface (and confirmed from the node's side), and the edge program attached
@@ -431,7 +480,7 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     let t = EdgeLab::new();
     let pod_dir = t.cgroup.child("pod-a").unwrap();
     let empty_dir = t.cgroup.child("pod-empty").unwrap();
-    let _sleeper = Reaped(
+    let _sleeper = datalab_guard_tests::process::Reaped(
         datalab_guard_tests::process::spawn_in(&pod_dir, Some(t.lab.tenant_ns()), &["sleep", "60"])
             .unwrap(),
     );
@@ -483,7 +532,7 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     // The sleeper runs as root with CAP_NET_RAW: counted for the uncovered hostNetwork
     // entry (same cgroup), not for the covered pod; the empty pod has no process to judge.
     assert_eq!(sample.net_raw_uncovered, Some(1), "{sample:?}");
-    assert_eq!(t.tcx_programs(IMDS_IF), 1);
+    assert_eq!(t.edge_attachments(IMDS_IF), 1);
     let v4 = t.imds_v4();
     t.send("packet-raw", IMDS4);
     t.send("packet-dgram", IMDS4);
@@ -497,12 +546,12 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     edge_tx.send(pods).unwrap();
     let again = sample_rx.recv().unwrap();
     assert_eq!(again.failures, sample.failures);
-    assert_eq!(t.tcx_programs(IMDS_IF), 1);
+    assert_eq!(t.edge_attachments(IMDS_IF), 1);
 
     // No longer guarded: detached, frames arrive.
     edge_tx.send(Vec::new()).unwrap();
     assert_eq!(sample_rx.recv().unwrap().attached, 0);
-    assert_eq!(t.tcx_programs(IMDS_IF), 0);
+    assert_eq!(t.edge_attachments(IMDS_IF), 0);
     t.send("packet-raw", IMDS4);
     assert_eq!(t.imds_v4() - v4, 1);
     drop(edge_tx);

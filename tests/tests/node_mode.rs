@@ -149,6 +149,11 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         node.probe(&hostnet, "tcp", IMDS4).is_eperm(),
         "hostNetwork tenant pod must be blocked"
     );
+    // A process that stays in it, holding CAP_NET_RAW (it runs as root): a hostNetwork pod
+    // has no pod edge and this node runs no BPF LSM program, so nothing closes its raw paths.
+    let _net_raw_holder = datalab_guard_tests::process::Reaped(
+        datalab_guard_tests::spawn_in(&hostnet, None, &["sleep", "300"]).expect("sleep"),
+    );
 
     // Relabelling the namespace flips its pods' verdicts within a second.
     node.api.set_namespace_labels("tenant-a", &[]);
@@ -224,6 +229,49 @@ fn node_agent_guards_environment_pods_and_follows_the_cluster() {
         "{text}"
     );
     eprintln!("{text}");
+
+    // `status` names the guarded pod whose process holds CAP_NET_RAW with raw paths open
+    // (the only one: no other pod keeps a process), with why the edge layer cannot cover it.
+    let state_file = node.dir.join("state.json").display().to_string();
+    let pins = node.pins().display().to_string();
+    let status = |json: bool| {
+        let mut args = vec!["status", "--bpffs", &pins, "--state-file", &state_file];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        Agent::run(&args).unwrap()
+    };
+    eventually(
+        "status lists the hostNetwork pod holding CAP_NET_RAW",
+        Duration::from_secs(15),
+        || {
+            let report: serde_json::Value =
+                serde_json::from_slice(&status(true).stdout).unwrap_or_default();
+            let net_raw = &report["environments"]["net_raw"];
+            net_raw["total"] == 1
+                && net_raw["pods"].as_array().is_some_and(|p| p.len() == 1)
+                && net_raw["pods"][0]["pod"] == "hostnet"
+                && net_raw["pods"][0]["namespace"] == "tenant-a"
+                && net_raw["pods"][0]["uid"] == uh.as_str()
+                && net_raw["pods"][0]["edge"] == "host_network"
+        },
+    );
+    let text = String::from_utf8_lossy(&status(false).stdout).into_owned();
+    assert!(
+        text.contains("guarded pods holding CAP_NET_RAW with raw paths open: 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("hostnet") && l.trim_end().ends_with("host_network")),
+        "{text}"
+    );
+    let metrics = node.agent().metrics(node.metrics).unwrap();
+    assert_eq!(
+        metric(&metrics, "datalab_guard_guarded_pods_with_net_raw", None),
+        1.0,
+        "the gauge counts the same pods"
+    );
 
     // A config reload (SIGHUP) flips verdicts too: select environments by another label.
     let config = node.dir.join("config.yaml");

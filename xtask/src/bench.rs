@@ -7,8 +7,9 @@
 //!   reported as differences to the empty program on the same packet family.
 //! - TCP throughput ([`throughput`]): iperf3 over the lab's veth pair from a cgroup guarded by
 //!   a running `datalab-guard local`, from an unguarded sibling cgroup, and from the
-//!   unguarded cgroup with the same block done by an nftables rule; reported as ratios to
-//!   the unguarded client.
+//!   unguarded cgroup with the same block done by an nftables rule, and from the unguarded
+//!   cgroup through the pod-edge program on the veth's host side; reported as ratios to the
+//!   unguarded client.
 //!
 //! The report ([`report`]) is printed as markdown and saved to `bench-results/latest.md`, with
 //! every raw sample in `bench-results/latest.json`. Targets (fast path within 5 ns of the
@@ -53,7 +54,7 @@ const PREFIX: &str = "dgbench";
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Throughput rounds; each round runs the three iperf3 clients once.
+    /// Throughput rounds; each round runs the four iperf3 clients once.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Seconds per iperf3 run.

@@ -16,7 +16,8 @@
 //! (`api_calls.rs`; both ways only when every agent test ran).
 //!
 //! A full run ends with the VM step (`cargo xtask vm`): the tests that need Debian 12's 6.1
-//! kernel with its BPF LSM, run in a QEMU VM. Every run, full or filtered, fails unless each
+//! kernel (its BPF LSM, a kernel without tcx for the edge layer, the verifier's limits on
+//! every program), run in a QEMU VM. Every run, full or filtered, fails unless each
 //! test that has a BPF LSM branch ran that branch somewhere, on the host or in the VM
 //! (`vm_markers`); a full run requires it of every such test.
 

@@ -10,7 +10,13 @@
 //! - `raw-sockets`: `tests/tests/raw_sockets.rs` (AF_PACKET raw and dgram, AF_XDP and
 //!   SOCK_RAW refused in guarded cgroups, allowed elsewhere, counted, audited);
 //! - `sighup-reload`: the SIGHUP reload that turns `denyRawSockets` on and off (node_mode.rs);
-//! - `local-mode`, `packets`: the datapath end to end and the packet tests on this kernel.
+//! - `local-mode`, `packets`: the datapath end to end and the packet tests on this kernel;
+//! - `edge-layer`: `tests/tests/edge_layer.rs`, the pod-edge program loaded, attached and
+//!   dropping AF_PACKET and AF_XDP frames on a kernel without tcx (6.1: the clsact
+//!   fallback, chosen without the test knob);
+//! - `verifier`: every eBPF program of the object loads on this kernel (`xtask-verifier`),
+//!   with its verified instruction count printed: a program that fits the verifier on the
+//!   host's kernel but not on 6.1 (E2BIG at 1M instructions) fails here.
 //!
 //! Any step failing, any `SKIPPED:` line (any case) and any BPF LSM branch that did not run
 //! (`vm_markers`) fail it. The pieces of the VM are built and cached by `vm_image`; the boot
@@ -41,6 +47,8 @@ const MEMORY: &str = "4G";
 const CPUS: u32 = 2;
 /// Prefix of the lines the guest script prints around each step.
 const STEP_LINE: &str = "dg-vm-step: ";
+/// Where the verifier step pins the object's maps (removed by the helper at exit).
+const VERIFIER_BPFFS: &str = "/sys/fs/bpf/dg-vm-verifier";
 
 /// Options of `cargo xtask vm`.
 #[derive(Debug, clap::Args)]
@@ -66,15 +74,21 @@ pub enum Step {
     LocalMode,
     /// tests/tests/packets.rs: the packet tests on this kernel.
     Packets,
+    /// tests/tests/edge_layer.rs: the pod-edge layer on a kernel without tcx.
+    EdgeLayer,
+    /// Every eBPF program loads; prints their verified instruction counts.
+    Verifier,
 }
 
 impl Step {
-    pub const ALL: [Step; 5] = [
+    pub const ALL: [Step; 7] = [
         Step::Check,
         Step::RawSockets,
         Step::SighupReload,
         Step::LocalMode,
         Step::Packets,
+        Step::EdgeLayer,
+        Step::Verifier,
     ];
 
     fn name(self) -> &'static str {
@@ -84,6 +98,8 @@ impl Step {
             Step::SighupReload => "sighup-reload",
             Step::LocalMode => "local-mode",
             Step::Packets => "packets",
+            Step::EdgeLayer => "edge-layer",
+            Step::Verifier => "verifier",
         }
     }
 
@@ -91,7 +107,7 @@ impl Step {
     fn test(self) -> Option<(&'static str, Vec<&'static str>)> {
         let all = vec!["--test-threads=2", "--nocapture"];
         match self {
-            Step::Check => None,
+            Step::Check | Step::Verifier => None,
             Step::RawSockets => Some(("raw_sockets", all)),
             Step::SighupReload => Some((
                 "node_mode",
@@ -114,6 +130,7 @@ impl Step {
                 ],
             )),
             Step::Packets => Some(("packets", all)),
+            Step::EdgeLayer => Some(("edge_layer", all)),
         }
     }
 }
@@ -151,7 +168,11 @@ pub fn run_steps(bins: &Bins, steps: &[Step], timeout: Duration) -> Result<VmRep
     let image = vm_image::ensure()?;
     let test_files: Vec<&str> = steps.iter().filter_map(|s| s.test()).map(|t| t.0).collect();
     let test_bins = build_test_binaries(&test_files)?;
-    let script = guest_script(bins, &test_bins, steps)?;
+    let verifier = steps
+        .contains(&Step::Verifier)
+        .then(crate::bench::verifier::build_helper)
+        .transpose()?;
+    let script = guest_script(bins, &test_bins, verifier.as_deref(), steps)?;
     let boot = Boot {
         memory: MEMORY.into(),
         cpus: CPUS,
@@ -241,6 +262,7 @@ fn build_test_binaries(names: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
 fn guest_script(
     bins: &Bins,
     test_bins: &BTreeMap<String, PathBuf>,
+    verifier: Option<&std::path::Path>,
     steps: &[Step],
 ) -> Result<String> {
     let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
@@ -255,6 +277,14 @@ fn guest_script(
     ));
     for step in steps {
         let command = match step.test() {
+            None if *step == Step::Verifier => vec![
+                verifier
+                    .context("the verifier helper was not built")?
+                    .to_string_lossy()
+                    .into_owned(),
+                "--bpffs".to_owned(),
+                VERIFIER_BPFFS.to_owned(),
+            ],
             None => vec![
                 bins.get("datalab-guard")?.to_string_lossy().into_owned(),
                 "check".to_owned(),
@@ -282,6 +312,8 @@ struct GuestOutput {
     /// The step running now (its output lines are attributed to it).
     current: Option<String>,
     check_lines: Vec<String>,
+    /// The verifier step's counts (program, count or why the kernel refused it).
+    verified: Option<Vec<(String, Result<u32, String>)>>,
     skipped: Vec<String>,
     lsm: LsmMarkers,
 }
@@ -309,6 +341,11 @@ impl GuestOutput {
         if self.current.as_deref() == Some(Step::Check.name()) {
             self.check_lines.push(line.to_owned());
         }
+        if self.current.as_deref() == Some(Step::Verifier.name()) {
+            if let Ok(doc) = serde_json::from_str::<serde_json::Value>(line) {
+                self.verified = crate::bench::verifier::parse_counts(&doc).ok();
+            }
+        }
     }
 
     /// Every step ran and passed, nothing skipped, and `check` saw the BPF LSM active.
@@ -334,6 +371,21 @@ impl GuestOutput {
                     "`datalab-guard check` did not report the BPF LSM active:\n{}",
                     self.check_lines.join("\n")
                 ));
+            }
+        }
+        if steps.contains(&Step::Verifier) {
+            match &self.verified {
+                None => problems.push("the verifier step printed no counts".to_owned()),
+                Some(counts) => {
+                    for (name, count) in counts {
+                        match count {
+                            Ok(n) => println!("vm: verified instructions: {name} {n}"),
+                            Err(why) => {
+                                problems.push(format!("the VM's kernel refused {name}: {why}"));
+                            }
+                        }
+                    }
+                }
             }
         }
         if !self.skipped.is_empty() {
@@ -399,5 +451,24 @@ mod tests {
         assert!(output(&inactive).verdict(&[Step::Check], 0).is_err());
         let failed = ["dg-vm-step: check: start", "dg-vm-step: check: exit 1"];
         assert!(output(&failed).verdict(&[Step::Check], 1).is_err());
+    }
+
+    #[test]
+    fn the_verifier_step_fails_on_a_refused_program_or_no_counts() {
+        let run = |doc: &str| {
+            output(&[
+                "dg-vm-step: verifier: start",
+                doc,
+                "dg-vm-step: verifier: exit 0",
+            ])
+            .verdict(&[Step::Verifier], 0)
+        };
+        run(r#"{"programs":[{"name":"dg_edge","verified_insns":300000}]}"#).unwrap();
+        let err = run(r#"{"programs":[{"name":"dg_egress","refused":"E2BIG"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refused dg_egress: E2BIG"), "{err}");
+        let err = run("not json").unwrap_err().to_string();
+        assert!(err.contains("printed no counts"), "{err}");
     }
 }

@@ -219,6 +219,7 @@ fn print_text(r: &serde_json::Value) {
     }
     print_environments(r);
     print_pods(r);
+    print_net_raw(r);
 }
 
 /// The pinned state: headline, config, links, verdict map, counters.
@@ -383,12 +384,95 @@ fn print_pods(r: &serde_json::Value) {
     }
 }
 
+/// The state file's guarded pods holding CAP_NET_RAW with raw paths open (node mode).
+fn print_net_raw(r: &serde_json::Value) {
+    for line in net_raw_lines(r) {
+        println!("{line}");
+    }
+}
+
+/// [`print_net_raw`]'s lines: the rows the agent wrote (at most `node::net_raw::MAX_ROWS`)
+/// and how many more there are; nothing outside node mode.
+fn net_raw_lines(r: &serde_json::Value) -> Vec<String> {
+    if !r["environments"].is_object() {
+        return Vec::new();
+    }
+    let title = "guarded pods holding CAP_NET_RAW with raw paths open";
+    let report = &r["environments"]["net_raw"];
+    let Some(total) = report["total"].as_u64() else {
+        return vec![format!("  {title}: not counted yet")];
+    };
+    if total == 0 {
+        return vec![format!("  {title}: none")];
+    }
+    let mut lines = vec![
+        format!("  {title}: {total} (drop NET_RAW from them: Kyverno policy datalab-drop-net-raw)"),
+        format!(
+            "    {:<28} {:<40} WHY THE EDGE LAYER DOES NOT COVER IT",
+            "NAMESPACE", "POD"
+        ),
+    ];
+    let rows = report["pods"].as_array().cloned().unwrap_or_default();
+    for p in &rows {
+        let pod = match s(&p["pod"]) {
+            name if name.is_empty() => format!("(uid {})", s(&p["uid"])),
+            name => name,
+        };
+        lines.push(format!(
+            "    {:<28} {pod:<40} {}",
+            s(&p["namespace"]),
+            s(&p["edge"])
+        ));
+    }
+    let more = total.saturating_sub(rows.len() as u64);
+    if more > 0 {
+        lines.push(format!(
+            "    ... and {more} more (datalab_guard_guarded_pods_with_net_raw counts them all)"
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
     use crate::node::cache::CacheReport;
+
+    #[test]
+    fn net_raw_rows_say_how_many_more_and_nothing_outside_node_mode() {
+        assert!(
+            net_raw_lines(&json!({})).is_empty(),
+            "local mode: no node state"
+        );
+        let node = |net_raw: serde_json::Value| json!({ "environments": { "net_raw": net_raw } });
+        assert_eq!(
+            net_raw_lines(&node(serde_json::Value::Null)),
+            ["  guarded pods holding CAP_NET_RAW with raw paths open: not counted yet"]
+        );
+        assert_eq!(
+            net_raw_lines(&node(json!({ "total": 0, "pods": [] }))),
+            ["  guarded pods holding CAP_NET_RAW with raw paths open: none"]
+        );
+        let lines = net_raw_lines(&node(json!({ "total": 3, "pods": [
+            { "namespace": "tenant-a", "pod": "nb", "uid": "u1", "edge": "host_network" },
+            { "namespace": "", "pod": "", "uid": "u2", "edge": "pending" },
+        ] })));
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines[0]
+            .ends_with("open: 3 (drop NET_RAW from them: Kyverno policy datalab-drop-net-raw)"));
+        assert!(
+            lines[2].contains("tenant-a")
+                && lines[2].contains("nb")
+                && lines[2].ends_with("host_network")
+        );
+        assert!(lines[3].contains("(uid u2)"), "{}", lines[3]);
+        assert_eq!(
+            lines[4],
+            "    ... and 1 more (datalab_guard_guarded_pods_with_net_raw counts them all)"
+        );
+    }
 
     #[test]
     fn says_where_the_verdicts_come_from() {

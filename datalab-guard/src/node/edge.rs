@@ -134,9 +134,22 @@ pub struct NodeEdge {
     pods: HashMap<String, PodState>,
     failures: BTreeMap<Uncovered, u64>,
     /// Guarded pods holding CAP_NET_RAW that neither the BPF LSM nor the edge layer covers,
-    /// and when that was counted (it reads /proc: at most every [`RETRY_EVERY`]).
-    net_raw: Option<(Instant, u64)>,
+    /// as of the last count.
+    net_raw: Option<NetRawCount>,
 }
+
+/// The pods exposed by CAP_NET_RAW. Judging a pod reads /proc, so each pod is judged when
+/// it is first guarded and again after [`RETRY_EVERY`], every pod anew when the LSM changes.
+struct NetRawCount {
+    lsm: bool,
+    /// Guarded pod uid → when it was judged and whether a process of it held CAP_NET_RAW.
+    judged: HashMap<String, (Instant, bool)>,
+    exposed: Vec<super::net_raw::Exposed>,
+}
+
+/// At most this many pods whose judgement aged past [`RETRY_EVERY`] are read from /proc
+/// again per count: a node of 10 000 pods is not read all at once on the reconcile loop.
+const NET_RAW_REJUDGE_PER_COUNT: usize = 256;
 
 impl NodeEdge {
     pub fn new(layout: PinLayout, netns_dir: PathBuf) -> NodeEdge {
@@ -298,31 +311,63 @@ impl NodeEdge {
         }
     }
 
-    /// Recounts (at most every [`RETRY_EVERY`]) the guarded pods whose processes hold
-    /// CAP_NET_RAW while no layer closes raw paths for them: none when the BPF LSM program
-    /// runs (`lsm`), else those the edge layer does not cover.
+    /// Recounts the guarded pods whose processes hold CAP_NET_RAW while no layer closes
+    /// raw paths for them: none when the BPF LSM program runs (`lsm`), else those the edge
+    /// layer does not cover. A new guarded pod is judged at once; a judged one again after
+    /// [`RETRY_EVERY`] (at most [`NET_RAW_REJUDGE_PER_COUNT`] per call); all anew when the LSM
+    /// changes. The edge coverage is read on every call.
     pub fn count_net_raw(&mut self, guarded: &[GuardedPod], lsm: bool) {
-        if self
-            .net_raw
-            .is_some_and(|(at, _)| at.elapsed() < RETRY_EVERY)
-        {
+        let count = self.net_raw.get_or_insert_with(|| NetRawCount {
+            lsm,
+            judged: HashMap::new(),
+            exposed: Vec::new(),
+        });
+        if count.lsm != lsm {
+            // The BPF LSM closes raw paths for every pod (or stopped doing so): judge anew.
+            count.lsm = lsm;
+            count.judged.clear();
+        }
+        let live: std::collections::HashSet<&str> =
+            guarded.iter().map(|p| p.uid.as_str()).collect();
+        count.judged.retain(|uid, _| live.contains(uid.as_str()));
+        count.exposed.clear();
+        if lsm {
             return;
         }
-        let exposed = if lsm {
-            0
-        } else {
-            guarded
-                .iter()
-                .filter(|p| !matches!(self.pods.get(&p.uid), Some(PodState::Attached { .. })))
-                .filter(|p| {
-                    p.dir
-                        .as_deref()
-                        .and_then(super::net_raw::holds_net_raw)
-                        .unwrap_or(false)
-                })
-                .count() as u64
-        };
-        self.net_raw = Some((Instant::now(), exposed));
+        // New pods are judged at once, aged judgements a bounded number at a time.
+        let mut rejudged = 0;
+        for p in guarded {
+            let due = match count.judged.get(&p.uid) {
+                None => true,
+                Some((at, _)) if at.elapsed() >= RETRY_EVERY => {
+                    rejudged += 1;
+                    rejudged <= NET_RAW_REJUDGE_PER_COUNT
+                }
+                Some(_) => false,
+            };
+            if due {
+                let holds = p.dir.as_deref().and_then(super::net_raw::holds_net_raw);
+                count
+                    .judged
+                    .insert(p.uid.clone(), (Instant::now(), holds.unwrap_or(false)));
+            }
+            if count.judged.get(&p.uid).is_some_and(|(_, holds)| *holds) {
+                let edge = match self.pods.get(&p.uid) {
+                    Some(PodState::Attached { .. }) => continue,
+                    Some(PodState::Failed { reason, .. }) => reason.as_str(),
+                    None => "pending",
+                };
+                count.exposed.push(super::net_raw::Exposed {
+                    uid: p.uid.clone(),
+                    edge,
+                });
+            }
+        }
+    }
+
+    /// The pods of the last CAP_NET_RAW count (`None` before the first).
+    pub fn net_raw_exposed(&self) -> Option<&[super::net_raw::Exposed]> {
+        self.net_raw.as_ref().map(|c| c.exposed.as_slice())
     }
 
     /// Pods covered and not, and failures so far, for the metrics.
@@ -339,7 +384,7 @@ impl NodeEdge {
             }
         }
         EdgeSample {
-            net_raw_uncovered: self.net_raw.map(|(_, n)| n),
+            net_raw_uncovered: self.net_raw.as_ref().map(|c| c.exposed.len() as u64),
             attached,
             uncovered: uncovered.into_iter().collect(),
             failures: Uncovered::ALL
@@ -543,6 +588,62 @@ mod tests {
         msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
         assert!(!netlink::parse(&msg, &mut out).unwrap());
         assert!(out.is_empty());
+    }
+
+    /// This test process's own cgroup directory and whether a process in it holds
+    /// CAP_NET_RAW (as root, this one does): the pod the bookkeeping below is about.
+    fn own_cgroup() -> Option<(PathBuf, bool)> {
+        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let dir = crate::cgroups::cgroup2_mount()
+            .ok()?
+            .join(rel.trim_start_matches('/'));
+        let holds = super::super::net_raw::holds_net_raw(&dir) == Some(true);
+        Some((dir, holds))
+    }
+
+    #[test]
+    fn net_raw_exposure_names_uncovered_pods_and_recounts_when_its_inputs_change() {
+        let Some((dir, holds)) = own_cgroup() else {
+            return;
+        };
+        // A hostNetwork pod is never attached (nothing is loaded for it): uncovered.
+        let pod = |uid: &str| GuardedPod {
+            uid: uid.into(),
+            cgroup_id: 1,
+            class: 0,
+            dir: Some(dir.clone()),
+            ip: None,
+            host_network: true,
+        };
+        let mut edge = NodeEdge::new(
+            PinLayout::new(std::path::Path::new("/nonexistent-dg-pins")),
+            "/nonexistent-netns".into(),
+        );
+        assert_eq!(edge.net_raw_exposed(), None, "not counted yet");
+        let one = vec![pod("a")];
+        edge.sync(&one);
+        edge.count_net_raw(&one, false);
+        let exposed: Vec<_> = edge.net_raw_exposed().unwrap().to_vec();
+        if holds {
+            let want = super::super::net_raw::Exposed {
+                uid: "a".into(),
+                edge: "host_network",
+            };
+            assert_eq!(exposed, [want]);
+        } else {
+            assert!(exposed.is_empty());
+        }
+        assert_eq!(edge.sample().net_raw_uncovered, Some(exposed.len() as u64));
+        // A new guarded pod is judged at once, not after the recount interval.
+        let two = vec![pod("a"), pod("b")];
+        edge.sync(&two);
+        edge.count_net_raw(&two, false);
+        let n = if holds { 2 } else { 0 };
+        assert_eq!(edge.net_raw_exposed().unwrap().len(), n);
+        // The BPF LSM turned on closes raw paths for every pod: recounted at once.
+        edge.count_net_raw(&two, true);
+        assert_eq!(edge.net_raw_exposed(), Some(&[][..]));
     }
 
     #[test]

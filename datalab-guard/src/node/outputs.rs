@@ -25,6 +25,7 @@ use super::{
     background::LatestWriter,
     cache::{CacheReport, CacheWriter, Contents, NamespacesOut},
     context::Context,
+    net_raw::NetRawReport,
     state_file::{
         unix_secs, EnforcingFrom, NodeNamespaceState, PodRow, StateFile, StateFileWriter,
     },
@@ -40,8 +41,9 @@ pub struct Outputs {
     cache: Arc<Mutex<CacheWriter>>,
     /// The cache's thread; its input is the rows of the reconcile that changed something.
     cache_jobs: LatestWriter<Vec<PodRow>>,
-    /// Rows of the last API-synced reconcile not yet in a state file.
-    pending_rows: Option<Vec<PodRow>>,
+    /// Rows (and raw-path exposure) of the last API-synced reconcile not yet in a state
+    /// file.
+    pending: Option<(Vec<PodRow>, Option<NetRawReport>)>,
     last_state_file: Option<Instant>,
     /// Environment names as of a namespace-cache generation (cleared on a policy reload).
     environments: Option<(u64, Arc<[String]>)>,
@@ -70,7 +72,7 @@ impl Outputs {
             state_file,
             cache,
             cache_jobs,
-            pending_rows: None,
+            pending: None,
             last_state_file: None,
             environments: None,
             last_cache_key: None,
@@ -93,9 +95,15 @@ impl Outputs {
 
     /// After an API-synced reconcile: its rows go to the state file (now, or when
     /// [`Self::state_file_due`]) and, if anything changed, to the cache.
-    pub fn synced(&mut self, rows: Vec<PodRow>, ctx: &Context, policy: &PolicyConfig) {
+    pub fn synced(
+        &mut self,
+        rows: Vec<PodRow>,
+        net_raw: Option<NetRawReport>,
+        ctx: &Context,
+        policy: &PolicyConfig,
+    ) {
         self.offer_cache(&rows);
-        self.pending_rows = Some(rows);
+        self.pending = Some((rows, net_raw));
         if self
             .state_file_due()
             .is_some_and(|due| due <= Instant::now())
@@ -106,7 +114,7 @@ impl Outputs {
 
     /// When the pending state file may be written; `None` when none is pending.
     pub fn state_file_due(&self) -> Option<Instant> {
-        self.pending_rows.as_ref()?;
+        self.pending.as_ref()?;
         Some(
             self.last_state_file
                 .map_or_else(Instant::now, |t| t + STATE_FILE_INTERVAL),
@@ -123,7 +131,7 @@ impl Outputs {
     /// CNI state where this node has probed it) and each pod's attempt count; drops
     /// namespaces that are no longer environments from the CNI probe's states.
     pub fn write_state_file(&mut self, ctx: &Context, policy: &PolicyConfig) {
-        let Some(mut rows) = self.pending_rows.take() else {
+        let Some((mut rows, net_raw)) = self.pending.take() else {
             return;
         };
         self.last_state_file = Some(Instant::now());
@@ -156,6 +164,7 @@ impl Outputs {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         self.state_file.offer(StateFile {
+            net_raw,
             node: ctx.node.clone(),
             written_unix: unix_secs(SystemTime::now()),
             namespaces,

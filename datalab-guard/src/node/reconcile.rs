@@ -163,7 +163,10 @@ impl Reconciler {
         *self.ctx.owners.write().expect("owners lock") = owners;
         *self.ctx.gauges.lock().expect("gauges lock") = gauges;
         *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
-        self.outputs.synced(rows, &self.ctx, &self.index.policy);
+        let net_raw = (self.edge.net_raw_exposed())
+            .map(|exposed| super::net_raw::NetRawReport::new(exposed, &rows));
+        self.outputs
+            .synced(rows, net_raw, &self.ctx, &self.index.policy);
     }
 
     /// Writes the verdict map and reports readiness accordingly.

@@ -180,5 +180,7 @@ pub fn write_state(reconciler: &mut Reconciler, classified: Classified) {
         counter_classes: reconciler.index.classes.snapshot(),
         enforcing_from: EnforcingFrom::Cache,
         cache: report,
+        // Counted after the first reconcile, once the edge layer has tried every pod.
+        net_raw: None,
     });
 }

@@ -25,7 +25,7 @@ use std::{
 use datalab_guard_common::Verdict;
 use serde::{Deserialize, Serialize};
 
-use super::cache::CacheReport;
+use super::{cache::CacheReport, net_raw::NetRawReport};
 use crate::baseline_state::CniState;
 
 /// Where the agent writes it and `status` reads it.
@@ -56,6 +56,10 @@ pub struct StateFile {
     /// The state cache: where, when it was written, why it was ignored.
     #[serde(default)]
     pub cache: CacheReport,
+    /// Guarded pods whose processes hold CAP_NET_RAW while neither the BPF LSM nor the
+    /// edge layer closes raw paths for them (`None`: not counted yet, or an older agent).
+    #[serde(default)]
+    pub net_raw: Option<NetRawReport>,
 }
 
 /// Where the verdicts in force come from.
@@ -251,6 +255,15 @@ mod tests {
                 loaded_written_unix: Some(1_699_999_990),
                 ..CacheReport::default()
             },
+            net_raw: Some(NetRawReport {
+                total: 2,
+                pods: vec![super::super::net_raw::NetRawRow {
+                    namespace: "tenant-a".into(),
+                    pod: "nb".into(),
+                    uid: "u1".into(),
+                    edge: "host_network".into(),
+                }],
+            }),
         }
     }
 
@@ -294,6 +307,18 @@ mod tests {
         assert_eq!(json["namespaces"]["tenant-a"]["cni"], "enforced");
         // The node does not know the policy or Pod Security state (the controller does).
         assert_eq!(json["namespaces"]["tenant-a"].as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn net_raw_rows_keep_their_shape_and_older_files_read_as_not_counted() {
+        let json = serde_json::to_value(sample()).unwrap();
+        assert_eq!(json["net_raw"]["total"], 2);
+        assert_eq!(json["net_raw"]["pods"][0]["pod"], "nb");
+        assert_eq!(json["net_raw"]["pods"][0]["edge"], "host_network");
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("net_raw");
+        let state: StateFile = serde_json::from_value(old).unwrap();
+        assert_eq!(state.net_raw, None);
     }
 
     #[test]

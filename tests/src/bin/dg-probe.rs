@@ -41,6 +41,9 @@ KIND (ok means):
                        adds the Ethernet header)
   packet-dgram-socket  socket(AF_PACKET, SOCK_DGRAM) was created (ADDR/PORT unused)
   xdp-socket           socket(AF_XDP, SOCK_RAW) was created (ADDR/PORT unused)
+  xdp-tx               an AF_XDP socket bound in copy mode (XDP_COPY, queue 0) on the
+                       packet-raw interface transmitted the packet-raw frame: the kernel
+                       handed it back on the completion ring
   udp-stream           unconnected sendto in a loop (about 20,000 datagrams/s, one socket)
                        until the timeout, or until stdin closes when it is a pipe; ok means
                        at least one datagram left the socket; the line adds the counts
@@ -171,7 +174,8 @@ fn parse_args(args: &[String]) -> Result<(String, IpAddr, u16, Duration), String
         | "packet-raw-vlan"
         | "packet-dgram"
         | "packet-dgram-socket"
-        | "xdp-socket" => {}
+        | "xdp-socket"
+        | "xdp-tx" => {}
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp" if addr.is_ipv4() => {}
         "icmp6" if addr.is_ipv6() => {}
         _ if needs_v4 => return Err(format!("{kind} needs an IPv4 address")),
@@ -205,6 +209,7 @@ fn run(kind: &str, addr: IpAddr, port: u16, dl: Deadline) -> Attempt {
         "packet-raw" => packet_frame(target, Framing::Raw { vlan: None }),
         "packet-raw-vlan" => packet_frame(target, Framing::Raw { vlan: Some(7) }),
         "packet-dgram" => packet_frame(target, Framing::Dgram),
+        "xdp-tx" => xdp_frame(target, dl),
         _ => unreachable!("checked in parse_args"),
     }
 }
@@ -483,10 +488,27 @@ enum Framing {
 
 /// One UDP packet to `target` sent through an AF_PACKET socket, which no socket-address or
 /// cgroup_skb hook ever sees: exactly what the pod-edge layer exists for.
-fn packet_frame(target: SocketAddr, framing: Framing) -> Attempt {
-    const BROADCAST: [u8; 6] = [0xff; 6];
-    let ifindex = packet_ifindex()?;
-    let (ethertype, packet) = match target.ip() {
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+/// The Ethernet frame `packet-raw` sends (to the broadcast MAC) and its EtherType.
+fn ethernet_frame(target: SocketAddr, vlan: Option<u16>) -> (u16, Vec<u8>) {
+    let (ethertype, packet) = ip_packet(target);
+    let mut frame = Vec::with_capacity(18 + packet.len());
+    frame.extend_from_slice(&BROADCAST);
+    // A locally administered source address: no real interface's.
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    if let Some(id) = vlan {
+        frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
+        frame.extend_from_slice(&id.to_be_bytes());
+    }
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(&packet);
+    (ethertype, frame)
+}
+
+/// The IPv4 or IPv6 UDP packet every frame kind carries, with its EtherType.
+fn ip_packet(target: SocketAddr) -> (u16, Vec<u8>) {
+    match target.ip() {
         IpAddr::V4(dst) => (
             libc::ETH_P_IP as u16,
             ipv4_udp_packet(Ipv4Addr::UNSPECIFIED, dst, 40000, target.port(), PAYLOAD),
@@ -495,21 +517,34 @@ fn packet_frame(target: SocketAddr, framing: Framing) -> Attempt {
             libc::ETH_P_IPV6 as u16,
             ipv6_udp_packet(dst, 40000, target.port(), PAYLOAD),
         ),
-    };
-    let (ty, bytes) = match framing {
-        Framing::Dgram => (libc::SOCK_DGRAM, packet),
+    }
+}
+
+/// The `packet-raw` frame through an AF_XDP socket in copy mode.
+fn xdp_frame(target: SocketAddr, dl: Deadline) -> Attempt {
+    let ifindex = packet_ifindex()?;
+    let (_, frame) = ethernet_frame(target, None);
+    let left = dl.end.saturating_duration_since(Instant::now());
+    match datalab_guard_tests::af_xdp::send_frames(ifindex as u32, &[frame], left) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(timeout("AF_XDP completion", dl.limit)),
+        Err(e) => Err(Fail {
+            errno: e.errno,
+            error: e.to_string(),
+        }),
+    }
+}
+
+fn packet_frame(target: SocketAddr, framing: Framing) -> Attempt {
+    let ifindex = packet_ifindex()?;
+    let (ty, bytes, ethertype) = match framing {
+        Framing::Dgram => {
+            let (ethertype, packet) = ip_packet(target);
+            (libc::SOCK_DGRAM, packet, ethertype)
+        }
         Framing::Raw { vlan } => {
-            let mut frame = Vec::with_capacity(18 + packet.len());
-            frame.extend_from_slice(&BROADCAST);
-            // A locally administered source address: no real interface's.
-            frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-            if let Some(id) = vlan {
-                frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
-                frame.extend_from_slice(&id.to_be_bytes());
-            }
-            frame.extend_from_slice(&ethertype.to_be_bytes());
-            frame.extend_from_slice(&packet);
-            (libc::SOCK_RAW, frame)
+            let (ethertype, frame) = ethernet_frame(target, vlan);
+            (libc::SOCK_RAW, frame, ethertype)
         }
     };
     // Protocol 0: send only, receive nothing.

@@ -24,21 +24,24 @@ pub fn markdown(t: &ThroughputResults) -> String {
          `kernel.bpf_stats_enabled` (BPF_ENABLE_STATS) during the same iperf3 runs: the guard's \
          `cgroup_skb` egress program judges (a)'s packets; a do-nothing `cgroup_skb` egress \
          program (`dg_bench_empty`, returns 1) is attached to the unguarded cgroup and judges \
-         (b)'s and (c)'s. Each run's cost is the program's run-time delta over its run-count \
+         (b)'s and (c)'s; the pod-edge program (`dg_edge`, tc ingress of the veth's host side) \
+         judges (d)'s on their way out of the tenant namespace, after the do-nothing program. \
+         Each run's cost is the program's run-time delta over its run-count \
          delta across that run. The kernel's own timing (two clock reads per run) is in both \
          numbers; their difference is the guard's cost. TCP runs carry GSO-sized packets, so \
          runs are far fewer than wire packets; UDP runs are one run per 64-byte datagram.\n\n\
-         | traffic | (a) guard ns/run: median (min–max) | (b) do-nothing ns/run | (c) do-nothing ns/run | guard − do-nothing, per round: median (min–max) |\n\
-         |---|---:|---:|---:|---:|\n",
+         | traffic | (a) guard ns/run: median (min–max) | (b) do-nothing ns/run | (c) do-nothing ns/run | (d) dg_edge ns/run | guard − do-nothing, per round: median (min–max) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
     );
     for traffic in Traffic::ALL {
         let cost = |c| summarize(&t.costs(traffic, c));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             traffic.id(),
             ns(cost(Config::Guarded)),
             ns(cost(Config::Unguarded)),
             ns(cost(Config::Nftables)),
+            ns(cost(Config::Edge)),
             ns(summarize(&t.cost_deltas(traffic))),
         ));
     }

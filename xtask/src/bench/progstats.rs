@@ -36,16 +36,19 @@ pub enum Program {
     /// The whole guard program again, loaded by the bench with private maps, on the
     /// unguarded cgroup.
     GuardCopy,
+    /// The pod-edge program on the veth's host side (loaded only during `edge` runs).
+    Edge,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::Guard,
         Program::Floor,
         Program::ConfigProbe,
         Program::PacketProbe,
         Program::FastPathProbe,
         Program::GuardCopy,
+        Program::Edge,
     ];
 
     pub fn id(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Program {
             Program::PacketProbe => "packet_probe",
             Program::FastPathProbe => "fast_path_probe",
             Program::GuardCopy => "guard_copy",
+            Program::Edge => "edge",
         }
     }
 
@@ -68,6 +72,7 @@ impl Program {
             Program::PacketProbe => "dg_bench_packet",
             Program::FastPathProbe => "dg_bench_fast",
             Program::GuardCopy => "dg_egress_copy",
+            Program::Edge => "dg_edge",
         }
     }
 }
@@ -81,7 +86,7 @@ pub struct Totals {
 
 /// Every program's statistics at one moment, in [`Program::ALL`] order.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Snapshot([Totals; 6]);
+pub struct Snapshot([Totals; 7]);
 
 /// What one program cost over an interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -195,6 +200,10 @@ fn parse_snapshot(v: &Value) -> Result<Snapshot> {
     for program in Program::ALL {
         let key = program.kernel_name();
         let t = &v[key];
+        // The edge program is loaded only while an `edge` run goes on: none is no cost.
+        if program == Program::Edge && t["programs"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
         if t["programs"].as_u64() == Some(0) {
             bail!("{HELPER}: no {key} program is loaded: {v}");
         }
@@ -233,6 +242,13 @@ mod tests {
         assert_eq!(after.cost_since(&before, Program::Floor), None);
         // Counters never go back; if they do (a reloaded program), no cost either.
         assert_eq!(before.cost_since(&after, Program::Guard), None);
+        // No edge program loaded (absent or none): no cost, not an error.
+        assert_eq!(after.cost_since(&before, Program::Edge), None);
+        let mut v = doc((0, 0), (0, 0));
+        v["dg_edge"] = json!({"ns": 4_000, "runs": 100, "programs": 1});
+        let with_edge = parse_snapshot(&v).unwrap();
+        let c = with_edge.cost_since(&before, Program::Edge).unwrap();
+        assert_eq!((c.ns_per_run, c.runs), (40.0, 100));
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! fast-path probes) to `--floor-cgroup`'s egress, prints `{"ready": ...}`, and then answers
 //! every line on stdin with one JSON line of cumulative statistics: run time and run count of
 //! the guard's egress program as the running agent loaded it (every loaded `dg_egress` but
-//! this process's own copy) and of each bench program, and of its own copy of the guard,
-//! attached beside the floor (`dg_egress_copy`). At end of input it detaches them, removes
-//! its pins and exits.
+//! this process's own copy) and of each bench program, of its own copy of the guard,
+//! attached beside the floor (`dg_egress_copy`), and of every loaded pod-edge program
+//! (`dg_edge`, loaded only while the bench's `edge` configuration runs). At end of input it
+//! detaches them, removes its pins and exits.
 
 use std::{io::BufRead as _, path::PathBuf};
 
@@ -92,7 +93,8 @@ fn main() -> Result<()> {
     println!("{}", json!({ "ready": true }));
     for line in std::io::stdin().lock().lines() {
         line?;
-        let (mut guard, mut copy) = (Totals::default(), Totals::default());
+        let (mut guard, mut copy, mut edge) =
+            (Totals::default(), Totals::default(), Totals::default());
         let mut bench: Vec<(&str, Totals)> = bench_ids
             .iter()
             .map(|(n, _)| (*n, Totals::default()))
@@ -104,6 +106,8 @@ fn main() -> Result<()> {
                 &mut copy
             } else if info.name_as_str() == Some(programs::EGRESS) {
                 &mut guard
+            } else if info.name_as_str() == Some(programs::EDGE) {
+                &mut edge
             } else {
                 continue;
             };
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
         let mut out = serde_json::Map::new();
         out.insert(programs::EGRESS.into(), guard.json());
         out.insert("dg_egress_copy".into(), copy.json());
+        out.insert(programs::EDGE.into(), edge.json());
         for (name, t) in bench {
             out.insert(name.into(), t.json());
         }

@@ -1,10 +1,14 @@
-//! The throughput half of the benchmark: TCP over the lab's veth pair with iperf3, from three
+//! The throughput half of the benchmark: TCP over the lab's veth pair with iperf3, from four
 //! clients in the tenant namespace, alternating round-robin:
 //!
 //! - `guarded`: a cgroup under the root that a running `datalab-guard local` guards;
 //! - `unguarded`: a sibling cgroup outside the guard's root (the baseline);
 //! - `nftables`: the unguarded cgroup again, with the same block done by an nftables output
-//!   rule in the tenant namespace (added just for those runs, removed after each).
+//!   rule in the tenant namespace (added just for those runs, removed after each);
+//! - `edge`: the unguarded cgroup again, with the pod-edge program `dg_edge` on the ingress
+//!   of the tenant veth's host side (the metadata host's `veth-imds`), attached for those
+//!   runs by a second `datalab-guard local --edge-iface` with pins of its own and removed
+//!   after each by its `uninstall`: every packet of the run passes through it.
 //!
 //! The iperf3 server listens on 192.0.2.1 in the metadata host namespace, in a cgroup of its
 //! own (outside the guard). Before measuring, each configuration is checked to do what its
@@ -39,6 +43,8 @@ use super::{
 const IPERF_PORT: &str = "5201";
 /// Name of the nftables table of the `nftables` configuration (in the tenant namespace).
 const NFT_TABLE: &str = "dgbench_block";
+/// The tenant veth's host side, where the `edge` configuration attaches `dg_edge`.
+const EDGE_IF: &str = datalab_guard_tests::lab::IMDS_IF;
 
 /// Where a client runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,16 +52,23 @@ pub enum Config {
     Guarded,
     Unguarded,
     Nftables,
+    Edge,
 }
 
 impl Config {
-    pub const ALL: [Config; 3] = [Config::Guarded, Config::Unguarded, Config::Nftables];
+    pub const ALL: [Config; 4] = [
+        Config::Guarded,
+        Config::Unguarded,
+        Config::Nftables,
+        Config::Edge,
+    ];
 
     pub fn id(self) -> &'static str {
         match self {
             Config::Guarded => "guarded",
             Config::Unguarded => "unguarded",
             Config::Nftables => "nftables",
+            Config::Edge => "edge",
         }
     }
 
@@ -64,6 +77,7 @@ impl Config {
             Config::Guarded => "(a) guarded cgroup, datalab-guard running",
             Config::Unguarded => "(b) unguarded sibling cgroup (baseline)",
             Config::Nftables => "(c) unguarded cgroup + nftables output drop rule",
+            Config::Edge => "(d) unguarded cgroup + dg_edge on the veth's host side",
         }
     }
 }
@@ -276,7 +290,7 @@ impl ThroughputResults {
     }
 }
 
-/// Builds the sandbox, runs `rounds` rounds of the three clients (TCP, then UDP with small
+/// Builds the sandbox, runs `rounds` rounds of the four clients (TCP, then UDP with small
 /// packets), and tears it all down. The kit's binaries (agent, probe, fake IMDS) must be
 /// built and exported already; with `progstats` (the `xtask-bench-progstats` helper) each
 /// run also records the kernel's per-run cost of the program that judged its packets.
@@ -296,15 +310,21 @@ pub fn run(
     let guarded = root.child("guard/tenant")?;
     let unguarded = root.child("unguarded")?;
     let server_cg = root.child("server")?;
+    let edge_cg = root.child("edge-agent")?;
     let bpffs = BpffsDir::with_prefix(prefix)?;
     let pins = bpffs.path().join("datalab-guard");
+    let edge = EdgeSetup {
+        netns: lab.imds_ns(),
+        cgroup: &edge_cg,
+        pins: bpffs.path().join("edge-agent"),
+    };
     println!(
         "network namespaces: {} (tenant), {} (metadata host)",
         lab.tenant_ns(),
         lab.imds_ns()
     );
     println!(
-        "cgroups:            {}/{{guard/tenant, unguarded, server}}",
+        "cgroups:            {}/{{guard/tenant, unguarded, server, edge-agent}}",
         root.path().display()
     );
 
@@ -323,7 +343,7 @@ pub fn run(
     agent.wait_ready(metrics, Duration::from_secs(30))?;
     let server = IperfServer::start(&server_cg, lab.imds_ns())?;
 
-    let checks = check_configs(&lab, &guarded, &unguarded)?;
+    let checks = check_configs(&lab, &guarded, &unguarded, &edge)?;
     let bad: Vec<String> = checks
         .iter()
         .filter(|c| !c.as_expected)
@@ -348,7 +368,10 @@ pub fn run(
             bad.join("\n  ")
         );
     }
-    println!("checked: IMDS refused from (a), reachable from (b), dropped by nftables in (c)");
+    println!(
+        "checked: IMDS refused from (a), reachable from (b), dropped by nftables in (c) and \
+         by dg_edge in (d)"
+    );
     let drops_before = agent.metrics(metrics).ok().map(|m| egress_blocked(&m));
 
     // The floor program goes on the unguarded cgroup only now, after the checks.
@@ -364,6 +387,7 @@ pub fn run(
         runs.extend(run_rounds(
             &lab,
             (&guarded, &unguarded),
+            &edge,
             traffic,
             (rounds, seconds),
             stats.as_mut(),
@@ -421,12 +445,13 @@ pub fn run(
     })
 }
 
-/// `rounds` rounds of the three clients sending `traffic`, start rotated per round so no
+/// `rounds` rounds of the clients sending `traffic`, start rotated per round so no
 /// configuration always runs first (or right after another). With `stats`, each run's packets
 /// are costed by the program that judged them.
 fn run_rounds(
     lab: &Lab,
     (guarded, unguarded): (&Path, &Path),
+    edge: &EdgeSetup<'_>,
     traffic: Traffic,
     (rounds, seconds): (u32, u32),
     mut stats: Option<&mut ProgStats>,
@@ -436,11 +461,7 @@ fn run_rounds(
         let mut line = format!("{} round {}/{rounds}:", traffic.id(), round + 1);
         for k in 0..Config::ALL.len() {
             let config = Config::ALL[(round as usize + k) % Config::ALL.len()];
-            let (cgroup, _block) = match config {
-                Config::Guarded => (guarded, None),
-                Config::Unguarded => (unguarded, None),
-                Config::Nftables => (unguarded, Some(NftBlock::add(lab.tenant_ns())?)),
-            };
+            let (cgroup, _block) = client(config, lab, (guarded, unguarded), edge)?;
             let before = stats.as_deref_mut().map(ProgStats::sample).transpose()?;
             let sample =
                 iperf_client(cgroup, lab.tenant_ns(), seconds, traffic).with_context(|| {
@@ -451,9 +472,12 @@ fn run_rounds(
                     )
                 })?;
             let after = stats.as_deref_mut().map(ProgStats::sample).transpose()?;
+            // The edge runs' packets meet the do-nothing program too (same cgroup as (b));
+            // their own cost is the edge program's, the floor's is among the probes.
             let program = match config {
                 Config::Guarded => Program::Guard,
                 Config::Unguarded | Config::Nftables => Program::Floor,
+                Config::Edge => Program::Edge,
             };
             let cost = before
                 .zip(after)
@@ -499,15 +523,54 @@ fn egress_blocked(metrics: &str) -> u64 {
         .sum()
 }
 
+/// What a configuration adds around its client's runs, removed when dropped.
+enum Around {
+    Nothing,
+    /// Held for its `Drop`.
+    Nft {
+        _block: NftBlock,
+    },
+    /// Held for its `Drop`.
+    Edge {
+        _agent: EdgeAgent,
+    },
+}
+
+/// The client cgroup of `config` and what must be in place while it runs.
+fn client<'a>(
+    config: Config,
+    lab: &Lab,
+    (guarded, unguarded): (&'a Path, &'a Path),
+    edge: &EdgeSetup<'_>,
+) -> Result<(&'a Path, Around)> {
+    Ok(match config {
+        Config::Guarded => (guarded, Around::Nothing),
+        Config::Unguarded => (unguarded, Around::Nothing),
+        Config::Nftables => (
+            unguarded,
+            Around::Nft {
+                _block: NftBlock::add(lab.tenant_ns())?,
+            },
+        ),
+        Config::Edge => (
+            unguarded,
+            Around::Edge {
+                _agent: EdgeAgent::start(edge)?,
+            },
+        ),
+    })
+}
+
 /// Probes both metadata endpoints from every configuration.
-fn check_configs(lab: &Lab, guarded: &Path, unguarded: &Path) -> Result<Vec<Check>> {
+fn check_configs(
+    lab: &Lab,
+    guarded: &Path,
+    unguarded: &Path,
+    edge: &EdgeSetup<'_>,
+) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for config in Config::ALL {
-        let (cgroup, _block) = match config {
-            Config::Guarded => (guarded, None),
-            Config::Unguarded => (unguarded, None),
-            Config::Nftables => (unguarded, Some(NftBlock::add(lab.tenant_ns())?)),
-        };
+        let (cgroup, _around) = client(config, lab, (guarded, unguarded), edge)?;
         for dst in [IpAddr::from(IMDS_V4), IpAddr::from(IMDS_V6)] {
             let r = lab.probe_timeout(cgroup, "tcp", dst, 80, 1000)?;
             let expect_blocked = config != Config::Unguarded;
@@ -569,6 +632,70 @@ impl Drop for NftBlock {
                 "bench: could not delete nft table {NFT_TABLE} in {}: {e:#}",
                 self.netns
             );
+        }
+    }
+}
+
+/// Where the `edge` configuration's agent runs: the namespace holding [`EDGE_IF`], an empty
+/// cgroup for its (unused) cgroup programs, and its own pins.
+struct EdgeSetup<'a> {
+    netns: &'a str,
+    cgroup: &'a Path,
+    pins: std::path::PathBuf,
+}
+
+/// `datalab-guard local --edge-iface` with pins of its own, for one run of the `edge`
+/// configuration; on drop it is stopped and `uninstall` removes the edge program (the pins
+/// go with the bench's bpffs in any case, and the interface with the lab).
+struct EdgeAgent {
+    agent: Agent,
+    netns: String,
+    pins: std::path::PathBuf,
+}
+
+impl EdgeAgent {
+    fn start(setup: &EdgeSetup<'_>) -> Result<EdgeAgent> {
+        let metrics = free_loopback_addr()?;
+        let argv = [
+            "local".to_string(),
+            "--cgroup".into(),
+            setup.cgroup.display().to_string(),
+            "--bpffs".into(),
+            setup.pins.display().to_string(),
+            "--metrics-addr".into(),
+            metrics.to_string(),
+            "--edge-iface".into(),
+            EDGE_IF.into(),
+        ];
+        let agent = Agent::spawn_in_netns(setup.netns, &argv, &[])?;
+        let mut edge = EdgeAgent {
+            agent,
+            netns: setup.netns.to_string(),
+            pins: setup.pins.clone(),
+        };
+        edge.agent
+            .wait_ready_in_netns(setup.netns, metrics, Duration::from_secs(30))
+            .with_context(|| format!("datalab-guard --edge-iface {EDGE_IF}"))?;
+        Ok(edge)
+    }
+}
+
+impl Drop for EdgeAgent {
+    fn drop(&mut self) {
+        let _ = self.agent.sigterm();
+        let _ = self.agent.wait_exit(Duration::from_secs(10));
+        let pins = self.pins.display().to_string();
+        let r = Agent::bin().and_then(|bin| {
+            let bin = bin.display().to_string();
+            let mut cmd = command_in(
+                None,
+                Some(&self.netns),
+                &[bin.as_str(), "uninstall", "--bpffs", &pins],
+            )?;
+            run_checked(&mut cmd, "datalab-guard uninstall (edge agent)", None)
+        });
+        if let Err(e) = r {
+            eprintln!("bench: could not uninstall the edge agent's pins {pins}: {e:#}");
         }
     }
 }

@@ -134,6 +134,16 @@ fn measure() -> Result<Vec<(String, Count)>> {
     run_helper(helper, &dir.path().join("verifier"))
 }
 
+/// Builds the helper alone (for the VM step, which runs it on Debian 12's 6.1 kernel).
+pub fn build_helper() -> Result<PathBuf> {
+    Ok(testrun::build(false, &[HELPER])?.get(HELPER)?.clone())
+}
+
+/// The helper's JSON document as (program, count or why refused), for the VM step.
+pub fn parse_counts(doc: &Value) -> Result<Vec<(String, Result<u32, String>)>> {
+    parse_helper(doc)
+}
+
 fn run_helper(helper: &Path, bpffs: &Path) -> Result<Vec<(String, Count)>> {
     let doc = util::run_json_helper(Command::new(helper).arg("--bpffs").arg(bpffs))?;
     parse_helper(&doc)
