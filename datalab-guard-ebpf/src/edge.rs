@@ -15,7 +15,9 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use datalab_guard_common::{
-    classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass, Reason},
+    classify::{
+        classify_packet_with, fast_path_pass, FastHeader, PacketBytes, PacketClass, Reason,
+    },
     counters::Stat,
     Family, GuardConfig, Hook,
 };
@@ -52,36 +54,67 @@ fn fast_path(ctx: &TcContext) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
-    // Ethernet + a whole IPv6 header (or IPv4 and what follows); shorter frames take the
-    // slow path, which reads byte ranges with bounds checks of its own.
-    let Some(h) = ptr_at::<[u8; ETH_HLEN + 40]>(ctx, 0) else {
-        return false;
+    // Ethernet + a whole IPv6 header and the two bytes after it (a UDP destination port,
+    // which the tunnel test needs), or for short IPv4 frames (a bare TCP ACK is 54 bytes)
+    // Ethernet + 24; anything else takes the slow path, which reads byte ranges with bounds
+    // checks of its own.
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + 44]>(ctx, 0) else {
+        return short_v4_fast_path(ctx, cfg);
     };
     // SAFETY: ptr_at proved that h's bytes lie inside the frame.
     let h = unsafe { &*h };
     let ethertype = [h[12], h[13]];
-    let first = h[ETH_HLEN];
-    if ethertype == ETH_P_IP {
-        first == 0x45
-            && fast_path_pass(
-                first,
-                0,
-                h[ETH_HLEN + 16],
-                &cfg.v4_first_octet,
-                &cfg.v6_first_octet,
-            )
-    } else if ethertype == ETH_P_IPV6 {
-        first >> 4 == 6
-            && fast_path_pass(
-                first,
-                h[ETH_HLEN + 6],
-                h[ETH_HLEN + 24],
-                &cfg.v4_first_octet,
-                &cfg.v6_first_octet,
-            )
+    let ip = &h[ETH_HLEN..];
+    let header = if ethertype == ETH_P_IP && ip[0] == 0x45 {
+        FastHeader {
+            first: ip[0],
+            proto: ip[9],
+            dst_first: ip[16],
+            dport: u16::from_be_bytes([ip[22], ip[23]]),
+        }
+    } else if ethertype == ETH_P_IPV6 && ip[0] >> 4 == 6 {
+        FastHeader {
+            first: ip[0],
+            proto: ip[6],
+            dst_first: ip[24],
+            dport: u16::from_be_bytes([ip[42], ip[43]]),
+        }
+    } else if ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 {
+        // IPv4 with options, or a version that does not match the ethertype.
+        return false;
     } else {
-        !is_vlan(ethertype)
-    }
+        return !is_vlan(ethertype);
+    };
+    fast_path_pass(
+        header,
+        &cfg.v4_first_octet,
+        &cfg.v6_first_octet,
+        &cfg.tunnels,
+    )
+}
+
+/// The fast path for an untagged IPv4 frame too short for [`fast_path`]'s read.
+#[inline(always)]
+fn short_v4_fast_path(ctx: &TcContext, cfg: &GuardConfig) -> bool {
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + 24]>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved that h's bytes lie inside the frame.
+    let h = unsafe { &*h };
+    let ip = &h[ETH_HLEN..];
+    [h[12], h[13]] == ETH_P_IP
+        && ip[0] == 0x45
+        && fast_path_pass(
+            FastHeader {
+                first: ip[0],
+                proto: ip[9],
+                dst_first: ip[16],
+                dport: u16::from_be_bytes([ip[22], ip[23]]),
+            },
+            &cfg.v4_first_octet,
+            &cfg.v6_first_octet,
+            &cfg.tunnels,
+        )
 }
 
 #[inline(always)]
@@ -134,6 +167,7 @@ fn l3_offset(ctx: &TcContext) -> Option<Result<usize, ()>> {
 
 #[inline(never)]
 fn slow_path(ctx: &TcContext) -> i32 {
+    let cfg: GuardConfig = config();
     let attempted = match l3_offset(ctx) {
         None => return NEXT,
         Some(Err(())) => Attempted {
@@ -145,7 +179,7 @@ fn slow_path(ctx: &TcContext) -> i32 {
             dst: [0; 16],
             reason: Reason::Unparseable,
         },
-        Some(Ok(l3)) => match classify_packet(&L3Bytes { ctx, l3 }, &Tries) {
+        Some(Ok(l3)) => match classify_packet_with(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels) {
             PacketClass::Blocked(attempt, reason) => {
                 Attempted::packet(Hook::Edge, &attempt, reason)
             }
@@ -159,7 +193,6 @@ fn slow_path(ctx: &TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: copied out at once; entries are replaced whole (see decide::policy_entry).
     let entry = unsafe { EDGE.get(ifindex) }.copied();
-    let cfg: GuardConfig = config();
     if refuse_at_edge(&cfg, entry, &attempted) {
         DROP
     } else {

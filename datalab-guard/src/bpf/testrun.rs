@@ -18,7 +18,7 @@ use datalab_guard_common::{
     cidr::Cidr,
     counters::Stat,
     maps::{self as names, programs},
-    AuditEvent, GuardConfig, Mode, Verdict, VerdictEntry,
+    AuditEvent, GuardConfig, Mode, TunnelConfig, Verdict, VerdictEntry,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -76,6 +76,7 @@ impl TestRunner {
         config.root_level = 0;
         config.events_per_window = 1_000_000;
         config.window_ms = 1000;
+        config.tunnels = TunnelConfig::defaults();
         self.maps.reconcile_blocked(blocked)?;
         self.maps.write_config(config, blocked)?;
         self.maps.reconcile_verdicts(policy)?;
@@ -149,6 +150,13 @@ impl TestRunner {
             );
         }
         Ok(events)
+    }
+
+    /// Replaces the tunnel settings (`configure` sets the default ports, tunnels allowed).
+    pub fn set_tunnels(&mut self, tunnels: TunnelConfig) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.tunnels = tunnels;
+        self.maps.config_set(config)
     }
 
     /// Turns the raw-socket refusal on or off in the config map.
