@@ -239,21 +239,62 @@ pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
 }
 
 /// Judges a whole packet, encapsulations as `tunnels` says. See the module documentation
-/// for what is checked.
+/// for what is checked. The two stages the kernel runs apart, composed: the outer packet
+/// ([`classify_outer`]), then its payload when it may be an encapsulation
+/// ([`tunnel::judge_payload`]).
 #[inline(always)]
 pub fn classify_packet_with<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     pkt: &P,
     set: &S,
     tunnels: &TunnelConfig,
 ) -> PacketClass {
+    match classify_outer(pkt, set, tunnels) {
+        Outer::Judged(class) => class,
+        Outer::Encapsulated { outer, l4 } => tunnel::judge_payload(pkt, set, tunnels, outer, l4),
+    }
+}
+
+/// What the first stage of the classifier found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outer {
+    /// The packet is judged: its outer header decides.
+    Judged(PacketClass),
+    /// The outer packet passes on its own but may carry an encapsulation (its protocol or
+    /// UDP port says so): its payload at `l4` decides, through [`tunnel::judge_payload`].
+    Encapsulated { outer: Attempt, l4: usize },
+}
+
+/// The first stage: the outer header, its options or extension headers. Split from
+/// [`tunnel::judge_payload`] so that the kernel programs can verify the tunnel stage once,
+/// in a function of its own, instead of once for every path through the option and
+/// extension-header walks that can reach it (which is what made the verifier's count
+/// explode when the stages were one inlined function).
+#[inline(always)]
+pub fn classify_outer<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+    tunnels: &TunnelConfig,
+) -> Outer {
     let first = match pkt.read::<1>(0) {
         Some(b) => b[0],
-        None => return PacketClass::NotIp,
+        None => return Outer::Judged(PacketClass::NotIp),
     };
     match first >> 4 {
         4 => classify_v4(pkt, set, tunnels, first),
         6 => classify_v6(pkt, set, tunnels),
-        _ => PacketClass::NotIp,
+        _ => Outer::Judged(PacketClass::NotIp),
+    }
+}
+
+/// The end of the first stage for an outer packet that passed: on to the tunnel stage when
+/// its upper layer (at `l4`, 0 for a later fragment, which carries no header) may be an
+/// encapsulation.
+#[inline(always)]
+fn outer_passed(tunnels: &TunnelConfig, outer: Attempt, l4: usize) -> Outer {
+    if l4 != 0 && tunnel::may_be_encapsulation(tunnels, outer.proto, outer.dport) {
+        Outer::Encapsulated { outer, l4 }
+    } else {
+        Outer::Judged(PacketClass::Pass(outer))
     }
 }
 
@@ -263,9 +304,9 @@ fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     set: &S,
     tunnels: &TunnelConfig,
     first: u8,
-) -> PacketClass {
+) -> Outer {
     let Some(hdr) = pkt.read::<20>(0) else {
-        return PacketClass::NotIp;
+        return Outer::Judged(PacketClass::NotIp);
     };
     let dst4 = [hdr[16], hdr[17], hdr[18], hdr[19]];
     let proto = hdr[9];
@@ -284,18 +325,18 @@ fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     }
 
     if v4_blocked(set, dst4) {
-        return PacketClass::Blocked(attempt, Reason::Destination);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Destination));
     }
     if header_len < 20 {
-        return PacketClass::Blocked(attempt, Reason::Unparseable);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Unparseable));
     }
     match scan_v4_options(pkt, header_len) {
         None => {
             // A later fragment carries no header to decapsulate (0: none).
             let l4 = if fragment_offset == 0 { header_len } else { 0 };
-            tunnel::judge_payload(pkt, set, tunnels, attempt, l4)
+            outer_passed(tunnels, attempt, l4)
         }
-        Some(reason) => PacketClass::Blocked(attempt, reason),
+        Some(reason) => Outer::Judged(PacketClass::Blocked(attempt, reason)),
     }
 }
 
@@ -347,9 +388,9 @@ fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     pkt: &P,
     set: &S,
     tunnels: &TunnelConfig,
-) -> PacketClass {
+) -> Outer {
     let Some(hdr) = pkt.read::<40>(0) else {
-        return PacketClass::NotIp;
+        return Outer::Judged(PacketClass::NotIp);
     };
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
@@ -365,11 +406,11 @@ fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     attempt.proto = walk.proto;
     attempt.dport = walk.dport;
     if direct {
-        return PacketClass::Blocked(attempt, Reason::Destination);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Destination));
     }
     match walk.blocked {
-        None => tunnel::judge_payload(pkt, set, tunnels, attempt, walk.l4),
-        Some(reason) => PacketClass::Blocked(attempt, reason),
+        None => outer_passed(tunnels, attempt, walk.l4),
+        Some(reason) => Outer::Judged(PacketClass::Blocked(attempt, reason)),
     }
 }
 

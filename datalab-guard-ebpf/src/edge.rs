@@ -16,15 +16,20 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use datalab_guard_common::{
     classify::{
-        classify_packet_with, fast_path_pass, FastHeader, PacketBytes, PacketClass, Reason,
+        classify_outer, fast_path_pass, FastHeader, Outer, PacketBytes, PacketClass, Reason,
     },
     counters::Stat,
+    tunnel::judge_payload,
     Family, GuardConfig, Hook,
 };
 
 use crate::{
     decide::{bump_stat, refuse_at_edge, Attempted},
-    maps::{config, Tries, CONFIG, EDGE},
+    maps::{Tries, CONFIG, EDGE},
+    stages::{
+        handoff, to_decision_stage, to_outer_stage, to_tunnel_stage, TO_DECISION_STAGE,
+        TO_OUTER_STAGE, TO_TUNNEL_STAGE,
+    },
 };
 
 /// `TC_ACT_UNSPEC`, which tcx reads as `TCX_NEXT`: let the next program (a CNI's, say)
@@ -44,7 +49,18 @@ pub fn dg_edge(ctx: TcContext) -> i32 {
     if fast_path(&ctx) {
         return NEXT;
     }
-    slow_path(&ctx)
+    // The slow path's stages (see `stages`), each called from here.
+    let mut verdict = frame_stage(&ctx);
+    if verdict == TO_OUTER_STAGE {
+        verdict = outer_stage(&ctx);
+    }
+    if verdict == TO_TUNNEL_STAGE {
+        verdict = tunnel_stage(&ctx);
+    }
+    if verdict == TO_DECISION_STAGE {
+        verdict = decision_stage(&ctx);
+    }
+    verdict
 }
 
 /// `true` when the frame provably reaches no blocked destination: an untagged frame that is
@@ -165,35 +181,77 @@ fn l3_offset(ctx: &TcContext) -> Option<Result<usize, ()>> {
     Some(Err(()))
 }
 
+/// The Ethernet header and VLAN tags: the IP header's offset handed to the outer stage,
+/// or a verdict on a frame without IP, or one with too many tags handed to the decision
+/// stage.
+#[inline(always)]
+fn frame_stage(ctx: &TcContext) -> i32 {
+    match l3_offset(ctx) {
+        None => NEXT,
+        Some(Err(())) => {
+            let attempted = Attempted {
+                hook: Hook::Edge,
+                family: Family::Ipv4,
+                proto: 0,
+                sock_type: 0,
+                dport: 0,
+                dst: [0; 16],
+                reason: Reason::Unparseable,
+            };
+            to_decision_stage(attempted, DROP)
+        }
+        Some(Ok(l3)) => to_outer_stage(l3, DROP),
+    }
+}
+
+/// The outer header: a verdict, or the frame handed to the tunnel or decision stage.
 #[inline(never)]
-fn slow_path(ctx: &TcContext) -> i32 {
-    let cfg: GuardConfig = config();
-    let attempted = match l3_offset(ctx) {
-        None => return NEXT,
-        Some(Err(())) => Attempted {
-            hook: Hook::Edge,
-            family: Family::Ipv4,
-            proto: 0,
-            sock_type: 0,
-            dport: 0,
-            dst: [0; 16],
-            reason: Reason::Unparseable,
-        },
-        Some(Ok(l3)) => match classify_packet_with(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels) {
-            PacketClass::Blocked(attempt, reason) => {
-                Attempted::packet(Hook::Edge, &attempt, reason)
-            }
-            PacketClass::Pass(_) | PacketClass::NotIp => {
-                bump_stat(Stat::SlowPathPassed);
-                return NEXT;
-            }
-        },
+fn outer_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
+    };
+    let l3 = h.l3;
+    match classify_outer(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels) {
+        Outer::Judged(PacketClass::Blocked(attempt, reason)) => {
+            to_decision_stage(Attempted::packet(Hook::Edge, &attempt, reason), DROP)
+        }
+        Outer::Judged(PacketClass::Pass(_) | PacketClass::NotIp) => {
+            bump_stat(Stat::SlowPathPassed);
+            NEXT
+        }
+        Outer::Encapsulated { outer, l4 } => to_tunnel_stage(outer, l4, DROP),
+    }
+}
+
+/// The inner packet of an encapsulation whose outer header passed.
+#[inline(never)]
+fn tunnel_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
+    };
+    let l3 = h.l3;
+    match judge_payload(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels, h.outer, h.l4) {
+        PacketClass::Blocked(attempt, reason) => {
+            to_decision_stage(Attempted::packet(Hook::Edge, &attempt, reason), DROP)
+        }
+        PacketClass::Pass(_) | PacketClass::NotIp => {
+            bump_stat(Stat::SlowPathPassed);
+            NEXT
+        }
+    }
+}
+
+/// The verdict of the frame's pod (by the interface it entered on) on the blocked attempt.
+#[inline(never)]
+fn decision_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
     };
     // SAFETY: skb is the context pointer the kernel passed this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: copied out at once; entries are replaced whole (see decide::policy_entry).
     let entry = unsafe { EDGE.get(ifindex) }.copied();
-    if refuse_at_edge(&cfg, entry, &attempted) {
+    if refuse_at_edge(cfg, entry, &h.attempted) {
         DROP
     } else {
         NEXT

@@ -8,14 +8,16 @@
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use datalab_guard_common::{
-    classify::{classify_packet_with, fast_path_pass, FastHeader, PacketBytes, PacketClass},
+    classify::{classify_outer, fast_path_pass, FastHeader, Outer, PacketBytes, PacketClass},
     counters::Stat,
-    GuardConfig, Hook,
+    tunnel::judge_payload,
+    Hook,
 };
 
 use crate::{
     decide::{bump_stat, refuse_for_skb, Attempted},
-    maps::{config, Tries, CONFIG},
+    maps::{Tries, CONFIG},
+    stages::{handoff, to_decision_stage, to_tunnel_stage, TO_DECISION_STAGE, TO_TUNNEL_STAGE},
 };
 
 const PASS: i32 = 1;
@@ -26,7 +28,15 @@ pub fn dg_egress(ctx: SkBuffContext) -> i32 {
     if fast_path(&ctx) {
         return PASS;
     }
-    slow_path(&ctx)
+    // The slow path's stages (see `stages`), each called from here.
+    let mut verdict = outer_stage(&ctx);
+    if verdict == TO_TUNNEL_STAGE {
+        verdict = tunnel_stage(&ctx);
+    }
+    if verdict == TO_DECISION_STAGE {
+        verdict = decision_stage(&ctx);
+    }
+    verdict
 }
 
 /// `true` when the packet provably reaches no blocked destination.
@@ -117,18 +127,48 @@ impl PacketBytes for SkbBytes<'_> {
     }
 }
 
+/// The outer header: a verdict, or the packet handed to the tunnel or decision stage.
 #[inline(never)]
-fn slow_path(ctx: &SkBuffContext) -> i32 {
-    let cfg: GuardConfig = config();
-    let (attempt, reason) = match classify_packet_with(&SkbBytes(ctx), &Tries, &cfg.tunnels) {
-        PacketClass::Blocked(attempt, reason) => (attempt, reason),
+fn outer_stage(ctx: &SkBuffContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return DROP;
+    };
+    match classify_outer(&SkbBytes(ctx), &Tries, &cfg.tunnels) {
+        Outer::Judged(PacketClass::Blocked(attempt, reason)) => {
+            to_decision_stage(Attempted::packet(Hook::Egress, &attempt, reason), DROP)
+        }
+        Outer::Judged(PacketClass::Pass(_) | PacketClass::NotIp) => {
+            bump_stat(Stat::SlowPathPassed);
+            PASS
+        }
+        Outer::Encapsulated { outer, l4 } => to_tunnel_stage(outer, l4, DROP),
+    }
+}
+
+/// The inner packet of an encapsulation whose outer header passed.
+#[inline(never)]
+fn tunnel_stage(ctx: &SkBuffContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
+    };
+    match judge_payload(&SkbBytes(ctx), &Tries, &cfg.tunnels, h.outer, h.l4) {
+        PacketClass::Blocked(attempt, reason) => {
+            to_decision_stage(Attempted::packet(Hook::Egress, &attempt, reason), DROP)
+        }
         PacketClass::Pass(_) | PacketClass::NotIp => {
             bump_stat(Stat::SlowPathPassed);
-            return PASS;
+            PASS
         }
+    }
+}
+
+/// The verdict of the packet's socket's cgroup on the blocked attempt.
+#[inline(never)]
+fn decision_stage(ctx: &SkBuffContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
     };
-    let attempted = Attempted::packet(Hook::Egress, &attempt, reason);
-    if refuse_for_skb(&cfg, ctx.skb.skb, &attempted) {
+    if refuse_for_skb(cfg, ctx.skb.skb, &h.attempted) {
         DROP
     } else {
         PASS
