@@ -10,7 +10,9 @@
 //! - `raw-sockets`: `tests/tests/raw_sockets.rs` (AF_PACKET raw and dgram, AF_XDP and
 //!   SOCK_RAW refused in guarded cgroups, allowed elsewhere, counted, audited);
 //! - `sighup-reload`: the SIGHUP reload that turns `denyRawSockets` on and off (node_mode.rs);
-//! - `local-mode`, `packets`: the datapath end to end and the packet tests on this kernel.
+//! - `local-mode`, `packets`: the datapath end to end and the packet tests on this kernel;
+//! - `verifier` (only when asked for, e.g. by `cargo xtask verifier --vm`): every program's
+//!   verified instruction count on this kernel, which must load them all.
 //!
 //! Any step failing, any `SKIPPED:` line (any case) and any BPF LSM branch that did not run
 //! (`vm_markers`) fail it. The pieces of the VM are built and cached by `vm_image`; the boot
@@ -28,6 +30,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     artifacts::{self, Bins, EBPF_CRATE},
+    bench::verifier::{self, Count},
     setup, test,
     util::{cargo_cmd, show, workspace_root},
     vm_image,
@@ -41,6 +44,8 @@ const MEMORY: &str = "4G";
 const CPUS: u32 = 2;
 /// Prefix of the lines the guest script prints around each step.
 const STEP_LINE: &str = "dg-vm-step: ";
+/// Where the `verifier` step pins the maps (the guest's own bpffs; removed by the helper).
+const VERIFIER_BPFFS: &str = "/sys/fs/bpf/dg-vm-verifier";
 
 /// Options of `cargo xtask vm`.
 #[derive(Debug, clap::Args)]
@@ -66,6 +71,10 @@ pub enum Step {
     LocalMode,
     /// tests/tests/packets.rs: the packet tests on this kernel.
     Packets,
+    /// Every program's verified instruction count on this kernel (`xtask-verifier`); every
+    /// program must load. Not among the default steps: it needs xtask's `bench-testrun`
+    /// build.
+    Verifier,
 }
 
 impl Step {
@@ -84,6 +93,7 @@ impl Step {
             Step::SighupReload => "sighup-reload",
             Step::LocalMode => "local-mode",
             Step::Packets => "packets",
+            Step::Verifier => "verifier",
         }
     }
 
@@ -91,7 +101,7 @@ impl Step {
     fn test(self) -> Option<(&'static str, Vec<&'static str>)> {
         let all = vec!["--test-threads=2", "--nocapture"];
         match self {
-            Step::Check => None,
+            Step::Check | Step::Verifier => None,
             Step::RawSockets => Some(("raw_sockets", all)),
             Step::SighupReload => Some((
                 "node_mode",
@@ -122,18 +132,26 @@ impl Step {
 #[derive(Debug, Default)]
 pub struct VmReport {
     pub lsm: LsmMarkers,
+    /// The guest's kernel release.
+    pub kernel_release: String,
+    /// The `verifier` step's counts, by program (empty when the step did not run).
+    pub verifier: Vec<(String, Count)>,
 }
 
 /// Runs `cargo xtask vm`.
 pub fn run(args: &VmArgs) -> Result<()> {
     setup::run_all()?;
     test::require_root("cargo xtask vm");
-    let bins = artifacts::build_bins(&[])?;
+    let mut bins = artifacts::build_bins(&[])?;
     let steps = if args.steps.is_empty() {
         Step::ALL.to_vec()
     } else {
         args.steps.clone()
     };
+    if steps.contains(&Step::Verifier) {
+        bins.all
+            .insert(verifier::HELPER.to_owned(), verifier::build_helper()?);
+    }
     let report = run_steps(&bins, &steps, Duration::from_secs(args.timeout_secs))?;
     // Run alone, the VM must show the LSM branch of every test it ran.
     vm_markers::require_lsm_branches(&report.lsm, false)?;
@@ -182,7 +200,28 @@ pub fn run_steps(bins: &Bins, steps: &[Step], timeout: Duration) -> Result<VmRep
         started.elapsed(),
         boot_started.elapsed()
     );
-    Ok(VmReport { lsm: seen.lsm })
+    let verifier = if steps.contains(&Step::Verifier) {
+        seen.verifier_counts()?
+    } else {
+        Vec::new()
+    };
+    Ok(VmReport {
+        lsm: seen.lsm,
+        kernel_release: image.kernel_release,
+        verifier,
+    })
+}
+
+/// Boots the VM for the `verifier` step alone (`cargo xtask verifier --vm`): the guest's
+/// kernel release and its verified instruction count for every program. `helper` is the
+/// `xtask-verifier` binary.
+pub fn verifier_counts(helper: PathBuf) -> Result<(String, Vec<(String, Count)>)> {
+    setup::run_all()?;
+    let bins = Bins {
+        all: [(verifier::HELPER.to_owned(), helper)].into(),
+    };
+    let report = run_steps(&bins, &[Step::Verifier], Duration::from_secs(600))?;
+    Ok((report.kernel_release, report.verifier))
 }
 
 /// `cargo test --no-run` for the given integration tests (tests/tests/); their executables
@@ -255,6 +294,11 @@ fn guest_script(
     ));
     for step in steps {
         let command = match step.test() {
+            None if *step == Step::Verifier => vec![
+                bins.get(verifier::HELPER)?.to_string_lossy().into_owned(),
+                "--bpffs".to_owned(),
+                VERIFIER_BPFFS.to_owned(),
+            ],
             None => vec![
                 bins.get("datalab-guard")?.to_string_lossy().into_owned(),
                 "check".to_owned(),
@@ -282,6 +326,8 @@ struct GuestOutput {
     /// The step running now (its output lines are attributed to it).
     current: Option<String>,
     check_lines: Vec<String>,
+    /// The `verifier` step's output: the helper's JSON document is one of these lines.
+    verifier_lines: Vec<String>,
     skipped: Vec<String>,
     lsm: LsmMarkers,
 }
@@ -309,6 +355,41 @@ impl GuestOutput {
         if self.current.as_deref() == Some(Step::Check.name()) {
             self.check_lines.push(line.to_owned());
         }
+        if self.current.as_deref() == Some(Step::Verifier.name()) {
+            self.verifier_lines.push(line.to_owned());
+        }
+    }
+
+    /// Prints the `verifier` step's counts; a line per program the kernel refused (or one
+    /// saying the step printed no counts).
+    fn verifier_problems(&self) -> Vec<String> {
+        let counts = match self.verifier_counts() {
+            Ok(counts) => counts,
+            Err(e) => return vec![format!("{e:#}")],
+        };
+        let mut problems = Vec::new();
+        for (name, count) in counts {
+            match count {
+                Ok(n) => println!("vm: {name}: {n} verified instructions"),
+                Err(why) => problems.push(format!("the VM's kernel refused {name}: {why}")),
+            }
+        }
+        problems
+    }
+
+    /// The `verifier` step's counts, from the helper's JSON line.
+    fn verifier_counts(&self) -> Result<Vec<(String, Count)>> {
+        let json = self
+            .verifier_lines
+            .iter()
+            .find(|l| l.trim_start().starts_with('{'))
+            .with_context(|| {
+                format!(
+                    "the verifier step printed no JSON document:\n{}",
+                    self.verifier_lines.join("\n")
+                )
+            })?;
+        verifier::parse_helper_output(json)
     }
 
     /// Every step ran and passed, nothing skipped, and `check` saw the BPF LSM active.
@@ -335,6 +416,9 @@ impl GuestOutput {
                     self.check_lines.join("\n")
                 ));
             }
+        }
+        if steps.contains(&Step::Verifier) {
+            problems.extend(self.verifier_problems());
         }
         if !self.skipped.is_empty() {
             problems.push(format!(
@@ -399,5 +483,36 @@ mod tests {
         assert!(output(&inactive).verdict(&[Step::Check], 0).is_err());
         let failed = ["dg-vm-step: check: start", "dg-vm-step: check: exit 1"];
         assert!(output(&failed).verdict(&[Step::Check], 1).is_err());
+    }
+
+    #[test]
+    fn the_verifier_step_passes_only_when_the_kernel_loaded_every_program() {
+        let loaded = [
+            "dg-vm-step: verifier: start",
+            r#"{"programs":[{"name":"dg_egress","verified_insns":23360}]}"#,
+            "dg-vm-step: verifier: exit 0",
+        ];
+        let out = output(&loaded);
+        out.verdict(&[Step::Verifier], 0).unwrap();
+        assert_eq!(
+            out.verifier_counts().unwrap(),
+            vec![("dg_egress".to_string(), Ok(23360))]
+        );
+        let refused = [
+            loaded[0],
+            r#"{"programs":[{"name":"dg_edge","refused":"E2BIG"}]}"#,
+            loaded[2],
+        ];
+        let err = output(&refused)
+            .verdict(&[Step::Verifier], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refused dg_edge: E2BIG"), "{err}");
+        let silent = [loaded[0], loaded[2]];
+        let err = output(&silent)
+            .verdict(&[Step::Verifier], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("printed no JSON document"), "{err}");
     }
 }
