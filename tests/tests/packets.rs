@@ -1,5 +1,7 @@
 //! BPF_PROG_TEST_RUN tests of the egress program on crafted packets: the kernel's verdict,
-//! the in-kernel counters, and agreement with the host classifier on the same bytes.
+//! the in-kernel counters, and agreement with the host classifier on the same bytes. The
+//! encapsulated and generated packets also go through the pod-edge program, in Ethernet
+//! frames with zero to three VLAN tags, which must agree too.
 //! Needs root (loads programs, pins maps in a private bpffs).
 
 use std::collections::BTreeMap;
@@ -28,6 +30,9 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const PASS: u32 = 1;
 const DROP: u32 = 0;
+/// The edge program's verdicts: on to the next program (`TC_ACT_UNSPEC`), or drop.
+const EDGE_NEXT: i32 = -1;
+const EDGE_DROP: i32 = 2;
 
 fn blocked() -> Vec<Cidr> {
     vec![
@@ -59,6 +64,27 @@ impl std::ops::DerefMut for Runner {
     fn deref_mut(&mut self) -> &mut TestRunner {
         &mut self.runner
     }
+}
+
+/// Runs the edge program on `packet` in a frame with `tags` VLAN tags; a disagreement with
+/// the host's judgement `host` (verdict, or the one audit event a drop must produce, with
+/// the edge hook and the host's reason and destination) is returned as a line.
+fn edge_disagrees(r: &mut Runner, packet: &[u8], tags: usize, host: PacketClass) -> Option<String> {
+    let verdict = r.run_edge(&ether(tags, packet)).expect("edge test run");
+    let events = r.take_audit_events().expect("audit events");
+    let ok = match host {
+        PacketClass::Blocked(a, reason) => {
+            verdict == EDGE_DROP
+                && events.len() == 1
+                && events[0].hook == Hook::Edge as u8
+                && events[0].reason == reason as u8
+                && events[0].dst == a.dst
+                && events[0].dport == a.dport
+        }
+        PacketClass::Pass(_) | PacketClass::NotIp => verdict == EDGE_NEXT && events.is_empty(),
+    };
+    (!ok)
+        .then(|| format!("edge ({tags} tags): verdict {verdict}, host {host:?}, events {events:?}"))
 }
 
 fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, VerdictEntry>) -> Option<Runner> {
@@ -631,6 +657,11 @@ fn encapsulated_packets_kernel_and_host_agree_with_expectations() {
                 "{name} (outer v6 {v6_outer}): kernel {kernel}, host {host:?}, expected {expected}, events {events:?}"
             ));
         }
+        for tags in 0..=3 {
+            if let Some(why) = edge_disagrees(&mut r, &packet, tags, host) {
+                failures.push(format!("{name} (outer v6 {v6_outer}): {why}"));
+            }
+        }
     }
     assert!(
         failures.is_empty(),
@@ -942,6 +973,9 @@ fn generated_packets_kernel_host_and_oracle_agree() {
             failures.push(format!(
                 "packet {i}: kernel {kernel}, host {host:?}, oracle {oracle:?}, events {events:?}\n  {packet:02x?}"
             ));
+        }
+        if let Some(why) = edge_disagrees(&mut r, packet, i % 4, host) {
+            failures.push(format!("packet {i}: {why}\n  {packet:02x?}"));
         }
     }
     println!(

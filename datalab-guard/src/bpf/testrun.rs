@@ -1,6 +1,7 @@
-//! Running the egress program on crafted packets with BPF_PROG_TEST_RUN, without attaching
-//! anything: for the packet tests and `cargo xtask bench`; and loading every program once to
-//! read how many instructions the verifier processed (`cargo xtask verifier`).
+//! Running the egress program (and the pod-edge one, on whole frames) on crafted packets
+//! with BPF_PROG_TEST_RUN, without attaching anything: for the packet tests and `cargo xtask
+//! bench`; and loading every program once to read how many instructions the verifier
+//! processed (`cargo xtask verifier`).
 //!
 //! The maps are pinned by name (the object says so), so a runner pins them in its own
 //! bpffs directory and removes them on drop. Under test-run the packet's socket is a dummy
@@ -11,7 +12,7 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::RingBuf,
-    programs::{CgroupSkb, Program, TestRun, TestRunOptions},
+    programs::{CgroupSkb, Program, SchedClassifier, TestRun, TestRunOptions},
     Btf, Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
@@ -57,6 +58,12 @@ impl TestRunner {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        let edge: &mut SchedClassifier = ebpf
+            .program_mut(programs::EDGE)
+            .ok_or_else(|| anyhow!("program {} missing", programs::EDGE))?
+            .try_into()?;
+        edge.load()
+            .with_context(|| format!("verifier rejected {}", programs::EDGE))?;
         Ok(TestRunner { ebpf, maps, layout })
     }
 
@@ -123,6 +130,26 @@ impl TestRunner {
             verdict: result.return_value,
             per_run: result.duration,
         })
+    }
+
+    /// Runs the pod-edge program on a whole Ethernet frame (VLAN tags allowed) and returns
+    /// its tc verdict: -1 (`TC_ACT_UNSPEC`, on to the next program) or 2 (`TC_ACT_SHOT`).
+    /// Under test-run the frame comes in on the loopback device, which has no EDGE entry,
+    /// so it is judged as a guarded pod's (the program's fail-closed default).
+    pub fn run_edge(&self, frame: &[u8]) -> anyhow::Result<i32> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(programs::EDGE)
+            .ok_or_else(|| anyhow!("program {} missing", programs::EDGE))?
+            .try_into()?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {}", programs::EDGE))?;
+        Ok(result.return_value.cast_signed())
     }
 
     /// Sets the audit rate limit: `events_per_window` events per cgroup per `window_ms`
