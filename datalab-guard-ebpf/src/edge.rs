@@ -27,8 +27,8 @@ use crate::{
     decide::{bump_stat, refuse_at_edge, Attempted},
     maps::{Tries, CONFIG, EDGE},
     stages::{
-        handoff, to_decision_stage, to_outer_stage, to_tunnel_stage, TO_DECISION_STAGE,
-        TO_OUTER_STAGE, TO_TUNNEL_STAGE,
+        enter, handoff, leave, to_decision_stage, to_outer_stage, to_tunnel_stage,
+        TO_DECISION_STAGE, TO_OUTER_STAGE, TO_TUNNEL_STAGE,
     },
 };
 
@@ -50,6 +50,9 @@ pub fn dg_edge(ctx: TcContext) -> i32 {
         return NEXT;
     }
     // The slow path's stages (see `stages`), each called from here.
+    if !enter() {
+        return DROP;
+    }
     let mut verdict = frame_stage(&ctx);
     if verdict == TO_OUTER_STAGE {
         verdict = outer_stage(&ctx);
@@ -60,6 +63,7 @@ pub fn dg_edge(ctx: TcContext) -> i32 {
     if verdict == TO_DECISION_STAGE {
         verdict = decision_stage(&ctx);
     }
+    leave();
     verdict
 }
 

@@ -17,7 +17,10 @@ use datalab_guard_common::{
 use crate::{
     decide::{bump_stat, refuse_for_skb, Attempted},
     maps::{Tries, CONFIG},
-    stages::{handoff, to_decision_stage, to_tunnel_stage, TO_DECISION_STAGE, TO_TUNNEL_STAGE},
+    stages::{
+        enter, handoff, leave, to_decision_stage, to_tunnel_stage, TO_DECISION_STAGE,
+        TO_TUNNEL_STAGE,
+    },
 };
 
 const PASS: i32 = 1;
@@ -29,6 +32,9 @@ pub fn dg_egress(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     // The slow path's stages (see `stages`), each called from here.
+    if !enter() {
+        return DROP;
+    }
     let mut verdict = outer_stage(&ctx);
     if verdict == TO_TUNNEL_STAGE {
         verdict = tunnel_stage(&ctx);
@@ -36,6 +42,7 @@ pub fn dg_egress(ctx: SkBuffContext) -> i32 {
     if verdict == TO_DECISION_STAGE {
         verdict = decision_stage(&ctx);
     }
+    leave();
     verdict
 }
 

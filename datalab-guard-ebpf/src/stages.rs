@@ -11,8 +11,8 @@
 //! walk of options or extension headers is walked again for every way out of that walk.
 //! With the tunnel stage and the decision inlined after the outer stage, `dg_egress` took
 //! over 1,000,000 verified instructions on Debian 12's 6.1 kernel (E2BIG: it would not
-//! load there). A stage reads what the previous one found from this CPU's [`HANDOFF`]
-//! slot, not from its arguments: values read from a map are unknown to the verifier, so
+//! load there). A stage reads what the previous one found from this run's slot in
+//! [`HANDOFF`], not from its arguments: values read from a map are unknown to the verifier, so
 //! every path into a stage arrives in the same state and the stage is walked once (passing
 //! them as arguments, the verifier still told the paths apart). Calling the stages one
 //! after the other from the entry point, not one from another, keeps at most one stage's
@@ -52,20 +52,74 @@ pub struct Handoff {
     pub attempted: Attempted,
 }
 
-/// One [`Handoff`] per CPU: a packet program runs to its end on one CPU without being
-/// preempted by another packet program, so the slot is this packet's. Not pinned: it
-/// holds nothing between packets.
+/// Slow paths that can run at once on one CPU. A packet program stays on its CPU, but it
+/// can be interrupted there by another: `dg_egress` runs in process context with bottom
+/// halves enabled (a UDP `sendto`, say), and a softirq on the same CPU can send a TCP ACK
+/// through `dg_egress` before the first run resumes. Each run therefore takes a slot of
+/// its own, one nesting level deeper ([`enter`]); process, softirq and what nests in a
+/// softirq need three.
+const LEVELS: u32 = 4;
+
+/// [`LEVELS`] [`Handoff`]s per CPU, one per nesting level. Not pinned: they hold nothing
+/// between packets.
 #[map(name = "DG_HANDOFF")]
-static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(LEVELS, 0);
+
+/// How many slow paths are running on this CPU now (each uses slot `level - 1`).
+#[map(name = "DG_HANDOFF_NEST")]
+static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Starts a slow path on this CPU: takes the next nesting level. `false` when every level
+/// is taken (deeper nesting than the kernel does): the caller refuses the packet (fail
+/// closed) without calling [`leave`]. A run that interrupts another between its read and
+/// its write of the level leaves it as it found it before the first resumes.
+#[inline(always)]
+pub fn enter() -> bool {
+    let Some(level) = NESTING.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's counter; see above for interruption.
+    unsafe {
+        if *level >= LEVELS {
+            return false;
+        }
+        *level += 1;
+    }
+    true
+}
+
+/// Ends a slow path that [`enter`] started.
+#[inline(always)]
+pub fn leave() {
+    if let Some(level) = NESTING.get_ptr_mut(0) {
+        // SAFETY: as in enter.
+        unsafe {
+            if *level > 0 {
+                *level -= 1;
+            }
+        }
+    }
+}
+
+/// This run's slot: the one of the current nesting level.
+#[inline(always)]
+fn slot() -> Option<*mut Handoff> {
+    // SAFETY: this CPU's counter, read once.
+    let level = unsafe { *NESTING.get_ptr(0)? };
+    if level == 0 || level > LEVELS {
+        return None;
+    }
+    HANDOFF.get_ptr_mut(level - 1)
+}
 
 /// Hands the frame's IP header offset to the edge program's outer stage:
 /// [`TO_OUTER_STAGE`], or `unavailable` if the slot cannot be had (never, for a one-entry
 /// array).
 #[inline(always)]
 pub fn to_outer_stage(l3: usize, unavailable: i32) -> i32 {
-    match HANDOFF.get_ptr_mut(0) {
+    match slot() {
         Some(slot) => {
-            // SAFETY: this CPU's slot, used by this program alone until it returns.
+            // SAFETY: this run's slot on this CPU; no other run writes it (see LEVELS).
             unsafe { (*slot).l3 = l3 };
             TO_OUTER_STAGE
         }
@@ -77,7 +131,7 @@ pub fn to_outer_stage(l3: usize, unavailable: i32) -> i32 {
 /// slot cannot be had (never, for a one-entry array).
 #[inline(always)]
 pub fn to_tunnel_stage(outer: Attempt, l4: usize, unavailable: i32) -> i32 {
-    match HANDOFF.get_ptr_mut(0) {
+    match slot() {
         Some(slot) => {
             // SAFETY: as in to_outer_stage.
             unsafe {
@@ -94,7 +148,7 @@ pub fn to_tunnel_stage(outer: Attempt, l4: usize, unavailable: i32) -> i32 {
 /// if the slot cannot be had (never, for a one-entry array).
 #[inline(always)]
 pub fn to_decision_stage(attempted: Attempted, unavailable: i32) -> i32 {
-    match HANDOFF.get_ptr_mut(0) {
+    match slot() {
         Some(slot) => {
             // SAFETY: as in to_outer_stage.
             unsafe { (*slot).attempted = attempted };
@@ -104,8 +158,9 @@ pub fn to_decision_stage(attempted: Attempted, unavailable: i32) -> i32 {
     }
 }
 
-/// What the previous stage handed over.
+/// What the previous stage of this run handed over.
 #[inline(always)]
 pub fn handoff() -> Option<&'static Handoff> {
-    HANDOFF.get(0)
+    // SAFETY: this run's slot, which no other run writes (see LEVELS).
+    slot().map(|p| unsafe { &*p })
 }
