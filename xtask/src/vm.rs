@@ -11,6 +11,8 @@
 //!   SOCK_RAW refused in guarded cgroups, allowed elsewhere, counted, audited);
 //! - `sighup-reload`: the SIGHUP reload that turns `denyRawSockets` on and off (node_mode.rs);
 //! - `local-mode`, `packets`: the datapath end to end and the packet tests on this kernel;
+//! - `tunnel-lab`: tests/tests/tunnel_lab.rs, real VXLAN and Geneve devices (this host's
+//!   kernel has no Geneve) that must deliver nothing a guarded cgroup encapsulates;
 //! - `verifier` (only when asked for, e.g. by `cargo xtask verifier --vm`): every program's
 //!   verified instruction count on this kernel, which must load them all.
 //!
@@ -71,6 +73,8 @@ pub enum Step {
     LocalMode,
     /// tests/tests/packets.rs: the packet tests on this kernel.
     Packets,
+    /// tests/tests/tunnel_lab.rs: VXLAN and Geneve devices decapsulating in the lab.
+    TunnelLab,
     /// Every program's verified instruction count on this kernel (`xtask-verifier`); every
     /// program must load. Not among the default steps: it needs xtask's `bench-testrun`
     /// build.
@@ -78,12 +82,13 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 5] = [
+    pub const ALL: [Step; 6] = [
         Step::Check,
         Step::RawSockets,
         Step::SighupReload,
         Step::LocalMode,
         Step::Packets,
+        Step::TunnelLab,
     ];
 
     fn name(self) -> &'static str {
@@ -93,6 +98,7 @@ impl Step {
             Step::SighupReload => "sighup-reload",
             Step::LocalMode => "local-mode",
             Step::Packets => "packets",
+            Step::TunnelLab => "tunnel-lab",
             Step::Verifier => "verifier",
         }
     }
@@ -124,6 +130,7 @@ impl Step {
                 ],
             )),
             Step::Packets => Some(("packets", all)),
+            Step::TunnelLab => Some(("tunnel_lab", all)),
         }
     }
 }
