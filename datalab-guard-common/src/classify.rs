@@ -11,7 +11,12 @@
 //! packet whose options or extension headers cannot be walked to the end within fixed bounds
 //! is judged blocked too (fail closed); the kernel never builds such packets.
 //!
+//! Packets that carry an encapsulation (VXLAN, Geneve, Teredo, IPIP, 6in4, GRE) are judged
+//! by their inner packet too, one level deep: see [`crate::tunnel`].
+//!
 //! Every loop has a constant bound so the verifier can prove termination.
+
+use crate::{tunnel, TunnelConfig};
 
 /// Reads bytes of an L3 packet (offset 0 is the first byte of the IP header).
 pub trait PacketBytes {
@@ -40,6 +45,13 @@ pub enum Reason {
     /// A raw IP socket refused by `sock_create` or a packet socket refused by
     /// `packet_socket` (the BPF LSM program).
     RawSocket = 3,
+    /// An encapsulated packet whose inner packet is refused: its destination is blocked,
+    /// or it would need a walk (options, extension headers) or a second decapsulation. The
+    /// attempt names the inner packet.
+    Tunnel = 4,
+    /// Any encapsulated packet while tunnels are denied (`tunnels.denyAll`,
+    /// `--deny-tunnels`). The attempt names the outer packet.
+    TunnelDenied = 5,
 }
 
 impl Reason {
@@ -49,6 +61,8 @@ impl Reason {
             Reason::SourceRoute => "source_route",
             Reason::Unparseable => "unparseable",
             Reason::RawSocket => "raw_socket",
+            Reason::Tunnel => "tunnel",
+            Reason::TunnelDenied => "tunnel_denied",
         }
     }
 
@@ -58,6 +72,8 @@ impl Reason {
             Reason::SourceRoute,
             Reason::Unparseable,
             Reason::RawSocket,
+            Reason::Tunnel,
+            Reason::TunnelDenied,
         ]
         .into_iter()
         .find(|r| *r as u8 == raw)
@@ -67,7 +83,8 @@ impl Reason {
 /// A judged attempt: what the audit record reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt {
-    /// `true` for IPv6 packets (even when the judged address is an embedded IPv4 one).
+    /// `true` for IPv6 packets (even when the judged address is an embedded IPv4 one). For
+    /// [`Reason::Tunnel`] every field describes the inner packet.
     pub ipv6: bool,
     /// Final L4 protocol after options/extension headers (0 if not reached).
     pub proto: u8,
@@ -146,50 +163,138 @@ pub fn v6_blocked<S: BlockedSet + ?Sized>(set: &S, addr: [u8; 16]) -> bool {
     }
 }
 
-/// The fast-path test the eBPF egress program runs on every packet, with bytes it reads by
-/// direct packet access: `first` is the packet's first byte, `next` its IPv6 next header
-/// (ignored for IPv4) and `dst_first` the first byte of its destination address. `true`
-/// proves the packet cannot be blocked; `false` sends it to [`classify_packet`].
+/// The bytes of a packet's fixed header the fast path looks at, read by direct packet
+/// access in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastHeader {
+    /// The packet's first byte (version and, for IPv4, header length).
+    pub first: u8,
+    /// IPv4 protocol (byte 9) or IPv6 next header (byte 6).
+    pub proto: u8,
+    /// First byte of the destination address.
+    pub dst_first: u8,
+    /// The two bytes right after a fixed header of 20 (IPv4) or 40 (IPv6) bytes, read as
+    /// a UDP destination port (0 when the packet ends before them).
+    pub dport: u16,
+}
+
+impl FastHeader {
+    /// The fast path's view of an L3 packet held in a byte slice (tests, fuzzing).
+    pub fn of(pkt: &[u8]) -> FastHeader {
+        let byte = |i: usize| pkt.get(i).copied().unwrap_or(0);
+        let v6 = byte(0) >> 4 == 6;
+        let (proto, dst, l4) = if v6 { (6, 24, 40) } else { (9, 16, 20) };
+        FastHeader {
+            first: byte(0),
+            proto: byte(proto),
+            dst_first: byte(dst),
+            dport: match pkt.get(l4 + 2..l4 + 4) {
+                Some(p) => u16::from_be_bytes([p[0], p[1]]),
+                None => 0,
+            },
+        }
+    }
+}
+
+/// The fast-path test the eBPF egress program runs on every packet. `true` proves the
+/// packet cannot be blocked; `false` sends it to [`classify_packet_with`]. Only packets that
+/// may be an encapsulation (IP protocol 4, 41, 47, or UDP to a port whose low byte is a
+/// tunnel port's) leave it on their protocol; TCP costs one more comparison.
 #[inline(always)]
 pub fn fast_path_pass(
-    first: u8,
-    next: u8,
-    dst_first: u8,
+    h: FastHeader,
     v4_map: &[u32; 8],
     v6_map: &[u32; 8],
+    tunnels: &TunnelConfig,
 ) -> bool {
     use crate::cidr::first_byte_may_match;
-    if first == 0x45 {
-        // IPv4 without options: only the destination can matter.
-        return !first_byte_may_match(v4_map, dst_first);
+    if tunnel::may_be_encapsulation(tunnels, h.proto, h.dport) {
+        return false;
     }
-    if first >> 4 == 6 {
-        // Extension headers that can carry a routing header (or hide it behind a fragment)
-        // take the slow path; everything else is judged by the destination.
+    if h.first == 0x45 {
+        // IPv4 without options: only the destination can matter.
+        return !first_byte_may_match(v4_map, h.dst_first);
+    }
+    if h.first >> 4 == 6 {
+        // Extension headers that can carry a routing header (or hide it behind a fragment,
+        // or an encapsulation behind them) take the slow path; everything else is judged by
+        // the destination.
+        let next = h.proto;
         let may_route = next == IPPROTO_HOPOPTS
             || next == IPPROTO_ROUTING
             || next == IPPROTO_FRAGMENT
             || next == IPPROTO_DSTOPTS
             || next == IPPROTO_AH;
-        return !may_route && !first_byte_may_match(v6_map, dst_first);
+        return !may_route && !first_byte_may_match(v6_map, h.dst_first);
     }
     false
 }
 
-/// Judges a whole packet. See the module documentation for what is checked.
-#[inline(always)]
+/// Judges a whole packet with the default tunnel ports ([`TunnelConfig::defaults`]).
 pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     pkt: &P,
     set: &S,
 ) -> PacketClass {
+    classify_packet_with(pkt, set, &TunnelConfig::defaults())
+}
+
+/// Judges a whole packet, encapsulations as `tunnels` says. See the module documentation
+/// for what is checked. The two stages the kernel runs apart, composed: the outer packet
+/// ([`classify_outer`]), then its payload when it may be an encapsulation
+/// ([`tunnel::judge_payload`]).
+#[inline(always)]
+pub fn classify_packet_with<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+    tunnels: &TunnelConfig,
+) -> PacketClass {
+    match classify_outer(pkt, set, tunnels) {
+        Outer::Judged(class) => class,
+        Outer::Encapsulated { outer, l4 } => tunnel::judge_payload(pkt, set, tunnels, outer, l4),
+    }
+}
+
+/// What the first stage of the classifier found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outer {
+    /// The packet is judged: its outer header decides.
+    Judged(PacketClass),
+    /// The outer packet passes on its own but may carry an encapsulation (its protocol or
+    /// UDP port says so): its payload at `l4` decides, through [`tunnel::judge_payload`].
+    Encapsulated { outer: Attempt, l4: usize },
+}
+
+/// The first stage: the outer header, its options or extension headers. Split from
+/// [`tunnel::judge_payload`] so that the kernel programs can verify the tunnel stage once,
+/// in a function of its own, instead of once for every path through the option and
+/// extension-header walks that can reach it (which is what made the verifier's count
+/// explode when the stages were one inlined function).
+#[inline(always)]
+pub fn classify_outer<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+    tunnels: &TunnelConfig,
+) -> Outer {
     let first = match pkt.read::<1>(0) {
         Some(b) => b[0],
-        None => return PacketClass::NotIp,
+        None => return Outer::Judged(PacketClass::NotIp),
     };
     match first >> 4 {
-        4 => classify_v4(pkt, set, first),
-        6 => classify_v6(pkt, set),
-        _ => PacketClass::NotIp,
+        4 => classify_v4(pkt, set, tunnels, first),
+        6 => classify_v6(pkt, set, tunnels),
+        _ => Outer::Judged(PacketClass::NotIp),
+    }
+}
+
+/// The end of the first stage for an outer packet that passed: on to the tunnel stage when
+/// its upper layer (at `l4`, 0 for a later fragment, which carries no header) may be an
+/// encapsulation.
+#[inline(always)]
+fn outer_passed(tunnels: &TunnelConfig, outer: Attempt, l4: usize) -> Outer {
+    if l4 != 0 && tunnel::may_be_encapsulation(tunnels, outer.proto, outer.dport) {
+        Outer::Encapsulated { outer, l4 }
+    } else {
+        Outer::Judged(PacketClass::Pass(outer))
     }
 }
 
@@ -197,10 +302,11 @@ pub fn classify_packet<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
 fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     pkt: &P,
     set: &S,
+    tunnels: &TunnelConfig,
     first: u8,
-) -> PacketClass {
+) -> Outer {
     let Some(hdr) = pkt.read::<20>(0) else {
-        return PacketClass::NotIp;
+        return Outer::Judged(PacketClass::NotIp);
     };
     let dst4 = [hdr[16], hdr[17], hdr[18], hdr[19]];
     let proto = hdr[9];
@@ -219,14 +325,18 @@ fn classify_v4<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
     }
 
     if v4_blocked(set, dst4) {
-        return PacketClass::Blocked(attempt, Reason::Destination);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Destination));
     }
     if header_len < 20 {
-        return PacketClass::Blocked(attempt, Reason::Unparseable);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Unparseable));
     }
     match scan_v4_options(pkt, header_len) {
-        None => PacketClass::Pass(attempt),
-        Some(reason) => PacketClass::Blocked(attempt, reason),
+        None => {
+            // A later fragment carries no header to decapsulate (0: none).
+            let l4 = if fragment_offset == 0 { header_len } else { 0 };
+            outer_passed(tunnels, attempt, l4)
+        }
+        Some(reason) => Outer::Judged(PacketClass::Blocked(attempt, reason)),
     }
 }
 
@@ -274,9 +384,13 @@ fn scan_v4_options<P: PacketBytes + ?Sized>(pkt: &P, header_len: usize) -> Optio
 }
 
 #[inline(always)]
-fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S) -> PacketClass {
+fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(
+    pkt: &P,
+    set: &S,
+    tunnels: &TunnelConfig,
+) -> Outer {
     let Some(hdr) = pkt.read::<40>(0) else {
-        return PacketClass::NotIp;
+        return Outer::Judged(PacketClass::NotIp);
     };
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
@@ -292,11 +406,11 @@ fn classify_v6<P: PacketBytes + ?Sized, S: BlockedSet + ?Sized>(pkt: &P, set: &S
     attempt.proto = walk.proto;
     attempt.dport = walk.dport;
     if direct {
-        return PacketClass::Blocked(attempt, Reason::Destination);
+        return Outer::Judged(PacketClass::Blocked(attempt, Reason::Destination));
     }
     match walk.blocked {
-        None => PacketClass::Pass(attempt),
-        Some(reason) => PacketClass::Blocked(attempt, reason),
+        None => outer_passed(tunnels, attempt, walk.l4),
+        Some(reason) => Outer::Judged(PacketClass::Blocked(attempt, reason)),
     }
 }
 
@@ -304,6 +418,9 @@ struct V6Walk {
     proto: u8,
     dport: u16,
     blocked: Option<Reason>,
+    /// Offset of the upper-layer header; 0 when refused or a later fragment (a plain
+    /// `usize`: see `tunnel::NO_INNER` for why not an `Option`).
+    l4: usize,
 }
 
 #[inline(always)]
@@ -318,6 +435,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                         proto: next,
                         dport: 0,
                         blocked: Some(Reason::Unparseable),
+                        l4: 0,
                     };
                 };
                 let len = if next == IPPROTO_AH {
@@ -333,6 +451,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                         proto: next,
                         dport: 0,
                         blocked: Some(Reason::Unparseable),
+                        l4: 0,
                     };
                 }
                 if next == IPPROTO_ROUTING {
@@ -341,6 +460,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                             proto: next,
                             dport: 0,
                             blocked: Some(reason),
+                            l4: 0,
                         };
                     }
                 }
@@ -354,6 +474,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                         proto: next,
                         dport: 0,
                         blocked: Some(Reason::Unparseable),
+                        l4: 0,
                     };
                 };
                 let frag_offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
@@ -365,6 +486,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                         proto: next,
                         dport: 0,
                         blocked: None,
+                        l4: 0,
                     };
                 }
             }
@@ -373,6 +495,7 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                     proto: next,
                     dport: read_dport(pkt, off, next),
                     blocked: None,
+                    l4: off,
                 };
             }
         }
@@ -384,12 +507,14 @@ fn walk_v6_extensions<P: PacketBytes + ?Sized>(pkt: &P, first_next: u8) -> V6Wal
                 proto: next,
                 dport: 0,
                 blocked: Some(Reason::Unparseable),
+                l4: 0,
             }
         }
         _ => V6Walk {
             proto: next,
             dport: read_dport(pkt, off, next),
             blocked: None,
+            l4: off,
         },
     }
 }
@@ -407,7 +532,7 @@ fn scan_routing_header<P: PacketBytes + ?Sized>(pkt: &P, off: usize) -> Option<R
 }
 
 #[inline(always)]
-fn read_dport<P: PacketBytes + ?Sized>(pkt: &P, l4_offset: usize, proto: u8) -> u16 {
+pub(crate) fn read_dport<P: PacketBytes + ?Sized>(pkt: &P, l4_offset: usize, proto: u8) -> u16 {
     match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
             match pkt.read::<2>(l4_offset + 2) {
@@ -682,9 +807,11 @@ mod tests {
     fn fast_path_agrees_with_full_classifier_on_plain_packets() {
         let set = defaults();
         let (v4m, v6m) = prefilter(set.iter());
+        let tun = TunnelConfig::defaults();
+        let fast = |p: &[u8]| fast_path_pass(FastHeader::of(p), &v4m, &v6m, &tun);
         for first in [0u8, 1, 10, 127, 168, 169, 170, 255] {
             let p = v4_packet([first, 254, 169, 254], IPPROTO_TCP, &[], 80);
-            if fast_path_pass(p[0], 0, p[16], &v4m, &v6m) {
+            if fast(&p) {
                 assert!(matches!(
                     classify_packet(&p[..], &set[..]),
                     PacketClass::Pass(_)
@@ -692,14 +819,27 @@ mod tests {
             }
         }
         let p = v4_packet(IMDS4, IPPROTO_TCP, &[], 80);
-        assert!(!fast_path_pass(p[0], 0, p[16], &v4m, &v6m));
+        assert!(!fast(&p));
         let p = v6_packet(IMDS6, IPPROTO_TCP, &[], 80);
-        assert!(!fast_path_pass(p[0], p[6], p[24], &v4m, &v6m));
+        assert!(!fast(&p));
         let mut global = IMDS6;
         global[0] = 0x20;
         let p = v6_packet(global, IPPROTO_TCP, &[], 80);
-        assert!(fast_path_pass(p[0], p[6], p[24], &v4m, &v6m));
+        assert!(fast(&p));
         let p = v6_packet(global, IPPROTO_ROUTING, &[], 80);
-        assert!(!fast_path_pass(p[0], p[6], p[24], &v4m, &v6m));
+        assert!(!fast(&p));
+        // Plain UDP stays on the fast path; UDP to a tunnel port and IP-in-IP leave it.
+        let p = v4_packet([192, 0, 2, 1], IPPROTO_UDP, &[], 53);
+        assert!(fast(&p));
+        let p = v4_packet([192, 0, 2, 1], IPPROTO_UDP, &[], 4789);
+        assert!(!fast(&p));
+        let p = v6_packet(global, IPPROTO_UDP, &[], 6081);
+        assert!(!fast(&p));
+        for proto in [4u8, 41, 47] {
+            let p = v4_packet([192, 0, 2, 1], proto, &[], 0);
+            assert!(!fast(&p));
+            let p = v6_packet(global, proto, &[], 0);
+            assert!(!fast(&p));
+        }
     }
 }

@@ -15,7 +15,8 @@ pub mod counters;
 pub mod maps;
 pub mod ratelimit;
 pub mod resolve;
+pub mod tunnel;
 pub mod types;
 
-pub use classify::{classify_packet, BlockedSet, PacketBytes, PacketClass};
+pub use classify::{classify_packet, classify_packet_with, BlockedSet, PacketBytes, PacketClass};
 pub use types::*;

@@ -9,8 +9,8 @@ pub const VERDICTS: &str = "DG_VERDICTS_V1";
 pub const BLOCKED_V4: &str = "DG_BLOCK4_V1";
 /// LPM trie of blocked IPv6 CIDRs: key `{prefix_len: u32, addr: [u8; 16]}` -> u32 rule id.
 pub const BLOCKED_V6: &str = "DG_BLOCK6_V1";
-/// Array of one [`crate::GuardConfig`].
-pub const CONFIG: &str = "DG_CONFIG_V1";
+/// Array of one [`crate::GuardConfig`]. V2: the tunnel settings were appended.
+pub const CONFIG: &str = "DG_CONFIG_V2";
 /// Per-CPU array of u64 counters, indexed by [`crate::counters::counter_index`]. V2: the
 /// `edge` hook and the `xdp` family made every class longer.
 pub const COUNTERS: &str = "DG_COUNT_V2";
@@ -30,8 +30,9 @@ pub const EDGE: &str = "DG_EDGE_V1";
 /// the verdict map's former name (renamed so that "policy" means only the policy core and
 /// the NetworkPolicy); same layout, but a pin is never renamed under running programs.
 /// `DG_COUNT_V1` is the counter array before the `edge` hook and the `xdp` family (a
-/// different layout).
-pub const RETIRED: [&str; 2] = ["DG_POLICY_V1", "DG_COUNT_V1"];
+/// different layout); `DG_CONFIG_V1` is the config map before the tunnel settings grew its
+/// value.
+pub const RETIRED: [&str; 3] = ["DG_POLICY_V1", "DG_COUNT_V1", "DG_CONFIG_V1"];
 
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
 pub const ALL: [&str; 10] = [

@@ -198,6 +198,50 @@ pub struct GuardConfig {
     pub events_per_window: u32,
     /// Length of the rate-limit window in milliseconds.
     pub window_ms: u32,
+    /// Which UDP ports carry which encapsulation, and whether guarded cgroups may send
+    /// encapsulated packets at all (see [`crate::tunnel`]).
+    pub tunnels: TunnelConfig,
+}
+
+/// Most UDP ports the classifier treats as tunnel endpoints (VXLAN, Geneve, Teredo).
+pub const MAX_TUNNEL_PORTS: usize = 8;
+
+/// The encapsulation a UDP tunnel port carries. Stored as u8 in
+/// [`TunnelConfig::udp_kinds`]; 0 marks an unused slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum UdpTunnel {
+    /// 8-byte VXLAN header, then an Ethernet frame (RFC 7348).
+    Vxlan = 1,
+    /// Geneve: 8-byte header plus options, then Ethernet or IP (RFC 8926).
+    Geneve = 2,
+    /// Teredo: optional authentication and origin indicators, then IPv6 (RFC 4380).
+    Teredo = 3,
+}
+
+impl UdpTunnel {
+    pub fn from_raw(raw: u8) -> Option<UdpTunnel> {
+        [UdpTunnel::Vxlan, UdpTunnel::Geneve, UdpTunnel::Teredo]
+            .into_iter()
+            .find(|k| *k as u8 == raw)
+    }
+}
+
+/// Tunnel settings in [`GuardConfig`]: the UDP ports whose payload is decapsulated and
+/// judged, and the switch that refuses every encapsulated packet from guarded cgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct TunnelConfig {
+    /// Bit n set: some tunnel port's low byte is n. The egress fast path tests this bit for
+    /// UDP packets; a clear bit proves "not a tunnel port".
+    pub port_low_byte: [u32; 8],
+    /// Tunnel ports, host byte order; 0 marks an unused slot.
+    pub udp_ports: [u16; MAX_TUNNEL_PORTS],
+    /// [`UdpTunnel`] of the port in the same slot.
+    pub udp_kinds: [u8; MAX_TUNNEL_PORTS],
+    /// Non-zero: every encapsulated packet from a guarded cgroup is refused
+    /// ([`crate::classify::Reason::TunnelDenied`]), whatever it carries.
+    pub deny_all: u32,
 }
 
 impl GuardConfig {
@@ -211,6 +255,7 @@ impl GuardConfig {
             deny_raw_sockets: 0,
             events_per_window: 0,
             window_ms: 0,
+            tunnels: TunnelConfig::zeroed(),
         }
     }
 }
@@ -297,7 +342,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::VerdictEntry {}
     // SAFETY: two u32 then one u64; see above.
     unsafe impl aya::Pod for super::EdgeEntry {}
-    // SAFETY: two u32 arrays then u32 fields; see above.
+    // SAFETY: two u32 arrays, u32 fields, then a TunnelConfig; see above.
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: one u64 then two u32; see above.
     unsafe impl aya::Pod for super::RateState {}
@@ -316,7 +361,11 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<VerdictEntry>(), 8);
         assert_eq!(size_of::<EdgeEntry>(), 16);
-        assert_eq!(size_of::<GuardConfig>(), 8 * 4 * 2 + 6 * 4);
+        assert_eq!(size_of::<TunnelConfig>(), 8 * 4 + 8 * 2 + 8 + 4);
+        assert_eq!(
+            size_of::<GuardConfig>(),
+            8 * 4 * 2 + 6 * 4 + size_of::<TunnelConfig>()
+        );
         assert_eq!(size_of::<RateState>(), 16);
         assert_eq!(size_of::<AuditEvent>(), 3 * 8 + 6 * 4 + 2 + 6 + 16 + 16);
         assert_eq!(size_of::<InstallMeta>(), 3 * 8 + 2 * 4 + 256);

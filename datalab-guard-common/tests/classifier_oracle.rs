@@ -9,12 +9,13 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use datalab_guard_common::{
     cidr::{prefilter, Cidr},
-    classify::{classify_packet, fast_path_pass, Attempt, PacketClass, Reason},
+    classify::{classify_packet, fast_path_pass, Attempt, FastHeader, PacketClass, Reason},
+    TunnelConfig,
 };
 use proptest::prelude::*;
 use support::{
     oracle::{judge, Expected, Judgement, Net, Why},
-    packet_gen::{blocked_nets, packet, seeded_packets},
+    packet_gen::{blocked_nets, packet, seeded_packets, seeded_tunnel_packets},
 };
 
 fn cidrs(nets: &[Net]) -> Vec<Cidr> {
@@ -31,7 +32,8 @@ fn why(reason: Reason) -> Option<Why> {
         Reason::Destination => Some(Why::Destination),
         Reason::SourceRoute => Some(Why::SourceRoute),
         Reason::Unparseable => Some(Why::Unparseable),
-        Reason::RawSocket => None,
+        Reason::Tunnel => Some(Why::Tunnel),
+        Reason::RawSocket | Reason::TunnelDenied => None,
     }
 }
 
@@ -82,12 +84,11 @@ proptest! {
         let nets = blocked_nets();
         let set = cidrs(&nets);
         let (m4, m6) = prefilter(set.iter());
-        let v6 = pkt[0] >> 4 == 6;
-        let (next, dst_first) = if v6 { (pkt[6], pkt[24]) } else { (0, pkt[16]) };
-        if fast_path_pass(pkt[0], next, dst_first, &m4, &m6) {
-            prop_assert_ne!(
-                std::mem::discriminant(&judge(&pkt, &nets).judgement),
-                std::mem::discriminant(&Judgement::Blocked(Why::Destination)),
+        let tunnels = TunnelConfig::defaults();
+        if fast_path_pass(FastHeader::of(&pkt), &m4, &m6, &tunnels) {
+            prop_assert_eq!(
+                judge(&pkt, &nets).judgement,
+                Judgement::Pass,
                 "fast path passed {:02x?}", pkt
             );
         }
@@ -101,6 +102,22 @@ fn generated_packets_cover_every_verdict() {
     let nets = blocked_nets();
     let set = cidrs(&nets);
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut tunnel_counts: BTreeMap<String, usize> = BTreeMap::new();
+    for pkt in &seeded_tunnel_packets(17, 3000) {
+        match compare(pkt, &set, &nets) {
+            Ok(e) => {
+                *tunnel_counts
+                    .entry(format!("{:?}", e.judgement))
+                    .or_default() += 1;
+            }
+            Err(e) => panic!("disagreement on an encapsulated packet: {e}"),
+        }
+    }
+    println!("oracle verdicts on 3000 seeded encapsulated packets: {tunnel_counts:#?}");
+    for judgement in ["Pass", "Blocked(Tunnel)"] {
+        let n = tunnel_counts.get(judgement).copied().unwrap_or(0);
+        assert!(n >= 300, "only {n} encapsulated packets judged {judgement}");
+    }
     let mut failures = Vec::new();
     let packets = seeded_packets(13, 5000);
     for pkt in &packets {

@@ -15,14 +15,21 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use datalab_guard_common::{
-    classify::{classify_packet, fast_path_pass, PacketBytes, PacketClass, Reason},
+    classify::{
+        classify_outer, fast_path_pass, FastHeader, Outer, PacketBytes, PacketClass, Reason,
+    },
     counters::Stat,
+    tunnel::judge_payload,
     Family, GuardConfig, Hook,
 };
 
 use crate::{
     decide::{bump_stat, refuse_at_edge, Attempted},
-    maps::{config, Tries, CONFIG, EDGE},
+    maps::{Tries, CONFIG, EDGE},
+    stages::{
+        enter, handoff, leave, to_decision_stage, to_outer_stage, to_tunnel_stage,
+        TO_DECISION_STAGE, TO_OUTER_STAGE, TO_TUNNEL_STAGE,
+    },
 };
 
 /// `TC_ACT_UNSPEC`, which tcx reads as `TCX_NEXT`: let the next program (a CNI's, say)
@@ -42,7 +49,22 @@ pub fn dg_edge(ctx: TcContext) -> i32 {
     if fast_path(&ctx) {
         return NEXT;
     }
-    slow_path(&ctx)
+    // The slow path's stages (see `stages`), each called from here.
+    if !enter() {
+        return DROP;
+    }
+    let mut verdict = frame_stage(&ctx);
+    if verdict == TO_OUTER_STAGE {
+        verdict = outer_stage(&ctx);
+    }
+    if verdict == TO_TUNNEL_STAGE {
+        verdict = tunnel_stage(&ctx);
+    }
+    if verdict == TO_DECISION_STAGE {
+        verdict = decision_stage(&ctx);
+    }
+    leave();
+    verdict
 }
 
 /// `true` when the frame provably reaches no blocked destination: an untagged frame that is
@@ -52,36 +74,67 @@ fn fast_path(ctx: &TcContext) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
-    // Ethernet + a whole IPv6 header (or IPv4 and what follows); shorter frames take the
-    // slow path, which reads byte ranges with bounds checks of its own.
-    let Some(h) = ptr_at::<[u8; ETH_HLEN + 40]>(ctx, 0) else {
-        return false;
+    // Ethernet + a whole IPv6 header and the two bytes after it (a UDP destination port,
+    // which the tunnel test needs), or for short IPv4 frames (a bare TCP ACK is 54 bytes)
+    // Ethernet + 24; anything else takes the slow path, which reads byte ranges with bounds
+    // checks of its own.
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + 44]>(ctx, 0) else {
+        return short_v4_fast_path(ctx, cfg);
     };
     // SAFETY: ptr_at proved that h's bytes lie inside the frame.
     let h = unsafe { &*h };
     let ethertype = [h[12], h[13]];
-    let first = h[ETH_HLEN];
-    if ethertype == ETH_P_IP {
-        first == 0x45
-            && fast_path_pass(
-                first,
-                0,
-                h[ETH_HLEN + 16],
-                &cfg.v4_first_octet,
-                &cfg.v6_first_octet,
-            )
-    } else if ethertype == ETH_P_IPV6 {
-        first >> 4 == 6
-            && fast_path_pass(
-                first,
-                h[ETH_HLEN + 6],
-                h[ETH_HLEN + 24],
-                &cfg.v4_first_octet,
-                &cfg.v6_first_octet,
-            )
+    let ip = &h[ETH_HLEN..];
+    let header = if ethertype == ETH_P_IP && ip[0] == 0x45 {
+        FastHeader {
+            first: ip[0],
+            proto: ip[9],
+            dst_first: ip[16],
+            dport: u16::from_be_bytes([ip[22], ip[23]]),
+        }
+    } else if ethertype == ETH_P_IPV6 && ip[0] >> 4 == 6 {
+        FastHeader {
+            first: ip[0],
+            proto: ip[6],
+            dst_first: ip[24],
+            dport: u16::from_be_bytes([ip[42], ip[43]]),
+        }
+    } else if ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 {
+        // IPv4 with options, or a version that does not match the ethertype.
+        return false;
     } else {
-        !is_vlan(ethertype)
-    }
+        return !is_vlan(ethertype);
+    };
+    fast_path_pass(
+        header,
+        &cfg.v4_first_octet,
+        &cfg.v6_first_octet,
+        &cfg.tunnels,
+    )
+}
+
+/// The fast path for an untagged IPv4 frame too short for [`fast_path`]'s read.
+#[inline(always)]
+fn short_v4_fast_path(ctx: &TcContext, cfg: &GuardConfig) -> bool {
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + 24]>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved that h's bytes lie inside the frame.
+    let h = unsafe { &*h };
+    let ip = &h[ETH_HLEN..];
+    [h[12], h[13]] == ETH_P_IP
+        && ip[0] == 0x45
+        && fast_path_pass(
+            FastHeader {
+                first: ip[0],
+                proto: ip[9],
+                dst_first: ip[16],
+                dport: u16::from_be_bytes([ip[22], ip[23]]),
+            },
+            &cfg.v4_first_octet,
+            &cfg.v6_first_octet,
+            &cfg.tunnels,
+        )
 }
 
 #[inline(always)]
@@ -132,35 +185,77 @@ fn l3_offset(ctx: &TcContext) -> Option<Result<usize, ()>> {
     Some(Err(()))
 }
 
+/// The Ethernet header and VLAN tags: the IP header's offset handed to the outer stage,
+/// or a verdict on a frame without IP, or one with too many tags handed to the decision
+/// stage.
+#[inline(always)]
+fn frame_stage(ctx: &TcContext) -> i32 {
+    match l3_offset(ctx) {
+        None => NEXT,
+        Some(Err(())) => {
+            let attempted = Attempted {
+                hook: Hook::Edge,
+                family: Family::Ipv4,
+                proto: 0,
+                sock_type: 0,
+                dport: 0,
+                dst: [0; 16],
+                reason: Reason::Unparseable,
+            };
+            to_decision_stage(attempted, DROP)
+        }
+        Some(Ok(l3)) => to_outer_stage(l3, DROP),
+    }
+}
+
+/// The outer header: a verdict, or the frame handed to the tunnel or decision stage.
 #[inline(never)]
-fn slow_path(ctx: &TcContext) -> i32 {
-    let attempted = match l3_offset(ctx) {
-        None => return NEXT,
-        Some(Err(())) => Attempted {
-            hook: Hook::Edge,
-            family: Family::Ipv4,
-            proto: 0,
-            sock_type: 0,
-            dport: 0,
-            dst: [0; 16],
-            reason: Reason::Unparseable,
-        },
-        Some(Ok(l3)) => match classify_packet(&L3Bytes { ctx, l3 }, &Tries) {
-            PacketClass::Blocked(attempt, reason) => {
-                Attempted::packet(Hook::Edge, &attempt, reason)
-            }
-            PacketClass::Pass(_) | PacketClass::NotIp => {
-                bump_stat(Stat::SlowPathPassed);
-                return NEXT;
-            }
-        },
+fn outer_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
+    };
+    let l3 = h.l3;
+    match classify_outer(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels) {
+        Outer::Judged(PacketClass::Blocked(attempt, reason)) => {
+            to_decision_stage(Attempted::packet(Hook::Edge, &attempt, reason), DROP)
+        }
+        Outer::Judged(PacketClass::Pass(_) | PacketClass::NotIp) => {
+            bump_stat(Stat::SlowPathPassed);
+            NEXT
+        }
+        Outer::Encapsulated { outer, l4 } => to_tunnel_stage(outer, l4, DROP),
+    }
+}
+
+/// The inner packet of an encapsulation whose outer header passed.
+#[inline(never)]
+fn tunnel_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
+    };
+    let l3 = h.l3;
+    match judge_payload(&L3Bytes { ctx, l3 }, &Tries, &cfg.tunnels, h.outer, h.l4) {
+        PacketClass::Blocked(attempt, reason) => {
+            to_decision_stage(Attempted::packet(Hook::Edge, &attempt, reason), DROP)
+        }
+        PacketClass::Pass(_) | PacketClass::NotIp => {
+            bump_stat(Stat::SlowPathPassed);
+            NEXT
+        }
+    }
+}
+
+/// The verdict of the frame's pod (by the interface it entered on) on the blocked attempt.
+#[inline(never)]
+fn decision_stage(ctx: &TcContext) -> i32 {
+    let (Some(cfg), Some(h)) = (CONFIG.get(0), handoff()) else {
+        return DROP;
     };
     // SAFETY: skb is the context pointer the kernel passed this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: copied out at once; entries are replaced whole (see decide::policy_entry).
     let entry = unsafe { EDGE.get(ifindex) }.copied();
-    let cfg: GuardConfig = config();
-    if refuse_at_edge(&cfg, entry, &attempted) {
+    if refuse_at_edge(cfg, entry, &h.attempted) {
         DROP
     } else {
         NEXT

@@ -23,6 +23,8 @@ mod packet_socket;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_create;
+#[cfg(target_arch = "bpf")]
+mod stages;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

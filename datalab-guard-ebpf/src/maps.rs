@@ -23,7 +23,7 @@ pub static BLOCKED_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRI
 #[map(name = "DG_BLOCK6_V1")]
 pub static BLOCKED_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(BLOCKED_MAX_ENTRIES, 0);
 
-#[map(name = "DG_CONFIG_V1")]
+#[map(name = "DG_CONFIG_V2")]
 pub static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
 #[map(name = "DG_COUNT_V2")]

@@ -88,6 +88,8 @@ pub struct ConfigSource {
     pub presets: Vec<Preset>,
     /// `--mode`: replaces the file's `mode`.
     pub mode: Option<Mode>,
+    /// `--deny-tunnels`: sets `tunnels.denyAll` whatever the file says.
+    pub deny_tunnels: bool,
 }
 
 impl ConfigSource {
@@ -98,6 +100,7 @@ impl ConfigSource {
             None => Config::default(),
         };
         config.merge_cli(&self.blocks, &self.presets, self.mode)?;
+        config.tunnels.deny_all |= self.deny_tunnels;
         Ok(config)
     }
 }
@@ -136,6 +139,8 @@ pub struct Config {
     pub pod_security: PodSecurityConfig,
     pub probe: ProbeConfig,
     pub audit: AuditConfig,
+    /// Encapsulations judged by their inner packet (or refused outright).
+    pub tunnels: TunnelsConfig,
     pub cgroup: CgroupConfig,
     /// How often pods' cgroups are looked up again (pods whose cgroup appeared late,
     /// missed filesystem events).
@@ -277,6 +282,69 @@ pub struct AuditConfig {
     pub events_per_minute_per_node: u32,
 }
 
+/// The UDP ports whose payload the kernel decapsulates and judges (one level deep), and the
+/// switch that refuses every encapsulated packet (IPIP, 6in4 and GRE included) from guarded
+/// pods. At most [`datalab_guard_common::MAX_TUNNEL_PORTS`] ports in all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct TunnelsConfig {
+    /// VXLAN: 4789 (IANA, Calico) and 8472 (Linux default: flannel, Cilium).
+    pub vxlan_ports: Vec<u16>,
+    /// Geneve: 6081.
+    pub geneve_ports: Vec<u16>,
+    /// Teredo: 3544.
+    pub teredo_ports: Vec<u16>,
+    /// Refuse every encapsulated packet from guarded pods, whatever it carries.
+    pub deny_all: bool,
+}
+
+impl Default for TunnelsConfig {
+    fn default() -> Self {
+        use datalab_guard_common::tunnel::{
+            GENEVE_PORT, TEREDO_PORT, VXLAN_LINUX_PORT, VXLAN_PORT,
+        };
+        TunnelsConfig {
+            vxlan_ports: vec![VXLAN_PORT, VXLAN_LINUX_PORT],
+            geneve_ports: vec![GENEVE_PORT],
+            teredo_ports: vec![TEREDO_PORT],
+            deny_all: false,
+        }
+    }
+}
+
+impl TunnelsConfig {
+    /// The kernel's view (the CONFIG map's `tunnels`), or why the ports do not fit:
+    /// port 0, one port under two encapsulations, or more ports than the kernel holds.
+    pub fn kernel(&self) -> Result<datalab_guard_common::TunnelConfig, String> {
+        use datalab_guard_common::{TunnelConfig, UdpTunnel, MAX_TUNNEL_PORTS};
+        let mut cfg = TunnelConfig::zeroed();
+        cfg.deny_all = u32::from(self.deny_all);
+        let lists = [
+            (&self.vxlan_ports, UdpTunnel::Vxlan),
+            (&self.geneve_ports, UdpTunnel::Geneve),
+            (&self.teredo_ports, UdpTunnel::Teredo),
+        ];
+        for (ports, kind) in lists {
+            for &port in ports {
+                if port == 0 {
+                    return Err("port 0 is not a tunnel port".into());
+                }
+                if let Some(other) = cfg.udp_kind(port) {
+                    if other != kind {
+                        return Err(format!("port {port} is listed for two encapsulations"));
+                    }
+                }
+                if !cfg.add_port(port, kind) {
+                    return Err(format!(
+                        "more than {MAX_TUNNEL_PORTS} tunnel ports (the kernel holds {MAX_TUNNEL_PORTS})"
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
 /// Upper bound of `audit.eventsPerMinutePerNode` (the budget keeps one timestamp per write).
 pub const MAX_EVENTS_PER_MINUTE_PER_NODE: u32 = 6000;
 
@@ -378,6 +446,7 @@ impl Default for Config {
             pod_security: PodSecurityConfig::default(),
             probe: ProbeConfig::default(),
             audit: AuditConfig::default(),
+            tunnels: TunnelsConfig::default(),
             cgroup: CgroupConfig::default(),
             rescan_interval: HumanDuration::from_secs(10),
             leader_election: LeaderElectionConfig::default(),
@@ -562,6 +631,7 @@ impl Config {
         }
         positive("rescanInterval", self.rescan_interval)?;
         self.runtime.validate()?;
+        self.tunnels.kernel().map_err(|e| ("tunnels", e))?;
         let p = &self.probe;
         positive("probe.interval", p.interval)?;
         positive("probe.timeout", p.timeout)?;
@@ -676,6 +746,10 @@ impl Config {
             unknown_cgroup_verdict: self.unknown_cgroup_verdict,
             deny_raw_sockets: self.deny_raw_sockets,
             audit_events_per_second: self.audit.events_per_second,
+            tunnels: self
+                .tunnels
+                .kernel()
+                .expect("tunnel ports were validated when loaded"),
         }
     }
 
@@ -1459,6 +1533,17 @@ leaderElection:
             ("controller:\n  writeBurst: 10001\n", &["controller.writeBurst"]),
             ("controller:\n  writesPerSecond: -5\n", &["controller.writesPerSecond"]),
             ("denyRawSockets: yes\n", &["denyRawSockets"]),
+            ("tunnels:\n  vxlanPorts: [0]\n", &["tunnels", "port 0"]),
+            ("tunnels:\n  vxlanPorts: [70000]\n", &["tunnels"]),
+            (
+                "tunnels:\n  genevePorts: [4789]\n",
+                &["tunnels", "4789", "two encapsulations"],
+            ),
+            (
+                "tunnels:\n  vxlanPorts: [1, 2, 3, 4, 5, 6, 7]\n",
+                &["tunnels", "more than 8"],
+            ),
+            ("tunnels:\n  udpPorts: [4789]\n", &["udpPorts"]),
             ("probe: [1]\n", &["probe"]),
             ("mode: [enforce\n", &["line 1"]),
         ];
@@ -1556,6 +1641,32 @@ leaderElection:
                 && e.to_string().contains("missing.yaml")
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tunnels_reach_the_kernel_config_and_the_flag_denies_them() {
+        use datalab_guard_common::UdpTunnel;
+        let c = parse("tunnels:\n  vxlanPorts: [9999]\n  teredoPorts: []\n").unwrap();
+        let k = c.datapath().tunnels;
+        assert_eq!(k.udp_kind(9999), Some(UdpTunnel::Vxlan));
+        assert_eq!(k.udp_kind(4789), None);
+        assert_eq!(k.udp_kind(3544), None);
+        assert_eq!(k.udp_kind(6081), Some(UdpTunnel::Geneve));
+        assert_eq!(k.deny_all, 0);
+        let d = Config::default().datapath().tunnels;
+        for (port, kind) in [
+            (4789, UdpTunnel::Vxlan),
+            (8472, UdpTunnel::Vxlan),
+            (6081, UdpTunnel::Geneve),
+            (3544, UdpTunnel::Teredo),
+        ] {
+            assert_eq!(d.udp_kind(port), Some(kind));
+        }
+        let source = ConfigSource {
+            deny_tunnels: true,
+            ..ConfigSource::default()
+        };
+        assert_eq!(source.load().unwrap().datapath().tunnels.deny_all, 1);
     }
 
     #[test]

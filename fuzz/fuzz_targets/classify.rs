@@ -4,8 +4,9 @@
 //! Run: `cargo xtask fuzz --seconds N` (nightly and cargo-fuzz; CI runs it for a minute).
 //!
 //! Invariants: no panic; the classifier's verdict and reason are the oracle's, and so are
-//! the destination, protocol and port it reports; the fast-path test never passes a packet
-//! the full classifier blocks.
+//! the destination, protocol and port it reports (for encapsulations, with the default
+//! tunnel ports, the inner packet's); the fast-path test never passes a packet the full
+//! classifier blocks.
 #![no_main]
 
 #[path = "../../datalab-guard-common/tests/support/oracle.rs"]
@@ -15,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use datalab_guard_common::{
     cidr::{prefilter, Cidr},
-    classify::{classify_packet, fast_path_pass, Attempt, PacketClass, Reason},
+    classify::{classify_packet, fast_path_pass, Attempt, FastHeader, PacketClass, Reason},
+    TunnelConfig,
 };
 use libfuzzer_sys::fuzz_target;
 use oracle::{judge, Judgement, Net, Why};
@@ -57,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
                 (Reason::Destination, Why::Destination)
                     | (Reason::SourceRoute, Why::SourceRoute)
                     | (Reason::Unparseable, Why::Unparseable)
+                    | (Reason::Tunnel, Why::Tunnel)
             );
             same_reason && same_attempt(&a, &expected)
         }
@@ -66,10 +69,8 @@ fuzz_target!(|data: &[u8]| {
 
     let (m4, m6) = prefilter(set.iter());
     if packet.len() >= 40 || (packet.len() >= 20 && packet[0] >> 4 != 6) {
-        let v6 = packet[0] >> 4 == 6;
-        let next = if v6 { packet[6] } else { 0 };
-        let dst_first = if v6 { packet[24] } else { packet[16] };
-        if fast_path_pass(packet[0], next, dst_first, &m4, &m6) {
+        let tunnels = TunnelConfig::defaults();
+        if fast_path_pass(FastHeader::of(packet), &m4, &m6, &tunnels) {
             assert!(
                 !matches!(class, PacketClass::Blocked(..)),
                 "fast path passed a blocked packet"

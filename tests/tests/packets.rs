@@ -1,5 +1,7 @@
 //! BPF_PROG_TEST_RUN tests of the egress program on crafted packets: the kernel's verdict,
-//! the in-kernel counters, and agreement with the host classifier on the same bytes.
+//! the in-kernel counters, and agreement with the host classifier on the same bytes. The
+//! encapsulated and generated packets also go through the pod-edge program, in Ethernet
+//! frames with zero to three VLAN tags, which must agree too.
 //! Needs root (loads programs, pins maps in a private bpffs).
 
 use std::collections::BTreeMap;
@@ -7,10 +9,10 @@ use std::collections::BTreeMap;
 use datalab_guard::bpf::testrun::TestRunner;
 use datalab_guard_common::{
     cidr::Cidr,
-    classify::{classify_packet, PacketClass},
+    classify::{classify_packet, PacketClass, Reason},
     counters::Stat,
     maps::programs,
-    Action, Family, Hook, Mode, Verdict, VerdictEntry,
+    Action, Family, Hook, Mode, TunnelConfig, Verdict, VerdictEntry,
 };
 use datalab_guard_tests::BpffsDir;
 
@@ -28,6 +30,9 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const PASS: u32 = 1;
 const DROP: u32 = 0;
+/// The edge program's verdicts: on to the next program (`TC_ACT_UNSPEC`), or drop.
+const EDGE_NEXT: i32 = -1;
+const EDGE_DROP: i32 = 2;
 
 fn blocked() -> Vec<Cidr> {
     vec![
@@ -59,6 +64,27 @@ impl std::ops::DerefMut for Runner {
     fn deref_mut(&mut self) -> &mut TestRunner {
         &mut self.runner
     }
+}
+
+/// Runs the edge program on `packet` in a frame with `tags` VLAN tags; a disagreement with
+/// the host's judgement `host` (verdict, or the one audit event a drop must produce, with
+/// the edge hook and the host's reason and destination) is returned as a line.
+fn edge_disagrees(r: &mut Runner, packet: &[u8], tags: usize, host: PacketClass) -> Option<String> {
+    let verdict = r.run_edge(&ether(tags, packet)).expect("edge test run");
+    let events = r.take_audit_events().expect("audit events");
+    let ok = match host {
+        PacketClass::Blocked(a, reason) => {
+            verdict == EDGE_DROP
+                && events.len() == 1
+                && events[0].hook == Hook::Edge as u8
+                && events[0].reason == reason as u8
+                && events[0].dst == a.dst
+                && events[0].dport == a.dport
+        }
+        PacketClass::Pass(_) | PacketClass::NotIp => verdict == EDGE_NEXT && events.is_empty(),
+    };
+    (!ok)
+        .then(|| format!("edge ({tags} tags): verdict {verdict}, host {host:?}, events {events:?}"))
 }
 
 fn runner(mode: Mode, default: Verdict, policy: &BTreeMap<u64, VerdictEntry>) -> Option<Runner> {
@@ -287,6 +313,233 @@ fn cases() -> Vec<(&'static str, Vec<u8>, u32)> {
     ]
 }
 
+/// An outer IPv4 (or, with `v6`, IPv6) header with protocol `proto` around `payload`.
+fn outer(v6: bool, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = if v6 {
+        let mut h = vec![0u8; 40];
+        h[0] = 0x60;
+        h[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        h[6] = proto;
+        h[7] = 64;
+        h[24..40].copy_from_slice(&OTHER6);
+        h
+    } else {
+        let mut h = vec![0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        h[16..20].copy_from_slice(&OTHER4);
+        h
+    };
+    p.extend_from_slice(payload);
+    p
+}
+
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0x9c, 0x40];
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// An Ethernet frame (with `tags` VLAN tags) around an IP packet.
+fn ether(tags: usize, inner: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    for _ in 0..tags {
+        f.extend_from_slice(&[0x81, 0x00, 0, 7]);
+    }
+    let ethertype: u16 = if inner[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(inner);
+    f
+}
+
+fn vxlan(port: u16, inner: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+    v.extend(ether(0, inner));
+    udp(port, &v)
+}
+
+fn geneve(protocol: u16, option_words: u8, inner: &[u8]) -> Vec<u8> {
+    let mut g = vec![option_words, 0];
+    g.extend_from_slice(&protocol.to_be_bytes());
+    g.extend_from_slice(&[0, 0, 42, 0]);
+    g.resize(8 + 4 * usize::from(option_words), 0x5a);
+    if protocol == 0x6558 {
+        g.extend(ether(1, inner));
+    } else {
+        g.extend_from_slice(inner);
+    }
+    udp(6081, &g)
+}
+
+/// Teredo with an authentication indicator (ID length 1, value length 2) and an origin
+/// indication in front of the IPv6 packet.
+fn teredo(inner: &[u8]) -> Vec<u8> {
+    let mut t = vec![0, 1, 1, 2, 0xaa, 0xbb, 0xbb];
+    t.extend_from_slice(&[0; 9]);
+    t.extend_from_slice(&[0, 0, 0x12, 0x34, 1, 2, 3, 4]);
+    t.extend_from_slice(inner);
+    udp(3544, &t)
+}
+
+/// GRE with `flags` (checksum 0x80, key 0x20, sequence 0x10) and `protocol`.
+fn gre(flags: u8, protocol: u16, inner: &[u8]) -> Vec<u8> {
+    let mut g = vec![flags, 0];
+    g.extend_from_slice(&protocol.to_be_bytes());
+    g.resize(4 + 4 * flags.count_ones() as usize, 0x77);
+    if protocol == 0x6558 {
+        g.extend(ether(0, inner));
+    } else {
+        g.extend_from_slice(inner);
+    }
+    g
+}
+
+/// Encapsulated packets from a guarded cgroup, with the verdict the rules promise: the
+/// inner destination decides; a truncated encapsulation or a non-IP payload passes (the
+/// far end cannot decapsulate an IP packet from it either); an inner packet with options
+/// or extension headers, or a second level, is refused.
+fn tunnel_cases() -> Vec<(&'static str, Vec<u8>, u32)> {
+    let tcp4 = |dst| v4(dst, TCP, &[], 80);
+    let udp6 = |dst| v6(dst, UDP, &[], 53);
+    let mut out = Vec::new();
+    for v6_outer in [false, true] {
+        let o = |proto, payload: &[u8]| outer(v6_outer, proto, payload);
+        out.extend([
+            (
+                "vxlan 4789 to IMDS",
+                o(UDP, &vxlan(4789, &tcp4(IMDS4))),
+                DROP,
+            ),
+            (
+                "vxlan 8472 to IMDS6",
+                o(UDP, &vxlan(8472, &udp6(IMDS6))),
+                DROP,
+            ),
+            ("vxlan to other", o(UDP, &vxlan(4789, &tcp4(OTHER4))), PASS),
+            (
+                "udp 4790 carrying vxlan",
+                o(UDP, &vxlan(4790, &tcp4(IMDS4))),
+                PASS,
+            ),
+            (
+                "geneve eth (1 vlan) to IMDS",
+                o(UDP, &geneve(0x6558, 2, &tcp4(IMDS4))),
+                DROP,
+            ),
+            (
+                "geneve ipv6 to IMDS6",
+                o(UDP, &geneve(0x86dd, 0, &udp6(IMDS6))),
+                DROP,
+            ),
+            (
+                "geneve mpls",
+                o(UDP, &geneve(0x8847, 0, &tcp4(IMDS4))),
+                PASS,
+            ),
+            ("teredo to IMDS6", o(UDP, &teredo(&udp6(IMDS6))), DROP),
+            (
+                "teredo to mapped IMDS",
+                o(UDP, &teredo(&udp6(mapped(IMDS4)))),
+                DROP,
+            ),
+            ("teredo to other", o(UDP, &teredo(&udp6(OTHER6))), PASS),
+            ("ipip to IMDS", o(4, &tcp4(IMDS4)), DROP),
+            ("ipip to other", o(4, &tcp4(OTHER4)), PASS),
+            ("6in4 to IMDS6", o(41, &udp6(IMDS6)), DROP),
+            (
+                "gre csum+key+seq to IMDS",
+                o(47, &gre(0xb0, 0x0800, &tcp4(IMDS4))),
+                DROP,
+            ),
+            (
+                "gre key ipv6 to IMDS6",
+                o(47, &gre(0x20, 0x86dd, &udp6(IMDS6))),
+                DROP,
+            ),
+            (
+                "gre teb to IMDS",
+                o(47, &gre(0, 0x6558, &tcp4(IMDS4))),
+                DROP,
+            ),
+            (
+                "gre teb to other",
+                o(47, &gre(0x10, 0x6558, &tcp4(OTHER4))),
+                PASS,
+            ),
+            ("gre mpls", o(47, &gre(0, 0x8847, &tcp4(IMDS4))), PASS),
+            (
+                "inner v4 options",
+                o(4, &v4(OTHER4, TCP, &[1, 1, 1, 0], 80)),
+                DROP,
+            ),
+            (
+                "inner v6 hop-by-hop",
+                o(41, &v6(OTHER6, 0, &[TCP, 0, 1, 4, 0, 0, 0, 0], 80)),
+                DROP,
+            ),
+            (
+                "vxlan in vxlan",
+                o(
+                    UDP,
+                    &vxlan(4789, &outer(false, UDP, &vxlan(4789, &tcp4(OTHER4)))),
+                ),
+                DROP,
+            ),
+            (
+                "ipip in gre",
+                o(47, &gre(0, 0x0800, &outer(false, 4, &tcp4(OTHER4)))),
+                DROP,
+            ),
+        ]);
+        let l3 = if v6_outer { 40 } else { 20 };
+        let whole = o(UDP, &vxlan(4789, &tcp4(IMDS4)));
+        out.extend([
+            (
+                "vxlan cut in its header",
+                whole[..l3 + 8 + 5].to_vec(),
+                PASS,
+            ),
+            (
+                "vxlan cut in the ethernet header",
+                whole[..l3 + 16 + 10].to_vec(),
+                PASS,
+            ),
+            (
+                "vxlan cut in the inner IP header",
+                whole[..l3 + 30 + 19].to_vec(),
+                PASS,
+            ),
+            (
+                "vxlan with only the inner IP header",
+                whole[..l3 + 30 + 20].to_vec(),
+                DROP,
+            ),
+            (
+                "gre cut in its key",
+                o(47, &gre(0x20, 0x0800, &tcp4(IMDS4)))[..l3 + 6].to_vec(),
+                PASS,
+            ),
+            (
+                "teredo cut in its indicator",
+                o(UDP, &teredo(&udp6(IMDS6)))[..l3 + 8 + 10].to_vec(),
+                PASS,
+            ),
+            (
+                "ipip cut in the inner header",
+                o(4, &tcp4(IMDS4))[..l3 + 12].to_vec(),
+                PASS,
+            ),
+        ]);
+    }
+    out
+}
+
 /// IHL says 60 bytes of header but the packet ends after 24.
 fn truncated_options() -> Vec<u8> {
     let mut p = v4(OTHER4, TCP, &[1, 1, 1, 1], 80)[..24].to_vec();
@@ -365,6 +618,122 @@ fn guarded_cgroup_verdicts_match_expectations_and_host_classifier() {
         "verdict mismatches:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn encapsulated_packets_kernel_and_host_agree_with_expectations() {
+    let Some(mut r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
+    let set = blocked();
+    let mut failures = Vec::new();
+    for (name, packet, expected) in tunnel_cases() {
+        let v6_outer = packet[0] >> 4 == 6;
+        let kernel = r.run(programs::EGRESS, &packet, 1).expect(name).verdict;
+        let events = r.take_audit_events().expect("audit events");
+        let host = classify_packet(&packet[..], &set[..]);
+        let host_verdict = match host {
+            PacketClass::Blocked(_, Reason::Tunnel) => DROP,
+            PacketClass::Blocked(..) => {
+                failures.push(format!("{name} (outer v6 {v6_outer}): host {host:?}"));
+                DROP
+            }
+            PacketClass::Pass(_) | PacketClass::NotIp => PASS,
+        };
+        // A drop is audited with the inner packet's destination, protocol and port.
+        let event_ok = match host {
+            PacketClass::Blocked(a, reason) => {
+                events.len() == 1
+                    && events[0].reason == reason as u8
+                    && events[0].dst == a.dst
+                    && events[0].proto == a.proto
+                    && events[0].dport == a.dport
+                    && events[0].family == if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 } as u8
+            }
+            _ => events.is_empty(),
+        };
+        if kernel != expected || host_verdict != expected || !event_ok {
+            failures.push(format!(
+                "{name} (outer v6 {v6_outer}): kernel {kernel}, host {host:?}, expected {expected}, events {events:?}"
+            ));
+        }
+        for tags in 0..=3 {
+            if let Some(why) = edge_disagrees(&mut r, &packet, tags, host) {
+                failures.push(format!("{name} (outer v6 {v6_outer}): {why}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "tunnel mismatches:\n{}",
+        failures.join("\n")
+    );
+    // The inner destination names the record: VXLAN to IMDS over IPv4 reports 169.254.169.254.
+    let p = outer(false, UDP, &vxlan(4789, &v4(IMDS4, TCP, &[], 80)));
+    assert_eq!(r.run(programs::EGRESS, &p, 1).unwrap().verdict, DROP);
+    let events = r.take_audit_events().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].dst[..4], IMDS4);
+    assert_eq!((events[0].proto, events[0].dport), (TCP, 80));
+    assert_eq!(events[0].reason, Reason::Tunnel as u8);
+}
+
+#[test]
+fn deny_all_tunnels_drops_every_encapsulation_and_nothing_else() {
+    let Some(mut r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
+        return;
+    };
+    r.set_tunnels(TunnelConfig {
+        deny_all: 1,
+        ..TunnelConfig::defaults()
+    })
+    .unwrap();
+    let harmless = v4(OTHER4, TCP, &[], 80);
+    for (name, packet) in [
+        ("vxlan to other", outer(false, UDP, &vxlan(4789, &harmless))),
+        ("geneve truncated", outer(true, UDP, &udp(6081, &[]))),
+        ("ipip to other", outer(false, 4, &harmless)),
+        ("gre mpls", outer(true, 47, &gre(0, 0x8847, &harmless))),
+    ] {
+        assert_eq!(
+            r.run(programs::EGRESS, &packet, 1).unwrap().verdict,
+            DROP,
+            "{name}"
+        );
+        let events = r.take_audit_events().unwrap();
+        assert_eq!(events.len(), 1, "{name}");
+        assert_eq!(events[0].reason, Reason::TunnelDenied as u8, "{name}");
+        // The outer packet names the record.
+        assert!(
+            events[0].dst[..4] == OTHER4 || events[0].dst == OTHER6,
+            "{name}"
+        );
+    }
+    for (name, packet) in [
+        ("plain udp", outer(false, UDP, &udp(53, &[1, 2, 3]))),
+        ("plain tcp v6", v6(OTHER6, TCP, &[], 443)),
+    ] {
+        assert_eq!(
+            r.run(programs::EGRESS, &packet, 1).unwrap().verdict,
+            PASS,
+            "{name}"
+        );
+    }
+    let counters = r.counters().unwrap();
+    assert_eq!(
+        counters.iter().map(|c| c.value).sum::<u64>(),
+        4,
+        "{counters:?}"
+    );
+    // A configured port replaces the defaults: VXLAN on 9999 only.
+    let mut custom = TunnelConfig::zeroed();
+    assert!(custom.add_port(9999, datalab_guard_common::UdpTunnel::Vxlan));
+    r.set_tunnels(custom).unwrap();
+    let to_imds = v4(IMDS4, TCP, &[], 80);
+    let on_9999 = outer(false, UDP, &vxlan(9999, &to_imds));
+    let on_4789 = outer(false, UDP, &vxlan(4789, &to_imds));
+    assert_eq!(r.run(programs::EGRESS, &on_9999, 1).unwrap().verdict, DROP);
+    assert_eq!(r.run(programs::EGRESS, &on_4789, 1).unwrap().verdict, PASS);
 }
 
 #[test]
@@ -550,7 +919,7 @@ fn audit_rate_limit_sends_two_events_per_window_and_counts_the_rest() {
 fn generated_packets_kernel_host_and_oracle_agree() {
     use support::{
         oracle::{judge, Judgement},
-        packet_gen::{blocked_nets, seeded_packets},
+        packet_gen::{blocked_nets, seeded_packets, seeded_tunnel_packets},
     };
     let Some(mut r) = runner(Mode::Enforce, Verdict::Guard, &BTreeMap::new()) else {
         return;
@@ -562,7 +931,8 @@ fn generated_packets_kernel_host_and_oracle_agree() {
         set.len(),
         "the oracle judges against the same set"
     );
-    let packets = seeded_packets(7, 5000);
+    let mut packets = seeded_packets(7, 5000);
+    packets.extend(seeded_tunnel_packets(9, 2000));
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures = Vec::new();
     for (i, packet) in packets.iter().enumerate() {
@@ -604,6 +974,9 @@ fn generated_packets_kernel_host_and_oracle_agree() {
                 "packet {i}: kernel {kernel}, host {host:?}, oracle {oracle:?}, events {events:?}\n  {packet:02x?}"
             ));
         }
+        if let Some(why) = edge_disagrees(&mut r, packet, i % 4, host) {
+            failures.push(format!("packet {i}: {why}\n  {packet:02x?}"));
+        }
     }
     println!(
         "kernel verdicts on {} generated packets: {counts:#?}",
@@ -622,6 +995,7 @@ fn generated_packets_kernel_host_and_oracle_agree() {
             "drop destination",
             "drop source_route",
             "drop unparseable",
+            "drop tunnel",
         ] {
             let n = counts
                 .get(&format!("{family} {label}"))

@@ -14,9 +14,11 @@
 //! - `edge-layer`: `tests/tests/edge_layer.rs`, the pod-edge program loaded, attached and
 //!   dropping AF_PACKET and AF_XDP frames on a kernel without tcx (6.1: the clsact
 //!   fallback, chosen without the test knob);
-//! - `verifier`: every eBPF program of the object loads on this kernel (`xtask-verifier`),
-//!   with its verified instruction count printed: a program that fits the verifier on the
-//!   host's kernel but not on 6.1 (E2BIG at 1M instructions) fails here.
+//! - `tunnel-lab`: tests/tests/tunnel_lab.rs, real VXLAN and Geneve devices (this host's
+//!   kernel has no Geneve) that must deliver nothing a guarded cgroup encapsulates;
+//! - `verifier`: every program's verified instruction count on this kernel, which must load
+//!   them all: a program that fits the verifier on the host's kernel but not on 6.1 (E2BIG
+//!   at 1M instructions) fails here (also alone: `cargo xtask verifier --vm`).
 //!
 //! Any step failing, any `SKIPPED:` line (any case) and any BPF LSM branch that did not run
 //! (`vm_markers`) fail it. The pieces of the VM are built and cached by `vm_image`; the boot
@@ -34,6 +36,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     artifacts::{self, Bins, EBPF_CRATE},
+    bench::verifier::{self, Count},
     setup, test,
     util::{cargo_cmd, show, workspace_root},
     vm_image,
@@ -47,7 +50,7 @@ const MEMORY: &str = "4G";
 const CPUS: u32 = 2;
 /// Prefix of the lines the guest script prints around each step.
 const STEP_LINE: &str = "dg-vm-step: ";
-/// Where the verifier step pins the object's maps (removed by the helper at exit).
+/// Where the `verifier` step pins the maps (the guest's own bpffs; removed by the helper).
 const VERIFIER_BPFFS: &str = "/sys/fs/bpf/dg-vm-verifier";
 
 /// Options of `cargo xtask vm`.
@@ -76,18 +79,22 @@ pub enum Step {
     Packets,
     /// tests/tests/edge_layer.rs: the pod-edge layer on a kernel without tcx.
     EdgeLayer,
-    /// Every eBPF program loads; prints their verified instruction counts.
+    /// tests/tests/tunnel_lab.rs: VXLAN and Geneve devices decapsulating in the lab.
+    TunnelLab,
+    /// Every program's verified instruction count on this kernel (`xtask-verifier`); every
+    /// program must load.
     Verifier,
 }
 
 impl Step {
-    pub const ALL: [Step; 7] = [
+    pub const ALL: [Step; 8] = [
         Step::Check,
         Step::RawSockets,
         Step::SighupReload,
         Step::LocalMode,
         Step::Packets,
         Step::EdgeLayer,
+        Step::TunnelLab,
         Step::Verifier,
     ];
 
@@ -99,6 +106,7 @@ impl Step {
             Step::LocalMode => "local-mode",
             Step::Packets => "packets",
             Step::EdgeLayer => "edge-layer",
+            Step::TunnelLab => "tunnel-lab",
             Step::Verifier => "verifier",
         }
     }
@@ -131,6 +139,7 @@ impl Step {
             )),
             Step::Packets => Some(("packets", all)),
             Step::EdgeLayer => Some(("edge_layer", all)),
+            Step::TunnelLab => Some(("tunnel_lab", all)),
         }
     }
 }
@@ -139,6 +148,10 @@ impl Step {
 #[derive(Debug, Default)]
 pub struct VmReport {
     pub lsm: LsmMarkers,
+    /// The guest's kernel release.
+    pub kernel_release: String,
+    /// The `verifier` step's counts, by program (empty when the step did not run).
+    pub verifier: Vec<(String, Count)>,
 }
 
 /// Runs `cargo xtask vm`.
@@ -165,14 +178,16 @@ pub fn run(args: &VmArgs) -> Result<()> {
 /// outcome; the BPF LSM markers seen are returned for the caller to combine with the host's.
 pub fn run_steps(bins: &Bins, steps: &[Step], timeout: Duration) -> Result<VmReport> {
     let started = Instant::now();
+    let mut bins = bins.clone();
+    if steps.contains(&Step::Verifier) && !bins.all.contains_key(verifier::HELPER) {
+        bins.all
+            .insert(verifier::HELPER.to_owned(), verifier::build_helper()?);
+    }
+    let bins = &bins;
     let image = vm_image::ensure()?;
     let test_files: Vec<&str> = steps.iter().filter_map(|s| s.test()).map(|t| t.0).collect();
     let test_bins = build_test_binaries(&test_files)?;
-    let verifier = steps
-        .contains(&Step::Verifier)
-        .then(crate::bench::verifier::build_helper)
-        .transpose()?;
-    let script = guest_script(bins, &test_bins, verifier.as_deref(), steps)?;
+    let script = guest_script(bins, &test_bins, steps)?;
     let boot = Boot {
         memory: MEMORY.into(),
         cpus: CPUS,
@@ -203,7 +218,28 @@ pub fn run_steps(bins: &Bins, steps: &[Step], timeout: Duration) -> Result<VmRep
         started.elapsed(),
         boot_started.elapsed()
     );
-    Ok(VmReport { lsm: seen.lsm })
+    let verifier = if steps.contains(&Step::Verifier) {
+        seen.verifier_counts()?
+    } else {
+        Vec::new()
+    };
+    Ok(VmReport {
+        lsm: seen.lsm,
+        kernel_release: image.kernel_release,
+        verifier,
+    })
+}
+
+/// Boots the VM for the `verifier` step alone (`cargo xtask verifier --vm`): the guest's
+/// kernel release and its verified instruction count for every program. `helper` is the
+/// `xtask-verifier` binary.
+pub fn verifier_counts(helper: PathBuf) -> Result<(String, Vec<(String, Count)>)> {
+    setup::run_all()?;
+    let bins = Bins {
+        all: [(verifier::HELPER.to_owned(), helper)].into(),
+    };
+    let report = run_steps(&bins, &[Step::Verifier], Duration::from_secs(600))?;
+    Ok((report.kernel_release, report.verifier))
 }
 
 /// `cargo test --no-run` for the given integration tests (tests/tests/); their executables
@@ -262,7 +298,6 @@ fn build_test_binaries(names: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
 fn guest_script(
     bins: &Bins,
     test_bins: &BTreeMap<String, PathBuf>,
-    verifier: Option<&std::path::Path>,
     steps: &[Step],
 ) -> Result<String> {
     let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
@@ -278,10 +313,7 @@ fn guest_script(
     for step in steps {
         let command = match step.test() {
             None if *step == Step::Verifier => vec![
-                verifier
-                    .context("the verifier helper was not built")?
-                    .to_string_lossy()
-                    .into_owned(),
+                bins.get(verifier::HELPER)?.to_string_lossy().into_owned(),
                 "--bpffs".to_owned(),
                 VERIFIER_BPFFS.to_owned(),
             ],
@@ -312,8 +344,8 @@ struct GuestOutput {
     /// The step running now (its output lines are attributed to it).
     current: Option<String>,
     check_lines: Vec<String>,
-    /// The verifier step's counts (program, count or why the kernel refused it).
-    verified: Option<Vec<(String, Result<u32, String>)>>,
+    /// The `verifier` step's output: the helper's JSON document is one of these lines.
+    verifier_lines: Vec<String>,
     skipped: Vec<String>,
     lsm: LsmMarkers,
 }
@@ -342,10 +374,40 @@ impl GuestOutput {
             self.check_lines.push(line.to_owned());
         }
         if self.current.as_deref() == Some(Step::Verifier.name()) {
-            if let Ok(doc) = serde_json::from_str::<serde_json::Value>(line) {
-                self.verified = crate::bench::verifier::parse_counts(&doc).ok();
+            self.verifier_lines.push(line.to_owned());
+        }
+    }
+
+    /// Prints the `verifier` step's counts; a line per program the kernel refused (or one
+    /// saying the step printed no counts).
+    fn verifier_problems(&self) -> Vec<String> {
+        let counts = match self.verifier_counts() {
+            Ok(counts) => counts,
+            Err(e) => return vec![format!("{e:#}")],
+        };
+        let mut problems = Vec::new();
+        for (name, count) in counts {
+            match count {
+                Ok(n) => println!("vm: {name}: {n} verified instructions"),
+                Err(why) => problems.push(format!("the VM's kernel refused {name}: {why}")),
             }
         }
+        problems
+    }
+
+    /// The `verifier` step's counts, from the helper's JSON line.
+    fn verifier_counts(&self) -> Result<Vec<(String, Count)>> {
+        let json = self
+            .verifier_lines
+            .iter()
+            .find(|l| l.trim_start().starts_with('{'))
+            .with_context(|| {
+                format!(
+                    "the verifier step printed no JSON document:\n{}",
+                    self.verifier_lines.join("\n")
+                )
+            })?;
+        verifier::parse_helper_output(json)
     }
 
     /// Every step ran and passed, nothing skipped, and `check` saw the BPF LSM active.
@@ -374,19 +436,7 @@ impl GuestOutput {
             }
         }
         if steps.contains(&Step::Verifier) {
-            match &self.verified {
-                None => problems.push("the verifier step printed no counts".to_owned()),
-                Some(counts) => {
-                    for (name, count) in counts {
-                        match count {
-                            Ok(n) => println!("vm: verified instructions: {name} {n}"),
-                            Err(why) => {
-                                problems.push(format!("the VM's kernel refused {name}: {why}"));
-                            }
-                        }
-                    }
-                }
-            }
+            problems.extend(self.verifier_problems());
         }
         if !self.skipped.is_empty() {
             problems.push(format!(
@@ -454,21 +504,33 @@ mod tests {
     }
 
     #[test]
-    fn the_verifier_step_fails_on_a_refused_program_or_no_counts() {
-        let run = |doc: &str| {
-            output(&[
-                "dg-vm-step: verifier: start",
-                doc,
-                "dg-vm-step: verifier: exit 0",
-            ])
+    fn the_verifier_step_passes_only_when_the_kernel_loaded_every_program() {
+        let loaded = [
+            "dg-vm-step: verifier: start",
+            r#"{"programs":[{"name":"dg_egress","verified_insns":23360}]}"#,
+            "dg-vm-step: verifier: exit 0",
+        ];
+        let out = output(&loaded);
+        out.verdict(&[Step::Verifier], 0).unwrap();
+        assert_eq!(
+            out.verifier_counts().unwrap(),
+            vec![("dg_egress".to_string(), Ok(23360))]
+        );
+        let refused = [
+            loaded[0],
+            r#"{"programs":[{"name":"dg_edge","refused":"E2BIG"}]}"#,
+            loaded[2],
+        ];
+        let err = output(&refused)
             .verdict(&[Step::Verifier], 0)
-        };
-        run(r#"{"programs":[{"name":"dg_edge","verified_insns":300000}]}"#).unwrap();
-        let err = run(r#"{"programs":[{"name":"dg_egress","refused":"E2BIG"}]}"#)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("refused dg_egress: E2BIG"), "{err}");
-        let err = run("not json").unwrap_err().to_string();
-        assert!(err.contains("printed no counts"), "{err}");
+        assert!(err.contains("refused dg_edge: E2BIG"), "{err}");
+        let silent = [loaded[0], loaded[2]];
+        let err = output(&silent)
+            .verdict(&[Step::Verifier], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("printed no JSON document"), "{err}");
     }
 }

@@ -2,7 +2,10 @@
 //! networks (and IPv4 ones embedded in IPv6), IPv4 options (NOP, EOL, LSRR, SSRR, record
 //! route, timestamp, router alert, unknown and malformed ones), IPv6 extension header chains
 //! (hop-by-hop, destination options, routing with segments left 0 or not, fragments first
-//! or later, AH) and, now and then, a wrong header length or a packet cut short.
+//! or later, AH) and, now and then, a wrong header length or a packet cut short; and
+//! encapsulations of such packets (VXLAN, Geneve, Teredo, IPIP, 6in4, GRE with its optional
+//! fields, Ethernet with VLAN tags, a second level now and then), whole, cut short, or
+//! with a protocol field that carries no IP.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -296,16 +299,198 @@ pub fn v6_packet() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-/// Either family.
-pub fn packet() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![v4_packet(), v6_packet()]
+/// An outer IPv4 or IPv6 header (no options or extension headers: those are the plain
+/// generators' job) with protocol `proto` around `payload`.
+fn outer(v6: bool, dst4: [u8; 4], dst6: [u8; 16], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = if v6 {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        p[6] = proto;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p[24..40].copy_from_slice(&dst6);
+        p
+    } else {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&[192, 0, 2, 2]);
+        p[16..20].copy_from_slice(&dst4);
+        p
+    };
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An Ethernet frame around `inner`: 0 to 3 VLAN tags (three is one more than is walked),
+/// and the ethertype that fits the inner packet's version or, now and then, ARP.
+fn ethernet(tags: usize, arp: bool, inner: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    for i in 0..tags {
+        f.extend_from_slice(if i % 2 == 0 {
+            &[0x88, 0xa8]
+        } else {
+            &[0x81, 0x00]
+        });
+        f.extend_from_slice(&[0, 7]);
+    }
+    let ethertype: u16 = match (arp, inner.first().map(|b| b >> 4)) {
+        (true, _) => 0x0806,
+        (false, Some(6)) => 0x86dd,
+        _ => 0x0800,
+    };
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(inner);
+    f
+}
+
+/// The ethertype of an IP packet's version.
+fn ip_ethertype(inner: &[u8]) -> u16 {
+    if inner.first().map(|b| b >> 4) == Some(6) {
+        0x86dd
+    } else {
+        0x0800
+    }
+}
+
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0x9c, 0x40];
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// An inner packet: a generated plain one, or (a second level) IPIP around one.
+fn inner_packet() -> BoxedStrategy<Vec<u8>> {
+    // Boxed, like the other compound strategies here: their value trees, nested by value,
+    // overflow a test thread's stack in a debug build.
+    prop_oneof![
+        4 => v4_packet().boxed(),
+        4 => v6_packet().boxed(),
+        1 => (v4_dst(), v4_packet().boxed()).prop_map(|(dst, p)| outer(false, dst, [0; 16], 4, &p)),
+    ]
+    .boxed()
+}
+
+/// Encapsulated packets: (outer family, outer destinations, encapsulation kind and its
+/// variable fields, inner packet, damage).
+pub fn tunnel_packet() -> BoxedStrategy<Vec<u8>> {
+    (
+        any::<bool>(),
+        v4_dst().boxed(),
+        v6_dst().boxed(),
+        0u8..9,
+        (
+            0usize..4,
+            prop_oneof![6 => Just(false), 1 => Just(true)],
+            any::<u8>(),
+            any::<u16>(),
+        ),
+        inner_packet(),
+        prop_oneof![6 => Just(Damage::None), 1 => (0u16..1000).prop_map(Damage::Cut)],
+    )
+        .prop_map(
+            |(v6, dst4, dst6, kind, (tags, odd, byte, word), inner, damage)| {
+                let (proto, payload) = match kind {
+                    0 | 1 => {
+                        let port = if kind == 0 { 4789 } else { 8472 };
+                        let mut v = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+                        v.extend(ethernet(tags.min(3), odd, &inner));
+                        (17, udp(port, &v))
+                    }
+                    2 => {
+                        // Geneve: 0..3 words of options, Ethernet, IP, or another protocol.
+                        let words = usize::from(byte % 4);
+                        let protocol: u16 = match (odd, tags) {
+                            (true, _) => 0x8847,
+                            (false, 0) => ip_ethertype(&inner),
+                            _ => 0x6558,
+                        };
+                        let mut g = vec![words as u8, 0];
+                        g.extend_from_slice(&protocol.to_be_bytes());
+                        g.extend_from_slice(&[0, 0, 42, 0]);
+                        g.resize(8 + 4 * words, 0x5a);
+                        if protocol == 0x6558 {
+                            g.extend(ethernet(tags - 1, false, &inner));
+                        } else {
+                            g.extend_from_slice(&inner);
+                        }
+                        (17, udp(6081, &g))
+                    }
+                    3 => {
+                        // Teredo: authentication (ID and value lengths from `word`) and origin
+                        // indication each present or not.
+                        let mut t = Vec::new();
+                        if byte & 1 != 0 {
+                            let (id, au) = ((word >> 8) as u8 % 8, word as u8 % 8);
+                            t.extend_from_slice(&[0, 1, id, au]);
+                            t.resize(4 + usize::from(id) + usize::from(au) + 9, 0x33);
+                        }
+                        if byte & 2 != 0 {
+                            t.extend_from_slice(&[0, 0]);
+                            t.extend_from_slice(&word.to_be_bytes());
+                            t.extend_from_slice(&[1, 2, 3, 4]);
+                        }
+                        t.extend_from_slice(&inner);
+                        (17, udp(3544, &t))
+                    }
+                    4 => (4, inner),
+                    5 => (41, inner),
+                    6 | 7 => {
+                        // GRE: any of checksum, key, sequence; IP, Ethernet, or MPLS.
+                        let flags = byte & 0xb0;
+                        let protocol: u16 = match (odd, kind) {
+                            (true, _) => 0x8847,
+                            (false, 6) => ip_ethertype(&inner),
+                            _ => 0x6558,
+                        };
+                        let mut g = vec![flags, 0];
+                        g.extend_from_slice(&protocol.to_be_bytes());
+                        g.resize(4 + 4 * (flags.count_ones() as usize), 0x77);
+                        if protocol == 0x6558 {
+                            g.extend(ethernet(tags.min(2), false, &inner));
+                        } else {
+                            g.extend_from_slice(&inner);
+                        }
+                        (47, g)
+                    }
+                    // UDP to a port next to a tunnel port: not an encapsulation.
+                    _ => {
+                        let mut v = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+                        v.extend(ethernet(0, false, &inner));
+                        (17, udp(4788, &v))
+                    }
+                };
+                let p = outer(v6, dst4, dst6, proto, &payload);
+                cut(p, damage, if v6 { 40 } else { 20 })
+            },
+        )
+        .boxed()
+}
+
+/// Either family, plain or encapsulated.
+pub fn packet() -> BoxedStrategy<Vec<u8>> {
+    prop_oneof![2 => v4_packet().boxed(), 2 => v6_packet().boxed(), 1 => tunnel_packet()].boxed()
 }
 
 /// `count` packets from a fixed seed: the same packets on every run and machine.
 pub fn seeded_packets(seed: u8, count: usize) -> Vec<Vec<u8>> {
+    seeded(packet(), seed, count)
+}
+
+/// `count` encapsulated packets from a fixed seed.
+pub fn seeded_tunnel_packets(seed: u8, count: usize) -> Vec<Vec<u8>> {
+    seeded(tunnel_packet(), seed, count)
+}
+
+fn seeded(strategy: impl Strategy<Value = Vec<u8>>, seed: u8, count: usize) -> Vec<Vec<u8>> {
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
     let mut runner = TestRunner::new_with_rng(Config::default(), rng);
-    let strategy = packet();
     (0..count)
         .map(|_| {
             strategy

@@ -7,7 +7,9 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
-use datalab_guard_common::{cidr::Cidr, counters::Stat, GuardConfig, Mode, Verdict, VerdictEntry};
+use datalab_guard_common::{
+    cidr::Cidr, counters::Stat, GuardConfig, Mode, TunnelConfig, Verdict, VerdictEntry,
+};
 
 use super::{
     install::{attach_pinned, detach_pinned_links, SOCKET_PROGRAMS},
@@ -34,6 +36,8 @@ pub struct DatapathSettings {
     pub deny_raw_sockets: bool,
     /// Audit events per guarded cgroup per second (further attempts are only counted).
     pub audit_events_per_second: u32,
+    /// Tunnel ports and the refuse-all-tunnels switch, as the kernel holds them.
+    pub tunnels: TunnelConfig,
 }
 
 impl DatapathSettings {
@@ -45,6 +49,7 @@ impl DatapathSettings {
         gc.deny_raw_sockets = u32::from(self.deny_raw_sockets);
         gc.events_per_window = self.audit_events_per_second;
         gc.window_ms = AUDIT_WINDOW_MS;
+        gc.tunnels = self.tunnels;
         gc
     }
 }
@@ -232,8 +237,17 @@ mod tests {
             unknown_cgroup_verdict: Verdict::Exempt,
             deny_raw_sockets: true,
             audit_events_per_second: 7,
+            tunnels: TunnelConfig {
+                deny_all: 1,
+                ..TunnelConfig::defaults()
+            },
         };
         let gc = settings.guard_config();
+        assert_eq!(gc.tunnels.deny_all, 1);
+        assert_eq!(
+            gc.tunnels.udp_kind(4789),
+            Some(datalab_guard_common::UdpTunnel::Vxlan)
+        );
         assert_eq!(Mode::from_raw(gc.mode), Mode::Audit);
         assert_eq!(Verdict::from_raw(gc.default_verdict), Verdict::Exempt);
         assert_eq!(gc.deny_raw_sockets, 1);

@@ -1,6 +1,7 @@
-//! Running the egress program on crafted packets with BPF_PROG_TEST_RUN, without attaching
-//! anything: for the packet tests and `cargo xtask bench`; and loading every program once to
-//! read how many instructions the verifier processed (`cargo xtask verifier`).
+//! Running the egress program (and the pod-edge one, on whole frames) on crafted packets
+//! with BPF_PROG_TEST_RUN, without attaching anything: for the packet tests and `cargo xtask
+//! bench`; and loading every program once to read how many instructions the verifier
+//! processed (`cargo xtask verifier`).
 //!
 //! The maps are pinned by name (the object says so), so a runner pins them in its own
 //! bpffs directory and removes them on drop. Under test-run the packet's socket is a dummy
@@ -11,14 +12,14 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::RingBuf,
-    programs::{CgroupSkb, Program, TestRun, TestRunOptions},
+    programs::{CgroupSkb, Program, SchedClassifier, TestRun, TestRunOptions},
     Btf, Ebpf, EbpfLoader,
 };
 use datalab_guard_common::{
     cidr::Cidr,
     counters::Stat,
     maps::{self as names, programs},
-    AuditEvent, GuardConfig, Mode, Verdict, VerdictEntry,
+    AuditEvent, GuardConfig, Mode, TunnelConfig, Verdict, VerdictEntry,
 };
 
 use super::{maps::CounterValue, object::OBJECT, GuardMaps, PinLayout};
@@ -57,6 +58,12 @@ impl TestRunner {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        let edge: &mut SchedClassifier = ebpf
+            .program_mut(programs::EDGE)
+            .ok_or_else(|| anyhow!("program {} missing", programs::EDGE))?
+            .try_into()?;
+        edge.load()
+            .with_context(|| format!("verifier rejected {}", programs::EDGE))?;
         Ok(TestRunner { ebpf, maps, layout })
     }
 
@@ -76,6 +83,7 @@ impl TestRunner {
         config.root_level = 0;
         config.events_per_window = 1_000_000;
         config.window_ms = 1000;
+        config.tunnels = TunnelConfig::defaults();
         self.maps.reconcile_blocked(blocked)?;
         self.maps.write_config(config, blocked)?;
         self.maps.reconcile_verdicts(policy)?;
@@ -124,6 +132,26 @@ impl TestRunner {
         })
     }
 
+    /// Runs the pod-edge program on a whole Ethernet frame (VLAN tags allowed) and returns
+    /// its tc verdict: -1 (`TC_ACT_UNSPEC`, on to the next program) or 2 (`TC_ACT_SHOT`).
+    /// Under test-run the frame comes in on the loopback device, which has no EDGE entry,
+    /// so it is judged as a guarded pod's (the program's fail-closed default).
+    pub fn run_edge(&self, frame: &[u8]) -> anyhow::Result<i32> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(programs::EDGE)
+            .ok_or_else(|| anyhow!("program {} missing", programs::EDGE))?
+            .try_into()?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {}", programs::EDGE))?;
+        Ok(result.return_value.cast_signed())
+    }
+
     /// Sets the audit rate limit: `events_per_window` events per cgroup per `window_ms`
     /// (`configure` sets a limit no test reaches).
     pub fn set_audit_rate(&mut self, events_per_window: u32, window_ms: u32) -> anyhow::Result<()> {
@@ -149,6 +177,13 @@ impl TestRunner {
             );
         }
         Ok(events)
+    }
+
+    /// Replaces the tunnel settings (`configure` sets the default ports, tunnels allowed).
+    pub fn set_tunnels(&mut self, tunnels: TunnelConfig) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.tunnels = tunnels;
+        self.maps.config_set(config)
     }
 
     /// Turns the raw-socket refusal on or off in the config map.

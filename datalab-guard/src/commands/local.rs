@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use datalab_guard_common::{Mode, Verdict};
+use datalab_guard_common::{Mode, TunnelConfig, Verdict};
 
 use super::Shared;
 use crate::{
@@ -82,6 +82,11 @@ fn validate(shared: &Shared, args: &LocalArgs) -> anyhow::Result<Plan> {
             unknown_cgroup_verdict: Verdict::Guard,
             deny_raw_sockets: args.deny_raw_sockets,
             audit_events_per_second: args.audit_rate,
+            // Local mode has no config file: the default tunnel ports, `--deny-tunnels`.
+            tunnels: TunnelConfig {
+                deny_all: u32::from(shared.deny_tunnels),
+                ..TunnelConfig::defaults()
+            },
         },
         metrics_addr,
         edge_ifaces: args.edge_ifaces.clone(),

@@ -47,6 +47,11 @@ pub struct Shared {
     /// or the config file's `mode` in node mode].
     #[arg(long, value_enum, global = true)]
     pub mode: Option<ModeArg>,
+    /// Drop every encapsulated packet (VXLAN, Geneve, Teredo, IPIP, 6in4, GRE) from guarded
+    /// processes, not only those whose inner destination is blocked [node mode: sets the
+    /// config file's `tunnels.denyAll`].
+    #[arg(long, global = true)]
+    pub deny_tunnels: bool,
     /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090 in local mode,
     /// 0.0.0.0:9090 in node mode].
     #[arg(long, value_name = "ADDR", global = true)]
@@ -77,6 +82,7 @@ pub(crate) fn load_config(
         blocks: shared.block.clone(),
         presets: shared.preset.clone(),
         mode: shared.mode(),
+        deny_tunnels: shared.deny_tunnels,
     };
     let config = source
         .load()

@@ -44,6 +44,11 @@ KIND (ok means):
   xdp-tx               an AF_XDP socket bound in copy mode (XDP_COPY, queue 0) on the
                        packet-raw interface transmitted the packet-raw frame: the kernel
                        handed it back on the completion ring
+  vxlan-imds           unconnected sendto to ADDR:PORT of one VXLAN datagram (VNI 42)
+                       whose inner frame carries IPv4/UDP to 169.254.169.254:80; ok means
+                       the datagram left the socket (inner destination MAC from
+                       $DG_PROBE_INNER_MAC, else broadcast)
+  geneve-imds          the same inner frame in a Geneve datagram (VNI 42, protocol 0x6558)
   udp-stream           unconnected sendto in a loop (about 20,000 datagrams/s, one socket)
                        until the timeout, or until stdin closes when it is a pipe; ok means
                        at least one datagram left the socket; the line adds the counts
@@ -175,7 +180,9 @@ fn parse_args(args: &[String]) -> Result<(String, IpAddr, u16, Duration), String
         | "packet-dgram"
         | "packet-dgram-socket"
         | "xdp-socket"
-        | "xdp-tx" => {}
+        | "xdp-tx"
+        | "vxlan-imds"
+        | "geneve-imds" => {}
         "tcp-v4mapped" | "udp-v4mapped-sendto" | "raw-hdrincl" | "icmp" if addr.is_ipv4() => {}
         "icmp6" if addr.is_ipv6() => {}
         _ if needs_v4 => return Err(format!("{kind} needs an IPv4 address")),
@@ -210,6 +217,8 @@ fn run(kind: &str, addr: IpAddr, port: u16, dl: Deadline) -> Attempt {
         "packet-raw-vlan" => packet_frame(target, Framing::Raw { vlan: Some(7) }),
         "packet-dgram" => packet_frame(target, Framing::Dgram),
         "xdp-tx" => xdp_frame(target, dl),
+        "vxlan-imds" => tunnel_datagram(target, Tunnel::Vxlan),
+        "geneve-imds" => tunnel_datagram(target, Tunnel::Geneve),
         _ => unreachable!("checked in parse_args"),
     }
 }
@@ -571,6 +580,73 @@ fn packet_frame(target: SocketAddr, framing: Framing) -> Attempt {
         return Err(last_fail("sendto(AF_PACKET)"));
     }
     Ok(())
+}
+
+/// The UDP encapsulations `vxlan-imds` and `geneve-imds` send.
+#[derive(Clone, Copy)]
+enum Tunnel {
+    Vxlan,
+    Geneve,
+}
+
+/// One encapsulated datagram, sent with a plain UDP socket as any unprivileged process can:
+/// the tunnel header (VNI 42), an Ethernet frame, and in it IPv4/UDP to the metadata
+/// address. A VXLAN or Geneve endpoint at ADDR:PORT that decapsulates it delivers the inner
+/// packet on its side.
+fn tunnel_datagram(target: SocketAddr, tunnel: Tunnel) -> Attempt {
+    const TEB: u16 = 0x6558;
+    let inner_mac = std::env::var("DG_PROBE_INNER_MAC")
+        .ok()
+        .and_then(|m| parse_mac(&m))
+        .unwrap_or([0xff; 6]);
+    let mut datagram = match tunnel {
+        // Flags: VNI present; VNI 42.
+        Tunnel::Vxlan => vec![0x08, 0, 0, 0, 0, 0, 42, 0],
+        // Version 0, no options; protocol TEB (an Ethernet frame follows); VNI 42.
+        Tunnel::Geneve => {
+            let mut h = vec![0, 0];
+            h.extend_from_slice(&TEB.to_be_bytes());
+            h.extend_from_slice(&[0, 0, 42, 0]);
+            h
+        }
+    };
+    datagram.extend_from_slice(&inner_mac);
+    datagram.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    datagram.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    datagram.extend(ipv4_udp_packet(
+        Ipv4Addr::new(10, 42, 0, 2),
+        Ipv4Addr::new(169, 254, 169, 254),
+        40000,
+        80,
+        PAYLOAD,
+    ));
+    let fd = socket(family(&target), libc::SOCK_DGRAM, 0)?;
+    let (sa, len) = sockaddr(&target);
+    // SAFETY: valid fd, buffer and sockaddr of length len.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            datagram.as_ptr().cast(),
+            datagram.len(),
+            0,
+            (&raw const sa).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(last_fail("sendto"));
+    }
+    Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// `$DG_PROBE_IFACE`, else the first interface that is not loopback.

@@ -34,6 +34,7 @@ struct Args {
 }
 
 const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 /// IPv4 + a 20-byte TCP header (SYN), 192.0.2.2:40000 -> dst:80, no IP options.
 fn v4_tcp(dst: [u8; 4]) -> Vec<u8> {
@@ -159,7 +160,46 @@ fn cases() -> Vec<Case> {
             "IPv6 TCP SYN to [fd00:ec2::254]:80",
             0,
         ),
+        // UDP must stay on the fast path although UDP to a tunnel port leaves it.
+        case(
+            "guard_pass_udp_v4",
+            "guard, passed v4 UDP (fast path)",
+            "pass",
+            "v4",
+            programs::EGRESS,
+            udp_query(v4_tcp([192, 0, 2, 1]), 20),
+            "IPv4 UDP to 192.0.2.1:53, 32 bytes",
+            1,
+        ),
+        case(
+            "guard_pass_udp_v6",
+            "guard, passed v6 UDP (fast path)",
+            "pass",
+            "v6",
+            programs::EGRESS,
+            udp_query(v6_tcp(other6), 40),
+            "IPv6 UDP to [2001:db8::1]:53, 32 bytes",
+            1,
+        ),
     ]
+}
+
+/// The TCP packet turned into a UDP datagram to port 53 with 32 bytes of payload.
+fn udp_query(mut p: Vec<u8>, l4: usize) -> Vec<u8> {
+    p.truncate(l4);
+    if l4 == 20 {
+        p[9] = UDP;
+        p[2..4].copy_from_slice(&((20 + 8 + 32) as u16).to_be_bytes());
+    } else {
+        p[6] = UDP;
+        p[4..6].copy_from_slice(&((8 + 32) as u16).to_be_bytes());
+    }
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&53u16.to_be_bytes());
+    p.extend_from_slice(&40u16.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&[0x5a; 32]);
+    p
 }
 
 /// In-kernel counters read around each run: which path the packets took.

@@ -7,6 +7,10 @@
 //! - `cargo xtask verifier --check` ([`check`]) measures and compares with the record: it
 //!   fails when a program's count grows more than [`GROWTH_LIMIT`] over it, when a program the
 //!   record has a count for is refused now, or when a program is missing from the record.
+//! - `cargo xtask verifier --vm` records as above plus a column for Debian 12's 6.1 kernel,
+//!   measured in the QEMU VM of `cargo xtask vm` (its `verifier` step): the kernel family
+//!   many nodes run, whose verifier counts more than this host's for the same program and
+//!   refuses a program over 1,000,000. `--check` compares this host's column only.
 //!
 //! The counts come from `xtask-verifier` ([`HELPER`]), which loads the real object (nothing
 //! attached) with its maps pinned in a private bpffs. Needs root.
@@ -35,6 +39,10 @@ pub struct VerifierArgs {
     /// Compare with the record instead of rewriting it; fail on growth over 20 %.
     #[arg(long)]
     pub check: bool,
+    /// Also measure on Debian 12's 6.1 kernel in the QEMU VM and record it in a column of
+    /// its own (recording only).
+    #[arg(long, conflicts_with = "check")]
+    pub vm: bool,
 }
 
 /// Runs `cargo xtask verifier [--check]`.
@@ -42,7 +50,7 @@ pub fn run(args: &VerifierArgs) -> Result<()> {
     if args.check {
         check()
     } else {
-        record()
+        record(args.vm)
     }
 }
 
@@ -53,11 +61,17 @@ pub fn record_path() -> PathBuf {
         .join("verifier.md")
 }
 
-/// Measures on this kernel and rewrites `bench-results/verifier.md`.
-pub fn record() -> Result<()> {
+/// Measures on this kernel (and with `vm` on the VM's) and rewrites
+/// `bench-results/verifier.md`.
+pub fn record(vm: bool) -> Result<()> {
     let measured = measure()?;
+    let in_vm = if vm {
+        Some(crate::vm::verifier_counts(build_helper()?)?)
+    } else {
+        None
+    };
     let machine = Machine::collect();
-    let text = markdown(&machine, &measured);
+    let text = markdown(&machine, &measured, in_vm.as_ref());
     print!("{text}");
     let path = record_path();
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -111,7 +125,19 @@ pub fn check() -> Result<()> {
 }
 
 /// One program's verified instruction count, or why the kernel gave none.
-type Count = Result<u32, String>;
+pub type Count = Result<u32, String>;
+
+/// Builds [`HELPER`] (xtask with `bench-testrun`) and returns its path.
+pub fn build_helper() -> Result<PathBuf> {
+    Ok(testrun::build(false, &[HELPER])?.get(HELPER)?.clone())
+}
+
+/// The counts in the helper's JSON document (one line of its output).
+pub fn parse_helper_output(json: &str) -> Result<Vec<(String, Count)>> {
+    let doc: Value = serde_json::from_str(json.trim())
+        .with_context(|| format!("the verifier helper printed no JSON document: {json}"))?;
+    parse_helper(&doc)
+}
 
 fn show_count(c: &Count) -> String {
     match c {
@@ -132,16 +158,6 @@ fn measure() -> Result<Vec<(String, Count)>> {
     let helper = bins.get(HELPER)?;
     let dir = BpffsDir::with_prefix(PREFIX)?;
     run_helper(helper, &dir.path().join("verifier"))
-}
-
-/// Builds the helper alone (for the VM step, which runs it on Debian 12's 6.1 kernel).
-pub fn build_helper() -> Result<PathBuf> {
-    Ok(testrun::build(false, &[HELPER])?.get(HELPER)?.clone())
-}
-
-/// The helper's JSON document as (program, count or why refused), for the VM step.
-pub fn parse_counts(doc: &Value) -> Result<Vec<(String, Result<u32, String>)>> {
-    parse_helper(doc)
 }
 
 fn run_helper(helper: &Path, bpffs: &Path) -> Result<Vec<(String, Count)>> {
@@ -169,7 +185,10 @@ fn parse_helper(doc: &Value) -> Result<Vec<(String, Count)>> {
         .collect()
 }
 
-fn markdown(machine: &Machine, measured: &[(String, Count)]) -> String {
+/// The VM's kernel release and its counts, when measured there too.
+type VmCounts = (String, Vec<(String, Count)>);
+
+fn markdown(machine: &Machine, measured: &[(String, Count)], vm: Option<&VmCounts>) -> String {
     let mut s = String::from("# Verified instruction counts\n\n");
     s.push_str(
         "Instructions the kernel's verifier processed to accept each eBPF program \
@@ -189,10 +208,31 @@ fn markdown(machine: &Machine, measured: &[(String, Count)]) -> String {
         },
         machine.date
     ));
-    s.push_str("| program | verified instructions |\n|---|---:|\n");
-    for (name, count) in measured {
-        let cell = show_count(count).replace('|', "/").replace('\n', " ");
-        s.push_str(&format!("| {name} | {cell} |\n"));
+    let cell = |count: &Count| show_count(count).replace('|', "/").replace('\n', " ");
+    match vm {
+        None => {
+            s.push_str("| program | verified instructions |\n|---|---:|\n");
+            for (name, count) in measured {
+                s.push_str(&format!("| {name} | {} |\n", cell(count)));
+            }
+        }
+        Some((release, in_vm)) => {
+            s.push_str(&format!(
+                "The last column is Debian 12's kernel {release} in the QEMU VM of `cargo \
+                 xtask vm` (`cargo xtask verifier --vm`); it refuses a program over \
+                 1,000,000.\n\n"
+            ));
+            s.push_str(&format!(
+                "| program | verified instructions | {release} (VM) |\n|---|---:|---:|\n"
+            ));
+            for (name, count) in measured {
+                let there = in_vm
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or("not measured".to_owned(), |(_, c)| cell(c));
+                s.push_str(&format!("| {name} | {} | {there} |\n", cell(count)));
+            }
+        }
     }
     s
 }
@@ -219,7 +259,10 @@ fn parse_record(text: &str) -> Result<Record> {
             .split('|')
             .map(str::trim)
             .collect();
-        let [name, cell] = cells[..] else { continue };
+        // The first count is this host's; a VM column after it is not compared.
+        let [name, cell, ..] = cells[..] else {
+            continue;
+        };
         if !name.starts_with("dg_") {
             continue;
         }
@@ -294,7 +337,7 @@ mod tests {
 
     #[test]
     fn the_record_reads_back_what_was_written() {
-        let text = markdown(&machine(), &measured());
+        let text = markdown(&machine(), &measured(), None);
         let record = parse_record(&text).unwrap();
         assert_eq!(record.kernel, "6.18.0-test");
         assert_eq!(
@@ -307,6 +350,24 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_vm_column_is_recorded_but_only_the_host_column_is_read_back() {
+        let vm = (
+            "6.1.0-57-amd64".to_string(),
+            vec![("dg_egress".to_string(), Ok(5000))],
+        );
+        let text = markdown(&machine(), &measured(), Some(&vm));
+        assert!(text.contains("| program | verified instructions | 6.1.0-57-amd64 (VM) |"));
+        assert!(text.contains("| dg_egress | 1000 | 5000 |"), "{text}");
+        assert!(
+            text.contains("| dg_packet_socket | refused: the kernel / refused it | not measured |"),
+            "{text}"
+        );
+        let record = parse_record(&text).unwrap();
+        assert_eq!(record.programs[0], ("dg_egress".to_string(), Ok(1000)));
+        assert_eq!(record.programs.len(), 2);
     }
 
     #[test]
