@@ -245,6 +245,29 @@ pub struct Summary {
     pub unresolved: usize,
 }
 
+/// One new pod's entry, for the agent's event path (a pod cgroup appeared, or a pod was
+/// announced): its verdict, and for a guarded pod of an environment namespace that
+/// namespace's counter class, assigned now if it has none (a fresh or freed class, never
+/// one taken from another namespace: [`desired_entries`] does that on the next reconcile),
+/// so that the pod's first attempts are counted under its namespace.
+pub fn event_entry(
+    pod: &PodInfo,
+    ns: Option<&NamespaceInfo>,
+    cfg: &PolicyConfig,
+    classes: &mut NamespaceClasses,
+) -> (Decision, VerdictEntry) {
+    let decision = verdict(pod, ns, cfg);
+    let class = match (decision.reason, ns) {
+        (Reason::EnvironmentNamespace, Some(ns)) => classes.assign(&ns.name),
+        _ => UNCLASSIFIED,
+    };
+    let entry = VerdictEntry {
+        verdict: decision.verdict as u32,
+        class,
+    };
+    (decision, entry)
+}
+
 /// The VERDICTS map the kernel should hold for these pods: cgroup id -> entry.
 ///
 /// - Guarded pods in environment namespaces get their namespace's counter class: the
@@ -567,6 +590,27 @@ mod tests {
             "environment_namespace"
         );
         assert_eq!(Reason::NamespaceUnknown.as_str(), "namespace_unknown");
+    }
+
+    #[test]
+    fn an_event_entry_gives_an_environment_its_class_at_once() {
+        let cfg = cfg_with_exemptions();
+        let mut classes = NamespaceClasses::new();
+        let env = env_ns("team-a");
+        let notebook = pod("team-a", "notebook", &[]);
+        let (decision, entry) = event_entry(&notebook, Some(&env), &cfg, &mut classes);
+        assert_eq!(decision.verdict, Verdict::Guard);
+        assert_ne!(entry.class, UNCLASSIFIED);
+        assert_eq!(classes.get("team-a"), Some(entry.class));
+        // The next reconcile keeps that class.
+        let resolved = [(&notebook, Some(&env), Some(7))];
+        let (entries, _) = desired_entries(resolved.iter().copied(), &cfg, &mut classes);
+        assert_eq!(entries[&7].class, entry.class);
+        // Elsewhere: no class.
+        let other = ns("kube-system", &[]);
+        let dns = pod("kube-system", "coredns", &[]);
+        let (_, entry) = event_entry(&dns, Some(&other), &cfg, &mut classes);
+        assert_eq!(entry.class, UNCLASSIFIED);
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::{
 struct Slot<T> {
     pending: Option<T>,
     closed: bool,
+    /// Values offered so far, and up to which of them the thread is done (written, or
+    /// replaced by a newer one before its turn: only the newest matters).
+    offered: u64,
+    done: u64,
 }
 
 type Shared<T> = Arc<(Mutex<Slot<T>>, Condvar)>;
@@ -33,6 +37,8 @@ impl<T: Send + 'static> LatestWriter<T> {
             Mutex::new(Slot {
                 pending: None,
                 closed: false,
+                offered: 0,
+                done: 0,
             }),
             Condvar::new(),
         ));
@@ -41,9 +47,12 @@ impl<T: Send + 'static> LatestWriter<T> {
             .name(name.to_owned())
             .spawn(move || {
                 let mut last: Option<Instant> = None;
-                while let Some(value) = next(&theirs, last, min_interval) {
+                while let Some((value, generation)) = next(&theirs, last, min_interval) {
                     write(value);
                     last = Some(Instant::now());
+                    let (lock, wake) = &*theirs;
+                    lock.lock().unwrap_or_else(PoisonError::into_inner).done = generation;
+                    wake.notify_all();
                 }
             })?;
         Ok(LatestWriter { shared })
@@ -51,15 +60,36 @@ impl<T: Send + 'static> LatestWriter<T> {
 
     /// Replaces whatever is waiting with `value`.
     pub fn offer(&self, value: T) {
+        self.offer_generation(value);
+    }
+
+    /// Offers `value` and waits (at most `timeout`) until it is written; `false` on timeout.
+    /// For the rare write that must be on disk before the caller goes on.
+    pub fn offer_and_wait(&self, value: T, timeout: Duration) -> bool {
+        let generation = self.offer_generation(value);
         let (lock, wake) = &*self.shared;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).pending = Some(value);
-        wake.notify_one();
+        let slot = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let (slot, _) = wake
+            .wait_timeout_while(slot, timeout, |s| s.done < generation)
+            .unwrap_or_else(PoisonError::into_inner);
+        slot.done >= generation
+    }
+
+    fn offer_generation(&self, value: T) -> u64 {
+        let (lock, wake) = &*self.shared;
+        let mut slot = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.pending = Some(value);
+        slot.offered += 1;
+        let generation = slot.offered;
+        drop(slot);
+        wake.notify_all();
+        generation
     }
 }
 
 /// Waits for a value and for `min_interval` since the last write; `None` once closed with
-/// nothing left to write.
-fn next<T>(shared: &Shared<T>, last: Option<Instant>, min_interval: Duration) -> Option<T> {
+/// nothing left to write. The value comes with the generation it completes.
+fn next<T>(shared: &Shared<T>, last: Option<Instant>, min_interval: Duration) -> Option<(T, u64)> {
     let (lock, wake) = &**shared;
     let mut slot = lock.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
@@ -67,7 +97,8 @@ fn next<T>(shared: &Shared<T>, last: Option<Instant>, min_interval: Duration) ->
             let due = last.map_or(Instant::now(), |t| t + min_interval);
             let now = Instant::now();
             if now >= due || slot.closed {
-                return slot.pending.take();
+                let generation = slot.offered;
+                return slot.pending.take().map(|v| (v, generation));
             }
             slot = wake
                 .wait_timeout(slot, due - now)
@@ -87,7 +118,7 @@ impl<T> Drop for LatestWriter<T> {
     fn drop(&mut self) {
         let (lock, wake) = &*self.shared;
         lock.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
-        wake.notify_one();
+        wake.notify_all();
     }
 }
 
@@ -115,6 +146,20 @@ mod tests {
         assert_eq!(second, 5);
         assert!(then - at >= Duration::from_millis(290), "{:?}", then - at);
         assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn offer_and_wait_returns_once_written() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let theirs = written.clone();
+        let writer = LatestWriter::spawn("test-writer", Duration::from_millis(200), move |v| {
+            thread::sleep(Duration::from_millis(50));
+            theirs.lock().unwrap().push(v);
+        })
+        .unwrap();
+        writer.offer(1);
+        assert!(writer.offer_and_wait(2, Duration::from_secs(5)));
+        assert_eq!(written.lock().unwrap().last(), Some(&2));
     }
 
     #[test]

@@ -510,18 +510,10 @@ impl PodIndex {
             return None;
         }
         let pod = self.by_uid.get(&uid)?.info.clone();
-        let namespace = view.namespace(&pod.namespace);
-        let decision = policy::verdict(&pod, namespace.as_ref(), &self.policy);
         let dir = cgroups::validate_cgroup_dir(path).ok()?;
-        let class = if decision.verdict == Verdict::Guard {
-            self.classes.class_of(&pod.namespace)
-        } else {
-            0
-        };
-        let entry = VerdictEntry {
-            verdict: decision.verdict as u32,
-            class,
-        };
+        let namespace = view.namespace(&pod.namespace);
+        let (_, entry) =
+            policy::event_entry(&pod, namespace.as_ref(), &self.policy, &mut self.classes);
         let id = dir.id;
         self.dirs.insert(pod.uid, dir);
         Some((id, entry))
@@ -543,18 +535,9 @@ impl PodIndex {
                 continue;
             };
             let namespace = view.namespace(&pod.namespace);
-            let decision = policy::verdict(pod, namespace.as_ref(), &self.policy);
-            let class = match decision.verdict {
-                Verdict::Guard => self.classes.class_of(&pod.namespace),
-                Verdict::Exempt => 0,
-            };
-            entries.push((
-                dir.id,
-                VerdictEntry {
-                    verdict: decision.verdict as u32,
-                    class,
-                },
-            ));
+            let (_, entry) =
+                policy::event_entry(pod, namespace.as_ref(), &self.policy, &mut self.classes);
+            entries.push((dir.id, entry));
             self.awaiting_pod.remove(&pod.uid);
             self.by_uid.insert(pod.uid.clone(), record.clone());
             self.dirs.insert(pod.uid.clone(), dir);

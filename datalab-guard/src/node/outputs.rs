@@ -49,7 +49,13 @@ pub struct Outputs {
     environments: Option<(u64, Arc<[String]>)>,
     /// What the last cache offer was built from: namespace and pod generations, rows.
     last_cache_key: Option<(u64, u64, u64)>,
+    /// Whether a state file from the API's view has been written (the first one is waited
+    /// for).
+    api_state_written: bool,
 }
+
+/// How long the first API-synced reconcile waits for its state file.
+const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
 
 impl Outputs {
     pub fn new(
@@ -76,6 +82,7 @@ impl Outputs {
             last_state_file: None,
             environments: None,
             last_cache_key: None,
+            api_state_written: false,
         })
     }
 
@@ -104,6 +111,17 @@ impl Outputs {
     ) {
         self.offer_cache(&rows);
         self.pending = Some((rows, net_raw));
+        if !self.api_state_written {
+            // The first state file after the sync is on disk before the agent says it is
+            // ready: `status` never shows the cache's view of a ready agent.
+            self.api_state_written = true;
+            if let Some(state) = self.build_state_file(ctx, policy) {
+                if !self.state_file.offer_and_wait(state, FIRST_WRITE_WAIT) {
+                    tracing::warn!("the state file was not written within {FIRST_WRITE_WAIT:?}; `status` may lag");
+                }
+            }
+            return;
+        }
         if self
             .state_file_due()
             .is_some_and(|due| due <= Instant::now())
@@ -131,9 +149,14 @@ impl Outputs {
     /// CNI state where this node has probed it) and each pod's attempt count; drops
     /// namespaces that are no longer environments from the CNI probe's states.
     pub fn write_state_file(&mut self, ctx: &Context, policy: &PolicyConfig) {
-        let Some((mut rows, net_raw)) = self.pending.take() else {
-            return;
-        };
+        if let Some(state) = self.build_state_file(ctx, policy) {
+            self.state_file.offer(state);
+        }
+    }
+
+    /// The state file of the pending rows (none pending: `None`).
+    fn build_state_file(&mut self, ctx: &Context, policy: &PolicyConfig) -> Option<StateFile> {
+        let (mut rows, net_raw) = self.pending.take()?;
         self.last_state_file = Some(Instant::now());
         let environments = self.environment_names(policy);
         let is_environment: HashSet<&str> = environments.iter().map(|n| &**n).collect();
@@ -163,7 +186,7 @@ impl Outputs {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        self.state_file.offer(StateFile {
+        Some(StateFile {
             net_raw,
             node: ctx.node.clone(),
             written_unix: unix_secs(SystemTime::now()),
@@ -172,7 +195,7 @@ impl Outputs {
             counter_classes,
             enforcing_from: EnforcingFrom::Api,
             cache: self.cache_report(),
-        });
+        })
     }
 
     /// The environment namespaces' names, recomputed only when the namespaces changed.

@@ -147,7 +147,7 @@ impl Reconciler {
     /// Writes the map (a no-op right after an install that wrote the same entries), then
     /// publishes the owners, gauges and classes and writes the state file.
     pub fn apply_and_publish(&mut self, desired: Desired) {
-        self.apply(&desired);
+        let applied = self.apply(&desired);
         let guarded = super::edge::guarded_pods(&desired, &self.index, &self.ctx.view);
         self.edge.sync(&guarded);
         let lsm = (self.ctx.session.lock().expect("session lock").as_ref())
@@ -167,10 +167,14 @@ impl Reconciler {
             .map(|exposed| super::net_raw::NetRawReport::new(exposed, &rows));
         self.outputs
             .synced(rows, net_raw, &self.ctx, &self.index.policy);
+        // Ready once the map holds the verdicts and the state file says so.
+        if applied {
+            self.http.set_ready(true, READY);
+        }
     }
 
-    /// Writes the verdict map and reports readiness accordingly.
-    fn apply(&self, desired: &Desired) {
+    /// Writes the verdict map; on failure reports not ready. `true` when written.
+    fn apply(&self, desired: &Desired) -> bool {
         let result = {
             let mut slot = self.ctx.session.lock().expect("session lock");
             let session = slot
@@ -189,19 +193,30 @@ impl Reconciler {
                         "verdict map reconciled"
                     );
                 }
-                self.http.set_ready(true, READY);
+                true
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reconcile the verdict map");
                 self.http.set_ready(false, "verdict map not reconciled");
+                false
             }
         }
     }
 
     /// A watch event: pods announced after their cgroup appeared get their entries at once.
     fn on_api_change(&mut self) {
+        let classes = self.index.classes.len();
         for (id, entry) in self.index.announced_with_cgroup(&self.ctx.view) {
             self.write_entry(id, entry);
+        }
+        self.publish_new_classes(classes);
+    }
+
+    /// The event path may have given a namespace its counter class: the metrics name it at
+    /// once rather than at the next reconcile.
+    fn publish_new_classes(&self, classes_before: usize) {
+        if self.index.classes.len() != classes_before {
+            *self.ctx.classes.write().expect("classes lock") = self.index.classes.snapshot();
         }
     }
 
@@ -221,10 +236,12 @@ impl Reconciler {
     /// A new pod cgroup of a pod the API already announced gets its entry at once. False
     /// when the API does not know the pod (or `path` is not a pod cgroup).
     fn fast_path(&mut self, path: &Path) -> bool {
+        let classes = self.index.classes.len();
         let Some((id, entry)) = self.index.new_pod_cgroup(&self.ctx.view, path) else {
             return false;
         };
         self.write_entry(id, entry);
+        self.publish_new_classes(classes);
         true
     }
 
