@@ -53,15 +53,18 @@ pub fn markdown(t: &ThroughputResults) -> String {
          without the rest of the guard (`dg_bench_fast`), and a second copy of the whole guard \
          program loaded by the bench with its own maps (`dg_egress_copy`, exempt by default). \
          Each is timed on its own by the kernel; they run after the do-nothing program, in \
-         that order, on the same packets.\n\n\
-         | traffic | do-nothing ns/run | CONFIG read probe | packet read probe | whole fast path probe | guard copy | guard on (a) |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+         that order, on the same packets. With `--probes-on-guarded`, also on (a)'s packets \
+         just before the guard: the same probes, and a second instance of the guard program \
+         loaded by the bench over the agent's own pinned maps (`dg_egress_agent_maps`): the \
+         agent's code, data, cgroup and packets, only the program instance differs.\n\n\
+         | traffic | do-nothing ns/run | CONFIG read probe | packet read probe | whole fast path probe | guard copy | guard instance on the agent's maps | guard on (a) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for traffic in Traffic::ALL {
         let median = |v: Vec<f64>| summarize(&v).map_or("?".into(), |s| format!("{:.1}", s.median));
         let probe = |config, p| median(t.probe_costs(traffic, config, p));
         s.push_str(&format!(
-            "| {} on (b) | {} | {} | {} | {} | {} | {} |\n",
+            "| {} on (b) | {} | {} | {} | {} | {} | – | {} |\n",
             traffic.id(),
             median(t.costs(traffic, Config::Unguarded)),
             probe(Config::Unguarded, Program::ConfigProbe),
@@ -75,13 +78,14 @@ pub fn markdown(t: &ThroughputResults) -> String {
             .is_empty()
         {
             s.push_str(&format!(
-                "| {} on (a), before the guard (`--probes-on-guarded`) | {} | {} | {} | {} | {} | {} |\n",
+                "| {} on (a), before the guard (`--probes-on-guarded`) | {} | {} | {} | {} | {} | {} | {} |\n",
                 traffic.id(),
                 probe(Config::Guarded, Program::Floor),
                 probe(Config::Guarded, Program::ConfigProbe),
                 probe(Config::Guarded, Program::PacketProbe),
                 probe(Config::Guarded, Program::FastPathProbe),
                 probe(Config::Guarded, Program::GuardCopy),
+                probe(Config::Guarded, Program::GuardOnAgentMaps),
                 median(t.costs(traffic, Config::Guarded)),
             ));
         }

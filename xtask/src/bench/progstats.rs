@@ -38,10 +38,13 @@ pub enum Program {
     GuardCopy,
     /// The pod-edge program on the veth's host side (loaded only during `edge` runs).
     Edge,
+    /// The whole guard program again, loaded by the bench over the agent's pinned maps, on
+    /// the guarded cgroup (only with `--probes-on-guarded`).
+    GuardOnAgentMaps,
 }
 
 impl Program {
-    pub const ALL: [Program; 7] = [
+    pub const ALL: [Program; 8] = [
         Program::Guard,
         Program::Floor,
         Program::ConfigProbe,
@@ -49,6 +52,7 @@ impl Program {
         Program::FastPathProbe,
         Program::GuardCopy,
         Program::Edge,
+        Program::GuardOnAgentMaps,
     ];
 
     pub fn id(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Program {
             Program::FastPathProbe => "fast_path_probe",
             Program::GuardCopy => "guard_copy",
             Program::Edge => "edge",
+            Program::GuardOnAgentMaps => "guard_on_agent_maps",
         }
     }
 
@@ -73,6 +78,7 @@ impl Program {
             Program::FastPathProbe => "dg_bench_fast",
             Program::GuardCopy => "dg_egress_copy",
             Program::Edge => "dg_edge",
+            Program::GuardOnAgentMaps => "dg_egress_agent_maps",
         }
     }
 }
@@ -86,7 +92,7 @@ pub struct Totals {
 
 /// Every program's statistics at one moment, in [`Program::ALL`] order.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Snapshot([Totals; 7]);
+pub struct Snapshot([Totals; 8]);
 
 /// What one program cost over an interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,15 +131,21 @@ impl ProgStats {
     /// Starts the helper with the floor program on `floor_cgroup`; its maps are pinned under
     /// `bpffs` (which must not exist yet) until it exits.
     /// With `also`, the bench programs go on that cgroup too (see `--probes-on-guarded`).
+    /// With `agent_maps` (the agent's pinned maps directory) as well, a second instance of
+    /// the guard over those maps goes on `also` too.
     pub fn start(
         helper: &Path,
         floor_cgroup: &Path,
         also: Option<&Path>,
+        agent_maps: Option<&Path>,
         bpffs: &Path,
     ) -> Result<ProgStats> {
         let mut cmd = Command::new(helper);
         if let Some(also) = also {
             cmd.arg("--also-cgroup").arg(also);
+            if let Some(maps) = agent_maps {
+                cmd.arg("--agent-maps").arg(maps);
+            }
         }
         let mut child = cmd
             .arg("--floor-cgroup")
@@ -200,8 +212,10 @@ fn parse_snapshot(v: &Value) -> Result<Snapshot> {
     for program in Program::ALL {
         let key = program.kernel_name();
         let t = &v[key];
-        // The edge program is loaded only while an `edge` run goes on: none is no cost.
-        if program == Program::Edge && t["programs"].as_u64().unwrap_or(0) == 0 {
+        // The edge program is loaded only while an `edge` run goes on, the copy on the
+        // agent's maps only with `--probes-on-guarded`: none is no cost.
+        let optional = matches!(program, Program::Edge | Program::GuardOnAgentMaps);
+        if optional && t["programs"].as_u64().unwrap_or(0) == 0 {
             continue;
         }
         if t["programs"].as_u64() == Some(0) {

@@ -13,7 +13,10 @@
 //! (`dg_edge`, loaded only while the bench's `edge` configuration runs). At end of input it
 //! detaches them, removes its pins and exits.
 
-use std::{io::BufRead as _, path::PathBuf};
+use std::{
+    io::BufRead as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -42,6 +45,12 @@ struct Args {
     /// removed at exit.
     #[arg(long)]
     bpffs: PathBuf,
+    /// With `--also-cgroup`: the running agent's pinned maps directory. A second instance of
+    /// the guard program, loaded by us over those very maps (read, never written), goes on
+    /// the `--also-cgroup` too (`dg_egress_agent_maps`): the agent's code and data on the
+    /// agent's packets, but another program instance.
+    #[arg(long, requires = "also_cgroup")]
+    agent_maps: Option<PathBuf>,
 }
 
 /// Cumulative run time (ns) and run count of a set of programs.
@@ -90,11 +99,15 @@ fn main() -> Result<()> {
     for cgroup in &cgroups {
         links.push(runner.attach_bench(programs::EGRESS, cgroup)?);
     }
+    let agent_maps_copy = match (&args.agent_maps, &args.also_cgroup) {
+        (Some(maps), Some(cgroup)) => Some(attach_on_agent_maps(maps, cgroup)?),
+        _ => None,
+    };
+    let agent_maps_id = agent_maps_copy.as_ref().map(|c| c.id);
     println!("{}", json!({ "ready": true }));
     for line in std::io::stdin().lock().lines() {
         line?;
-        let (mut guard, mut copy, mut edge) =
-            (Totals::default(), Totals::default(), Totals::default());
+        let (mut guard, mut copy, mut edge, mut on_agent_maps) = Default::default();
         let mut bench: Vec<(&str, Totals)> = bench_ids
             .iter()
             .map(|(n, _)| (*n, Totals::default()))
@@ -104,6 +117,8 @@ fn main() -> Result<()> {
                 &mut bench[i].1
             } else if info.id() == own_guard {
                 &mut copy
+            } else if Some(info.id()) == agent_maps_id {
+                &mut on_agent_maps
             } else if info.name_as_str() == Some(programs::EGRESS) {
                 &mut guard
             } else if info.name_as_str() == Some(programs::EDGE) {
@@ -119,13 +134,45 @@ fn main() -> Result<()> {
         out.insert(programs::EGRESS.into(), guard.json());
         out.insert("dg_egress_copy".into(), copy.json());
         out.insert(programs::EDGE.into(), edge.json());
+        out.insert("dg_egress_agent_maps".into(), on_agent_maps.json());
         for (name, t) in bench {
             out.insert(name.into(), t.json());
         }
         println!("{}", serde_json::Value::Object(out));
     }
     drop(links);
+    drop(agent_maps_copy);
     Ok(())
+}
+
+/// The guard program loaded again over the agent's pinned maps and attached to `cgroup`.
+struct AgentMapsCopy {
+    id: u32,
+    /// Detaches on drop; the object's fds close with `_ebpf` (the agent's pins stay).
+    _link: aya::programs::links::FdLink,
+    _ebpf: aya::Ebpf,
+}
+
+fn attach_on_agent_maps(maps: &Path, cgroup: &Path) -> Result<AgentMapsCopy> {
+    use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(maps)
+        .load(datalab_guard::bpf::object::OBJECT)
+        .with_context(|| format!("loading the guard over the maps in {}", maps.display()))?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(programs::EGRESS)
+        .context("no guard program in the object")?
+        .try_into()?;
+    prog.load().context("the verifier refused the guard")?;
+    let file = std::fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+    let link = prog.attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+    let link = prog.take_link(link)?.try_into()?;
+    let id = prog.info()?.id();
+    Ok(AgentMapsCopy {
+        id,
+        _link: link,
+        _ebpf: ebpf,
+    })
 }
 
 impl Totals {

@@ -378,7 +378,15 @@ pub fn run(
     let mut stats = progstats
         .map(|helper| {
             let also = probes_on_guarded.then_some(guarded.as_path());
-            ProgStats::start(helper, &unguarded, also, &bpffs.path().join("progstats"))
+            // The agent's pinned maps (PinLayout: `<bpffs>/maps`), for the second instance.
+            let agent_maps = pins.join("maps");
+            ProgStats::start(
+                helper,
+                &unguarded,
+                also,
+                Some(&agent_maps),
+                &bpffs.path().join("progstats"),
+            )
         })
         .transpose()
         .context("starting the per-run statistics helper")?;
