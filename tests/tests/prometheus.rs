@@ -30,8 +30,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use datalab_guard_tests::{
-    bins::workspace_root, free_loopback_addr, http_get, process::tool, require_root, Agent,
-    BpffsDir, Lab, TestCgroup,
+    bins::workspace_root, free_loopback_addr, http_get, process::tool, require_root, Lab,
+    LocalGuard,
 };
 use manifests::ScratchDir;
 use serde_json::{json, Value};
@@ -390,11 +390,7 @@ fn by_labels(result: &Value, keep: &[&str]) -> BTreeMap<Vec<String>, f64> {
 /// One guarded cgroup (and an exempt one) of a local-mode agent in the kit's network lab,
 /// as `cargo xtask demo` and tests/tests/local_mode.rs set it up. Drops in field order.
 struct LocalAgent {
-    agent: Agent,
-    _bpffs: BpffsDir,
-    guarded: PathBuf,
-    _cgroup: TestCgroup,
-    metrics: SocketAddr,
+    guard: LocalGuard,
     lab: Lab,
 }
 
@@ -402,34 +398,8 @@ impl LocalAgent {
     fn start() -> LocalAgent {
         let mut lab = Lab::new().expect("lab");
         lab.start_fake_imds().expect("fake imds");
-        let cgroup = TestCgroup::new().expect("cgroup");
-        let guarded = cgroup.child("tenant").expect("tenant cgroup");
-        let exempt = cgroup.child("exempt").expect("exempt cgroup");
-        let bpffs = BpffsDir::new().expect("bpffs");
-        let metrics = free_loopback_addr().unwrap();
-        let args = [
-            "local".to_owned(),
-            "--cgroup".into(),
-            cgroup.path().display().to_string(),
-            "--exempt".into(),
-            exempt.display().to_string(),
-            "--bpffs".into(),
-            bpffs.path().join("guard").display().to_string(),
-            "--metrics-addr".into(),
-            metrics.to_string(),
-        ];
-        let mut agent = Agent::spawn(&args).expect("spawn agent");
-        agent
-            .wait_ready(metrics, Duration::from_secs(20))
-            .expect("agent ready");
-        LocalAgent {
-            agent,
-            _bpffs: bpffs,
-            guarded,
-            _cgroup: cgroup,
-            metrics,
-            lab,
-        }
+        let guard = LocalGuard::start(&[]).expect("local agent");
+        LocalAgent { guard, lab }
     }
 
     /// One blocked attempt per hook: a TCP connect and a UDP sendto to the metadata address.
@@ -437,7 +407,7 @@ impl LocalAgent {
         for kind in ["tcp", "udp-sendto"] {
             let r = self
                 .lab
-                .probe_timeout(&self.guarded, kind, "169.254.169.254", 80, 1000)
+                .probe_timeout(&self.guard.guarded, kind, "169.254.169.254", 80, 1000)
                 .expect("probe");
             assert!(
                 r.is_eperm(),
@@ -460,7 +430,7 @@ fn prometheus_evaluates_every_shipped_query_against_a_running_agent() {
     assert!(!alert_exprs.is_empty() && !panels.is_empty());
 
     let local = LocalAgent::start();
-    let prom = Prometheus::start(local.metrics, &groups).expect("prometheus");
+    let prom = Prometheus::start(local.guard.metrics, &groups).expect("prometheus");
     // Counters first seen at a value do not count as an increase: one round of attempts,
     // scraped, then a second round, whose increase every query must see.
     local.attempt();
@@ -474,7 +444,7 @@ fn prometheus_evaluates_every_shipped_query_against_a_running_agent() {
         }
     };
     let total = |m: &str| blocked_samples(m).values().sum::<f64>();
-    let first = total(&local.agent.metrics(local.metrics).unwrap());
+    let first = total(&local.guard.agent.metrics(local.guard.metrics).unwrap());
     prom.wait(
         Duration::from_secs(20),
         "first round scraped",
@@ -482,7 +452,7 @@ fn prometheus_evaluates_every_shipped_query_against_a_running_agent() {
     )
     .unwrap();
     local.attempt();
-    let exposition = local.agent.metrics(local.metrics).unwrap();
+    let exposition = local.guard.agent.metrics(local.guard.metrics).unwrap();
     let samples = blocked_samples(&exposition);
     prom.wait(
         Duration::from_secs(20),

@@ -9,27 +9,19 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::SocketAddr,
     path::PathBuf,
     process::{Child, Stdio},
-    time::Duration,
 };
 
 use datalab_guard_tests::{
-    free_loopback_addr,
     process::{command_in, run_in_netns_checked, spawn_in},
-    require_root, Agent, BpffsDir, Lab, TestCgroup,
+    require_root, Lab, LocalGuard,
 };
 
 /// `datalab-guard local` guarding a cgroup with a `tenant` (guarded) and an `exempt` child,
 /// beside a lab with the fake metadata host. Fields drop in order: agent first.
 struct Guarded {
-    agent: Agent,
-    metrics: SocketAddr,
-    _bpffs: BpffsDir,
-    guarded: PathBuf,
-    exempt: PathBuf,
-    _cgroup: TestCgroup,
+    guard: LocalGuard,
     lab: Lab,
 }
 
@@ -37,37 +29,8 @@ impl Guarded {
     fn start() -> Guarded {
         let mut lab = Lab::new().expect("lab");
         lab.start_fake_imds().expect("fake imds");
-        let cgroup = TestCgroup::new().expect("cgroup");
-        let guarded = cgroup.child("tenant").expect("tenant cgroup");
-        let exempt = cgroup.child("exempt").expect("exempt cgroup");
-        let bpffs = BpffsDir::new().expect("bpffs");
-        let metrics = free_loopback_addr().expect("port");
-        let mut agent = Agent::spawn(&[
-            "local",
-            "--cgroup",
-            &cgroup.path().display().to_string(),
-            "--exempt",
-            &exempt.display().to_string(),
-            "--bpffs",
-            &bpffs.path().join("guard").display().to_string(),
-            "--metrics-addr",
-            &metrics.to_string(),
-            "--audit-rate",
-            "1000",
-        ])
-        .expect("spawn agent");
-        agent
-            .wait_ready(metrics, Duration::from_secs(20))
-            .expect("agent ready");
-        Guarded {
-            agent,
-            metrics,
-            _bpffs: bpffs,
-            guarded,
-            exempt,
-            _cgroup: cgroup,
-            lab,
-        }
+        let guard = LocalGuard::start(&["--audit-rate", "1000"]).expect("local agent");
+        Guarded { guard, lab }
     }
 }
 
@@ -147,8 +110,13 @@ fn handed_over_sockets_keep_the_exempt_verdict_for_data_only() {
         return;
     }
     let g = Guarded::start();
-    let (lab, guarded, exempt, agent, metrics) =
-        (&g.lab, &g.guarded, &g.exempt, &g.agent, g.metrics);
+    let (lab, guarded, exempt, agent, metrics) = (
+        &g.lab,
+        &g.guard.guarded,
+        &g.guard.exempt,
+        &g.guard.agent,
+        g.guard.metrics,
+    );
     let procs = guarded.join("cgroup.procs").display().to_string();
     let child = spawn_in(
         exempt,
@@ -309,20 +277,23 @@ fn mptcp_subflows_to_the_metadata_address_are_refused() {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     let joins_before = joins_received(lab);
-    let connect_before = blocked(&g.agent.metrics(g.metrics).expect("metrics"), "connect");
+    let connect_before = blocked(
+        &g.guard.agent.metrics(g.guard.metrics).expect("metrics"),
+        "connect",
+    );
 
     // Guarded: a direct MPTCP connect to the metadata address fails at once.
-    assert_eq!(client(&g.guarded, "169.254.169.254"), "connect:EPERM");
+    assert_eq!(client(&g.guard.guarded, "169.254.169.254"), "connect:EPERM");
     // Guarded: the connection to the allowed address works; the announced subflow to
     // the metadata address never arrives.
-    assert_eq!(client(&g.guarded, "192.0.2.1"), "reply:echo:hi");
+    assert_eq!(client(&g.guard.guarded, "192.0.2.1"), "reply:echo:hi");
     assert_eq!(
         joins_received(lab),
         joins_before,
         "a guarded subflow joined"
     );
     // Exempt (the known limit): the first subflow works, the extra one is refused too.
-    assert_eq!(client(&g.exempt, "192.0.2.1"), "reply:echo:hi");
+    assert_eq!(client(&g.guard.exempt, "192.0.2.1"), "reply:echo:hi");
     assert_eq!(
         joins_received(lab),
         joins_before,
@@ -330,15 +301,20 @@ fn mptcp_subflows_to_the_metadata_address_are_refused() {
     );
 
     // Refusals: the direct connect, and the kernel worker's subflow connects.
-    let text = g.agent.metrics(g.metrics).expect("metrics");
+    let text = g.guard.agent.metrics(g.guard.metrics).expect("metrics");
     let refused = blocked(&text, "connect") - connect_before;
     assert!(refused >= 3, "{refused} connect refusals: {text}");
     let workers = g
+        .guard
         .agent
         .audit_events()
         .into_iter()
         .filter(|e| e["hook"] == "connect" && e["dport"] == 8080)
         .filter(|e| e["comm"].as_str().is_some_and(|c| c.starts_with("kworker")))
         .count();
-    assert!(workers >= 2, "audit lines: {:?}", g.agent.audit_events());
+    assert!(
+        workers >= 2,
+        "audit lines: {:?}",
+        g.guard.agent.audit_events()
+    );
 }

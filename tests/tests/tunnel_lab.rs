@@ -11,9 +11,9 @@
 //! ingress: the decapsulated frame, before the IP layer. The devices live in the lab's
 //! metadata namespace and go with it. Needs root.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use datalab_guard_tests::{free_loopback_addr, require_root, Agent, BpffsDir, Lab, TestCgroup};
+use datalab_guard_tests::{require_root, Lab, LocalGuard};
 
 /// The metadata host's address the tenant reaches its tunnel endpoint at.
 const VTEP: &str = "192.0.2.1";
@@ -28,47 +28,15 @@ const NFT_TABLE: &str = "dgtunnel";
 /// The lab, the agent guarding `tenant` and exempting `exempt`. Fields drop in order:
 /// agent, pins, cgroups, network (with the tunnel devices in it).
 struct TunnelLab {
-    agent: Agent,
-    _bpffs: BpffsDir,
-    _cgroup: TestCgroup,
-    guarded: PathBuf,
-    exempt: PathBuf,
-    metrics: SocketAddr,
+    guard: LocalGuard,
     lab: Lab,
 }
 
 impl TunnelLab {
     fn start() -> TunnelLab {
         let lab = Lab::new().expect("lab");
-        let cgroup = TestCgroup::new().expect("cgroup");
-        let guarded = cgroup.child("tenant").expect("tenant cgroup");
-        let exempt = cgroup.child("exempt").expect("exempt cgroup");
-        let bpffs = BpffsDir::new().expect("bpffs dir");
-        let metrics = free_loopback_addr().expect("port");
-        let args = [
-            "local".to_string(),
-            "--cgroup".into(),
-            cgroup.path().display().to_string(),
-            "--exempt".into(),
-            exempt.display().to_string(),
-            "--bpffs".into(),
-            bpffs.path().join("guard").display().to_string(),
-            "--metrics-addr".into(),
-            metrics.to_string(),
-        ];
-        let mut agent = Agent::spawn(&args).expect("spawn agent");
-        agent
-            .wait_ready(metrics, Duration::from_secs(20))
-            .expect("agent ready");
-        TunnelLab {
-            agent,
-            _bpffs: bpffs,
-            _cgroup: cgroup,
-            guarded,
-            exempt,
-            metrics,
-            lab,
-        }
+        let guard = LocalGuard::start(&[]).expect("local agent");
+        TunnelLab { guard, lab }
     }
 
     /// Runs a command in the metadata namespace; its stdout, or its stderr as the error.
@@ -138,7 +106,11 @@ impl TunnelLab {
     }
 
     fn egress_blocked(&self) -> u64 {
-        let text = self.agent.metrics(self.metrics).expect("metrics");
+        let text = self
+            .guard
+            .agent
+            .metrics(self.guard.metrics)
+            .expect("metrics");
         text.lines()
             .filter(|l| {
                 l.starts_with("datalab_guard_blocked_total{")
@@ -155,7 +127,7 @@ impl TunnelLab {
         let blocked_before = self.egress_blocked();
         for _ in 0..3 {
             assert!(
-                !self.send(&self.guarded, kind, port),
+                !self.send(&self.guard.guarded, kind, port),
                 "{kind}: the guarded datagram must be refused at egress (EPERM)"
             );
         }
@@ -171,6 +143,7 @@ impl TunnelLab {
             "{kind}: each guarded datagram is counted once at egress"
         );
         let reasons: Vec<String> = self
+            .guard
             .agent
             .audit_events()
             .iter()
@@ -181,7 +154,7 @@ impl TunnelLab {
             "{kind}: an audit line with reason tunnel: {reasons:?}"
         );
         assert!(
-            self.send(&self.exempt, kind, port),
+            self.send(&self.guard.exempt, kind, port),
             "{kind}: the exempt datagram must leave"
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(2);

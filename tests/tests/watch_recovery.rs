@@ -55,8 +55,7 @@ async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> boo
 }
 
 fn has_env_label(view: &ClusterView, ns: &str) -> Option<bool> {
-    view.namespaces()
-        .get(ns)
+    view.namespace(ns)
         .map(|n| n.labels.get(ENV_LABEL.0).map(String::as_str) == Some(ENV_LABEL.1))
 }
 

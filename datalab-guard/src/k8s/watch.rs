@@ -9,11 +9,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
     sync::Arc,
 };
 
-use datalab_guard_policy::{NamespaceInfo, PodInfo};
+use datalab_guard_policy::NamespaceInfo;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{core::PartialObjectMeta, Api, Client};
 use tokio::sync::Notify;
@@ -200,26 +199,9 @@ impl ClusterView {
         self.pods.values()
     }
 
-    pub fn pods(&self) -> Vec<PodInfo> {
-        let mut pods = Vec::with_capacity(self.pods.len());
-        self.pods.for_each(|_, p| pods.push(p.info.clone()));
-        pods
-    }
-
     /// The pod with this API uid.
     pub fn node_pod(&self, uid: &str) -> Option<Arc<NodePod>> {
         self.pods.get(uid)
-    }
-
-    /// API uid → the pod's IP (`status.podIP`), for finding its network namespace.
-    pub fn pod_ips(&self) -> HashMap<String, IpAddr> {
-        let mut ips = HashMap::new();
-        self.pods.for_each(|uid, p| {
-            if let Some(ip) = p.ip {
-                ips.insert(uid.to_owned(), ip);
-            }
-        });
-        ips
     }
 
     /// API uid → cgroup uid, for the static pods whose mirror annotation names another uid.
@@ -274,14 +256,6 @@ impl ClusterView {
         self.namespaces
             .for_each(|name, ns| all.push((name.to_owned(), ns.clone())));
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
-    pub fn namespaces(&self) -> BTreeMap<String, NamespaceInfo> {
-        let mut all = BTreeMap::new();
-        self.namespaces.for_each(|name, ns| {
-            all.insert(name.to_owned(), ns.info(name));
-        });
         all
     }
 }

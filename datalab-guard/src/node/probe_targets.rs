@@ -70,11 +70,11 @@ fn probe_targets(
     netns_dir: PathBuf,
 ) -> impl Fn() -> Vec<(String, PathBuf)> + Send + Sync + 'static {
     move || {
-        let ips = view.pod_ips();
         let by_ip: Vec<(PathBuf, Vec<IpAddr>)> =
             probe::netns_addresses(&netns_dir).unwrap_or_default();
         let mut chosen: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for pod in view.pods() {
+        for record in view.node_pods() {
+            let pod = &record.info;
             if chosen.contains_key(&pod.namespace)
                 || pod.phase.as_deref() != Some("Running")
                 || pod.host_network
@@ -88,10 +88,10 @@ fn probe_targets(
             if !resolver.policy.is_environment(&ns) {
                 continue;
             }
-            let from_ip = ips.get(&pod.uid).and_then(|ip| {
+            let from_ip = record.ip.and_then(|ip| {
                 by_ip
                     .iter()
-                    .find(|(_, addrs)| addrs.contains(ip))
+                    .find(|(_, addrs)| addrs.contains(&ip))
                     .map(|(p, _)| p.clone())
             });
             let from_cgroup = || {
