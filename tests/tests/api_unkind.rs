@@ -132,6 +132,22 @@ fn controller(dir: &TempDir, name: &'static str, kubeconfig: &str) -> Proc {
     Proc::spawn(name, args, metrics)
 }
 
+/// A TLS fixture with the environment `tenant-a`, and a ready controller (`ctl-1`) that has
+/// provisioned its policy there. The directory holds the controller's files.
+fn provisioned_controller(tag: &str) -> (FakeApiServer, TempDir, Proc) {
+    let server = FakeApiServer::start_tls();
+    server.apply_namespace("tenant-a", &[ENV]);
+    let dir = TempDir::new(tag);
+    let mut ctl = controller(&dir, "ctl-1", &server.kubeconfig_yaml());
+    ctl.wait_ready();
+    wait_for(PATIENCE, "policy provisioned", || {
+        server
+            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
+            .is_some()
+    });
+    (server, dir, ctl)
+}
+
 /// A node agent on a fake kubelet cgroup tree (systemd driver), needs root.
 struct Node {
     proc: Option<Proc>,
@@ -465,16 +481,7 @@ fn node_agent_honours_retry_after_on_list_and_watch() {
 /// Retry-After: the repair is retried no sooner than asked, then made.
 #[test]
 fn controller_honours_retry_after_on_writes() {
-    let server = FakeApiServer::start_tls();
-    server.apply_namespace("tenant-a", &[ENV]);
-    let dir = TempDir::new("429-ctl");
-    let mut ctl = controller(&dir, "ctl-1", &server.kubeconfig_yaml());
-    ctl.wait_ready();
-    wait_for(PATIENCE, "policy provisioned", || {
-        server
-            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
-            .is_some()
-    });
+    let (server, _dir, mut ctl) = provisioned_controller("429-ctl");
     let mut clock = RequestClock::default();
     clock.poll(&server);
     let retry_after = Duration::from_secs(3);
@@ -690,16 +697,7 @@ fn node_agent_relists_on_too_large_resource_version() {
 /// drift, and does not loop on errors.
 #[test]
 fn controller_leaves_a_terminating_namespace_alone() {
-    let server = FakeApiServer::start_tls();
-    server.apply_namespace("tenant-a", &[ENV]);
-    let dir = TempDir::new("term-ctl");
-    let mut ctl = controller(&dir, "ctl-1", &server.kubeconfig_yaml());
-    ctl.wait_ready();
-    wait_for(PATIENCE, "policy provisioned", || {
-        server
-            .get(Kind::NetworkPolicy, Some("tenant-a"), POLICY)
-            .is_some()
-    });
+    let (server, _dir, mut ctl) = provisioned_controller("term-ctl");
     let before = server.requests().len();
     let log_before = ctl.log().len();
     server.terminate_namespace("tenant-a");
