@@ -89,6 +89,14 @@ pub fn node_pod(pod: Pod) -> Option<NodePod> {
     })
 }
 
+/// API uid → cgroup uid of the static pods among `pods` (those whose mirror annotation
+/// names another uid), from the same records the caller judges.
+pub fn cgroup_uids(pods: &[std::sync::Arc<NodePod>]) -> std::collections::HashMap<String, String> {
+    pods.iter()
+        .filter_map(|p| Some((p.info.uid.clone(), p.cgroup_uid.clone()?)))
+        .collect()
+}
+
 /// The label the API server sets on every namespace to its own name (since 1.22): dropped
 /// from the stored label set, so that namespaces with the same labels share one set.
 pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";

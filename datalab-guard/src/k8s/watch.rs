@@ -8,7 +8,7 @@
 //! (staleness, relists, errors) is in [`WatchHealth`].
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     sync::Arc,
 };
 
@@ -202,17 +202,6 @@ impl ClusterView {
     /// The pod with this API uid.
     pub fn node_pod(&self, uid: &str) -> Option<Arc<NodePod>> {
         self.pods.get(uid)
-    }
-
-    /// API uid → cgroup uid, for the static pods whose mirror annotation names another uid.
-    pub fn cgroup_uids(&self) -> HashMap<String, String> {
-        let mut uids = HashMap::new();
-        self.pods.for_each(|uid, p| {
-            if let Some(cgroup_uid) = &p.cgroup_uid {
-                uids.insert(uid.to_owned(), cgroup_uid.clone());
-            }
-        });
-        uids
     }
 
     /// The API uid of the pod whose cgroup is named after `cgroup_uid` (itself, or a static

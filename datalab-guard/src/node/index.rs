@@ -132,7 +132,7 @@ impl PodIndex {
         // Shared records, borrowed: a node's pods are not copied on every reconcile.
         let records = view.node_pods();
         let pods: Vec<&PodInfo> = records.iter().map(|p| &p.info).collect();
-        self.cgroup_uids = view.cgroup_uids();
+        self.cgroup_uids = crate::k8s::convert::cgroup_uids(&records);
         self.free_classes_of_former_environments(view);
         let namespaces = self.namespaces_in_use(view, &pods);
         let newly_resolved = self.resolve_dirs(&pods);

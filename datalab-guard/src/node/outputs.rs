@@ -13,7 +13,7 @@
 //!   its thread builds the contents from the shared view itself.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     hash::{DefaultHasher, Hash as _, Hasher as _},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
@@ -239,8 +239,8 @@ fn cache_job(
     cache: Arc<Mutex<CacheWriter>>,
 ) -> impl FnMut(Vec<PodRow>) + Send + 'static {
     move |rows| {
-        let cgroup_uids: HashMap<String, String> = view.cgroup_uids();
         let pods = view.node_pods();
+        let cgroup_uids = crate::k8s::convert::cgroup_uids(&pods);
         let namespaces = NamespacesOut(view.namespace_records());
         let contents = Contents::from_api(
             namespaces,
