@@ -24,6 +24,10 @@ pub const RATE: &str = "DG_RATE_V1";
 pub const META: &str = "DG_META_V1";
 /// Hash host-side ifindex (u32) -> [`crate::EdgeEntry`]: the pod-edge layer's verdicts.
 pub const EDGE: &str = "DG_EDGE_V1";
+/// Socket storage on MPTCP connection sockets -> [`crate::resolve::CgroupPath`]: who
+/// connected the connection's first subflow, to judge the subflows a kernel worker connects.
+/// Written by the programs only.
+pub const MPTCP: &str = "DG_MPTCP_V1";
 
 /// Pins of maps earlier versions made and this one no longer uses. An upgrade removes them
 /// once the old programs are detached, and `uninstall` removes them too. `DG_POLICY_V1` is
@@ -35,8 +39,8 @@ pub const EDGE: &str = "DG_EDGE_V1";
 pub const RETIRED: [&str; 3] = ["DG_POLICY_V1", "DG_COUNT_V1", "DG_CONFIG_V1"];
 
 /// Every map the agent pins, in a stable order (for `status` and `uninstall`).
-pub const ALL: [&str; 10] = [
-    VERDICTS, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META, EDGE,
+pub const ALL: [&str; 11] = [
+    VERDICTS, BLOCKED_V4, BLOCKED_V6, CONFIG, COUNTERS, STATS, EVENTS, RATE, META, EDGE, MPTCP,
 ];
 
 /// Pods (or cgroups) the agent can classify on one node. 64 Ki entries of 16 bytes each.

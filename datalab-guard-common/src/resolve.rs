@@ -55,6 +55,60 @@ pub fn resolve(
     found
 }
 
+/// A cgroup path recorded for later, from the attach root down: `ids[i]` is the id of the
+/// ancestor at level `root_level + i` (the path's own cgroup at its own level), 0 past it.
+/// The connect hooks record one per MPTCP connection, from the task that connects its first
+/// subflow, because the connection's further subflows are connected by a kernel worker whose
+/// own cgroup says nothing about the connection (eBPF `mptcp` module).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupPath {
+    /// The attach root's level when the path was recorded.
+    pub root_level: u32,
+    pub _pad: u32,
+    pub ids: [u64; MAX_DEPTH as usize],
+}
+
+impl CgroupPath {
+    /// The id at cgroup `level`, as `resolve`'s `ancestor` wants it: 0 outside the path.
+    #[inline(always)]
+    pub fn ancestor(&self, level: u32) -> u64 {
+        let i = level.wrapping_sub(self.root_level);
+        if i < MAX_DEPTH {
+            self.ids[i as usize]
+        } else {
+            0
+        }
+    }
+
+    /// The path's own cgroup: its deepest recorded id (0 for an empty path).
+    #[inline(always)]
+    pub fn own_id(&self) -> u64 {
+        let mut own = 0;
+        for id in self.ids {
+            if id == 0 {
+                break;
+            }
+            own = id;
+        }
+        own
+    }
+}
+
+/// The verdict for a socket call on a connection recorded as [`CgroupPath`]: a caller
+/// outside the attach subtree (a kernel worker connecting a subflow) is judged by the
+/// connection's path alone, since its own cgroup says nothing about the connection; a
+/// caller inside it by the stricter of its own verdict and the connection's, so that
+/// neither side can lend the other its exemption.
+#[inline(always)]
+pub fn for_connection(task: Resolved, connection: Resolved, task_inside: bool) -> Resolved {
+    if task_inside && task.verdict == Verdict::Guard {
+        task
+    } else {
+        connection
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +260,79 @@ mod tests {
         );
         assert_eq!(r.policy_cgroup_id, 0);
         assert_eq!(r.verdict, Verdict::Guard);
+    }
+
+    fn resolved(verdict: Verdict, id: u64) -> Resolved {
+        Resolved {
+            verdict,
+            class: id as u32,
+            policy_cgroup_id: id,
+        }
+    }
+
+    #[test]
+    fn a_caller_outside_the_subtree_is_judged_by_the_connection_alone() {
+        // A kernel worker (default verdict guard) on an exempt pod's connection: exempt.
+        let r = for_connection(
+            resolved(Verdict::Guard, 0),
+            resolved(Verdict::Exempt, 7),
+            false,
+        );
+        assert_eq!(r, resolved(Verdict::Exempt, 7));
+        // On a guarded pod's connection, even where the default would exempt it: guard.
+        let r = for_connection(
+            resolved(Verdict::Exempt, 0),
+            resolved(Verdict::Guard, 8),
+            false,
+        );
+        assert_eq!(r, resolved(Verdict::Guard, 8));
+    }
+
+    #[test]
+    fn a_caller_inside_the_subtree_gets_the_stricter_verdict() {
+        let guarded = resolved(Verdict::Guard, 1);
+        let exempt = resolved(Verdict::Exempt, 2);
+        assert_eq!(for_connection(guarded, exempt, true), guarded);
+        assert_eq!(for_connection(exempt, guarded, true), guarded);
+        assert_eq!(
+            for_connection(exempt, resolved(Verdict::Exempt, 3), true).verdict,
+            Verdict::Exempt
+        );
+        assert_eq!(
+            for_connection(guarded, resolved(Verdict::Guard, 4), true),
+            guarded
+        );
+    }
+
+    #[test]
+    fn a_recorded_path_resolves_like_the_live_walk() {
+        // Recorded with the attach root at level 1: ids of levels 1, 2, 3.
+        let mut path = CgroupPath {
+            root_level: 1,
+            _pad: 0,
+            ids: [0; MAX_DEPTH as usize],
+        };
+        path.ids[..3].copy_from_slice(&PATH[1..4]);
+        assert_eq!(path.own_id(), 30);
+        assert_eq!(path.ancestor(0), 0);
+        assert_eq!(path.ancestor(1), 10);
+        assert_eq!(path.ancestor(3), 30);
+        assert_eq!(path.ancestor(4), 0);
+        assert_eq!(path.ancestor(1 + MAX_DEPTH), 0);
+        let entries = [(20, Verdict::Exempt, 6)];
+        let live = run(&cfg(Verdict::Guard, 1), &PATH[..4], &entries);
+        let recorded = resolve(
+            &cfg(Verdict::Guard, 1),
+            |l| path.ancestor(l),
+            lookup(&entries),
+        );
+        assert_eq!(recorded, live);
+        assert_eq!(recorded.policy_cgroup_id, 20);
+        let empty = CgroupPath {
+            root_level: 1,
+            _pad: 0,
+            ids: [0; MAX_DEPTH as usize],
+        };
+        assert_eq!(empty.own_id(), 0);
     }
 }

@@ -22,7 +22,7 @@ use datalab_guard_common::{
     classify::{Attempt, Reason},
     counters::{counter_index, Stat},
     ratelimit::{self, Admission},
-    resolve::{resolve, Resolved},
+    resolve::{for_connection, resolve, CgroupPath, Resolved},
     Action, AuditEvent, EdgeEntry, Family, GuardConfig, Hook, Mode, Verdict, VerdictEntry,
 };
 
@@ -69,20 +69,40 @@ impl Attempted {
 }
 
 /// For hooks that run in the calling task's context (socket address and socket creation
-/// hooks): judges `attempt` against the verdict of the task's cgroup. `true`: refuse it.
+/// hooks): judges `attempt` against the verdict of the task's cgroup, or, on an MPTCP
+/// connection with a recorded path, as `resolve::for_connection` says. `true`: refuse it.
 #[inline(always)]
-pub fn refuse_for_current_task(cfg: &GuardConfig, attempt: &Attempted) -> bool {
-    let resolved = resolve(
+pub fn refuse_for_current_task(
+    cfg: &GuardConfig,
+    attempt: &Attempted,
+    connection: Option<&CgroupPath>,
+) -> bool {
+    let task = resolve(
         cfg,
         // SAFETY: a BPF helper without pointer arguments; a level past the task's depth
         // returns 0.
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) },
         policy_entry,
     );
-    let origin = Origin {
+    let mut origin = Origin {
         // SAFETY: a BPF helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         task_known: true,
+    };
+    let resolved = match connection {
+        // A record from another attach root (the configuration changed) says nothing.
+        Some(path) if path.root_level == cfg.root_level => {
+            let recorded = resolve(cfg, |level| path.ancestor(level), policy_entry);
+            // SAFETY: as above.
+            let task_top = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.root_level as i32) };
+            let inside = task_top != 0 && task_top == path.ids[0];
+            if !inside {
+                // The audit record names the connection's cgroup, not the worker's.
+                origin.cgroup_id = path.own_id();
+            }
+            for_connection(task, recorded, inside)
+        }
+        _ => task,
     };
     judge(cfg, &resolved, origin, attempt)
 }
@@ -145,7 +165,7 @@ pub fn refuse_raw_socket(family: Family, proto: u8, sock_type: u8) -> bool {
         dst: [0; 16],
         reason: Reason::RawSocket,
     };
-    refuse_for_current_task(&cfg, &attempt)
+    refuse_for_current_task(&cfg, &attempt, None)
 }
 
 #[inline(always)]

@@ -18,6 +18,8 @@ mod egress;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mptcp;
+#[cfg(target_arch = "bpf")]
 mod packet_socket;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;

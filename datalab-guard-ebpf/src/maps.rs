@@ -2,7 +2,8 @@
 //! state survive the agent (see `datalab_guard_common::maps` for names and layouts).
 
 use aya_ebpf::{
-    macros::map,
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
+    macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use datalab_guard_common::{
@@ -11,6 +12,7 @@ use datalab_guard_common::{
     maps::{
         BLOCKED_MAX_ENTRIES, EDGE_MAX_ENTRIES, EVENTS_BYTES, RATE_MAX_ENTRIES, VERDICTS_MAX_ENTRIES,
     },
+    resolve::CgroupPath,
     EdgeEntry, GuardConfig, InstallMeta, RateState, VerdictEntry,
 };
 
@@ -47,6 +49,49 @@ pub static EDGE: HashMap<u32, EdgeEntry> = HashMap::pinned(EDGE_MAX_ENTRIES, 0);
 #[map(name = "DG_META_V1")]
 pub static META: Array<InstallMeta> = Array::pinned(1, 0);
 
+/// Socket storage of [`CgroupPath`]s: the BTF map definition the loader reads (aya-ebpf's
+/// `SkStorage` has no `pinning` field and takes its socket from the program's context only;
+/// this map is keyed by the MPTCP connection's socket, found from a subflow). Every field is
+/// a placeholder the loader reads through BTF, never dereferenced.
+#[repr(C)]
+pub struct ConnectionPaths {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const CgroupPath,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME: every load of the object (the agent attaches programs in more
+    /// than one load) and a restarted agent share the same records.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are placeholders the loader replaces with the map; nothing reads them.
+unsafe impl Sync for ConnectionPaths {}
+
+impl ConnectionPaths {
+    const fn new() -> ConnectionPaths {
+        ConnectionPaths {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The map, as the storage helpers take it.
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// MPTCP connection socket -> the cgroup path of the task that connected its first subflow
+/// (see `mptcp`). Freed by the kernel with the socket.
+#[btf_map(name = "DG_MPTCP_V1")]
+pub static CONNECTION_PATHS: ConnectionPaths = ConnectionPaths::new();
+
 /// The blocked set as the classifier sees it: the two LPM tries.
 pub struct Tries;
 
@@ -68,6 +113,16 @@ pub fn config() -> GuardConfig {
     match CONFIG.get(0) {
         Some(cfg) => *cfg,
         None => GuardConfig::zeroed(),
+    }
+}
+
+/// The attach root's level alone (the connect hooks' MPTCP record needs nothing else of the
+/// configuration before their fast path); 0 if the array is somehow unreadable.
+#[inline(always)]
+pub fn root_level() -> u32 {
+    match CONFIG.get(0) {
+        Some(cfg) => cfg.root_level,
+        None => 0,
     }
 }
 

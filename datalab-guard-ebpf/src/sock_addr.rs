@@ -5,12 +5,14 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use datalab_guard_common::{
     classify::{v4_blocked, v6_blocked, Reason},
+    resolve::CgroupPath,
     Family, Hook,
 };
 
 use crate::{
     decide::{refuse_for_current_task, Attempted},
     maps::{config, keep_meta, Tries},
+    mptcp::connection_path,
 };
 
 const ALLOW: i32 = 1;
@@ -36,9 +38,22 @@ pub fn dg_sendmsg6(ctx: SockAddrContext) -> i32 {
     check_v6(&ctx, Hook::Sendmsg)
 }
 
+/// For connect: the MPTCP connection's recorded path, recorded first if this is its first
+/// connect. Before the fast path, since a connection's first subflow usually goes somewhere
+/// allowed and only a later one (a kernel worker's) somewhere blocked.
+#[inline(always)]
+fn connection_of(ctx: &SockAddrContext, hook: Hook) -> Option<&'static CgroupPath> {
+    if hook == Hook::Connect {
+        connection_path(ctx)
+    } else {
+        None
+    }
+}
+
 #[inline(always)]
 fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     keep_meta();
+    let connection = connection_of(ctx, hook);
     let sa = ctx.sock_addr;
     // user_ip4 holds the address in network byte order: its bytes in memory are the address.
     // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
@@ -48,11 +63,12 @@ fn check_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     }
     let mut dst = [0u8; 16];
     dst[..4].copy_from_slice(&ip);
-    check_destination(ctx, hook, Family::Ipv4, dst)
+    check_destination(ctx, hook, connection, Family::Ipv4, dst)
 }
 
 #[inline(always)]
 fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let connection = connection_of(ctx, hook);
     let sa = ctx.sock_addr;
     // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
     let words = unsafe {
@@ -72,11 +88,17 @@ fn check_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if !v6_blocked(&Tries, ip) {
         return ALLOW;
     }
-    check_destination(ctx, hook, Family::Ipv6, ip)
+    check_destination(ctx, hook, connection, Family::Ipv6, ip)
 }
 
 #[inline(always)]
-fn check_destination(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8; 16]) -> i32 {
+fn check_destination(
+    ctx: &SockAddrContext,
+    hook: Hook,
+    connection: Option<&CgroupPath>,
+    family: Family,
+    dst: [u8; 16],
+) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: sa is the bpf_sock_addr context pointer the kernel passed this program.
     let port = unsafe { (*sa).user_port } as u16;
@@ -90,7 +112,7 @@ fn check_destination(ctx: &SockAddrContext, hook: Hook, family: Family, dst: [u8
         dst,
         reason: Reason::Destination,
     };
-    if refuse_for_current_task(&config(), &attempted) {
+    if refuse_for_current_task(&config(), &attempted, connection) {
         DENY
     } else {
         ALLOW
