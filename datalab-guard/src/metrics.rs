@@ -196,7 +196,7 @@ const HELP_NET_RAW: &str = "Guarded pods whose processes hold CAP_NET_RAW while 
     BPF LSM program nor the pod-edge layer closes raw paths (AF_PACKET, AF_XDP) for them. \
     Drop NET_RAW (deploy/components/kyverno: datalab-drop-net-raw) to bring it to 0.";
 const HELP_EDGE_FAILURES: &str = "Failed attempts to give a guarded pod the pod-edge layer, by \
-    reason (retried every 30 s; logged once per pod).";
+    reason (retried after 1 s, the wait doubling up to 30 s; logged once per pod).";
 pub(crate) const HELP_BUILD: &str = "Version of the running agent; the value is always 1.";
 const HELP_SCRAPE_ERRORS: &str = "Scrapes in which reading the kernel counters and maps failed; \
     those scrapes carry only build_info and this counter.";

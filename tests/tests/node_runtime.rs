@@ -22,7 +22,7 @@ use datalab_guard_tests::{
     apiserver::{rbac::Identity, FakeApiServer},
     cgroup2_root,
     cri_lab::LabPod,
-    free_loopback_addr, require_root, Agent, BpffsDir, CriLab, Lab, PodSpec, TestCgroup,
+    free_loopback_addr, probe_in, require_root, Agent, BpffsDir, CriLab, Lab, PodSpec, TestCgroup,
 };
 
 const NODE: &str = "node-1";
@@ -146,7 +146,32 @@ impl RuntimeNode {
     }
 
     fn spawn_agent(&self, root: &Path) -> Agent {
-        let args = [
+        Agent::spawn(&self.agent_args(root)).expect("spawn agent")
+    }
+
+    /// Starts the agent in a PID namespace of its own (a fresh /proc), as a DaemonSet
+    /// without `hostPID` runs: no pod process is visible to it.
+    fn start_agent_without_host_pids(&mut self) {
+        let bin = Agent::bin().expect("agent bin");
+        let mut args = vec![
+            "--pid".to_owned(),
+            "--fork".into(),
+            "--mount-proc".into(),
+            // The agent dies with unshare when the test kills it.
+            "--kill-child".into(),
+            bin.display().to_string(),
+        ];
+        args.extend(self.agent_args(&self.root.clone()));
+        let mut agent = Agent::spawn_with(Path::new("/usr/bin/unshare"), &args, &[])
+            .expect("spawn agent in its own PID namespace");
+        agent
+            .wait_ready(self.metrics, Duration::from_secs(30))
+            .expect("agent ready");
+        self.agent = Some(agent);
+    }
+
+    fn agent_args(&self, root: &Path) -> Vec<String> {
+        vec![
             "node".to_owned(),
             "--node-name".into(),
             NODE.into(),
@@ -167,8 +192,7 @@ impl RuntimeNode {
             self.dir.join("state-dir").display().to_string(),
             "--log-format".into(),
             "json".into(),
-        ];
-        Agent::spawn(&args).expect("spawn agent")
+        ]
     }
 
     fn agent(&self) -> &Agent {
@@ -572,4 +596,154 @@ fn a_garbage_runtime_socket_is_logged_once_and_exempts_nothing() {
     );
     drop(node);
     let _ = std::fs::remove_dir_all(&junk_dir);
+}
+
+/// The IPv4 address CNI gave a pod (its `eth0`).
+fn pod_ipv4(pod: &LabPod) -> String {
+    let netns = netns_name(pod);
+    let out = std::process::Command::new("ip")
+        .args(["-n", &netns, "-4", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .expect("ip addr");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv4 address on the pod's eth0: {text}"))
+        .to_owned()
+}
+
+/// The name of a bridged pod's network namespace under /run/netns.
+fn netns_name(pod: &LabPod) -> String {
+    pod.netns
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .expect("a bridged pod has a named network namespace")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Sends `kind` frames (AF_PACKET, bypassing every socket hook) to the metadata address from
+/// the pod's network namespace, out of its `eth0` onto the CRI lab's bridge. The frames
+/// carry UDP to port 9 with the broadcast MAC; the host never forwards a frame that was not
+/// addressed to it, so without the edge layer they end on the lab's bridge.
+fn send_raw_from(node: &RuntimeNode, pod: &LabPod, kind: &str) {
+    let (_, sandbox) = node.cgroups_of(pod);
+    let r = probe_in(&sandbox, Some(&netns_name(pod)), kind, IMDS4, 9, None).expect(kind);
+    assert!(r.ok, "{kind} could not be sent: {}", r.raw);
+}
+
+/// `blocked_total{hook="edge"}`.
+fn edge_blocked(node: &RuntimeNode) -> f64 {
+    metric(
+        &node.metrics_text(),
+        "datalab_guard_blocked_total",
+        Some(("hook", "edge")),
+    )
+}
+
+/// Waits until the agent reports `want` pods covered by the edge layer.
+fn wait_covered(node: &RuntimeNode, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics_text();
+        if metric(&text, "datalab_guard_edge_pods", Some(("state", "covered"))) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "edge_pods{{state=covered}} never reached {want}:\n{}\nagent log:\n{}",
+            text.lines()
+                .filter(|l| l.contains("edge"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            node.agent().stderr_lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `blocked_total{hook="edge"}` reads `want` (the per-CPU counters are read on
+/// every scrape), then checks it stays there.
+fn assert_edge_blocked(node: &RuntimeNode, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while edge_blocked(node) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(edge_blocked(node), want, "edge drops");
+}
+
+/// The node agent's pod-edge layer on a real runtime's pods: containerd and the CNI bridge
+/// make the pod's veth, the agent finds the pod's network namespace and attaches the edge
+/// program to the host side. First with the pod's processes visible (hostPID), where it
+/// finds the namespace through a process of the pod's cgroup; then, restarted in a PID
+/// namespace of its own (a DaemonSet without hostPID), through the runtime's named
+/// namespace that holds the pod's IP, which the API server reports. AF_PACKET frames to the
+/// metadata address from the guarded pod are dropped at the edge and counted exactly; an
+/// exempt bridged pod's are not touched.
+#[test]
+fn the_edge_layer_covers_runtime_pods_with_and_without_host_pids() {
+    if !require_root() {
+        return;
+    }
+    let mut node = RuntimeNode::new(None);
+    node.start_agent();
+    let tenant = node
+        .cri()
+        .run_pod(&PodSpec::new("tenant-a", "notebook-edge"))
+        .unwrap();
+    // Bridged, and exempt by name (like a CNI helper that is not hostNetwork).
+    let exempt = node
+        .cri()
+        .run_pod(&PodSpec::new("cni-system", "helper-0"))
+        .unwrap();
+    assert_eq!(node.wait_for_entry(&tenant).0, "guard");
+    assert_eq!(node.wait_for_entry(&exempt).0, "exempt");
+
+    // hostPID: the namespace of a process in the pod's cgroup (the API knows no IP yet).
+    wait_covered(&node, 1.0);
+    let base = edge_blocked(&node);
+    for kind in [
+        "packet-raw",
+        "packet-raw",
+        "packet-raw-vlan",
+        "packet-dgram",
+    ] {
+        send_raw_from(&node, &tenant, kind);
+    }
+    assert_edge_blocked(&node, base + 4.0);
+    // The exempt pod's interface has no edge program: nothing of it is counted.
+    send_raw_from(&node, &exempt, "packet-raw");
+    send_raw_from(&node, &exempt, "packet-dgram");
+    assert_edge_blocked(&node, base + 4.0);
+
+    // Without hostPID: the agent sees no pod process; the API reports the pod's IP, and
+    // the runtime's named namespace holding it is the pod's.
+    let ip = pod_ipv4(&tenant);
+    node.api.apply_pod(
+        datalab_guard_tests::PodBuilder::new("tenant-a", "notebook-edge")
+            .uid(&tenant.spec.uid)
+            .node(NODE)
+            .qos_class("Burstable")
+            .pod_ip(&ip)
+            .build(),
+    );
+    node.agent
+        .take()
+        .expect("agent")
+        .kill9()
+        .expect("kill the agent");
+    node.start_agent_without_host_pids();
+    wait_covered(&node, 1.0);
+    let log = node.agent().stderr_lines().join("\n");
+    assert!(
+        log.contains("edge layer attached") && log.contains(&tenant.spec.uid),
+        "the restarted agent did not attach itself:\n{log}"
+    );
+    let base = edge_blocked(&node);
+    send_raw_from(&node, &tenant, "packet-raw");
+    send_raw_from(&node, &tenant, "packet-dgram");
+    assert_edge_blocked(&node, base + 2.0);
 }

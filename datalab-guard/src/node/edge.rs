@@ -8,8 +8,12 @@
 //! Never fatal: a pod whose namespace cannot be found or entered, whose interface has no
 //! host-side peer (hostNetwork, ipvlan, macvlan, SR-IOV, netkit) or disappears while
 //! attaching is logged once, counted (`edge_failures_total{reason}`) and reported as not
-//! covered (`edge_pods{state}`); the cgroup layer keeps enforcing. Failed pods are retried
-//! at most every [`RETRY_EVERY`].
+//! covered (`edge_pods{state}`); the cgroup layer keeps enforcing. A failed pod is retried
+//! after 1 s, the delay doubling up to [`RETRY_EVERY`] ([`retry_delay`]), on a wake of its
+//! own ([`NodeEdge::next_retry`], [`NodeEdge::retry_due`]), not only on the next reconcile:
+//! a new pod's namespace usually does not exist yet when the agent first sees the pod (the
+//! kubelet makes the pod's cgroup before the sandbox, and CNI runs after that), and its raw
+//! paths stay open until the edge program is on its interface.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -32,8 +36,20 @@ use crate::{
     probe::netns::{netns_addresses, netns_of_cgroup, on_netns_thread},
 };
 
-/// How often a pod that could not be covered is tried again.
+/// The longest wait before a pod that could not be covered is tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(30);
+/// The first wait; each failed attempt doubles it, up to [`RETRY_EVERY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// A pod whose namespace is not found is warned about only after this many attempts (about
+/// 15 s): before that it is normally a pod whose sandbox is still being made.
+const NETNS_UNKNOWN_WARN_AFTER: u32 = 4;
+
+/// How long to wait after the `attempts`-th failed attempt in a row (counted from 1).
+fn retry_delay(attempts: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1 << attempts.saturating_sub(1).min(5))
+        .min(RETRY_EVERY)
+}
 
 /// What the edge layer needs to know of one guarded pod.
 #[derive(Clone, Debug)]
@@ -120,8 +136,32 @@ impl Uncovered {
 }
 
 enum PodState {
-    Attached { ifindex: u32, entry: EdgeEntry },
-    Failed { reason: Uncovered, at: Instant },
+    Attached {
+        ifindex: u32,
+        entry: EdgeEntry,
+    },
+    Failed {
+        reason: Uncovered,
+        at: Instant,
+        /// Failed attempts in a row.
+        attempts: u32,
+        /// What the attempt knew of the pod, for a retry between reconciles.
+        pod: GuardedPod,
+    },
+}
+
+impl PodState {
+    /// When a failed pod is due for another attempt (`None`: attached, or never retried).
+    fn retry_at(&self) -> Option<Instant> {
+        match self {
+            PodState::Failed {
+                reason: Uncovered::HostNetwork,
+                ..
+            }
+            | PodState::Attached { .. } => None,
+            PodState::Failed { at, attempts, .. } => Some(*at + retry_delay(*attempts)),
+        }
+    }
 }
 
 /// The edge layer's per-pod state on this node.
@@ -192,8 +232,11 @@ impl NodeEdge {
                 Some(PodState::Attached { entry, .. }) => {
                     entry.cgroup_id != pod.cgroup_id || entry.class != pod.class
                 }
-                Some(PodState::Failed { reason, at }) => {
-                    *reason != Uncovered::HostNetwork && at.elapsed() >= RETRY_EVERY
+                Some(failed @ PodState::Failed { pod: known, .. }) => {
+                    // What the pod is known by changed (its IP arrived, say): try now.
+                    known.ip != pod.ip
+                        || known.dir != pod.dir
+                        || failed.retry_at().is_some_and(|at| at <= Instant::now())
                 }
             };
             if due {
@@ -203,27 +246,64 @@ impl NodeEdge {
         }
     }
 
+    /// When the next failed pod is due for another attempt (`None`: none is).
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.pods.values().filter_map(PodState::retry_at).min()
+    }
+
+    /// Tries again every failed pod that is due, with what the last reconcile knew of it.
+    /// Returns whether anything was tried (the caller then republishes the sample).
+    pub fn retry_due(&mut self) -> bool {
+        let now = Instant::now();
+        let due: Vec<GuardedPod> = self
+            .pods
+            .values()
+            .filter(|state| state.retry_at().is_some_and(|at| at <= now))
+            .filter_map(|state| match state {
+                PodState::Failed { pod, .. } => Some(pod.clone()),
+                PodState::Attached { .. } => None,
+            })
+            .collect();
+        let mut named = None;
+        for pod in &due {
+            let state = self.cover(pod, &mut named);
+            self.pods.insert(pod.uid.clone(), state);
+        }
+        !due.is_empty()
+    }
+
     fn cover(
         &mut self,
         pod: &GuardedPod,
         named: &mut Option<Vec<(PathBuf, Vec<IpAddr>)>>,
     ) -> PodState {
-        let previous = self.pods.get(&pod.uid);
-        let first_failure = !matches!(previous, Some(PodState::Failed { .. }));
+        let attempts = match self.pods.get(&pod.uid) {
+            Some(PodState::Failed { attempts, .. }) => *attempts,
+            _ => 0,
+        };
         match self.try_cover(pod, named) {
             Ok((ifindex, entry, backend)) => {
-                tracing::info!(pod_uid = %pod.uid, ifindex, backend, "edge layer attached");
+                tracing::info!(pod_uid = %pod.uid, ifindex, backend, attempts = attempts + 1, "edge layer attached");
                 PodState::Attached { ifindex, entry }
             }
             Err((reason, detail)) => {
                 *self.failures.entry(reason).or_default() += 1;
-                if first_failure {
-                    // Once per pod: retries that fail again stay quiet.
-                    tracing::warn!(pod_uid = %pod.uid, reason = reason.as_str(), detail = %detail, "pod not covered by the edge layer; the cgroup layer keeps enforcing");
+                let attempts = attempts + 1;
+                // Once per pod: retries that fail again stay quiet. A namespace not found
+                // yet is normal for a few seconds of a new pod's life.
+                let warn_at = if reason == Uncovered::NetnsUnknown {
+                    NETNS_UNKNOWN_WARN_AFTER
+                } else {
+                    1
+                };
+                if attempts == warn_at {
+                    tracing::warn!(pod_uid = %pod.uid, reason = reason.as_str(), detail = %detail, attempts, "pod not covered by the edge layer; the cgroup layer keeps enforcing");
                 }
                 PodState::Failed {
                     reason,
                     at: Instant::now(),
+                    attempts,
+                    pod: pod.clone(),
                 }
             }
         }
@@ -237,10 +317,17 @@ impl NodeEdge {
         if pod.host_network {
             return Err((Uncovered::HostNetwork, "hostNetwork pod".into()));
         }
-        let netns = self.netns_of(pod, named).ok_or((
-            Uncovered::NetnsUnknown,
-            "no process and no named namespace".into(),
-        ))?;
+        let netns = self.netns_of(pod, named).ok_or_else(|| {
+            let dir = pod.dir.as_deref().map_or_else(
+                || "no cgroup directory yet".to_owned(),
+                |d| format!("no process in {}", d.display()),
+            );
+            let ip = pod.ip.map_or_else(
+                || "no pod IP yet".to_owned(),
+                |ip| format!("no namespace under {} holds {ip}", self.netns_dir.display()),
+            );
+            (Uncovered::NetnsUnknown, format!("{dir}; {ip}"))
+        })?;
         let file = File::open(&netns).map_err(|e| {
             (
                 Uncovered::NetnsUnreadable,
@@ -644,6 +731,59 @@ mod tests {
         // The BPF LSM turned on closes raw paths for every pod: recounted at once.
         edge.count_net_raw(&two, true);
         assert_eq!(edge.net_raw_exposed(), Some(&[][..]));
+    }
+
+    fn failures(edge: &NodeEdge, reason: &str) -> u64 {
+        let sample = edge.sample();
+        let found = sample.failures.iter().find(|(r, _)| *r == reason);
+        found.map_or(0, |(_, n)| *n)
+    }
+
+    #[test]
+    fn retries_start_after_a_second_and_back_off_to_the_cap() {
+        let secs: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX), RETRY_EVERY);
+    }
+
+    #[test]
+    fn a_pod_whose_namespace_is_unknown_is_retried_on_its_own_schedule() {
+        let pod = GuardedPod {
+            uid: "p".into(),
+            cgroup_id: 1,
+            class: 0,
+            dir: None,
+            ip: None,
+            host_network: false,
+        };
+        let mut edge = NodeEdge::new(
+            PinLayout::new(std::path::Path::new("/nonexistent-dg-pins")),
+            "/nonexistent-netns".into(),
+        );
+        let before = Instant::now();
+        edge.sync(std::slice::from_ref(&pod));
+        let next = edge.next_retry().expect("a retry is scheduled");
+        assert!(next >= before + FIRST_RETRY && next <= Instant::now() + FIRST_RETRY);
+        assert!(!edge.retry_due(), "nothing is due before the delay");
+        assert_eq!(failures(&edge, "netns_unknown"), 1);
+        std::thread::sleep(FIRST_RETRY);
+        assert!(edge.retry_due());
+        assert_eq!(failures(&edge, "netns_unknown"), 2);
+        // The second failure doubles the wait.
+        let next = edge.next_retry().unwrap();
+        assert!(next >= Instant::now() + FIRST_RETRY, "backed off");
+        // A hostNetwork pod is never retried.
+        let host = GuardedPod {
+            uid: "h".into(),
+            host_network: true,
+            ..pod.clone()
+        };
+        let mut edge = NodeEdge::new(
+            PinLayout::new(std::path::Path::new("/nonexistent-dg-pins")),
+            "/nonexistent-netns".into(),
+        );
+        edge.sync(&[host]);
+        assert_eq!(edge.next_retry(), None);
     }
 
     #[test]

@@ -103,9 +103,13 @@ impl PodIndex {
         }
     }
 
-    /// The cgroup directory of pod `uid` (API uid), once the kubelet has made it.
+    /// The cgroup directory of pod `uid` (API uid), once the kubelet has made it; for a pod
+    /// only the runtime knows, the directory it was reported in (keyed by the uid its state
+    /// row shows).
     pub fn dir_of_pod(&self, uid: &str) -> Option<&CgroupDir> {
-        self.dirs.get(uid)
+        self.dirs
+            .get(uid)
+            .or_else(|| self.runtime_pods.get(uid).map(|p| &p.dir))
     }
 
     pub fn root(&self) -> &CgroupDir {

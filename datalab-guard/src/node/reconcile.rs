@@ -70,6 +70,8 @@ enum Wake {
     Reconcile,
     Dirty,
     StateFile,
+    /// A pod the edge layer could not cover yet is due for another attempt.
+    EdgeRetry,
     Stop,
 }
 
@@ -91,6 +93,8 @@ impl Reconciler {
             let state_file_due = self.outputs.state_file_due();
             let state_file =
                 tokio::time::sleep_until(state_file_due.unwrap_or_else(Instant::now).into());
+            let edge_due = self.edge.next_retry();
+            let edge_retry = tokio::time::sleep_until(edge_due.unwrap_or_else(Instant::now).into());
             let wake = tokio::select! {
                 _ = changed.notified() => {
                     self.on_api_change();
@@ -106,6 +110,7 @@ impl Reconciler {
                 },
                 _ = debounce, if dirty => Wake::Reconcile,
                 _ = state_file, if state_file_due.is_some() => Wake::StateFile,
+                _ = edge_retry, if edge_due.is_some() => Wake::EdgeRetry,
                 _ = hangup.received() => {
                     self.reload();
                     Wake::Reconcile
@@ -116,6 +121,11 @@ impl Reconciler {
             match wake {
                 Wake::Dirty => dirty = true,
                 Wake::StateFile => self.outputs.write_state_file(&self.ctx, &self.index.policy),
+                Wake::EdgeRetry => {
+                    if self.edge.retry_due() {
+                        *self.ctx.edge.lock().expect("edge lock") = Some(self.edge.sample());
+                    }
+                }
                 Wake::Stop => return,
                 Wake::Reconcile => {
                     dirty = false;
