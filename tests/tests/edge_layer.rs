@@ -542,11 +542,32 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
         "the node-mode attachment drops the frames"
     );
 
-    // Resynced with the same pods: nothing attached twice, the failures not retried yet.
-    edge_tx.send(pods).unwrap();
+    // Resynced once the first retry is due (1 s): the pod without a process is tried again,
+    // the hostNetwork one never is, and nothing is attached twice.
+    std::thread::sleep(Duration::from_millis(1200));
+    edge_tx.send(pods.clone()).unwrap();
     let again = sample_rx.recv().unwrap();
-    assert_eq!(again.failures, sample.failures);
+    let failures = |s: &datalab_guard::metrics::EdgeSample, reason: &str| {
+        s.failures
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(
+        failures(&again, "netns_unknown"),
+        failures(&sample, "netns_unknown") + 1,
+        "{again:?}"
+    );
+    assert_eq!(
+        failures(&again, "host_network"),
+        failures(&sample, "host_network"),
+        "{again:?}"
+    );
     assert_eq!(t.edge_attachments(IMDS_IF), 1);
+    // At once again: the retry has backed off to 2 s, so nothing is tried.
+    edge_tx.send(pods).unwrap();
+    let third = sample_rx.recv().unwrap();
+    assert_eq!(third.failures, again.failures);
 
     // No longer guarded: detached, frames arrive.
     edge_tx.send(Vec::new()).unwrap();

@@ -14,6 +14,11 @@
 //!    kube-system sandbox reaches it, the audit line for the attempt is in the container's
 //!    CRI log, and `/metrics` counts it.
 //!
+//! Under `cargo xtask test` the image holds the test run's debug build of the agent,
+//! stripped, where `cargo xtask image` puts the release build (the same Containerfile stage,
+//! `AGENT_BINARY`): a cold release build costs CI minutes, and what is tested here is the
+//! image's packaging, privileges and behaviour.
+//!
 //! Deviations from a kubelet on a Kubernetes node (each printed by the test):
 //! - the API server is reached through a kubeconfig in an extra read-only mount
 //!   (`/var/run/datalab-guard-test`) and `--kubeconfig` instead of the service-account token

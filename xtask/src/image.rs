@@ -72,6 +72,11 @@ pub struct ImageArgs {
     /// Write sizes and timings to bench-results/image.md.
     #[arg(long)]
     record: bool,
+    /// Copy this agent binary in (stripped) instead of building the release one: what
+    /// `cargo xtask test` does with its debug build (not a flag: the release image is what
+    /// `cargo xtask image` makes).
+    #[arg(skip)]
+    prebuilt_binary: Option<PathBuf>,
 }
 
 /// What one build produced, for the summary and `--record`.
@@ -84,10 +89,18 @@ struct Built {
     steps: Vec<(String, Duration)>,
 }
 
-/// The image tests/tests/image_runtime.rs runs (`cargo xtask test` builds it first):
-/// the default build, a no-op but for the buildah steps (~5 s) when nothing changed.
-pub fn build_for_tests() -> Result<()> {
-    run_image(&ImageArgs::default())
+/// The image tests/tests/image_runtime.rs runs (`cargo xtask test` builds it first): the
+/// same Containerfile and bases with `agent`, the test run's debug build, stripped, in place
+/// of the release build. The image's packaging, privileges and runtime behaviour are what
+/// the test is about; a cold release build of every crate would add 5–7 minutes to CI on
+/// our 2-core machines for the optimizer's output alone (same sources, no
+/// `cfg(debug_assertions)` code). `cargo xtask image` still builds and records the release
+/// image.
+pub fn build_for_tests(agent: &Path) -> Result<()> {
+    run_image(&ImageArgs {
+        prebuilt_binary: Some(agent.to_path_buf()),
+        ..ImageArgs::default()
+    })
 }
 
 pub fn run_image(args: &ImageArgs) -> Result<()> {
@@ -127,7 +140,27 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
     }
     steps.push(("base images from the Debian root".to_owned(), t.elapsed()));
 
-    if !args.from_source {
+    // The Containerfile's AGENT_BINARY: a path inside the build context (the workspace).
+    let mut agent_binary = "target/release/datalab-guard".to_owned();
+    if let (false, Some(binary)) = (args.from_source, &args.prebuilt_binary) {
+        let t = Instant::now();
+        let dir = work.join("prebuilt");
+        fs::create_dir_all(&dir)?;
+        let copy = dir.join("datalab-guard");
+        run(Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(binary)
+            .arg(&copy))?;
+        agent_binary = copy
+            .strip_prefix(&root)
+            .context("the stripped binary lies outside the build context")?
+            .display()
+            .to_string();
+        steps.push((
+            format!("stripped copy of {}", binary.display()),
+            t.elapsed(),
+        ));
+    } else if !args.from_source {
         let t = Instant::now();
         // Without the CARGO_PKG_*/CARGO_MANIFEST_* variables cargo set for xtask itself: build
         // scripts that read them (ring's) would otherwise rebuild on every switch between this
@@ -178,6 +211,7 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
             &format!("RUNTIME_IMAGE={LOCAL_RUNTIME_IMAGE}"),
         ])
         .args(["--build-arg", &format!("AGENT_BUILD={agent_build}")])
+        .args(["--build-arg", &format!("AGENT_BINARY={agent_binary}")])
         .arg(&root))?;
     steps.push((
         format!("buildah build (AGENT_BUILD={agent_build})"),

@@ -79,9 +79,10 @@ const CRI: &[&str] = &[
     "protobuf-compiler",
 ];
 /// `cargo xtask image` (buildah builds the Containerfile without a daemon; debootstrap makes
-/// the Debian base images without a registry) and the real Prometheus of
-/// tests/tests/prometheus.rs (prometheus, promtool).
-const IMAGE_AND_MONITORING: &[&str] = &["buildah", "debootstrap", "prometheus"];
+/// the Debian base images without a registry; objcopy, from binutils, strips the debug
+/// build `cargo xtask test` puts in it) and the real Prometheus of tests/tests/prometheus.rs
+/// (prometheus, promtool).
+const IMAGE_AND_MONITORING: &[&str] = &["buildah", "debootstrap", "binutils", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny for `cargo xtask lint` (0.20 builds with Rust 1.88+).
 const CARGO_DENY_VERSION: &str = "0.20.2";

@@ -44,7 +44,7 @@ pub struct TestArgs {
     #[arg(short, long = "package")]
     pub packages: Vec<String>,
     /// Only these integration-test files (`cargo test --test FILE`), so that a filtered run
-    /// builds only their binaries; the release image is then built only for image_runtime.
+    /// builds only their binaries; the image is then built only for image_runtime.
     #[arg(long = "test", value_name = "FILE")]
     pub tests: Vec<String>,
     /// Arguments for the test binaries, after `--` (e.g. a test name filter).
@@ -76,13 +76,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
         println!("test: removed {stale} leftover(s) of earlier crashed test runs");
     }
     let bins = artifacts::build_bins(&[])?;
-    bins.get("datalab-guard")?;
+    let agent = bins.get("datalab-guard")?;
     if full_run {
         crate::bench::verifier::check()?;
     }
-    // The release image tests/tests/image_runtime.rs runs under containerd.
+    // The image tests/tests/image_runtime.rs runs under containerd (with this debug build).
     if args.tests.is_empty() || args.tests.iter().any(|t| t == "image_runtime") {
-        crate::image::build_for_tests()?;
+        crate::image::build_for_tests(&agent)?;
     }
 
     let mut runs: Vec<Vec<String>> = Vec::new();
