@@ -121,6 +121,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     crate::api_calls::clear()?;
     // Every agent test runs: the listed calls must all have been observed too.
     let all_agent_tests = args.test_args.is_empty()
+        && args.tests.is_empty()
         && (args.packages.is_empty() || args.packages.iter().any(|p| p == "datalab-guard-tests"));
     let mut seen = Scanned::default();
     for selection in runs {
