@@ -579,3 +579,41 @@ fn node_mode_finds_a_guarded_pods_veth_peer_from_its_cgroup_and_attaches_there()
     worker.join().unwrap().unwrap();
     drop(runner);
 }
+
+/// Bad input at a pod's edge: an interface that is gone by the time the layer attaches (a
+/// pod deleted while the agent looked it up) is reported as gone, which node mode counts as
+/// `interface_gone`, and the attempt leaves nothing: no EDGE entry, no pinned link.
+#[test]
+fn an_interface_gone_before_the_attach_is_reported_and_leaves_nothing() {
+    use datalab_guard::bpf::{
+        edge::{EdgeError, EdgeLayer, Preference},
+        PinLayout,
+    };
+    use datalab_guard_common::EdgeEntry;
+
+    if !require_root() {
+        return;
+    }
+    let bpffs = BpffsDir::new().expect("bpffs dir");
+    let layout = PinLayout::new(bpffs.path().join("dg"));
+    layout.create_dirs().expect("pin dirs");
+    let mut layer = EdgeLayer::new(&layout, Preference::from_env()).expect("edge layer");
+    let entry = EdgeEntry {
+        verdict: 0,
+        class: 0,
+        cgroup_id: 1,
+    };
+    let err = layer
+        .attach("dg-gone0", entry)
+        .expect_err("no such interface");
+    assert!(
+        matches!(&err, EdgeError::InterfaceGone(name) if name == "dg-gone0"),
+        "{err}"
+    );
+    assert!(layer.entries().expect("entries").is_empty());
+    assert!(
+        edge_pins(bpffs.path()).is_empty(),
+        "{:?}",
+        edge_pins(bpffs.path())
+    );
+}

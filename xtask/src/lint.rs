@@ -40,13 +40,91 @@ const IMPURE: &[&str] = &[
 
 /// Runs every lint step; see the module docs.
 pub fn run_all() -> Result<()> {
-    fmt()?;
-    clippy_host()?;
-    clippy_ebpf()?;
-    policy_is_pure()?;
+    run_all_but_deny()?;
     deny()?;
     println!("cargo xtask lint: all checks passed");
     Ok(())
+}
+
+/// What `cargo xtask test` runs first: every step but cargo-deny's, which it finishes at the
+/// end ([`DeferredDeny::finish`]). Where cargo-deny still has to be built (a fresh
+/// machine, CI: minutes of compiling), the build starts now in the background at the
+/// lowest CPU priority, so that it takes the CPU the tests leave idle (most of their time is
+/// spent waiting on agents, API fixtures and timeouts) instead of adding minutes of its own.
+pub fn run_all_deferring_deny() -> Result<DeferredDeny> {
+    run_all_but_deny()?;
+    DeferredDeny::start()
+}
+
+fn run_all_but_deny() -> Result<()> {
+    fmt()?;
+    clippy_host()?;
+    clippy_ebpf()?;
+    policy_is_pure()
+}
+
+/// cargo-deny's step, started by [`run_all_deferring_deny`].
+pub struct DeferredDeny {
+    /// The background build and its log, while cargo-deny is being built.
+    build: Option<(std::process::Child, std::path::PathBuf)>,
+}
+
+impl DeferredDeny {
+    fn start() -> Result<DeferredDeny> {
+        if setup::cargo_deny_present() {
+            return Ok(DeferredDeny { build: None });
+        }
+        let log = util::workspace_root().join("target/cargo-deny-build.log");
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let install = setup::cargo_deny_install();
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19"])
+            .arg(install.get_program())
+            .args(install.get_args())
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let child = cmd.spawn().context("starting the cargo-deny build")?;
+        println!(
+            "lint: building cargo-deny in the background at the lowest CPU priority (log: {}); \
+             its checks run after the tests",
+            log.display()
+        );
+        Ok(DeferredDeny {
+            build: Some((child, log)),
+        })
+    }
+
+    /// Waits for the background build (if any), then runs cargo-deny's checks.
+    pub fn finish(mut self) -> Result<()> {
+        if let Some((mut child, log)) = self.build.take() {
+            let status = child.wait().context("waiting for the cargo-deny build")?;
+            if !status.success() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                bail!(
+                    "building cargo-deny failed ({status}); the end of {}:\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            println!("lint: cargo-deny built in the background");
+        }
+        deny()?;
+        println!("cargo xtask lint: all checks passed");
+        Ok(())
+    }
+}
+
+impl Drop for DeferredDeny {
+    /// A run that failed before [`DeferredDeny::finish`] stops the build it started.
+    fn drop(&mut self) {
+        if let Some((child, _)) = self.build.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn fmt() -> Result<()> {

@@ -228,24 +228,38 @@ fn bpf_linker() -> Result<()> {
 /// Builds cargo-deny at the pinned version unless it is there (for `cargo xtask lint`).
 pub fn cargo_deny() -> Result<()> {
     let name = format!("cargo-deny {CARGO_DENY_VERSION}");
-    let present = output(Command::new(util::cargo()).args(["deny", "--version"]))
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    if present.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DENY_VERSION)) {
+    if cargo_deny_present() {
         step(&name, "already present");
         return Ok(());
     }
-    run(Command::new(util::cargo()).args([
+    run(&mut cargo_deny_install()).context("building cargo-deny")?;
+    step(&name, "done");
+    Ok(())
+}
+
+/// Is cargo-deny at the pinned version installed?
+pub fn cargo_deny_present() -> bool {
+    output(Command::new(util::cargo()).args(["deny", "--version"]))
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .any(|w| w == CARGO_DENY_VERSION)
+        })
+}
+
+/// The command that builds and installs cargo-deny at the pinned version.
+pub fn cargo_deny_install() -> Command {
+    let mut cmd = Command::new(util::cargo());
+    cmd.args([
         "install",
         "cargo-deny",
         "--version",
         CARGO_DENY_VERSION,
         "--locked",
-    ]))
-    .context("building cargo-deny")?;
-    step(&name, "done");
-    Ok(())
+    ]);
+    cmd
 }
 
 /// `cargo clippy` and `cargo fmt` for the host toolchain, which `cargo xtask lint` runs.

@@ -9,7 +9,8 @@
 //! passing test would otherwise be swallowed) and with two threads, which the lab handles.
 //! `cargo xtask manifests` runs first (it needs no root). A full run (no `-p`, no test
 //! arguments: what `./x test` and CI do) also runs the lint gate (`cargo xtask lint`) before
-//! the privileged tests and, once the binaries are built, `cargo xtask verifier --check`
+//! the privileged tests (cargo-deny's checks at the end, its build, where needed, in the
+//! background meanwhile) and, once the binaries are built, `cargo xtask verifier --check`
 //! (each program's verified instruction count against `bench-results/verifier.md`); a
 //! filtered run skips both, so iterating on one test stays quick. After the tests, the API
 //! calls the fixture saw the agents make are checked against deploy/api-calls.yaml
@@ -67,9 +68,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // Not privileged and quick: the manifests under deploy/ (schemas, RBAC, security).
     crate::manifests::run_all()?;
     let full_run = args.packages.is_empty() && args.test_args.is_empty() && args.tests.is_empty();
-    if full_run {
-        crate::lint::run_all()?;
-    }
+    // cargo-deny's checks last (see lint::run_all_deferring_deny).
+    let deny = if full_run {
+        Some(crate::lint::run_all_deferring_deny()?)
+    } else {
+        None
+    };
     require_root("cargo xtask test");
     let stale = datalab_guard_tests::cleanup_stale(datalab_guard_tests::DEFAULT_PREFIX)?;
     if stale > 0 {
@@ -82,7 +86,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     // The image tests/tests/image_runtime.rs runs under containerd (with this debug build).
     if args.tests.is_empty() || args.tests.iter().any(|t| t == "image_runtime") {
-        crate::image::build_for_tests(&agent)?;
+        crate::image::build_for_tests(agent)?;
     }
 
     let mut runs: Vec<Vec<String>> = Vec::new();
@@ -152,6 +156,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
         seen.lsm.merge(&report.lsm);
     }
     vm_markers::require_lsm_branches(&seen.lsm, full_run)?;
+    if let Some(deny) = deny {
+        deny.finish()?;
+    }
     println!("cargo xtask test: all tests passed, none skipped");
     Ok(())
 }
