@@ -16,6 +16,9 @@
 //!   fallback, chosen without the test knob);
 //! - `tunnel-lab`: tests/tests/tunnel_lab.rs, real VXLAN and Geneve devices (this host's
 //!   kernel has no Geneve) that must deliver nothing a guarded cgroup encapsulates;
+//! - `socket-hooks`: tests/tests/socket_hooks.rs, sockets handed over from an exempt
+//!   process, and MPTCP subflows a kernel worker connects judged by the connection's
+//!   recorded cgroup path (`bpf_skc_to_mptcp_sock` and socket storage on 6.1);
 //! - `verifier`: every program's verified instruction count on this kernel, which must load
 //!   them all: a program that fits the verifier on the host's kernel but not on 6.1 (E2BIG
 //!   at 1M instructions) fails here (also alone: `cargo xtask verifier --vm`).
@@ -81,13 +84,15 @@ pub enum Step {
     EdgeLayer,
     /// tests/tests/tunnel_lab.rs: VXLAN and Geneve devices decapsulating in the lab.
     TunnelLab,
+    /// tests/tests/socket_hooks.rs: handed-over sockets and MPTCP subflows on this kernel.
+    SocketHooks,
     /// Every program's verified instruction count on this kernel (`xtask-verifier`); every
     /// program must load.
     Verifier,
 }
 
 impl Step {
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
         Step::Check,
         Step::RawSockets,
         Step::SighupReload,
@@ -95,6 +100,7 @@ impl Step {
         Step::Packets,
         Step::EdgeLayer,
         Step::TunnelLab,
+        Step::SocketHooks,
         Step::Verifier,
     ];
 
@@ -107,6 +113,7 @@ impl Step {
             Step::Packets => "packets",
             Step::EdgeLayer => "edge-layer",
             Step::TunnelLab => "tunnel-lab",
+            Step::SocketHooks => "socket-hooks",
             Step::Verifier => "verifier",
         }
     }
@@ -140,6 +147,7 @@ impl Step {
             Step::Packets => Some(("packets", all)),
             Step::EdgeLayer => Some(("edge_layer", all)),
             Step::TunnelLab => Some(("tunnel_lab", all)),
+            Step::SocketHooks => Some(("socket_hooks", all)),
         }
     }
 }

@@ -44,14 +44,16 @@ const STAGE1_APPLETS: [&str; 7] = [
 /// What the tests need in the root besides minbase: `ip` (namespaces, veth), `nft` (the
 /// lab's arrival counters), modprobe for the kernel's module autoloading, busybox for
 /// guest-init's cheap mounts, procps for debugging by hand, and the CA store the agent's
-/// Kubernetes client loads at start (it refuses to start without one).
-const ROOT_PACKAGES: [&str; 6] = [
+/// Kubernetes client loads at start (it refuses to start without one), and Python for the
+/// socket_hooks step's MPTCP and SCM_RIGHTS peers.
+const ROOT_PACKAGES: [&str; 7] = [
     "iproute2",
     "nftables",
     "kmod",
     "busybox",
     "procps",
     "ca-certificates",
+    "python3",
 ];
 /// The Debian release of the root: the host's, so host-built binaries run unchanged.
 const SUITE: &str = "bookworm";
