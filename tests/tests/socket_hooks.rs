@@ -14,6 +14,7 @@ use std::{
 };
 
 use datalab_guard_tests::{
+    cgroup_id,
     process::{command_in, run_in_netns_checked, spawn_in},
     require_root, Lab, LocalGuard,
 };
@@ -305,7 +306,7 @@ fn mptcp_subflows_to_the_metadata_address_are_refused() {
     let text = g.guard.agent.metrics(g.guard.metrics).expect("metrics");
     let refused = blocked(&text, "connect") - connect_before;
     assert!(refused >= 2, "{refused} connect refusals: {text}");
-    let guarded_id = cgroup_id(&g.guard.guarded);
+    let guarded_id = cgroup_id(&g.guard.guarded).expect("guarded cgroup id");
     let events = g.guard.agent.audit_events();
     let workers: Vec<_> = events
         .iter()
@@ -325,15 +326,9 @@ fn mptcp_subflows_to_the_metadata_address_are_refused() {
         assert_eq!(e["cgroup"], direct["cgroup"], "{e}");
     }
     // Nothing of the exempt cgroup was refused.
-    let exempt_id = cgroup_id(&g.guard.exempt);
+    let exempt_id = cgroup_id(&g.guard.exempt).expect("exempt cgroup id");
     assert!(
         !events.iter().any(|e| e["cgroup_id"] == exempt_id),
         "audit lines: {events:?}"
     );
-}
-
-/// A cgroup's id: its directory's inode number on cgroup2.
-fn cgroup_id(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(dir).expect("cgroup dir").ino()
 }
